@@ -1,0 +1,31 @@
+GO ?= go
+PKGS := ./...
+
+.PHONY: run test bench fuzz vet build check-redis
+
+## run: the proxy with the embedded IM emulator and the in-process cache (no account, no Redis needed)
+run:
+	$(GO) run ./cmd/proxy -demo -listen 127.0.0.1:8080 -admin-listen 127.0.0.1:9090
+
+## test: the whole suite under the race detector, against real redis-server processes it starts itself
+test: check-redis
+	$(GO) vet $(PKGS)
+	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+
+check-redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "make test needs redis-server (the tests start their own on free loopback ports)."; \
+	  echo "Install it: sudo apt-get install -y redis-server redis-tools   (macOS: brew install redis)"; \
+	  exit 1; }
+
+## bench: the benchmark suite; prints the figures it measures
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./batcher/ ./usersig/ ./upstream/ ./cache/
+	$(GO) run ./cmd/loadgen -scenario all
+
+## fuzz: bounded fuzzing of request decoding and UserSig verification
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzVerify -fuzztime 30s ./usersig/
+
+build:
+	CGO_ENABLED=0 $(GO) build -o bin/ ./cmd/...

@@ -1,0 +1,76 @@
+// Command imsim runs the IM REST API emulator (package imsim) as a server.
+//
+//	imsim -listen 127.0.0.1:8081 -quota 100 -latency 20ms
+//
+// GET /imsim/stats reports what it saw; POST /imsim/config changes
+// behaviour and faults while it runs; POST /imsim/reset clears the stats.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/imsim"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "imsim:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("imsim", flag.ContinueOnError)
+	listen := fs.String("listen", "127.0.0.1:8081", "address to serve on")
+	var cfg imsim.Config
+	fs.Uint64Var(&cfg.SDKAppID, "sdkappid", 1400000000, "SDKAppID of the emulated app")
+	fs.StringVar(&cfg.Identifier, "identifier", "administrator", "admin account")
+	fs.IntVar(&cfg.Accounts, "accounts", 1_000_000, "seeded accounts user0…user<N-1>")
+	fs.IntVar(&cfg.Behaviour.Quota, "quota", 100, "portrait_get calls accepted in any sliding second (negative: unlimited)")
+	fs.IntVar(&cfg.Behaviour.ThrottleCode, "throttle-code", 60007, "error code answering calls over the quota")
+	fs.BoolVar(&cfg.Behaviour.MissingFailsCall, "missing-fails-call", false, "a non-existent account fails the whole call with 40003")
+	fs.BoolVar(&cfg.Behaviour.UnsetAsEmpty, "unset-as-empty", false, "return unset tags with empty values instead of omitting them")
+	fs.DurationVar(&cfg.Faults.Latency, "latency", 0, "added latency per call")
+	fs.DurationVar(&cfg.Faults.Jitter, "jitter", 0, "uniform random extra latency")
+	fs.Float64Var(&cfg.Faults.Fail502, "fail-502", 0, "fraction of calls answered HTTP 502")
+	fs.Float64Var(&cfg.Faults.Timeout, "timeout", 0, "fraction of calls never answered")
+	fs.Float64Var(&cfg.Faults.ItemInternal, "item-internal", 0, "fraction of accounts failing with 40006")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg.Key = os.Getenv("IMSIM_SECRET_KEY")
+	sim := imsim.New(cfg)
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: sim, ReadHeaderTimeout: 5 * time.Second}
+	slog.Info("imsim serving", "addr", ln.Addr().String(), "sdkappid", sim.SDKAppID(), "identifier", sim.Identifier())
+	fmt.Fprintf(stdout, "imsim listening on http://%s\n", ln.Addr())
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,3 @@
+module github.com/portrait-proxy/portrait-proxy
+
+go 1.26

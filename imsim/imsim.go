@@ -1,0 +1,577 @@
+// Package imsim emulates the IM REST API's profile calls for tests, demos and
+// benchmarks: v4/profile/portrait_get and v4/profile/portrait_set.
+//
+// The emulator checks the query and the admin UserSig as the real service
+// does, enforces the call quota over a sliding one-second window and the
+// 100-account limit, and serves generated profiles for the accounts
+// "user0" … "user<Accounts-1>" (writes made with portrait_set overlay them).
+// Where the public documentation leaves behaviour open, Behaviour selects
+// it; Faults injects latency, 502s, timeouts and per-item errors. Every call
+// is recorded in Stats so tests can assert on what the upstream saw.
+//
+// A Server is an http.Handler and is safe for concurrent use; its settings
+// may be changed while it serves, in-process or through POST /imsim/config.
+package imsim
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/usersig"
+)
+
+// Config is the emulated app. Zero fields take the defaults noted.
+type Config struct {
+	SDKAppID   uint64 // default 1400000000
+	Identifier string // the admin account; default "administrator"
+	Key        string // the app's secret key; default "imsim-secret-key"
+	Accounts   int    // seeded accounts user0…; default 1,000,000
+	Behaviour  Behaviour
+	Faults     Faults
+	Seed       uint64 // seed of the fault dice; default 1
+}
+
+// Behaviour selects among plausible upstream behaviours the public
+// documentation does not settle.
+type Behaviour struct {
+	// Quota is the number of portrait_get calls accepted in any sliding
+	// second. Default 100; negative means unlimited.
+	Quota int `json:"quota"`
+	// ThrottleCode answers a call over the quota. Default 60007.
+	ThrottleCode int `json:"throttle_code"`
+	// MissingFailsCall makes a call naming a non-existent account fail as a
+	// whole with 40003, instead of failing only that account's item.
+	MissingFailsCall bool `json:"missing_fails_call"`
+	// UnsetAsEmpty returns an unset tag with an empty value instead of
+	// omitting it.
+	UnsetAsEmpty bool `json:"unset_as_empty"`
+	// MaxAccounts is the per-call account limit. Default 100.
+	MaxAccounts int `json:"max_accounts"`
+}
+
+// Faults are failures and delays injected on demand. Fractions are in [0,1].
+type Faults struct {
+	Latency       time.Duration `json:"latency"`         // added to every answer
+	Jitter        time.Duration `json:"jitter"`          // uniform extra in [0, Jitter)
+	Fail502       float64       `json:"fail_502"`        // calls answered HTTP 502
+	Timeout       float64       `json:"timeout"`         // calls never answered until TimeoutAfter
+	TimeoutAfter  time.Duration `json:"timeout_after"`   // default 30s; the client usually gives up first
+	ItemInternal  float64       `json:"item_internal"`   // accounts whose item fails with 40006
+	CallErrorCode int           `json:"call_error_code"` // non-zero: every call fails with this code
+}
+
+// Stats is what the emulator saw. Times are since the last Reset.
+type Stats struct {
+	Calls           int64 `json:"calls"`                // portrait_get HTTP requests received
+	Accepted        int64 `json:"accepted"`             // within the quota
+	Throttled       int64 `json:"throttled"`            // answered with the throttle code
+	AuthFailures    int64 `json:"auth_failures"`        // bad query or UserSig
+	Rejected        int64 `json:"rejected"`             // bad body, too many accounts, bad tags
+	Fail502         int64 `json:"fail_502"`             // injected 502s
+	Timeouts        int64 `json:"timeouts"`             // injected timeouts
+	Served          int64 `json:"served"`               // answered with ErrorCode 0
+	Accounts        int64 `json:"accounts"`             // accounts in served calls
+	MaxAccounts     int   `json:"max_accounts"`         // most accounts in one call received
+	DistinctFetched int   `json:"distinct_fetched"`     // distinct accounts in served calls
+	MaxCallsPerSec  int   `json:"max_calls_per_sec"`    // most calls received in any sliding second
+	MaxAcceptPerSec int   `json:"max_accepted_per_sec"` // most calls accepted in any sliding second
+	Sets            int64 `json:"sets"`                 // successful portrait_set calls
+}
+
+// AccountsPerCall is the mean number of accounts in served calls.
+func (s Stats) AccountsPerCall() float64 {
+	if s.Served == 0 {
+		return 0
+	}
+	return float64(s.Accounts) / float64(s.Served)
+}
+
+// Call is one portrait_get call in the log: when it arrived and whether it
+// was accepted within the quota.
+type Call struct {
+	At       time.Time
+	Accepted bool
+}
+
+// maxLog caps the call log; older entries are dropped.
+const maxLog = 1 << 20
+
+// Server is the emulator. Create it with New.
+type Server struct {
+	cfg Config
+
+	mu        sync.Mutex
+	behaviour Behaviour
+	faults    Faults
+	rng       *rand.Rand
+	overlay   map[string]map[string]json.RawMessage // writes from portrait_set / Put
+	stats     Stats
+	fetched   map[string]int
+	arrivals  window
+	accepts   window
+	log       []Call
+	mux       *http.ServeMux
+}
+
+// New returns a Server with cfg's defaults filled in.
+func New(cfg Config) *Server {
+	if cfg.SDKAppID == 0 {
+		cfg.SDKAppID = 1400000000
+	}
+	if cfg.Identifier == "" {
+		cfg.Identifier = "administrator"
+	}
+	if cfg.Key == "" {
+		cfg.Key = "imsim-secret-key"
+	}
+	if cfg.Accounts == 0 {
+		cfg.Accounts = 1_000_000
+	}
+	if cfg.Seed == 0 {
+		cfg.Seed = 1
+	}
+	s := &Server{
+		cfg:     cfg,
+		rng:     rand.New(rand.NewPCG(cfg.Seed, cfg.Seed^0x9e3779b97f4a7c15)),
+		overlay: map[string]map[string]json.RawMessage{},
+		fetched: map[string]int{},
+	}
+	s.setBehaviour(cfg.Behaviour)
+	s.setFaults(cfg.Faults)
+	s.mux = http.NewServeMux()
+	s.mux.HandleFunc("POST "+upstream.PathGet, s.portraitGet)
+	s.mux.HandleFunc("POST "+upstream.PathSet, s.portraitSet)
+	s.mux.HandleFunc("GET /imsim/stats", s.serveStats)
+	s.mux.HandleFunc("POST /imsim/reset", func(w http.ResponseWriter, r *http.Request) { s.Reset(); w.WriteHeader(http.StatusNoContent) })
+	s.mux.HandleFunc("POST /imsim/config", s.serveConfig)
+	return s
+}
+
+// SDKAppID, Identifier and Key describe the emulated app, for clients.
+func (s *Server) SDKAppID() uint64   { return s.cfg.SDKAppID }
+func (s *Server) Identifier() string { return s.cfg.Identifier }
+func (s *Server) Key() string        { return s.cfg.Key }
+
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+func (s *Server) setBehaviour(b Behaviour) {
+	if b.Quota == 0 {
+		b.Quota = 100
+	}
+	if b.ThrottleCode == 0 {
+		b.ThrottleCode = upstream.CodeFreqLimit
+	}
+	if b.MaxAccounts == 0 {
+		b.MaxAccounts = upstream.MaxAccountsPerCall
+	}
+	s.behaviour = b
+}
+
+func (s *Server) setFaults(f Faults) {
+	if f.TimeoutAfter == 0 {
+		f.TimeoutAfter = 30 * time.Second
+	}
+	s.faults = f
+}
+
+// SetBehaviour replaces the behaviour switches (zero fields take defaults).
+func (s *Server) SetBehaviour(b Behaviour) { s.mu.Lock(); s.setBehaviour(b); s.mu.Unlock() }
+
+// SetFaults replaces the injected faults.
+func (s *Server) SetFaults(f Faults) { s.mu.Lock(); s.setFaults(f); s.mu.Unlock() }
+
+// Stats returns a snapshot of what the emulator saw.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stats
+	st.DistinctFetched = len(s.fetched)
+	return st
+}
+
+func (s *Server) record(c Call) {
+	if len(s.log) >= maxLog {
+		s.log = append(s.log[:0], s.log[maxLog/2:]...)
+	}
+	s.log = append(s.log, c)
+}
+
+// Log returns the calls that passed authentication since the last Reset,
+// in arrival order, each marked accepted or throttled.
+func (s *Server) Log() []Call {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Call(nil), s.log...)
+}
+
+// FetchCount returns how many times account was served since the last Reset.
+func (s *Server) FetchCount(account string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.fetched[account]
+}
+
+// Reset clears the statistics (not the data, behaviour or faults).
+func (s *Server) Reset() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stats = Stats{}
+	s.fetched = map[string]int{}
+	s.arrivals = window{}
+	s.accepts = window{}
+	s.log = nil
+}
+
+// Put sets an account's tag to raw JSON as portrait_set would, without a
+// call and without checks. It lets tests plant values of any type.
+func (s *Server) Put(account, tag string, raw json.RawMessage) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.put(account, tag, raw)
+}
+
+func (s *Server) put(account, tag string, raw json.RawMessage) {
+	m := s.overlay[account]
+	if m == nil {
+		m = map[string]json.RawMessage{}
+		s.overlay[account] = m
+	}
+	m[tag] = raw
+}
+
+// Value returns account's current value of tag, and whether it is set.
+func (s *Server) Value(account, tag string) (json.RawMessage, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.value(account, tag)
+}
+
+func (s *Server) value(account, tag string) (json.RawMessage, bool) {
+	if v, ok := s.overlay[account][tag]; ok {
+		return v, len(v) > 0
+	}
+	return SeededValue(account, tag)
+}
+
+// Exists reports whether account exists in the emulated app.
+func (s *Server) Exists(account string) bool {
+	if i := seededIndex(account); i >= 0 && i < s.cfg.Accounts {
+		return true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.overlay[account]
+	return ok
+}
+
+// window counts events in the last second and remembers the most it held.
+type window struct {
+	times []time.Time
+	max   int
+}
+
+func (w *window) prune(now time.Time) {
+	cut := 0
+	for cut < len(w.times) && now.Sub(w.times[cut]) >= time.Second {
+		cut++
+	}
+	w.times = w.times[cut:]
+}
+
+// count returns how many events lie in (now-1s, now].
+func (w *window) count(now time.Time) int { w.prune(now); return len(w.times) }
+
+func (w *window) add(now time.Time) int {
+	w.prune(now)
+	w.times = append(w.times, now)
+	w.max = max(w.max, len(w.times))
+	return len(w.times)
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(v)
+}
+
+func fail(code int, info string) *upstream.GetResponse {
+	return &upstream.GetResponse{ActionStatus: upstream.StatusFail, ErrorCode: code, ErrorInfo: info}
+}
+
+// checkQuery validates the common query parameters and the UserSig, as the
+// real service does, and returns an error envelope or nil.
+func (s *Server) checkQuery(r *http.Request) *upstream.GetResponse {
+	q := r.URL.Query()
+	appStr := q.Get("sdkappid")
+	if appStr == "" {
+		return fail(upstream.CodeSDKAppIDMissing, "sdkappid is missing")
+	}
+	app, err := strconv.ParseUint(appStr, 10, 64)
+	if err != nil || app != s.cfg.SDKAppID {
+		return fail(upstream.CodeSDKAppIDInvalid, "sdkappid is invalid")
+	}
+	if ct := q.Get("contenttype"); ct != "" && ct != "json" {
+		return fail(upstream.CodeHTTPParse, "contenttype must be json")
+	}
+	if _, err := strconv.ParseUint(q.Get("random"), 10, 32); err != nil {
+		return fail(upstream.CodeHTTPParse, "random must be a uint32")
+	}
+	id := q.Get("identifier")
+	if _, err := usersig.Verify(q.Get("usersig"), s.cfg.Key, s.cfg.SDKAppID, id, time.Now()); err != nil {
+		return fail(usersig.Code(err), err.Error())
+	}
+	if id != s.cfg.Identifier {
+		return fail(upstream.CodeNeedAdmin, "identifier is not an app admin")
+	}
+	return nil
+}
+
+// portraitGet serves v4/profile/portrait_get. An injected 502 or timeout
+// stands for a gateway failing before the backend: the call is counted as
+// received but not processed.
+func (s *Server) portraitGet(w http.ResponseWriter, r *http.Request) {
+	now := time.Now()
+	s.mu.Lock()
+	s.stats.Calls++
+	s.stats.MaxCallsPerSec = max(s.stats.MaxCallsPerSec, s.arrivals.add(now))
+	f, b := s.faults, s.behaviour
+	d := f.Latency
+	if f.Jitter > 0 {
+		d += time.Duration(s.rng.Int64N(int64(f.Jitter)))
+	}
+	is502 := f.Fail502 > 0 && s.rng.Float64() < f.Fail502
+	isTimeout := !is502 && f.Timeout > 0 && s.rng.Float64() < f.Timeout
+	switch {
+	case is502:
+		s.stats.Fail502++
+	case isTimeout:
+		s.stats.Timeouts++
+		d = f.TimeoutAfter
+	}
+	s.mu.Unlock()
+
+	var resp *upstream.GetResponse
+	if !is502 && !isTimeout {
+		resp = s.get(r, now, b, f)
+	}
+	if d > 0 {
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			t.Stop()
+			return
+		}
+	}
+	switch {
+	case is502:
+		http.Error(w, "502 Bad Gateway", http.StatusBadGateway)
+	case isTimeout:
+		http.Error(w, "504 Gateway Timeout", http.StatusGatewayTimeout)
+	default:
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(resp.AppendJSON(nil))
+	}
+}
+
+// get decides the answer of one portrait_get call, recording it in Stats.
+func (s *Server) get(r *http.Request, now time.Time, b Behaviour, f Faults) *upstream.GetResponse {
+	if e := s.checkQuery(r); e != nil {
+		s.count(func(st *Stats) { st.AuthFailures++ })
+		return e
+	}
+	s.mu.Lock()
+	if b.Quota > 0 && s.accepts.count(now) >= b.Quota {
+		s.stats.Throttled++
+		s.record(Call{At: now})
+		s.mu.Unlock()
+		return fail(b.ThrottleCode, "REST API call frequency limit exceeded")
+	}
+	s.stats.Accepted++
+	s.stats.MaxAcceptPerSec = max(s.stats.MaxAcceptPerSec, s.accepts.add(now))
+	s.record(Call{At: now, Accepted: true})
+	s.mu.Unlock()
+
+	raw, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+	if err != nil {
+		s.count(func(st *Stats) { st.Rejected++ })
+		return fail(upstream.CodeHTTPParse, "read body: "+err.Error())
+	}
+	var body struct {
+		ToAccount []json.RawMessage `json:"To_Account"`
+		TagList   []json.RawMessage `json:"TagList"`
+	}
+	if err := json.Unmarshal(raw, &body); err != nil {
+		s.count(func(st *Stats) { st.Rejected++ })
+		return fail(upstream.CodeJSONParse, "json parse error: "+err.Error())
+	}
+	s.count(func(st *Stats) { st.MaxAccounts = max(st.MaxAccounts, len(body.ToAccount)) })
+	if len(body.ToAccount) == 0 {
+		s.count(func(st *Stats) { st.Rejected++ })
+		return fail(upstream.CodeNoAccount, "To_Account is empty")
+	}
+	if len(body.ToAccount) > b.MaxAccounts {
+		s.count(func(st *Stats) { st.Rejected++ })
+		return fail(upstream.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts, more than %d", len(body.ToAccount), b.MaxAccounts))
+	}
+	accounts, ok := stringList(body.ToAccount)
+	if !ok {
+		s.count(func(st *Stats) { st.Rejected++ })
+		return fail(upstream.CodeAccountType, "To_Account holds a value that is not a string")
+	}
+	tags, ok := stringList(body.TagList)
+	if !ok || len(tags) == 0 {
+		s.count(func(st *Stats) { st.Rejected++ })
+		return fail(upstream.CodeBadRequest, "TagList is missing or holds a value that is not a string")
+	}
+	for _, t := range tags {
+		if !validTagName(t) {
+			s.count(func(st *Stats) { st.Rejected++ })
+			return fail(upstream.CodeInvalidTag, "invalid tag "+t)
+		}
+		if !knownTag(t) {
+			s.count(func(st *Stats) { st.Rejected++ })
+			return fail(upstream.CodeTagNotExist, "tag does not exist: "+t)
+		}
+	}
+	if f.CallErrorCode != 0 {
+		return fail(f.CallErrorCode, "injected call error")
+	}
+	if b.MissingFailsCall {
+		for _, a := range accounts {
+			if !s.Exists(a) {
+				return fail(upstream.CodeAccountNotFound, "account does not exist: "+a)
+			}
+		}
+	}
+
+	resp := &upstream.GetResponse{ActionStatus: upstream.StatusOK, UserProfileItem: make([]upstream.UserProfile, 0, len(accounts))}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, a := range accounts {
+		item := upstream.UserProfile{ToAccount: a, ProfileItem: []upstream.ProfileItem{}}
+		switch {
+		case !s.existsLocked(a):
+			item.ResultCode, item.ResultInfo = upstream.CodeAccountNotFound, "account does not exist"
+			resp.FailAccount = append(resp.FailAccount, a)
+		case f.ItemInternal > 0 && s.rng.Float64() < f.ItemInternal:
+			item.ResultCode, item.ResultInfo = upstream.CodeInternal, "internal error, retry"
+			resp.FailAccount = append(resp.FailAccount, a)
+		default:
+			for _, t := range tags {
+				v, set := s.value(a, t)
+				switch {
+				case set:
+					item.ProfileItem = append(item.ProfileItem, upstream.ProfileItem{Tag: t, Value: v})
+				case b.UnsetAsEmpty:
+					empty := json.RawMessage(`""`)
+					if standardTags[t] {
+						empty = json.RawMessage(`0`)
+					}
+					item.ProfileItem = append(item.ProfileItem, upstream.ProfileItem{Tag: t, Value: empty})
+				}
+			}
+		}
+		resp.UserProfileItem = append(resp.UserProfileItem, item)
+		s.fetched[a]++
+	}
+	s.stats.Served++
+	s.stats.Accounts += int64(len(accounts))
+	return resp
+}
+
+func (s *Server) existsLocked(account string) bool {
+	if i := seededIndex(account); i >= 0 && i < s.cfg.Accounts {
+		return true
+	}
+	_, ok := s.overlay[account]
+	return ok
+}
+
+func (s *Server) count(f func(*Stats)) { s.mu.Lock(); f(&s.stats); s.mu.Unlock() }
+
+func stringList(raws []json.RawMessage) ([]string, bool) {
+	out := make([]string, len(raws))
+	for i, r := range raws {
+		if err := json.Unmarshal(r, &out[i]); err != nil {
+			return nil, false
+		}
+	}
+	return out, true
+}
+
+// portraitSet serves v4/profile/portrait_set.
+func (s *Server) portraitSet(w http.ResponseWriter, r *http.Request) {
+	if e := s.checkQuery(r); e != nil {
+		s.count(func(st *Stats) { st.AuthFailures++ })
+		writeJSON(w, upstream.Envelope{ActionStatus: e.ActionStatus, ErrorCode: e.ErrorCode, ErrorInfo: e.ErrorInfo})
+		return
+	}
+	var req upstream.SetRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
+		writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeBadRequest, ErrorInfo: "bad request: " + err.Error()})
+		return
+	}
+	if req.FromAccount == "" || !s.Exists(req.FromAccount) {
+		writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeAccountNotFound, ErrorInfo: "account does not exist"})
+		return
+	}
+	for _, it := range req.ProfileItem {
+		if !knownTag(it.Tag) {
+			writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeTagNotExist, ErrorInfo: "tag does not exist: " + it.Tag})
+			return
+		}
+		if isNum, std := standardTags[it.Tag]; std {
+			if _, err := strconv.ParseUint(string(it.Value), 10, 64); isNum && err != nil {
+				writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeBadRequest, ErrorInfo: it.Tag + " takes a number"})
+				return
+			}
+		}
+	}
+	s.mu.Lock()
+	for _, it := range req.ProfileItem {
+		s.put(req.FromAccount, it.Tag, it.Value)
+	}
+	s.stats.Sets++
+	s.mu.Unlock()
+	writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusOK})
+}
+
+func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) {
+	st := s.Stats()
+	writeJSON(w, struct {
+		Stats
+		AccountsPerCall float64 `json:"accounts_per_call"`
+	}{st, st.AccountsPerCall()})
+}
+
+// serveConfig replaces behaviour and faults from a JSON body
+// {"behaviour":{…},"faults":{…}}; durations are in nanoseconds.
+func (s *Server) serveConfig(w http.ResponseWriter, r *http.Request) {
+	var c struct {
+		Behaviour *Behaviour `json:"behaviour"`
+		Faults    *Faults    `json:"faults"`
+	}
+	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&c); err != nil {
+		http.Error(w, "bad config: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if c.Behaviour != nil {
+		s.SetBehaviour(*c.Behaviour)
+	}
+	if c.Faults != nil {
+		s.SetFaults(*c.Faults)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	writeJSON(w, struct {
+		Behaviour Behaviour `json:"behaviour"`
+		Faults    Faults    `json:"faults"`
+	}{s.behaviour, s.faults})
+}

@@ -1,0 +1,253 @@
+package imsim_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/usersig"
+)
+
+func start(t *testing.T, cfg imsim.Config) (*imsim.Server, *httptest.Server) {
+	t.Helper()
+	sim := imsim.New(cfg)
+	srv := httptest.NewServer(sim)
+	t.Cleanup(srv.Close)
+	return sim, srv
+}
+
+func client(t *testing.T, sim *imsim.Server, base string) *upstream.Client {
+	t.Helper()
+	c, err := upstream.New(upstream.Config{BaseURL: base, Signer: usersig.NewSigner(sim.Key(), sim.SDKAppID(), sim.Identifier(), time.Hour, nil)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func get(c *upstream.Client, accounts ...string) (*upstream.GetResponse, error) {
+	return c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: accounts, TagList: []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_SelfSignature"}})
+}
+
+// TestSlidingWindowIsExact fires calls faster than the quota from several
+// goroutines and checks the log both ways: no sliding second holds more
+// accepted calls than the quota, and no call was throttled while its second
+// had room.
+func TestSlidingWindowIsExact(t *testing.T) {
+	const quota = 20
+	sim, srv := start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota, ThrottleCode: 60018}})
+	c := client(t, sim, srv.URL)
+	deadline := time.Now().Add(1500 * time.Millisecond)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	codes := map[int]int{}
+	for range 6 {
+		wg.Go(func() {
+			for time.Now().Before(deadline) {
+				_, err := get(c, "user1")
+				code := 0
+				if e, ok := err.(*upstream.Error); ok {
+					code = e.Code
+				} else if err != nil {
+					t.Errorf("unexpected error %v", err)
+					return
+				}
+				mu.Lock()
+				codes[code]++
+				mu.Unlock()
+				time.Sleep(2 * time.Millisecond)
+			}
+		})
+	}
+	wg.Wait()
+	log := sim.Log()
+	var accepted []time.Time
+	for _, call := range log {
+		// Accepted calls in (call.At-1s, call.At) before this one.
+		n := 0
+		for _, a := range accepted {
+			if call.At.Sub(a) < time.Second {
+				n++
+			}
+		}
+		if call.Accepted {
+			if n+1 > quota {
+				t.Fatalf("call at %v accepted with %d already in its second", call.At, n)
+			}
+			accepted = append(accepted, call.At)
+		} else if n < quota {
+			t.Fatalf("call at %v throttled with only %d in its second", call.At, n)
+		}
+	}
+	st := sim.Stats()
+	if codes[0] != int(st.Accepted) || codes[60018] != int(st.Throttled) || len(codes) != 2 {
+		t.Fatalf("client saw %v, emulator %+v", codes, st)
+	}
+	if st.Throttled == 0 || st.Accepted < 2*quota || st.MaxAcceptPerSec != quota {
+		t.Fatalf("load did not exercise the window: %+v", st)
+	}
+	t.Logf("%d calls: %d accepted, %d throttled, max %d accepted in a sliding second", len(log), st.Accepted, st.Throttled, st.MaxAcceptPerSec)
+}
+
+func rawCall(t *testing.T, base string, query url.Values, body string) upstream.GetResponse {
+	t.Helper()
+	resp, err := http.Post(base+upstream.PathGet+"?"+query.Encode(), "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out upstream.GetResponse
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func TestQueryAndSigChecks(t *testing.T) {
+	sim, srv := start(t, imsim.Config{})
+	good := func() url.Values {
+		return url.Values{"sdkappid": {"1400000000"}, "identifier": {"administrator"}, "random": {"7"}, "contenttype": {"json"},
+			"usersig": {usersig.Sign(sim.Key(), sim.SDKAppID(), "administrator", time.Now(), time.Hour)}}
+	}
+	body := `{"To_Account":["user1"],"TagList":["Tag_Profile_IM_Nick"]}`
+	tests := []struct {
+		name   string
+		change func(url.Values)
+		body   string
+		code   int
+	}{
+		{"valid", func(url.Values) {}, body, 0},
+		{"no sdkappid", func(q url.Values) { q.Del("sdkappid") }, body, 60012},
+		{"other sdkappid", func(q url.Values) { q.Set("sdkappid", "1400000001") }, body, 60006},
+		{"no usersig", func(q url.Values) { q.Del("usersig") }, body, 70002},
+		{"garbage usersig", func(q url.Values) { q.Set("usersig", "abc") }, body, 70003},
+		{"expired usersig", func(q url.Values) {
+			q.Set("usersig", usersig.Sign(sim.Key(), sim.SDKAppID(), "administrator", time.Now().Add(-2*time.Hour), time.Hour))
+		}, body, 70001},
+		{"wrong key", func(q url.Values) {
+			q.Set("usersig", usersig.Sign("x", sim.SDKAppID(), "administrator", time.Now(), time.Hour))
+		}, body, 70009},
+		{"identifier differs from sig", func(q url.Values) { q.Set("identifier", "bob") }, body, 70013},
+		{"not admin", func(q url.Values) {
+			q.Set("identifier", "bob")
+			q.Set("usersig", usersig.Sign(sim.Key(), sim.SDKAppID(), "bob", time.Now(), time.Hour))
+		}, body, 40004},
+		{"no random", func(q url.Values) { q.Del("random") }, body, 60002},
+		{"bad json", func(url.Values) {}, `{"To_Account":`, 60003},
+		{"account not a string", func(url.Values) {}, `{"To_Account":[1],"TagList":["Tag_Profile_IM_Nick"]}`, 60015},
+		{"no accounts", func(url.Values) {}, `{"TagList":["Tag_Profile_IM_Nick"]}`, 40002},
+		{"no tags", func(url.Values) {}, `{"To_Account":["user1"]}`, 40001},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			q := good()
+			tt.change(q)
+			out := rawCall(t, srv.URL, q, tt.body)
+			if out.ErrorCode != tt.code {
+				t.Fatalf("ErrorCode = %d (%s), want %d", out.ErrorCode, out.ErrorInfo, tt.code)
+			}
+			if (out.ActionStatus == "OK") != (tt.code == 0) {
+				t.Fatalf("ActionStatus %s with code %d", out.ActionStatus, out.ErrorCode)
+			}
+		})
+	}
+	if st := sim.Stats(); st.AuthFailures != 9 {
+		t.Errorf("auth failures = %d, want 9", st.AuthFailures)
+	}
+}
+
+func TestUnsetTagBehaviours(t *testing.T) {
+	// Find a sparse account: it leaves SelfSignature unset.
+	sparse := ""
+	for i := 0; sparse == ""; i++ {
+		if imsim.Sparse(imsim.AccountName(i)) {
+			sparse = imsim.AccountName(i)
+		}
+	}
+	sim, srv := start(t, imsim.Config{})
+	c := client(t, sim, srv.URL)
+	resp, err := get(c, sparse)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if items := resp.UserProfileItem[0].ProfileItem; len(items) != 1 || items[0].Tag != "Tag_Profile_IM_Nick" {
+		t.Fatalf("omit: items %+v", items)
+	}
+	sim.SetBehaviour(imsim.Behaviour{UnsetAsEmpty: true})
+	resp, err = get(c, sparse)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if items := resp.UserProfileItem[0].ProfileItem; len(items) != 2 || string(items[1].Value) != `""` {
+		t.Fatalf("empty: items %+v", items)
+	}
+}
+
+func TestFaults(t *testing.T) {
+	sim, srv := start(t, imsim.Config{Faults: imsim.Faults{Latency: 30 * time.Millisecond}})
+	c := client(t, sim, srv.URL)
+	begin := time.Now()
+	if _, err := get(c, "user1"); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(begin); d < 30*time.Millisecond {
+		t.Fatalf("answered in %v despite 30ms latency", d)
+	}
+	sim.SetFaults(imsim.Faults{Timeout: 1, TimeoutAfter: 50 * time.Millisecond})
+	if _, err := get(c, "user1"); upstream.KindOf(err) != upstream.KindHTTP {
+		t.Fatalf("timeout fault: %v", err)
+	}
+	if st := sim.Stats(); st.Timeouts != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestAdminEndpoints(t *testing.T) {
+	sim, srv := start(t, imsim.Config{})
+	c := client(t, sim, srv.URL)
+	if _, err := get(c, "user1", "user2", "user1"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Post(srv.URL+"/imsim/config", "application/json", bytes.NewReader([]byte(`{"behaviour":{"quota":-1},"faults":{"fail_502":1}}`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if _, err := get(c, "user1"); upstream.KindOf(err) != upstream.KindHTTP {
+		t.Fatalf("after config: %v", err)
+	}
+	resp, err = http.Get(srv.URL + "/imsim/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var st struct {
+		imsim.Stats
+		AccountsPerCall float64 `json:"accounts_per_call"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Calls != 2 || st.Served != 1 || st.Accounts != 3 || st.DistinctFetched != 2 || st.Fail502 != 1 || st.AccountsPerCall != 3 {
+		t.Fatalf("stats %s", raw)
+	}
+	if n := sim.FetchCount("user1"); n != 2 {
+		t.Fatalf("user1 fetched %d times", n)
+	}
+	resp, _ = http.Post(srv.URL+"/imsim/reset", "", nil)
+	resp.Body.Close()
+	if st := sim.Stats(); st.Calls != 0 || len(sim.Log()) != 0 {
+		t.Fatalf("after reset: %+v", st)
+	}
+}
