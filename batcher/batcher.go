@@ -1,0 +1,545 @@
+// Package batcher merges single-account lookups into multi-account
+// portrait_get calls under the app's quota.
+//
+// The upstream charges one unit of quota per call, whatever it carries (up
+// to 100 accounts, any tags). So a batch leaves when it is full, or when its
+// window has passed and the limiter grants a token; while it waits for the
+// token it keeps filling. At low load a lookup waits about one window; under
+// load every call carries MaxAccounts accounts and throughput approaches
+// rate × MaxAccounts lookups per second.
+//
+// Lookups of the same account that are queued together share one slot. A
+// call fetches the union of the tags its accounts were asked for plus
+// DefaultTags; each lookup gets the whole fetched item and picks its tags.
+//
+// Outcomes are mapped per account: a found account or a per-account failure
+// is delivered as the upstream's item; a whole call failing with 40003 (one
+// bad account spoils the call) is split in halves and retried until the bad
+// account stands alone; throttled calls are retried after a backoff and
+// transient failures a few times, while their callers still wait.
+//
+// The shared calls run detached from any caller's context: one caller giving
+// up never cancels others' work, and accounts whose every caller has left
+// before dispatch are dropped from the batch. A Batcher is safe for
+// concurrent use; Run owns its goroutines.
+package batcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/limiter"
+	"github.com/portrait-proxy/portrait-proxy/metrics"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+)
+
+// Upstream is the call the batcher makes.
+type Upstream interface {
+	PortraitGet(ctx context.Context, req upstream.GetRequest) (*upstream.GetResponse, error)
+}
+
+// backoffer is the optional part of a limiter that pauses grants after the
+// upstream said "too frequent".
+type backoffer interface{ Backoff(d time.Duration) }
+
+// Errors returned by Load.
+var (
+	// ErrClosed: the batcher is shutting down or its drain time ran out.
+	ErrClosed = errors.New("batcher: closed")
+	// ErrMissing: the upstream's answer did not mention the account.
+	ErrMissing = errors.New("batcher: account missing from upstream answer")
+)
+
+// Config configures a Batcher. Upstream and Limiter are required.
+type Config struct {
+	Upstream Upstream
+	Limiter  limiter.Limiter
+	// MaxAccounts per call. Zero means 100; more than 100 is an error.
+	MaxAccounts int
+	// Window is the longest a batch waits for company once a token is free.
+	// Zero means 2ms; negative means none.
+	Window time.Duration
+	// DefaultTags are fetched with every call, so later lookups for them hit
+	// the cache.
+	DefaultTags []string
+	// MaxAttempts bounds calls per account for transient failures
+	// (transport, HTTP status, 40006-like codes). Zero means 3.
+	MaxAttempts int
+	// MaxThrottled bounds calls per account answered "too frequent". Zero
+	// means 20; callers' deadlines usually end the retries first.
+	MaxThrottled int
+	// ThrottleBackoff pauses the limiter after a throttling answer. Zero
+	// means 500ms.
+	ThrottleBackoff time.Duration
+	// DrainTimeout bounds the final flush when Run's context ends. Zero
+	// means 5s.
+	DrainTimeout time.Duration
+	// Metrics, if nil, go to a private registry.
+	Metrics *metrics.Metrics
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// Result is one account's answer: the upstream's item (every fetched tag it
+// returned, or a non-zero ResultCode) and the TagList that was fetched, so a
+// cache can tell an unset tag from one not asked for.
+type Result struct {
+	Item upstream.UserProfile
+	Tags []string
+}
+
+type outcome struct {
+	res Result
+	err error
+}
+
+type waiter struct {
+	ctx  context.Context
+	done chan outcome // buffered 1: completed exactly once
+}
+
+type entry struct {
+	account   string
+	tags      []string
+	waiters   []*waiter
+	queued    time.Time
+	attempts  int // calls made, transient failures
+	throttled int // calls answered "too frequent"
+}
+
+func (e *entry) addTags(tags []string) {
+	for _, t := range tags {
+		if !slices.Contains(e.tags, t) {
+			e.tags = append(e.tags, t)
+		}
+	}
+}
+
+// live drops waiters who left and reports whether any remain.
+func (e *entry) live() bool {
+	e.waiters = slices.DeleteFunc(e.waiters, func(w *waiter) bool { return w.ctx.Err() != nil })
+	return len(e.waiters) > 0
+}
+
+func (e *entry) complete(o outcome) {
+	for _, w := range e.waiters {
+		w.done <- o
+	}
+	e.waiters = nil
+}
+
+// Batcher is the coalescer. Create it with New and start Run.
+type Batcher struct {
+	cfg Config
+	m   *metrics.Metrics
+	now func() time.Time
+
+	wake chan struct{} // poked on every change; capacity 1
+
+	mu      sync.Mutex
+	pending map[string]*entry // queued and not yet dispatched, by account
+	queue   []*entry          // FIFO of pending
+	ready   [][]*entry        // formed batches to send first (retries, split halves)
+	queued  int               // accounts in queue and ready
+	closed  bool
+
+	callCtx  context.Context
+	inflight sync.WaitGroup
+}
+
+// New validates cfg and returns a Batcher. Nothing runs until Run.
+func New(cfg Config) (*Batcher, error) {
+	if cfg.Upstream == nil || cfg.Limiter == nil {
+		return nil, errors.New("batcher: Config.Upstream and Config.Limiter are required")
+	}
+	if cfg.MaxAccounts == 0 {
+		cfg.MaxAccounts = upstream.MaxAccountsPerCall
+	}
+	if cfg.MaxAccounts < 0 || cfg.MaxAccounts > upstream.MaxAccountsPerCall {
+		return nil, fmt.Errorf("batcher: MaxAccounts %d not in 1..%d", cfg.MaxAccounts, upstream.MaxAccountsPerCall)
+	}
+	if cfg.Window == 0 {
+		cfg.Window = 2 * time.Millisecond
+	}
+	if cfg.MaxAttempts <= 0 {
+		cfg.MaxAttempts = 3
+	}
+	if cfg.MaxThrottled <= 0 {
+		cfg.MaxThrottled = 20
+	}
+	if cfg.ThrottleBackoff <= 0 {
+		cfg.ThrottleBackoff = 500 * time.Millisecond
+	}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = 5 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	m := cfg.Metrics
+	if m == nil {
+		m = metrics.New(prometheusRegistry())
+	}
+	return &Batcher{
+		cfg:     cfg,
+		m:       m,
+		now:     cfg.Now,
+		wake:    make(chan struct{}, 1),
+		pending: map[string]*entry{},
+		callCtx: context.Background(),
+	}, nil
+}
+
+func (b *Batcher) poke() {
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Load queues account for the next batch and waits for its answer. tags are
+// the tags this caller needs; the Result may hold more. Load returns ctx's
+// error if ctx ends first (the batch goes on for others), ErrClosed after
+// shutdown, and otherwise the call's error when no per-account answer
+// could be had (an *upstream.Error, ErrMissing).
+func (b *Batcher) Load(ctx context.Context, account string, tags []string) (Result, error) {
+	w := &waiter{ctx: ctx, done: make(chan outcome, 1)}
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return Result{}, ErrClosed
+	}
+	e := b.pending[account]
+	if e == nil {
+		e = &entry{account: account, queued: b.now()}
+		b.pending[account] = e
+		b.queue = append(b.queue, e)
+		b.queued++
+		b.m.QueueAccounts.Set(float64(b.queued))
+	}
+	e.addTags(tags)
+	e.waiters = append(e.waiters, w)
+	b.mu.Unlock()
+	b.poke()
+	select {
+	case o := <-w.done:
+		return o.res, o.err
+	case <-ctx.Done():
+		return Result{}, ctx.Err()
+	}
+}
+
+// Run dispatches batches until ctx ends, then flushes what is queued (within
+// DrainTimeout, still under the limiter), waits for calls in flight and
+// returns nil. Loads after ctx ends fail with ErrClosed; so do lookups the
+// flush could not send in time. Run must be called once.
+func (b *Batcher) Run(ctx context.Context) error {
+	b.callCtx = context.WithoutCancel(ctx)
+	for b.waitWork(ctx) {
+		b.waitWindow(ctx)
+		if !b.dispatch(ctx) {
+			break
+		}
+	}
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+
+	drain, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.DrainTimeout)
+	defer cancel()
+	for {
+		for b.hasWork() && b.dispatch(drain) {
+		}
+		b.inflight.Wait() // calls in flight may queue retries: flush those too
+		if !b.hasWork() || drain.Err() != nil {
+			break
+		}
+	}
+	b.failAll(ErrClosed)
+	return nil
+}
+
+func (b *Batcher) hasWork() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.queued > 0
+}
+
+// waitWork blocks until something is queued; false when ctx ends first.
+func (b *Batcher) waitWork(ctx context.Context) bool {
+	for {
+		if b.hasWork() {
+			return true
+		}
+		select {
+		case <-b.wake:
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+// waitWindow blocks until a batch should try for a token: a ready batch or
+// a full queue go at once; otherwise the oldest account's window must pass.
+func (b *Batcher) waitWindow(ctx context.Context) {
+	for {
+		b.mu.Lock()
+		if len(b.ready) > 0 || len(b.queue) >= b.cfg.MaxAccounts || len(b.queue) == 0 {
+			b.mu.Unlock()
+			return
+		}
+		left := b.queue[0].queued.Add(b.cfg.Window).Sub(b.now())
+		b.mu.Unlock()
+		if left <= 0 {
+			return
+		}
+		t := time.NewTimer(left)
+		select {
+		case <-t.C:
+			return
+		case <-b.wake:
+			t.Stop()
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+}
+
+// dispatch takes a token, forms a batch and sends it; false when the token
+// wait ended with ctx.
+func (b *Batcher) dispatch(ctx context.Context) bool {
+	start := b.now()
+	if err := b.cfg.Limiter.Wait(ctx); err != nil {
+		return false
+	}
+	now := b.now()
+	b.m.LimiterWait.Observe(now.Sub(start).Seconds())
+	batch := b.take()
+	if len(batch) == 0 {
+		return true // everyone left while we waited: the token goes unused
+	}
+	oldest := batch[0].queued
+	for _, e := range batch {
+		if e.queued.Before(oldest) {
+			oldest = e.queued
+		}
+	}
+	b.m.BatchWait.Observe(now.Sub(oldest).Seconds())
+	b.m.BatchAccounts.Observe(float64(len(batch)))
+	b.inflight.Add(1)
+	go b.send(batch)
+	return true
+}
+
+// take removes the next batch: a ready one first, else up to MaxAccounts
+// queued accounts. Accounts whose callers all left are dropped.
+func (b *Batcher) take() []*entry {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	defer func() { b.m.QueueAccounts.Set(float64(b.queued)) }()
+	for len(b.ready) > 0 {
+		batch := b.ready[0]
+		b.ready = b.ready[1:]
+		b.queued -= len(batch)
+		batch = slices.DeleteFunc(batch, func(e *entry) bool { return !e.live() })
+		if len(batch) > 0 {
+			return batch
+		}
+	}
+	batch := make([]*entry, 0, b.cfg.MaxAccounts)
+	n := 0
+	for n < len(b.queue) && len(batch) < b.cfg.MaxAccounts {
+		e := b.queue[n]
+		n++
+		delete(b.pending, e.account)
+		if e.live() {
+			batch = append(batch, e)
+		}
+	}
+	clear(b.queue[:n])
+	b.queue = b.queue[n:]
+	b.queued -= n
+	return batch
+}
+
+func (b *Batcher) tagsFor(batch []*entry) []string {
+	tags := slices.Clone(b.cfg.DefaultTags)
+	for _, e := range batch {
+		for _, t := range e.tags {
+			if !slices.Contains(tags, t) {
+				tags = append(tags, t)
+			}
+		}
+	}
+	return tags
+}
+
+// send makes one call for batch and settles every entry: answered,
+// requeued for a retry, or failed.
+func (b *Batcher) send(batch []*entry) {
+	defer b.inflight.Done()
+	accounts := make([]string, len(batch))
+	for i, e := range batch {
+		accounts[i] = e.account
+	}
+	tags := b.tagsFor(batch)
+	resp, err := b.cfg.Upstream.PortraitGet(b.callCtx, upstream.GetRequest{ToAccount: accounts, TagList: tags})
+	if err == nil {
+		b.deliver(batch, tags, resp)
+		return
+	}
+	var ue *upstream.Error
+	errors.As(err, &ue)
+	switch kind := upstream.KindOf(err); {
+	case kind == upstream.KindThrottled:
+		if bo, ok := b.cfg.Limiter.(backoffer); ok {
+			bo.Backoff(b.cfg.ThrottleBackoff)
+		}
+		b.retry(batch, err, "throttled")
+	case kind == upstream.KindNotFound && len(batch) > 1:
+		// One bad account failed the whole call: halve until it stands alone.
+		b.m.UpstreamRetries.WithLabelValues("split").Add(float64(len(batch)))
+		half := len(batch) / 2
+		b.requeueReady(batch[:half:half], batch[half:])
+	case kind == upstream.KindNotFound:
+		e := batch[0]
+		e.complete(outcome{res: Result{Tags: tags, Item: upstream.UserProfile{
+			ToAccount: e.account, ProfileItem: []upstream.ProfileItem{}, ResultCode: ue.Code, ResultInfo: ue.Info}}})
+	case kind == upstream.KindAuth || kind == upstream.KindRejected:
+		for _, e := range batch {
+			e.complete(outcome{err: err})
+		}
+	default: // transport, HTTP status, transient codes
+		b.retry(batch, err, "transient")
+	}
+}
+
+// retry queues batch again as a formed batch, keeping the entries whose
+// callers still wait and who have attempts left; the rest get err.
+func (b *Batcher) retry(batch []*entry, err error, reason string) {
+	var again []*entry
+	for _, e := range batch {
+		var left bool
+		if reason == "throttled" {
+			e.throttled++
+			left = e.throttled < b.cfg.MaxThrottled
+		} else {
+			e.attempts++
+			left = e.attempts < b.cfg.MaxAttempts
+		}
+		if left && e.live() {
+			again = append(again, e)
+		} else {
+			e.complete(outcome{err: err})
+		}
+	}
+	if len(again) > 0 {
+		b.m.UpstreamRetries.WithLabelValues(reason).Add(float64(len(again)))
+		b.requeueReady(again)
+	}
+}
+
+// requeueReady puts formed batches at the front of the ready list.
+func (b *Batcher) requeueReady(batches ...[]*entry) {
+	b.mu.Lock()
+	for _, bt := range batches {
+		b.queued += len(bt)
+	}
+	b.ready = append(slices.Clone(batches), b.ready...)
+	b.m.QueueAccounts.Set(float64(b.queued))
+	b.mu.Unlock()
+	b.poke()
+}
+
+// deliver hands each entry its item. A per-account transient failure is
+// queued again (it rides along with the next batch) while attempts remain.
+func (b *Batcher) deliver(batch []*entry, tags []string, resp *upstream.GetResponse) {
+	items := resp.UserProfileItem
+	var byAccount map[string]int
+	find := func(i int, account string) (upstream.UserProfile, bool) {
+		if i < len(items) && items[i].ToAccount == account {
+			return items[i], true // the usual case: answers in request order
+		}
+		if byAccount == nil {
+			byAccount = make(map[string]int, len(items))
+			for j, it := range items {
+				byAccount[it.ToAccount] = j
+			}
+		}
+		j, ok := byAccount[account]
+		if !ok {
+			return upstream.UserProfile{}, false
+		}
+		return items[j], true
+	}
+	var again []*entry
+	for i, e := range batch {
+		item, ok := find(i, e.account)
+		switch {
+		case !ok:
+			e.attempts++
+			if e.attempts < b.cfg.MaxAttempts && e.live() {
+				again = append(again, e)
+			} else {
+				e.complete(outcome{err: ErrMissing})
+			}
+		case item.ResultCode != 0 && upstream.Classify(item.ResultCode) == upstream.KindTransient:
+			e.attempts++
+			if e.attempts < b.cfg.MaxAttempts && e.live() {
+				again = append(again, e)
+			} else {
+				e.complete(outcome{res: Result{Item: item, Tags: tags}})
+			}
+		default:
+			e.complete(outcome{res: Result{Item: item, Tags: tags}})
+		}
+	}
+	if len(again) > 0 {
+		b.m.UpstreamRetries.WithLabelValues("transient").Add(float64(len(again)))
+		b.requeueFront(again)
+	}
+}
+
+// requeueFront puts entries back at the head of the queue, merging each
+// with a newer entry for the same account if one is pending.
+func (b *Batcher) requeueFront(entries []*entry) {
+	b.mu.Lock()
+	var front []*entry
+	for _, e := range entries {
+		if cur := b.pending[e.account]; cur != nil {
+			cur.addTags(e.tags)
+			cur.waiters = append(cur.waiters, e.waiters...)
+			cur.attempts = max(cur.attempts, e.attempts)
+			continue
+		}
+		b.pending[e.account] = e
+		front = append(front, e)
+	}
+	b.queue = append(front, b.queue...)
+	b.queued += len(front)
+	b.m.QueueAccounts.Set(float64(b.queued))
+	b.mu.Unlock()
+	b.poke()
+}
+
+// failAll answers everything still queued with err.
+func (b *Batcher) failAll(err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, bt := range b.ready {
+		for _, e := range bt {
+			e.complete(outcome{err: err})
+		}
+	}
+	for _, e := range b.queue {
+		e.complete(outcome{err: err})
+	}
+	b.ready, b.queue, b.queued = nil, nil, 0
+	clear(b.pending)
+	b.m.QueueAccounts.Set(0)
+}

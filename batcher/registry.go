@@ -1,0 +1,5 @@
+package batcher
+
+import "github.com/prometheus/client_golang/prometheus"
+
+func prometheusRegistry() prometheus.Registerer { return prometheus.NewRegistry() }

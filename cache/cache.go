@@ -1,0 +1,410 @@
+// Package cache answers profile lookups from cached account+tag entries and
+// loads what is missing.
+//
+// A lookup goes: the in-process tier (Local) → the shared tier (Remote,
+// e.g. Redis: one round trip for the whole request) → for each account
+// still missing, one singleflight per account and tag set → the Loader (the
+// batcher) → results written back to both tiers → every waiter answered from
+// the same result.
+//
+// Three kinds of entry are kept: fresh values (TTL), values servable past
+// fresh (StaleTTL: served while one background refresh runs, and whenever
+// the upstream fails), and negative entries for accounts that do not exist
+// (NegativeTTL). Transient failures are never cached. A tag the upstream
+// did not return is cached as unset.
+//
+// A Cache is safe for concurrent use. Background refreshes are owned by the
+// Cache: Close waits for them.
+package cache
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/portrait-proxy/portrait-proxy/batcher"
+	"github.com/portrait-proxy/portrait-proxy/metrics"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+)
+
+// Loader fetches one account's tags from the upstream; the batcher
+// satisfies it. The Result may carry more tags than asked for.
+type Loader interface {
+	Load(ctx context.Context, account string, tags []string) (batcher.Result, error)
+}
+
+// Remote is a shared tier behind Local. Get answers for all accounts in one
+// round trip (nil where it holds nothing); Put writes records, merging with
+// what is there. Errors mean the tier is unusable for now: the Cache goes
+// on without it.
+type Remote interface {
+	Get(ctx context.Context, accounts, tags []string) ([]*Record, error)
+	Put(ctx context.Context, accounts []string, recs []*Record) error
+}
+
+// Config configures a Cache. Loader is required.
+type Config struct {
+	Loader Loader
+	// Local is the in-process tier; nil means NewLocal(0).
+	Local *Local
+	// Remote is the shared tier; nil means none.
+	Remote Remote
+	// TTL is how long a value is fresh. Zero means 60s.
+	TTL time.Duration
+	// StaleTTL is how long past fresh a value may be served while it is
+	// refreshed or when the upstream fails. Zero means 1h.
+	StaleTTL time.Duration
+	// NegativeTTL is how long "no such account" is remembered. Zero means 30s.
+	NegativeTTL time.Duration
+	// RefreshTimeout bounds a background refresh. Zero means 10s.
+	RefreshTimeout time.Duration
+	Metrics        *metrics.Metrics
+	Now            func() time.Time
+}
+
+// Source says where an answer came from.
+type Source string
+
+// Sources of an Answer.
+const (
+	SourceLocal    Source = "local"
+	SourceRemote   Source = "redis"
+	SourceUpstream Source = "upstream"
+	SourceStale    Source = "stale" // past fresh, served because the upstream failed
+)
+
+// Answer is one account's outcome. Item holds the requested tags that are
+// set, in the order asked, or a non-zero ResultCode for a per-account
+// failure. Err is set when no answer could be had (Item is then empty).
+type Answer struct {
+	Item   upstream.UserProfile
+	Err    error
+	Source Source
+}
+
+// Cache is the lookup path. Create it with New.
+type Cache struct {
+	cfg    Config
+	local  *Local
+	m      *metrics.Metrics
+	now    func() time.Time
+	sf     singleflight.Group
+	gen    atomic.Uint64
+	fmu    sync.Mutex
+	flight map[string]*flight
+
+	bg       sync.WaitGroup
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+}
+
+// flight counts the callers waiting on one singleflight call, so the call's
+// context ends when the last of them leaves (and the batcher drops the
+// account if it has not been sent yet).
+type flight struct {
+	key    string // singleflight key, unique per flight
+	ctx    context.Context
+	cancel context.CancelFunc
+	refs   int
+}
+
+// New validates cfg and returns a Cache.
+func New(cfg Config) (*Cache, error) {
+	if cfg.Loader == nil {
+		return nil, errors.New("cache: Config.Loader is required")
+	}
+	if cfg.Local == nil {
+		cfg.Local = NewLocal(0)
+	}
+	if cfg.TTL <= 0 {
+		cfg.TTL = 60 * time.Second
+	}
+	if cfg.StaleTTL <= 0 {
+		cfg.StaleTTL = time.Hour
+	}
+	if cfg.NegativeTTL <= 0 {
+		cfg.NegativeTTL = 30 * time.Second
+	}
+	if cfg.RefreshTimeout <= 0 {
+		cfg.RefreshTimeout = 10 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = metrics.New(prometheus.NewRegistry())
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Cache{cfg: cfg, local: cfg.Local, m: cfg.Metrics, now: cfg.Now,
+		flight: map[string]*flight{}, bgCtx: ctx, bgCancel: cancel}, nil
+}
+
+// Close stops background refreshes and waits for them.
+func (c *Cache) Close() {
+	c.bgCancel()
+	c.bg.Wait()
+}
+
+// Get answers every account for tags, in order. It returns when every
+// account is answered or ctx ends; accounts still loading then get ctx's
+// error (their loads go on for other callers).
+func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
+	now := c.now()
+	answers := make([]Answer, len(accounts))
+	recs := make([]*Record, len(accounts)) // best record known, for stale serving
+	var miss []int
+	for i, a := range accounts {
+		rec := c.local.Get(a, now)
+		recs[i] = rec
+		switch rec.state(tags, now) {
+		case stateFresh, stateNotFound:
+			c.m.CacheLookups.WithLabelValues("local", "hit").Inc()
+			answers[i] = Answer{Item: pick(a, rec, tags, now), Source: SourceLocal}
+		case stateStale:
+			c.m.CacheLookups.WithLabelValues("local", "stale").Inc()
+			answers[i] = Answer{Item: pick(a, rec, tags, now), Source: SourceLocal}
+			c.refresh(a, tags)
+		default:
+			c.m.CacheLookups.WithLabelValues("local", "miss").Inc()
+			miss = append(miss, i)
+		}
+	}
+	if len(miss) == 0 {
+		return answers
+	}
+	if c.cfg.Remote != nil {
+		miss = c.getRemote(ctx, accounts, tags, miss, answers, recs, now)
+		if len(miss) == 0 {
+			return answers
+		}
+	}
+
+	type pending struct {
+		i  int
+		ch <-chan singleflight.Result
+		f  *flight
+	}
+	waits := make([]pending, 0, len(miss))
+	tagKey := keyOf(tags)
+	for _, i := range miss {
+		f, ch := c.load(accounts[i], tags, tagKey)
+		waits = append(waits, pending{i, ch, f})
+	}
+	for _, w := range waits {
+		select {
+		case r := <-w.ch:
+			c.leave(w.f)
+			answers[w.i] = c.answerLoaded(accounts[w.i], tags, r, recs[w.i])
+		case <-ctx.Done():
+			c.leave(w.f)
+			answers[w.i] = c.failed(accounts[w.i], tags, ctx.Err(), recs[w.i])
+		}
+	}
+	return answers
+}
+
+// getRemote looks the missing accounts up in the shared tier, fills what it
+// can, and returns the indexes still missing.
+func (c *Cache) getRemote(ctx context.Context, accounts, tags []string, miss []int, answers []Answer, recs []*Record, now time.Time) []int {
+	names := make([]string, len(miss))
+	for k, i := range miss {
+		names[k] = accounts[i]
+	}
+	got, err := c.cfg.Remote.Get(ctx, names, tags)
+	if err != nil {
+		c.m.CacheLookups.WithLabelValues("redis", "error").Add(float64(len(miss)))
+		return miss
+	}
+	still := miss[:0]
+	for k, i := range miss {
+		rec := got[k]
+		if rec == nil {
+			c.m.CacheLookups.WithLabelValues("redis", "miss").Inc()
+			still = append(still, i)
+			continue
+		}
+		switch rec.state(tags, now) {
+		case stateFresh, stateNotFound:
+			c.m.CacheLookups.WithLabelValues("redis", "hit").Inc()
+			c.local.Merge(accounts[i], rec, now)
+			answers[i] = Answer{Item: pick(accounts[i], rec, tags, now), Source: SourceRemote}
+		case stateStale:
+			c.m.CacheLookups.WithLabelValues("redis", "stale").Inc()
+			c.local.Merge(accounts[i], rec, now)
+			answers[i] = Answer{Item: pick(accounts[i], rec, tags, now), Source: SourceRemote}
+			c.refresh(accounts[i], tags)
+		default:
+			c.m.CacheLookups.WithLabelValues("redis", "miss").Inc()
+			if recs[i] == nil {
+				recs[i] = rec
+			}
+			still = append(still, i)
+		}
+	}
+	return still
+}
+
+func keyOf(tags []string) string {
+	if len(tags) == 1 {
+		return tags[0]
+	}
+	s := slices.Clone(tags)
+	slices.Sort(s)
+	return strings.Join(slices.Compact(s), "\x00")
+}
+
+// load joins (or starts) the flight for account and tags.
+func (c *Cache) load(account string, tags []string, tagKey string) (*flight, <-chan singleflight.Result) {
+	k := account + "\x01" + tagKey
+	c.fmu.Lock()
+	f := c.flight[k]
+	if f == nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		f = &flight{key: k + "\x01" + strconv.FormatUint(c.gen.Add(1), 36), ctx: ctx, cancel: cancel}
+		c.flight[k] = f
+	} else {
+		c.m.SingleflightShared.Inc()
+	}
+	f.refs++
+	c.fmu.Unlock()
+	ch := c.sf.DoChan(f.key, func() (any, error) {
+		res, err := c.cfg.Loader.Load(f.ctx, account, tags)
+		if err == nil {
+			c.store(account, res)
+		}
+		return res, err
+	})
+	return f, ch
+}
+
+// leave drops one caller from f; the last one out ends the flight's context.
+func (c *Cache) leave(f *flight) {
+	c.fmu.Lock()
+	defer c.fmu.Unlock()
+	if f.refs--; f.refs == 0 {
+		f.cancel()
+		k := f.key[:strings.LastIndexByte(f.key, '\x01')]
+		if c.flight[k] == f {
+			delete(c.flight, k)
+		}
+	}
+}
+
+// refresh reloads account's tags in the background, once at a time per
+// account and tag set.
+func (c *Cache) refresh(account string, tags []string) {
+	if c.bgCtx.Err() != nil {
+		return
+	}
+	c.bg.Add(1)
+	go func() {
+		defer c.bg.Done()
+		ctx, cancel := context.WithTimeout(c.bgCtx, c.cfg.RefreshTimeout)
+		defer cancel()
+		f, ch := c.load(account, tags, keyOf(tags))
+		select {
+		case <-ch:
+		case <-ctx.Done():
+		}
+		c.leave(f)
+	}()
+}
+
+// store writes a loaded result to both tiers.
+func (c *Cache) store(account string, res batcher.Result) {
+	now := c.now()
+	rec := c.recordOf(res, now)
+	if rec == nil {
+		return
+	}
+	c.local.Merge(account, rec, now)
+	if c.cfg.Remote != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		c.cfg.Remote.Put(ctx, []string{account}, []*Record{rec}) // best effort: the tier reports its own health
+	}
+}
+
+// recordOf turns a loaded result into a record, or nil for outcomes that
+// must not be cached (transient per-account failures).
+func (c *Cache) recordOf(res batcher.Result, now time.Time) *Record {
+	it := res.Item
+	switch upstream.Classify(it.ResultCode) {
+	case upstream.KindOK:
+	case upstream.KindNotFound:
+		return &Record{NotFoundCode: it.ResultCode, NotFoundInfo: it.ResultInfo, NotFoundUntil: now.Add(c.cfg.NegativeTTL)}
+	default:
+		return nil
+	}
+	fresh, stale := now.Add(c.cfg.TTL), now.Add(c.cfg.TTL+c.cfg.StaleTTL)
+	rec := &Record{Tags: make(map[string]TagValue, len(res.Tags))}
+	for _, t := range res.Tags {
+		rec.Tags[t] = TagValue{Fresh: fresh, Stale: stale}
+	}
+	for _, p := range it.ProfileItem {
+		rec.Tags[p.Tag] = TagValue{Value: p.Value, Set: true, Fresh: fresh, Stale: stale}
+	}
+	return rec
+}
+
+func (c *Cache) answerLoaded(account string, tags []string, r singleflight.Result, known *Record) Answer {
+	if r.Err != nil {
+		return c.failed(account, tags, r.Err, known)
+	}
+	res := r.Val.(batcher.Result)
+	if res.Item.ResultCode != 0 {
+		if upstream.Classify(res.Item.ResultCode) == upstream.KindTransient && known.state(tags, c.now()) == stateStale {
+			c.m.Lookups.WithLabelValues(metrics.LookupStale).Inc()
+			return Answer{Item: pick(account, known, tags, c.now()), Source: SourceStale}
+		}
+		return Answer{Item: upstream.UserProfile{ToAccount: account, ProfileItem: []upstream.ProfileItem{},
+			ResultCode: res.Item.ResultCode, ResultInfo: res.Item.ResultInfo}, Source: SourceUpstream}
+	}
+	return Answer{Item: pickItems(account, res.Item.ProfileItem, tags), Source: SourceUpstream}
+}
+
+// failed answers an account whose load failed: its stale value if one is
+// still servable (stale-if-error), else the error.
+func (c *Cache) failed(account string, tags []string, err error, known *Record) Answer {
+	if known.state(tags, c.now()) == stateStale {
+		c.m.Lookups.WithLabelValues(metrics.LookupStale).Inc()
+		return Answer{Item: pick(account, known, tags, c.now()), Source: SourceStale}
+	}
+	return Answer{Item: upstream.UserProfile{ToAccount: account}, Err: err}
+}
+
+// pick builds the item for tags from a record: set tags in the order asked.
+func pick(account string, rec *Record, tags []string, now time.Time) upstream.UserProfile {
+	if rec.NotFoundCode != 0 && now.Before(rec.NotFoundUntil) {
+		return upstream.UserProfile{ToAccount: account, ProfileItem: []upstream.ProfileItem{}, ResultCode: rec.NotFoundCode, ResultInfo: rec.NotFoundInfo}
+	}
+	items := make([]upstream.ProfileItem, 0, len(tags))
+	for _, t := range tags {
+		if v := rec.Tags[t]; v.Set {
+			items = append(items, upstream.ProfileItem{Tag: t, Value: v.Value})
+		}
+	}
+	return upstream.UserProfile{ToAccount: account, ProfileItem: items}
+}
+
+// pickItems builds the item for tags from a fetched item.
+func pickItems(account string, fetched []upstream.ProfileItem, tags []string) upstream.UserProfile {
+	items := make([]upstream.ProfileItem, 0, len(tags))
+	for _, t := range tags {
+		for _, p := range fetched {
+			if p.Tag == t {
+				items = append(items, p)
+				break
+			}
+		}
+	}
+	return upstream.UserProfile{ToAccount: account, ProfileItem: items}
+}

@@ -1,0 +1,119 @@
+package cache
+
+import (
+	"hash/maphash"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+const localShards = 64
+
+// Local is the in-process tier: a sharded map of records, bounded by a
+// number of accounts. When a shard is full, inserting evicts the least
+// recently used of a few sampled records (Redis's approximated LRU), which
+// costs no list maintenance on the hit path. Local is safe for concurrent
+// use; the zero value is not usable, use NewLocal.
+type Local struct {
+	seed     maphash.Seed
+	perShard int
+	shards   [localShards]localShard
+}
+
+type localShard struct {
+	mu sync.RWMutex
+	m  map[string]*localEntry
+}
+
+type localEntry struct {
+	rec  atomic.Pointer[Record]
+	used atomic.Int64 // unix nanoseconds of the last Get
+}
+
+// NewLocal returns a tier holding about maxAccounts records (at least one
+// per shard). maxAccounts ≤ 0 means 1,000,000.
+func NewLocal(maxAccounts int) *Local {
+	if maxAccounts <= 0 {
+		maxAccounts = 1_000_000
+	}
+	l := &Local{seed: maphash.MakeSeed(), perShard: max(1, maxAccounts/localShards)}
+	for i := range l.shards {
+		l.shards[i].m = map[string]*localEntry{}
+	}
+	return l
+}
+
+func (l *Local) shard(account string) *localShard {
+	return &l.shards[maphash.String(l.seed, account)%localShards]
+}
+
+// Get returns account's record, or nil.
+func (l *Local) Get(account string, now time.Time) *Record {
+	s := l.shard(account)
+	s.mu.RLock()
+	e := s.m[account]
+	s.mu.RUnlock()
+	if e == nil {
+		return nil
+	}
+	if n := now.UnixNano(); e.used.Load() < n-int64(time.Millisecond) {
+		e.used.Store(n) // coarse: avoids a shared-cache-line write on every hit
+	}
+	return e.rec.Load()
+}
+
+// Merge stores merge(old, upd) for account, evicting another account when
+// the shard is full.
+func (l *Local) Merge(account string, upd *Record, now time.Time) {
+	s := l.shard(account)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e := s.m[account]; e != nil {
+		e.rec.Store(merge(e.rec.Load(), upd))
+		return
+	}
+	if len(s.m) >= l.perShard {
+		s.evictOne()
+	}
+	e := &localEntry{}
+	e.rec.Store(upd)
+	e.used.Store(now.UnixNano())
+	s.m[account] = e
+}
+
+// Delete removes account's record.
+func (l *Local) Delete(account string) {
+	s := l.shard(account)
+	s.mu.Lock()
+	delete(s.m, account)
+	s.mu.Unlock()
+}
+
+// Len returns the number of records held.
+func (l *Local) Len() int {
+	n := 0
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.RLock()
+		n += len(s.m)
+		s.mu.RUnlock()
+	}
+	return n
+}
+
+// evictOne drops the least recently used of up to five records; map
+// iteration order is random, so they are a random sample.
+func (s *localShard) evictOne() {
+	var victim string
+	oldest := int64(1<<63 - 1)
+	n := 0
+	for k, e := range s.m {
+		if u := e.used.Load(); u < oldest {
+			victim, oldest = k, u
+		}
+		if n++; n == 5 {
+			break
+		}
+	}
+	delete(s.m, victim)
+}

@@ -1,0 +1,132 @@
+// Command proxy serves the IM REST API's v4/profile/portrait_get as a
+// drop-in: app servers change only the host. See README.md and
+// docs/interface.md for the flags; every flag also reads the environment
+// variable PROXY_<NAME> (upper case, dashes as underscores), and the secret
+// key also TIM_SECRET_KEY.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/proxy"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintln(os.Stderr, "proxy:", err)
+		os.Exit(1)
+	}
+}
+
+// run parses args (with getenv as the fallback for each flag), starts the
+// proxy and serves until ctx ends.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
+	cfg, logLevel, logFormat, err := parse(args, getenv, stdout)
+	if err != nil {
+		return err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+		return fmt.Errorf("-log-level: %w", err)
+	}
+	var h slog.Handler
+	switch logFormat {
+	case "json":
+		h = slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level})
+	case "text":
+		h = slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})
+	default:
+		return fmt.Errorf("-log-format %q: want json or text", logFormat)
+	}
+	cfg.Logger = slog.New(h)
+	p, err := proxy.New(cfg)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "portrait proxy on http://%s (admin http://%s)\n", p.Addr(), p.AdminAddr())
+	if cfg.Demo {
+		fmt.Fprintf(stdout, "demo mode: the built-in IM emulator is the upstream (accounts user0…user999999). Try:\n\n  %s\n\n", p.CurlExample())
+	}
+	return p.Run(ctx)
+}
+
+func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.Config, logLevel, logFormat string, err error) {
+	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(&cfg.Listen, "listen", ":8080", "address of the drop-in API")
+	fs.StringVar(&cfg.AdminListen, "admin-listen", ":9090", "address of /metrics, /healthz, /readyz, /debug/pprof/ (\"-\" disables)")
+	fs.StringVar(&cfg.Upstream, "upstream", "https://console.tim.qq.com", "IM REST API base URL (region host)")
+	fs.Uint64Var(&cfg.SDKAppID, "sdkappid", 0, "the app's SDKAppID (required unless -demo)")
+	fs.StringVar(&cfg.AdminIdentifier, "admin-identifier", "administrator", "admin account used for upstream calls and expected from callers")
+	fs.StringVar(&cfg.SecretKey, "secret-key", "", "the app's secret key; prefer env PROXY_SECRET_KEY or TIM_SECRET_KEY")
+	redis := fs.String("redis", "", "Redis for the shared tier: redis://host:port/db, or a comma list of host:port for Redis Cluster; empty: in-process tier only")
+	fs.Float64Var(&cfg.Rate, "rate", 100, "upstream calls per second for the whole app")
+	fs.DurationVar(&cfg.RateGuard, "rate-guard", 20*time.Millisecond, "jitter allowance: rate calls are spread over 1s plus this")
+	fs.IntVar(&cfg.BatchMax, "batch-max", 100, "accounts per upstream call (1-100)")
+	fs.DurationVar(&cfg.BatchWindow, "batch-window", 2*time.Millisecond, "longest a lookup waits for company when tokens are plentiful")
+	defaultTags := fs.String("default-tags", "", "comma-separated tags fetched with every call (besides those asked for)")
+	fs.DurationVar(&cfg.TTL, "ttl", 60*time.Second, "how long a cached tag is fresh")
+	fs.DurationVar(&cfg.StaleTTL, "stale-ttl", time.Hour, "how long past fresh a value may be served while refreshing or when the upstream fails")
+	fs.DurationVar(&cfg.NegativeTTL, "negative-ttl", 30*time.Second, "how long \"no such account\" is remembered")
+	fs.IntVar(&cfg.LocalAccounts, "local-accounts", 1_000_000, "accounts held by the in-process tier")
+	fs.StringVar(&cfg.Auth, "auth", "usersig", "usersig: callers present a valid admin UserSig for this app; none: trusted network")
+	fs.IntVar(&cfg.MaxAccounts, "max-accounts", 1000, "most accounts in one request")
+	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", 5*time.Second, "longest a request waits for its answer")
+	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 5*time.Second, "timeout of one upstream call (the upstream's own is 3s)")
+	fs.DurationVar(&cfg.ShutdownDelay, "shutdown-delay", 0, "on SIGTERM, how long /readyz fails before the listener closes")
+	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM, how long in-flight lookups may take")
+	fs.BoolVar(&cfg.Demo, "demo", false, "run the built-in IM emulator as the upstream (what make run uses)")
+	fs.DurationVar(&cfg.DemoLatency, "demo-latency", 20*time.Millisecond, "the demo emulator's added latency")
+	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&logFormat, "log-format", "json", "json or text")
+	if err = fs.Parse(args); err != nil {
+		return cfg, "", "", err
+	}
+	if fs.NArg() > 0 {
+		return cfg, "", "", fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	// Environment fills every flag not given on the command line.
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] {
+			return
+		}
+		env := "PROXY_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		v := getenv(env)
+		if v == "" && f.Name == "secret-key" {
+			v = getenv("TIM_SECRET_KEY")
+		}
+		if v != "" {
+			if err := fs.Set(f.Name, v); err != nil && envErr == nil {
+				envErr = fmt.Errorf("%s: %w", env, err)
+			}
+		}
+	})
+	if envErr != nil {
+		return cfg, "", "", envErr
+	}
+	if *redis != "" {
+		return cfg, "", "", errors.New("-redis: the Redis tier is not built yet; leave it empty for the in-process tier")
+	}
+	if *defaultTags != "" {
+		cfg.DefaultTags = strings.Split(*defaultTags, ",")
+	}
+	return cfg, logLevel, logFormat, nil
+}

@@ -1,0 +1,358 @@
+// Package httpapi serves the drop-in v4/profile/portrait_get endpoint.
+//
+// A request is decoded, validated and authenticated exactly as the upstream
+// would (same query, same JSON, same error envelope and codes), then
+// answered from the cache path. Caller mistakes never reach the upstream:
+// they get HTTP 200 with ActionStatus FAIL and the upstream's code. Accounts
+// that are not valid ids are listed in Invalid_Account; per-account failures
+// carry their ResultCode and are listed in Fail_Account.
+//
+// The Handler is safe for concurrent use.
+package httpapi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portrait-proxy/portrait-proxy/batcher"
+	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/metrics"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/usersig"
+)
+
+// Lookup answers accounts for tags; *cache.Cache satisfies it.
+type Lookup interface {
+	Get(ctx context.Context, accounts, tags []string) []cache.Answer
+}
+
+// Auth modes.
+const (
+	AuthUserSig = "usersig" // callers present an admin UserSig for this app
+	AuthNone    = "none"    // trusted network: no caller check
+)
+
+// Config configures a Handler. Lookup and SDKAppID are required, and Key
+// unless Auth is AuthNone.
+type Config struct {
+	Lookup     Lookup
+	SDKAppID   uint64
+	Identifier string // the admin account callers must present; default "administrator"
+	Key        string // the app's secret key, to verify callers' UserSigs
+	Auth       string // AuthUserSig (default) or AuthNone
+	// MaxBodyBytes caps a request body. Zero means 1 MiB.
+	MaxBodyBytes int64
+	// MaxAccounts caps accounts per request. Zero means 1000.
+	MaxAccounts int
+	// RequestTimeout bounds a request when the caller gives no sooner
+	// deadline. Zero means 5s.
+	RequestTimeout time.Duration
+	Metrics        *metrics.Metrics
+	Now            func() time.Time
+}
+
+// Handler serves the drop-in API. Create it with New.
+type Handler struct {
+	cfg  Config
+	m    *metrics.Metrics
+	sigs sigCache
+	mux  *http.ServeMux
+}
+
+// New validates cfg and returns a Handler.
+func New(cfg Config) (*Handler, error) {
+	if cfg.Lookup == nil {
+		return nil, errors.New("httpapi: Config.Lookup is required")
+	}
+	if cfg.SDKAppID == 0 {
+		return nil, errors.New("httpapi: Config.SDKAppID is required")
+	}
+	switch cfg.Auth {
+	case "":
+		cfg.Auth = AuthUserSig
+	case AuthUserSig, AuthNone:
+	default:
+		return nil, fmt.Errorf("httpapi: unknown auth mode %q (want %q or %q)", cfg.Auth, AuthUserSig, AuthNone)
+	}
+	if cfg.Auth == AuthUserSig && cfg.Key == "" {
+		return nil, errors.New("httpapi: Config.Key is required to verify callers' UserSigs")
+	}
+	if cfg.Identifier == "" {
+		cfg.Identifier = "administrator"
+	}
+	if cfg.MaxBodyBytes <= 0 {
+		cfg.MaxBodyBytes = 1 << 20
+	}
+	if cfg.MaxAccounts <= 0 {
+		cfg.MaxAccounts = 1000
+	}
+	if cfg.RequestTimeout <= 0 {
+		cfg.RequestTimeout = 5 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = metrics.New(prometheus.NewRegistry())
+	}
+	h := &Handler{cfg: cfg, m: cfg.Metrics, sigs: sigCache{m: map[string]time.Time{}}}
+	h.mux = http.NewServeMux()
+	h.mux.HandleFunc(upstream.PathGet, h.portraitGet)
+	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		h.write(w, http.StatusNotFound, &upstream.GetResponse{ActionStatus: upstream.StatusFail,
+			ErrorCode: upstream.CodeHTTPParse, ErrorInfo: "no such API: " + r.URL.Path})
+	})
+	return h, nil
+}
+
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+
+func (h *Handler) write(w http.ResponseWriter, status int, resp *upstream.GetResponse) {
+	bp := bufPool.Get().(*[]byte)
+	b := resp.AppendJSON((*bp)[:0])
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	w.Write(b)
+	if cap(b) <= 1<<20 {
+		*bp = b
+		bufPool.Put(bp)
+	}
+}
+
+func fail(code int, info string) *upstream.GetResponse {
+	return &upstream.GetResponse{ActionStatus: upstream.StatusFail, ErrorCode: code, ErrorInfo: info}
+}
+
+// request is the body as the upstream reads it. Elements are kept raw so a
+// non-string account is reported as the upstream does (60015).
+type request struct {
+	ToAccount []json.RawMessage `json:"To_Account"`
+	TagList   []json.RawMessage `json:"TagList"`
+}
+
+func (h *Handler) portraitGet(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	resp := h.serve(r)
+	result := "ok"
+	if resp.ErrorCode != 0 {
+		result = strconv.Itoa(resp.ErrorCode)
+	}
+	h.m.Requests.WithLabelValues(result).Inc()
+	h.write(w, http.StatusOK, resp)
+	h.m.RequestDuration.Observe(time.Since(start).Seconds())
+}
+
+func (h *Handler) serve(r *http.Request) *upstream.GetResponse {
+	if r.Method != http.MethodPost {
+		return fail(upstream.CodeHTTPParse, "portrait_get takes POST, not "+r.Method)
+	}
+	if e := h.authenticate(r); e != nil {
+		return e
+	}
+	raw, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, h.cfg.MaxBodyBytes))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return fail(upstream.CodeBadRequest, fmt.Sprintf("request body larger than %d bytes", h.cfg.MaxBodyBytes))
+		}
+		return fail(upstream.CodeHTTPParse, "reading request body failed")
+	}
+	var req request
+	if err := json.Unmarshal(raw, &req); err != nil {
+		var syntax *json.SyntaxError
+		if errors.As(err, &syntax) || errors.Is(err, io.ErrUnexpectedEOF) || len(raw) == 0 {
+			return fail(upstream.CodeJSONParse, "request body is not valid JSON")
+		}
+		return fail(upstream.CodeBadRequest, "request body does not match {To_Account:[string],TagList:[string]}")
+	}
+	if len(req.ToAccount) == 0 {
+		return fail(upstream.CodeNoAccount, "To_Account is missing or empty")
+	}
+	if len(req.ToAccount) > h.cfg.MaxAccounts {
+		return fail(upstream.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts; this proxy serves at most %d per request", len(req.ToAccount), h.cfg.MaxAccounts))
+	}
+	if len(req.TagList) == 0 {
+		return fail(upstream.CodeBadRequest, "TagList is missing or empty")
+	}
+	tags := make([]string, len(req.TagList))
+	for i, t := range req.TagList {
+		if json.Unmarshal(t, &tags[i]) != nil {
+			return fail(upstream.CodeBadRequest, "TagList holds a value that is not a string")
+		}
+		if !ValidTag(tags[i]) {
+			return fail(upstream.CodeInvalidTag, "invalid tag name: "+strconv.Quote(tags[i]))
+		}
+	}
+	accounts := make([]string, len(req.ToAccount))
+	valid := make([]string, 0, len(accounts))
+	var invalid []string
+	for i, a := range req.ToAccount {
+		if json.Unmarshal(a, &accounts[i]) != nil {
+			return fail(upstream.CodeAccountType, "To_Account holds a value that is not a string")
+		}
+		if validAccount(accounts[i]) {
+			valid = append(valid, accounts[i])
+		} else {
+			invalid = append(invalid, accounts[i])
+		}
+	}
+
+	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.RequestTimeout)
+	defer cancel()
+	var answers []cache.Answer
+	if len(valid) > 0 {
+		answers = h.cfg.Lookup.Get(ctx, valid, tags)
+	}
+	return h.assemble(accounts, answers, invalid)
+}
+
+// assemble builds the answer in request order. When every account failed
+// with the same error, the whole call fails with its code, as the upstream
+// does for whole-call errors.
+func (h *Handler) assemble(accounts []string, answers []cache.Answer, invalid []string) *upstream.GetResponse {
+	resp := &upstream.GetResponse{ActionStatus: upstream.StatusOK, UserProfileItem: make([]upstream.UserProfile, 0, len(accounts)),
+		FailAccount: []string{}, InvalidAccount: []string{}}
+	if invalid != nil {
+		resp.InvalidAccount = invalid
+	}
+	errCount, firstCode, sameCode, firstInfo := 0, 0, true, ""
+	k := 0
+	for _, a := range accounts {
+		if !validAccount(a) {
+			h.m.Lookups.WithLabelValues(metrics.LookupInvalid).Inc()
+			resp.UserProfileItem = append(resp.UserProfileItem, upstream.UserProfile{ToAccount: a, ProfileItem: []upstream.ProfileItem{},
+				ResultCode: upstream.CodeAccountNotFound, ResultInfo: "invalid account id: 1-32 bytes of printable ASCII"})
+			continue
+		}
+		ans := answers[k]
+		k++
+		item := ans.Item
+		switch {
+		case ans.Err != nil:
+			code, info := ErrorCode(ans.Err)
+			item = upstream.UserProfile{ToAccount: a, ProfileItem: []upstream.ProfileItem{}, ResultCode: code, ResultInfo: info}
+			if errCount == 0 {
+				firstCode, firstInfo = code, info
+			} else if code != firstCode {
+				sameCode = false
+			}
+			errCount++
+			resp.FailAccount = append(resp.FailAccount, a)
+			h.m.Lookups.WithLabelValues(metrics.LookupError).Inc()
+		case item.ResultCode != 0:
+			resp.FailAccount = append(resp.FailAccount, a)
+			if upstream.Classify(item.ResultCode) == upstream.KindNotFound {
+				h.m.Lookups.WithLabelValues(metrics.LookupNotFound).Inc()
+			} else {
+				h.m.Lookups.WithLabelValues(metrics.LookupFailed).Inc()
+			}
+		default:
+			h.m.Lookups.WithLabelValues(metrics.LookupFound).Inc()
+		}
+		resp.UserProfileItem = append(resp.UserProfileItem, item)
+	}
+	if errCount > 0 && errCount == len(accounts) && sameCode {
+		return fail(firstCode, firstInfo)
+	}
+	return resp
+}
+
+// ErrorCode turns a lookup error into the IM code and text a caller gets.
+// It is the one place where errors become IM error codes; the text never
+// holds a secret.
+func ErrorCode(err error) (int, string) {
+	var ue *upstream.Error
+	switch {
+	case errors.As(err, &ue) && ue.Code != 0:
+		return ue.Code, "upstream: " + ue.Info
+	case errors.As(err, &ue) && ue.Kind == upstream.KindHTTP:
+		return upstream.CodeInternal, fmt.Sprintf("upstream unavailable (HTTP %d); retry", ue.Status)
+	case errors.Is(err, context.DeadlineExceeded):
+		return upstream.CodeInternalTimeout, "timed out waiting for the upstream; retry"
+	case errors.Is(err, context.Canceled):
+		return upstream.CodeInternalTimeout, "request cancelled"
+	case errors.Is(err, batcher.ErrClosed):
+		return upstream.CodeInternal, "proxy shutting down; retry"
+	case errors.As(err, &ue):
+		return upstream.CodeInternal, "upstream unreachable; retry"
+	default:
+		return upstream.CodeInternal, "internal error; retry"
+	}
+}
+
+// authenticate checks the query as the upstream does: the app, the admin
+// identifier and (in AuthUserSig mode) the UserSig.
+func (h *Handler) authenticate(r *http.Request) *upstream.GetResponse {
+	q := r.URL.Query()
+	app := q.Get("sdkappid")
+	if app == "" {
+		if h.cfg.Auth == AuthNone {
+			return nil
+		}
+		return fail(upstream.CodeSDKAppIDMissing, "sdkappid is missing")
+	}
+	if id, err := strconv.ParseUint(app, 10, 64); err != nil || id != h.cfg.SDKAppID {
+		return fail(upstream.CodeSDKAppIDInvalid, "sdkappid is not this proxy's app")
+	}
+	if h.cfg.Auth == AuthNone {
+		return nil
+	}
+	identifier, sig := q.Get("identifier"), q.Get("usersig")
+	if err := h.sigs.verify(sig, identifier, h.cfg.Key, h.cfg.SDKAppID, h.cfg.Now()); err != nil {
+		return fail(usersig.Code(err), err.Error())
+	}
+	if identifier != h.cfg.Identifier {
+		return fail(upstream.CodeNeedAdmin, "identifier is not the app admin")
+	}
+	return nil
+}
+
+// sigCache remembers verified sigs briefly, so the hit path does not pay an
+// inflate and an HMAC per request. Entries last at most sigCacheTTL and never
+// past the sig's expiry; the map is cleared when it reaches sigCacheMax.
+type sigCache struct {
+	mu sync.RWMutex
+	m  map[string]time.Time
+}
+
+const (
+	sigCacheTTL = 5 * time.Minute
+	sigCacheMax = 4096
+)
+
+func (c *sigCache) verify(sig, identifier, key string, app uint64, now time.Time) error {
+	k := identifier + "\x00" + sig
+	c.mu.RLock()
+	until, ok := c.m[k]
+	c.mu.RUnlock()
+	if ok && now.Before(until) {
+		return nil
+	}
+	claims, err := usersig.Verify(sig, key, app, identifier, now)
+	if err != nil {
+		return err
+	}
+	until = now.Add(sigCacheTTL)
+	if claims.Expires.Before(until) {
+		until = claims.Expires.Add(time.Second) // Verify accepts up to the expiry second inclusive
+	}
+	c.mu.Lock()
+	if len(c.m) >= sigCacheMax {
+		clear(c.m)
+	}
+	c.m[k] = until
+	c.mu.Unlock()
+	return nil
+}

@@ -1,0 +1,73 @@
+// Package metrics owns the names of the proxy's Prometheus metrics.
+//
+// New creates every family and registers it on the given Registerer; the
+// other packages take the *Metrics and only observe. All names carry the
+// prefix portrait_proxy_, use base units (seconds, accounts) and have no
+// per-account labels. A nil *Metrics is not valid; tests that do not care
+// pass New(prometheus.NewRegistry()).
+package metrics
+
+import "github.com/prometheus/client_golang/prometheus"
+
+const namespace = "portrait_proxy"
+
+// Metrics holds every metric family of the proxy.
+type Metrics struct {
+	Requests           *prometheus.CounterVec // requests_total{result}
+	RequestDuration    prometheus.Histogram   // request_duration_seconds
+	Lookups            *prometheus.CounterVec // lookups_total{result}: accounts answered
+	CacheLookups       *prometheus.CounterVec // cache_lookups_total{tier,result}
+	SingleflightShared prometheus.Counter     // singleflight_shared_total
+	BatchAccounts      prometheus.Histogram   // batch_accounts
+	BatchWait          prometheus.Histogram   // batch_wait_seconds
+	LimiterWait        prometheus.Histogram   // limiter_wait_seconds
+	UpstreamCalls      *prometheus.CounterVec // upstream_calls_total{result}
+	UpstreamDuration   prometheus.Histogram   // upstream_call_duration_seconds
+	UpstreamRetries    *prometheus.CounterVec // upstream_retries_total{reason}
+	QueueAccounts      prometheus.Gauge       // queue_accounts
+}
+
+// Result labels of lookups_total.
+const (
+	LookupFound    = "found"
+	LookupFailed   = "failed" // a per-account upstream failure code
+	LookupError    = "error"  // no answer could be had
+	LookupStale    = "stale"  // served past its fresh TTL because upstream failed
+	LookupInvalid  = "invalid"
+	LookupNotFound = "not_found"
+)
+
+// New creates the families and registers them on reg. It panics if a name
+// is already registered there, as prometheus.MustRegister does.
+func New(reg prometheus.Registerer) *Metrics {
+	latency := []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+	m := &Metrics{
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "requests_total",
+			Help: "portrait_get requests answered, by result (ok or the IM error code class)."}, []string{"result"}),
+		RequestDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "request_duration_seconds",
+			Help: "Time from request received to answer written.", Buckets: latency}),
+		Lookups: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "lookups_total",
+			Help: "Accounts answered, by result."}, []string{"result"}),
+		CacheLookups: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cache_lookups_total",
+			Help: "Account lookups in a cache tier, by tier and result (hit, stale, negative, miss)."}, []string{"tier", "result"}),
+		SingleflightShared: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "singleflight_shared_total",
+			Help: "Lookups that joined a fetch already in flight for the same account and tags."}),
+		BatchAccounts: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "batch_accounts",
+			Help: "Accounts per upstream call.", Buckets: []float64{1, 2, 5, 10, 20, 50, 80, 90, 95, 98, 99, 100}}),
+		BatchWait: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "batch_wait_seconds",
+			Help: "Time from a batch's first account queued to the batch sent.", Buckets: latency}),
+		LimiterWait: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "limiter_wait_seconds",
+			Help: "Time a ready batch waited for a quota token.", Buckets: latency}),
+		UpstreamCalls: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "upstream_calls_total",
+			Help: "HTTP calls made to the upstream, each counted once, by result kind."}, []string{"result"}),
+		UpstreamDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "upstream_call_duration_seconds",
+			Help: "Duration of upstream HTTP calls.", Buckets: latency}),
+		UpstreamRetries: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "upstream_retries_total",
+			Help: "Accounts sent again, by reason (throttled, transient, split)."}, []string{"reason"}),
+		QueueAccounts: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "queue_accounts",
+			Help: "Accounts waiting for an upstream call."}),
+	}
+	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
+		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)
+	return m
+}

@@ -1,0 +1,334 @@
+// Package proxy wires the parts of the portrait_get proxy together: the
+// upstream client, the limiter, the batcher, the cache tiers, the drop-in
+// HTTP API and the admin listener (metrics, health, readiness, pprof).
+//
+// New builds everything from a Config and binds the listeners; Run serves
+// until its context ends and then shuts down in order: readiness fails
+// first, the API listener drains (lookups in flight are answered), the
+// batcher flushes what is queued, and Run returns. cmd/proxy is a thin
+// layer over this package; tests and the load generator use it directly.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/portrait-proxy/portrait-proxy/batcher"
+	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/httpapi"
+	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/limiter"
+	"github.com/portrait-proxy/portrait-proxy/metrics"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/usersig"
+)
+
+// Config is the whole proxy's configuration; cmd/proxy fills it from flags.
+// Zero values take the defaults of the parts (documented there).
+type Config struct {
+	Listen      string // API address; default ":8080"
+	AdminListen string // admin address; default ":9090"; "-" disables
+
+	Upstream        string // IM REST API base URL
+	SDKAppID        uint64
+	AdminIdentifier string // default "administrator"
+	SecretKey       string
+	UpstreamTimeout time.Duration
+
+	Rate        float64       // upstream calls per second; default 100
+	RateGuard   time.Duration // jitter allowance; default limiter.DefaultGuard
+	BatchMax    int
+	BatchWindow time.Duration
+	DefaultTags []string
+
+	TTL            time.Duration
+	StaleTTL       time.Duration
+	NegativeTTL    time.Duration
+	LocalAccounts  int // in-process tier size in accounts
+	Auth           string
+	MaxAccounts    int
+	RequestTimeout time.Duration
+	ShutdownDelay  time.Duration // readiness fails this long before the listener closes
+	DrainTimeout   time.Duration
+
+	// Demo runs the built-in emulator as the upstream (SDKAppID, identifier
+	// and key are then the emulator's). DemoLatency is its added latency.
+	Demo        bool
+	DemoLatency time.Duration
+
+	Registry *prometheus.Registry // nil: a new one with Go and process collectors
+	Logger   *slog.Logger         // nil: slog.Default()
+}
+
+// Proxy is a configured, bound proxy. Create it with New; call Run once.
+type Proxy struct {
+	cfg      Config
+	log      *slog.Logger
+	reg      *prometheus.Registry
+	m        *metrics.Metrics
+	sim      *imsim.Server
+	simSrv   *http.Server
+	simLn    net.Listener
+	batcher  *batcher.Batcher
+	cache    *cache.Cache
+	api      *http.Server
+	admin    *http.Server
+	apiLn    net.Listener
+	adminLn  net.Listener
+	signer   *usersig.Signer
+	ready    atomic.Bool
+	upstream string
+}
+
+// New builds the proxy and binds its listeners. On error nothing is left
+// running.
+func New(cfg Config) (p *Proxy, err error) {
+	if cfg.Listen == "" {
+		cfg.Listen = ":8080"
+	}
+	if cfg.AdminListen == "" {
+		cfg.AdminListen = ":9090"
+	}
+	if cfg.AdminIdentifier == "" {
+		cfg.AdminIdentifier = "administrator"
+	}
+	if cfg.Rate == 0 {
+		cfg.Rate = 100
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	reg := cfg.Registry
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	p = &Proxy{cfg: cfg, log: log, reg: reg, m: metrics.New(reg)}
+	defer func() {
+		if err != nil {
+			p.closeListeners()
+		}
+	}()
+
+	if cfg.Demo {
+		if err := p.startDemo(); err != nil {
+			return nil, err
+		}
+		cfg = p.cfg
+	}
+	if cfg.SDKAppID == 0 {
+		return nil, errors.New("proxy: -sdkappid is required (or -demo)")
+	}
+	if cfg.SecretKey == "" {
+		return nil, errors.New("proxy: the secret key is required: set PROXY_SECRET_KEY or TIM_SECRET_KEY (or -demo)")
+	}
+	p.upstream = cfg.Upstream
+	p.signer = usersig.NewSigner(cfg.SecretKey, cfg.SDKAppID, cfg.AdminIdentifier, 0, nil)
+	client, err := upstream.New(upstream.Config{
+		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout,
+		Observe: func(k upstream.Kind, d time.Duration) {
+			p.m.UpstreamCalls.WithLabelValues(k.String()).Inc()
+			p.m.UpstreamDuration.Observe(d.Seconds())
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	lim, err := limiter.NewLocal(limiter.Config{Rate: cfg.Rate, Guard: cfg.RateGuard})
+	if err != nil {
+		return nil, err
+	}
+	p.batcher, err = batcher.New(batcher.Config{Upstream: client, Limiter: lim, MaxAccounts: cfg.BatchMax,
+		Window: cfg.BatchWindow, DefaultTags: cfg.DefaultTags, DrainTimeout: cfg.DrainTimeout, Metrics: p.m})
+	if err != nil {
+		return nil, err
+	}
+	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts),
+		TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, NegativeTTL: cfg.NegativeTTL, Metrics: p.m})
+	if err != nil {
+		return nil, err
+	}
+	api, err := httpapi.New(httpapi.Config{Lookup: p.cache, SDKAppID: cfg.SDKAppID, Identifier: cfg.AdminIdentifier,
+		Key: cfg.SecretKey, Auth: cfg.Auth, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m})
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Auth == httpapi.AuthNone {
+		log.Warn("caller authentication is OFF (-auth none): anyone who reaches the API port can read profiles with the app's admin rights")
+	}
+	p.api = &http.Server{Handler: api, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
+		WriteTimeout: 60 * time.Second, IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	if p.apiLn, err = net.Listen("tcp", cfg.Listen); err != nil {
+		return nil, fmt.Errorf("proxy: listen %s: %w", cfg.Listen, err)
+	}
+	if cfg.AdminListen != "-" {
+		p.admin = &http.Server{Handler: p.adminMux(), ReadHeaderTimeout: 5 * time.Second}
+		if p.adminLn, err = net.Listen("tcp", cfg.AdminListen); err != nil {
+			return nil, fmt.Errorf("proxy: listen %s: %w", cfg.AdminListen, err)
+		}
+	}
+	return p, nil
+}
+
+// startDemo starts the emulator on a loopback port and points the proxy at it.
+func (p *Proxy) startDemo() error {
+	latency := p.cfg.DemoLatency
+	if latency == 0 {
+		latency = 20 * time.Millisecond
+	}
+	p.sim = imsim.New(imsim.Config{Behaviour: imsim.Behaviour{Quota: int(p.cfg.Rate)}, Faults: imsim.Faults{Latency: latency}})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return fmt.Errorf("proxy: demo emulator: %w", err)
+	}
+	p.simLn = ln
+	p.simSrv = &http.Server{Handler: p.sim, ReadHeaderTimeout: 5 * time.Second}
+	go p.simSrv.Serve(ln)
+	p.cfg.Upstream = "http://" + ln.Addr().String()
+	p.cfg.SDKAppID, p.cfg.AdminIdentifier, p.cfg.SecretKey = p.sim.SDKAppID(), p.sim.Identifier(), p.sim.Key()
+	return nil
+}
+
+func (p *Proxy) closeListeners() {
+	for _, ln := range []net.Listener{p.apiLn, p.adminLn} {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+	if p.simSrv != nil {
+		p.simSrv.Close()
+	}
+}
+
+func (p *Proxy) adminMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(p.reg, promhttp.HandlerOpts{Registry: p.reg}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if !p.ready.Load() {
+			http.Error(w, "not ready\n", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
+}
+
+// Addr is the API listener's address.
+func (p *Proxy) Addr() string { return p.apiLn.Addr().String() }
+
+// AdminAddr is the admin listener's address, or "" when disabled.
+func (p *Proxy) AdminAddr() string {
+	if p.adminLn == nil {
+		return ""
+	}
+	return p.adminLn.Addr().String()
+}
+
+// Emulator is the demo upstream, or nil when not in demo mode.
+func (p *Proxy) Emulator() *imsim.Server { return p.sim }
+
+// SDKAppID and AdminIdentifier are the app the proxy serves.
+func (p *Proxy) SDKAppID() uint64        { return p.cfg.SDKAppID }
+func (p *Proxy) AdminIdentifier() string { return p.cfg.AdminIdentifier }
+
+// Metrics is the proxy's metric set.
+func (p *Proxy) Metrics() *metrics.Metrics { return p.m }
+
+// Registry is the registry /metrics serves.
+func (p *Proxy) Registry() *prometheus.Registry { return p.reg }
+
+// Ready reports whether /readyz answers 200.
+func (p *Proxy) Ready() bool { return p.ready.Load() }
+
+// Run serves until ctx ends, then shuts down in order (see the package
+// doc) and returns nil, or the first error that stopped a server.
+func (p *Proxy) Run(ctx context.Context) error {
+	batchCtx, stopBatcher := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopBatcher()
+	g, gctx := errgroup.WithContext(ctx)
+	batcherDone := make(chan struct{})
+	go func() {
+		defer close(batcherDone)
+		p.batcher.Run(batchCtx)
+	}()
+	g.Go(func() error { return serve(p.api, p.apiLn) })
+	if p.admin != nil {
+		g.Go(func() error { return serve(p.admin, p.adminLn) })
+	}
+	p.ready.Store(true)
+	p.log.Info("proxy serving", "api", p.Addr(), "admin", p.AdminAddr(), "upstream", p.upstream,
+		"sdkappid", p.cfg.SDKAppID, "rate", p.cfg.Rate, "auth", p.cfg.Auth)
+
+	<-gctx.Done()
+	p.ready.Store(false)
+	p.log.Info("proxy shutting down")
+	if p.cfg.ShutdownDelay > 0 && ctx.Err() != nil {
+		time.Sleep(p.cfg.ShutdownDelay) // let load balancers see /readyz fail
+	}
+	drain := p.cfg.DrainTimeout
+	if drain <= 0 {
+		drain = 10 * time.Second
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), drain)
+	defer cancel()
+	err := p.api.Shutdown(sctx) // in-flight lookups finish: the batcher still runs
+	stopBatcher()
+	<-batcherDone
+	p.cache.Close()
+	if p.admin != nil {
+		p.admin.Shutdown(sctx)
+	}
+	if p.simSrv != nil {
+		p.simSrv.Shutdown(sctx)
+	}
+	if gerr := g.Wait(); gerr != nil {
+		return gerr
+	}
+	if err != nil {
+		return fmt.Errorf("proxy: shutdown: %w", err)
+	}
+	p.log.Info("proxy stopped")
+	return nil
+}
+
+func serve(s *http.Server, ln net.Listener) error {
+	if err := s.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// CurlExample returns a ready-to-paste curl line for a lookup through the
+// proxy, signed with the proxy's own key. Only for demo use: it prints a
+// valid admin UserSig.
+func (p *Proxy) CurlExample() string {
+	host := p.Addr()
+	if strings.HasPrefix(host, "[::]") || strings.HasPrefix(host, "0.0.0.0") {
+		_, port, _ := net.SplitHostPort(host)
+		host = "127.0.0.1:" + port
+	}
+	sig := usersig.Sign(p.cfg.SecretKey, p.cfg.SDKAppID, p.cfg.AdminIdentifier, time.Now(), 24*time.Hour)
+	return fmt.Sprintf(`curl -s -X POST 'http://%s%s?sdkappid=%d&identifier=%s&usersig=%s&random=1&contenttype=json' -d '{"To_Account":["user1"],"TagList":["Tag_Profile_IM_Nick","Tag_Profile_IM_Level"]}'`,
+		host, upstream.PathGet, p.cfg.SDKAppID, p.cfg.AdminIdentifier, sig)
+}
