@@ -28,6 +28,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http/httptrace"
 	"slices"
 	"sync"
 	"time"
@@ -314,14 +315,16 @@ func (b *Batcher) waitWindow(ctx context.Context) {
 // wait ended with ctx.
 func (b *Batcher) dispatch(ctx context.Context) bool {
 	start := b.now()
-	if err := b.cfg.Limiter.Wait(ctx); err != nil {
+	permit, err := b.cfg.Limiter.Acquire(ctx)
+	if err != nil {
 		return false
 	}
 	now := b.now()
 	b.m.LimiterWait.Observe(now.Sub(start).Seconds())
 	batch := b.take()
 	if len(batch) == 0 {
-		return true // everyone left while we waited: the token goes unused
+		permit.Cancel() // everyone left while we waited: the token goes back
+		return true
 	}
 	oldest := batch[0].queued
 	for _, e := range batch {
@@ -332,7 +335,7 @@ func (b *Batcher) dispatch(ctx context.Context) bool {
 	b.m.BatchWait.Observe(now.Sub(oldest).Seconds())
 	b.m.BatchAccounts.Observe(float64(len(batch)))
 	b.inflight.Add(1)
-	go b.send(batch)
+	go b.send(batch, permit)
 	return true
 }
 
@@ -381,14 +384,19 @@ func (b *Batcher) tagsFor(batch []*entry) []string {
 
 // send makes one call for batch and settles every entry: answered,
 // requeued for a retry, or failed.
-func (b *Batcher) send(batch []*entry) {
+func (b *Batcher) send(batch []*entry, permit *limiter.Permit) {
 	defer b.inflight.Done()
 	accounts := make([]string, len(batch))
 	for i, e := range batch {
 		accounts[i] = e.account
 	}
 	tags := b.tagsFor(batch)
-	resp, err := b.cfg.Upstream.PortraitGet(b.callCtx, upstream.GetRequest{ToAccount: accounts, TagList: tags})
+	// The upstream counted the call by the time its first answer byte is
+	// back: the permit ends there, before the body is read and decoded, so
+	// the limiter's window is not held open by our own processing.
+	ctx := httptrace.WithClientTrace(b.callCtx, &httptrace.ClientTrace{GotFirstResponseByte: permit.Done})
+	resp, err := b.cfg.Upstream.PortraitGet(ctx, upstream.GetRequest{ToAccount: accounts, TagList: tags})
+	permit.Done() // no answer at all: the call ends with its failure
 	if err == nil {
 		b.deliver(batch, tags, resp)
 		return

@@ -66,6 +66,10 @@ type Config struct {
 	NegativeTTL time.Duration
 	// RefreshTimeout bounds a background refresh. Zero means 10s.
 	RefreshTimeout time.Duration
+	// RefreshBackoff is how long after a failed background refresh the
+	// same account and tags are not refreshed again (stale values keep
+	// being served). Zero means 5s.
+	RefreshBackoff time.Duration
 	Metrics        *metrics.Metrics
 	Now            func() time.Time
 }
@@ -101,9 +105,10 @@ type Cache struct {
 	fmu    sync.Mutex
 	flight map[string]*flight
 
-	bg       sync.WaitGroup
-	bgCtx    context.Context
-	bgCancel context.CancelFunc
+	bg         sync.WaitGroup
+	bgCtx      context.Context
+	bgCancel   context.CancelFunc
+	refreshing sync.Map // account+tags → time.Time before which no refresh starts
 }
 
 // flight counts the callers waiting on one singleflight call, so the call's
@@ -135,6 +140,9 @@ func New(cfg Config) (*Cache, error) {
 	}
 	if cfg.RefreshTimeout <= 0 {
 		cfg.RefreshTimeout = 10 * time.Second
+	}
+	if cfg.RefreshBackoff <= 0 {
+		cfg.RefreshBackoff = 5 * time.Second
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -298,23 +306,40 @@ func (c *Cache) leave(f *flight) {
 	}
 }
 
-// refresh reloads account's tags in the background, once at a time per
-// account and tag set.
+// refresh reloads account's tags in the background: one refresh at a time
+// per account and tag set, and none for RefreshBackoff after one failed, so
+// an upstream outage does not turn every stale hit into a call.
 func (c *Cache) refresh(account string, tags []string) {
 	if c.bgCtx.Err() != nil {
 		return
+	}
+	tagKey := keyOf(tags)
+	k := account + "\x01" + tagKey
+	now := c.now()
+	if v, loaded := c.refreshing.LoadOrStore(k, now.Add(c.cfg.RefreshTimeout)); loaded {
+		if now.Before(v.(time.Time)) {
+			return
+		}
+		c.refreshing.Store(k, now.Add(c.cfg.RefreshTimeout))
 	}
 	c.bg.Add(1)
 	go func() {
 		defer c.bg.Done()
 		ctx, cancel := context.WithTimeout(c.bgCtx, c.cfg.RefreshTimeout)
 		defer cancel()
-		f, ch := c.load(account, tags, keyOf(tags))
+		f, ch := c.load(account, tags, tagKey)
+		ok := false
 		select {
-		case <-ch:
+		case r := <-ch:
+			ok = r.Err == nil && upstream.Classify(r.Val.(batcher.Result).Item.ResultCode) != upstream.KindTransient
 		case <-ctx.Done():
 		}
 		c.leave(f)
+		if ok {
+			c.refreshing.Delete(k)
+		} else {
+			c.refreshing.Store(k, c.now().Add(c.cfg.RefreshBackoff))
+		}
 	}()
 }
 

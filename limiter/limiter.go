@@ -1,59 +1,100 @@
 // Package limiter keeps upstream calls within the app's quota.
 //
 // The upstream counts calls in a sliding one-second window and rejects the
-// call that would make it more than the quota. A token bucket with a burst
-// above one, or grants that reach the upstream bunched by network jitter,
-// can overshoot that window even when the long-run rate is right. Local
-// therefore grants one call at a time, spaced (1s + Guard)/Rate apart: any
-// one-second window at the upstream then holds at most Rate calls as long as
-// jitter between two calls' transit times stays under Guard.
+// call that would make it more than the quota. A token bucket alone cannot
+// promise that: grants that reach the upstream bunched by network or
+// scheduling jitter can put quota+1 calls in one second even when the
+// long-run rate is right. Local therefore combines two mechanisms:
 //
-// A throttling answer from the upstream means the count is off anyway (other
-// clients of the same app, clock skew): Backoff pauses all grants for a
+//   - a window of in-flight accounting, which is the hard guarantee. The
+//     upstream counts a call somewhere between the moment it is sent and the
+//     moment its answer is back. A call released at r can share a window
+//     only with calls sent before r+1s; a call still in flight can share one
+//     with any call. So a new call may start only while fewer than Quota
+//     calls are in flight or were answered within the last second (plus
+//     Guard). Whatever the jitter, no sliding second at the upstream then
+//     holds more than Quota calls. At latency L this allows
+//     Quota/(1s+L) calls per second: 98/s for a quota of 100 at 20 ms.
+//   - a token bucket (golang.org/x/time/rate) at 1.1 × Rate with a burst of
+//     one, which spaces calls evenly instead of letting a full window leave
+//     at once. It runs a little faster than the quota so that it never is
+//     the binding limit (a late timer would otherwise cost throughput for
+//     good): the window is.
+//
+// A throttling answer from the upstream means the count is off anyway
+// (another client of the same app, say): Backoff pauses all grants for a
 // while. Local is safe for concurrent use.
 package limiter
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"math"
 	"sync"
 	"time"
 
 	"golang.org/x/time/rate"
 )
 
-// Limiter grants permission for one upstream call. Wait blocks until the
-// call may start or ctx is done, in which case it returns ctx's error and
-// consumes nothing.
+// Limiter grants permission for one upstream call. Acquire blocks until the
+// call may start or ctx is done (then it returns ctx's error and holds
+// nothing). The caller must end every Permit it gets: Done when the call's
+// answer or failure is in, Cancel when no call was made after all.
 type Limiter interface {
-	Wait(ctx context.Context) error
+	Acquire(ctx context.Context) (*Permit, error)
 }
 
-// DefaultGuard is the default allowance for jitter between grant and arrival.
-const DefaultGuard = 20 * time.Millisecond
+// Permit is one granted call. End it exactly once; later calls are no-ops.
+type Permit struct {
+	once sync.Once
+	end  func(called bool)
+}
+
+// NewPermit returns a Permit that runs end(true) on Done and end(false) on
+// Cancel, once. It is for Limiter implementations.
+func NewPermit(end func(called bool)) *Permit { return &Permit{end: end} }
+
+// Done records that the call was made and its answer (or failure) is in.
+func (p *Permit) Done() { p.once.Do(func() { p.end(true) }) }
+
+// Cancel records that no call was made with this permit.
+func (p *Permit) Cancel() { p.once.Do(func() { p.end(false) }) }
+
+// spacerHeadroom is how much faster than the quota the spacer runs.
+const spacerHeadroom = 1.1
+
+// DefaultGuard widens the one-second window a little, for clock granularity.
+const DefaultGuard = 2 * time.Millisecond
 
 // Config configures a Local limiter.
 type Config struct {
-	// Rate is the quota in calls per second. Required, > 0.
+	// Rate is the quota in calls per second. Required, > 0. The window
+	// admits floor(Rate) calls (at least one).
 	Rate float64
-	// Guard widens the spacing so that Rate calls span at least 1s+Guard.
-	// Zero means DefaultGuard; negative means none.
+	// Guard widens the window beyond one second. Zero means DefaultGuard;
+	// negative means none.
 	Guard time.Duration
+	// Burst is the token bucket's burst: how many calls may leave back to
+	// back. Zero means 1 (evenly spaced). The window holds the quota either way.
+	Burst int
 }
 
 // Local is the in-process limiter. Create it with NewLocal.
 type Local struct {
-	lim      *rate.Limiter
-	interval time.Duration
+	spacer *rate.Limiter
+	quota  int
+	span   time.Duration // one second plus the guard
 
 	mu          sync.Mutex
+	inflight    int
+	released    []time.Time   // answer times within the last span, oldest first
+	changed     chan struct{} // closed and replaced when a call is released
 	pausedUntil time.Time
 }
 
 // NewLocal validates cfg and returns a Local limiter.
 func NewLocal(cfg Config) (*Local, error) {
-	if cfg.Rate <= 0 {
+	if !(cfg.Rate > 0) || math.IsInf(cfg.Rate, 0) {
 		return nil, fmt.Errorf("limiter: rate %v must be positive", cfg.Rate)
 	}
 	if cfg.Guard == 0 {
@@ -62,21 +103,92 @@ func NewLocal(cfg Config) (*Local, error) {
 	if cfg.Guard < 0 {
 		cfg.Guard = 0
 	}
-	interval := time.Duration(float64(time.Second+cfg.Guard) / cfg.Rate)
-	return &Local{lim: rate.NewLimiter(rate.Every(interval), 1), interval: interval}, nil
+	if cfg.Burst <= 0 {
+		cfg.Burst = 1
+	}
+	return &Local{
+		spacer:  rate.NewLimiter(rate.Limit(cfg.Rate*spacerHeadroom), cfg.Burst),
+		quota:   max(1, int(cfg.Rate)),
+		span:    time.Second + cfg.Guard,
+		changed: make(chan struct{}),
+	}, nil
 }
 
-// Interval is the spacing between two grants.
-func (l *Local) Interval() time.Duration { return l.interval }
+// Acquire blocks until a call may start, as Limiter says. It takes a slot
+// in the window first and then waits for the spacer, so calls that a window
+// releases together still leave evenly spaced (the window would otherwise
+// repeat any bunching a second later, forever).
+func (l *Local) Acquire(ctx context.Context) (*Permit, error) {
+	if err := l.waitPause(ctx); err != nil {
+		return nil, err
+	}
+	if err := l.waitSlot(ctx); err != nil {
+		return nil, err
+	}
+	if err := l.spacer.Wait(ctx); err != nil {
+		l.release(false)
+		return nil, err
+	}
+	return NewPermit(l.release), nil
+}
 
-// Wait blocks until a call may start, as Limiter says.
-func (l *Local) Wait(ctx context.Context) error {
+// waitSlot takes a slot in the window, waiting until one is free.
+func (l *Local) waitSlot(ctx context.Context) error {
+	for {
+		l.mu.Lock()
+		now := time.Now()
+		l.prune(now)
+		if l.inflight+len(l.released) < l.quota {
+			l.inflight++
+			l.mu.Unlock()
+			return nil
+		}
+		changed := l.changed
+		wait := time.Hour // every slot is in flight: wait for a release
+		if len(l.released) > 0 {
+			wait = l.released[0].Add(l.span).Sub(now)
+		}
+		l.mu.Unlock()
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-changed:
+			t.Stop()
+		case <-t.C:
+		}
+	}
+}
+
+func (l *Local) prune(now time.Time) {
+	cut := 0
+	for cut < len(l.released) && now.Sub(l.released[cut]) >= l.span {
+		cut++
+	}
+	if cut > 0 {
+		l.released = append(l.released[:0], l.released[cut:]...)
+	}
+}
+
+func (l *Local) release(called bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.inflight--
+	if called {
+		l.released = append(l.released, time.Now())
+	}
+	close(l.changed)
+	l.changed = make(chan struct{})
+}
+
+func (l *Local) waitPause(ctx context.Context) error {
 	for {
 		l.mu.Lock()
 		pause := time.Until(l.pausedUntil)
 		l.mu.Unlock()
 		if pause <= 0 {
-			break
+			return nil
 		}
 		t := time.NewTimer(pause)
 		select {
@@ -86,7 +198,6 @@ func (l *Local) Wait(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
-	return l.lim.Wait(ctx)
 }
 
 // Backoff pauses every grant for d from now (a longer pause already in force
@@ -99,6 +210,3 @@ func (l *Local) Backoff(d time.Duration) {
 	}
 	l.mu.Unlock()
 }
-
-// ErrClosed is returned by limiters that have been shut down.
-var ErrClosed = errors.New("limiter: closed")

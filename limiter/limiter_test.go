@@ -2,78 +2,154 @@ package limiter
 
 import (
 	"context"
+	"math/rand/v2"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
 )
 
+// call is one simulated upstream call: sent at s, counted by the upstream
+// at a (any moment in between), answered at r.
+type call struct{ s, a, r time.Time }
+
 // TestLocalNeverOverQuota drives the limiter from many goroutines in a
-// synctest bubble (time is exact and instant) and checks every sliding
-// second of grants, widened by the guard on both sides.
+// synctest bubble (time is exact and instant) with random latencies, lets
+// the simulated upstream count each call at a random point of its flight
+// (the worst case for bunching), and checks every sliding second.
 func TestLocalNeverOverQuota(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		const quota = 100
-		l, err := NewLocal(Config{Rate: quota})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		grants := make(chan time.Time, 10000)
-		for range 50 {
-			go func() {
-				for l.Wait(ctx) == nil {
-					grants <- time.Now()
+	for _, latency := range []time.Duration{0, 20 * time.Millisecond, 300 * time.Millisecond} {
+		t.Run(latency.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				const quota = 100
+				l, err := NewLocal(Config{Rate: quota, Burst: 10})
+				if err != nil {
+					t.Fatal(err)
 				}
-			}()
-		}
-		<-ctx.Done()
-		synctest.Wait()
-		close(grants)
-		var ts []time.Time
-		for g := range grants {
-			ts = append(ts, g)
-		}
-		// A window of 1s+guard holds at most quota grants: a call that
-		// reaches the upstream up to guard late still counts within quota.
-		j := 0
-		for i := range ts {
-			for ts[i].Sub(ts[j]) >= time.Second+DefaultGuard {
-				j++
-			}
-			if n := i - j + 1; n > quota {
-				t.Fatalf("%d grants within 1s+guard ending at %v", n, ts[i])
-			}
-		}
-		// And it does not starve: 5 s at 100/s with the guard is ≥ 490.
-		if len(ts) < 490 {
-			t.Fatalf("only %d grants in 5s", len(ts))
-		}
-		t.Logf("%d grants in 5s, interval %v", len(ts), l.Interval())
-	})
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				var mu sync.Mutex
+				var calls []call
+				rng := rand.New(rand.NewPCG(1, uint64(latency)))
+				var wg sync.WaitGroup
+				for range 50 {
+					wg.Go(func() {
+						for {
+							p, err := l.Acquire(ctx)
+							if err != nil {
+								return
+							}
+							mu.Lock()
+							d := latency/2 + time.Duration(rng.Int64N(int64(latency)+1))
+							frac := rng.Float64()
+							mu.Unlock()
+							s := time.Now()
+							time.Sleep(d)
+							p.Done()
+							mu.Lock()
+							calls = append(calls, call{s: s, a: s.Add(time.Duration(frac * float64(d))), r: time.Now()})
+							mu.Unlock()
+						}
+					})
+				}
+				wg.Wait()
+				// Every window (t-1s, t] ending at an arrival holds ≤ quota arrivals.
+				for _, c := range calls {
+					n := 0
+					for _, o := range calls {
+						if !o.a.After(c.a) && c.a.Sub(o.a) < time.Second {
+							n++
+						}
+					}
+					if n > quota {
+						t.Fatalf("%d calls counted in the second ending %v", n, c.a)
+					}
+				}
+				// And it does not starve: about quota/(1s+latency) per second.
+				want := int(4.5 * quota / (1 + 2*latency.Seconds()))
+				if len(calls) < want {
+					t.Fatalf("only %d calls in 5s, want ≥ %d", len(calls), want)
+				}
+				t.Logf("latency %v: %d calls in 5s", latency, len(calls))
+			})
+		})
+	}
 }
 
 func TestLocalBackoffAndCancel(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		l, _ := NewLocal(Config{Rate: 100})
 		start := time.Now()
-		if err := l.Wait(context.Background()); err != nil {
+		p, err := l.Acquire(context.Background())
+		if err != nil {
 			t.Fatal(err)
 		}
+		p.Done()
+		p.Done() // second end is a no-op
 		l.Backoff(2 * time.Second)
 		l.Backoff(time.Second) // shorter: ignored
-		if err := l.Wait(context.Background()); err != nil {
+		p, err = l.Acquire(context.Background())
+		if err != nil {
 			t.Fatal(err)
 		}
+		p.Cancel()
 		if d := time.Since(start); d < 2*time.Second {
 			t.Fatalf("granted after %v despite a 2s backoff", d)
 		}
 		l.Backoff(time.Hour)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
-		if err := l.Wait(ctx); err != context.DeadlineExceeded {
-			t.Fatalf("Wait during backoff = %v", err)
+		if _, err := l.Acquire(ctx); err != context.DeadlineExceeded {
+			t.Fatalf("Acquire during backoff = %v", err)
 		}
+	})
+}
+
+// TestLocalInFlightHoldsSlots: with every slot taken by a call still in
+// flight, nothing more is granted until one is answered and a second has
+// passed since.
+func TestLocalInFlightHoldsSlots(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l, _ := NewLocal(Config{Rate: 3, Burst: 3, Guard: -1})
+		var ps []*Permit
+		for range 3 {
+			p, err := l.Acquire(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			ps = append(ps, p)
+		}
+		time.Sleep(5 * time.Second) // long calls
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		if _, err := l.Acquire(ctx); err == nil {
+			t.Fatal("granted a fourth call while three are in flight")
+		}
+		ps[0].Done()
+		ps[1].Cancel() // never made: frees its slot at once
+		start := time.Now()
+		p, err := l.Acquire(context.Background())
+		if err != nil || time.Since(start) != 0 {
+			t.Fatalf("cancelled slot not reused at once: %v after %v", err, time.Since(start))
+		}
+		p.Cancel()
+		p, err = l.Acquire(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Cancel()
+		// That was the cancelled slot again; the answered one frees 1s after its answer.
+		ps[2].Done()
+		ps3, _ := l.Acquire(context.Background())
+		if got := time.Since(start); got != 0 {
+			t.Fatalf("free slot waited %v", got)
+		}
+		ctx2, cancel2 := context.WithTimeout(context.Background(), 999*time.Millisecond)
+		defer cancel2()
+		if _, err := l.Acquire(ctx2); err == nil {
+			t.Fatal("granted a call within a second of two answers")
+		}
+		ps3.Done()
 	})
 }
 

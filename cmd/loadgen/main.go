@@ -1,0 +1,311 @@
+// Command loadgen measures the proxy the way a user would weigh it: it
+// starts the IM emulator (bin/imsim) and the proxy (bin/proxy) as separate
+// processes on loopback ports, as they would run in production, drives the
+// drop-in endpoint with single-account lookups from this process, and
+// prints the figures (lookups/s, accounts per call, calls in the busiest
+// sliding second, throttled calls, wrong answers, latency percentiles, the
+// proxy's CPU and memory). `make bench` builds the binaries first.
+//
+//	loadgen -scenario cold -callers 1000 -duration 10s
+//	loadgen -scenario lowload
+//	loadgen -scenario all
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"path/filepath"
+	"runtime/pprof"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/usersig"
+)
+
+func main() {
+	if err := run(os.Args[1:], os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "loadgen:", err)
+		os.Exit(1)
+	}
+}
+
+type options struct {
+	scenario string
+	callers  int
+	duration time.Duration
+	latency  time.Duration
+	quota    int
+	window   time.Duration
+	bin      string
+}
+
+func run(args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
+	var o options
+	fs.StringVar(&o.scenario, "scenario", "all", "cold, lowload or all")
+	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
+	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
+	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
+	fs.IntVar(&o.quota, "quota", 100, "emulator quota and proxy -rate")
+	fs.DurationVar(&o.window, "batch-window", 2*time.Millisecond, "proxy -batch-window")
+	fs.StringVar(&o.bin, "bin", "bin", "folder holding the proxy and imsim binaries")
+	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
+	fmt.Fprintf(out, "machine: %s/%s, %d CPUs, %s; emulator latency %v, quota %d/s\n\n",
+		runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), runtime.Version(), o.latency, o.quota)
+	switch o.scenario {
+	case "cold":
+		return cold(o, out)
+	case "lowload":
+		return lowLoad(o, out)
+	case "all":
+		if err := cold(o, out); err != nil {
+			return err
+		}
+		return lowLoad(o, out)
+	}
+	return fmt.Errorf("unknown scenario %q", o.scenario)
+}
+
+// env is an emulator and a proxy in front of it, each its own process.
+type env struct {
+	sim    *proc
+	simURL string
+	p      *proc
+	admin  string
+	url    string // the proxy's portrait_get URL with a valid query
+	direct string // the emulator's portrait_get URL with a valid query
+}
+
+const (
+	simApp = 1400000000
+	simID  = "administrator"
+	simKey = "loadgen-secret-key"
+)
+
+func startEnv(o options) (*env, error) {
+	sim, err := startProc(filepath.Join(o.bin, "imsim"), []string{"-listen", "127.0.0.1:0",
+		"-quota", strconv.Itoa(o.quota), "-latency", o.latency.String()}, []string{"IMSIM_SECRET_KEY=" + simKey}, 1)
+	if err != nil {
+		return nil, err
+	}
+	simURL := "http://" + sim.addrs[0]
+	p, err := startProc(filepath.Join(o.bin, "proxy"), []string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
+		"-upstream", simURL, "-sdkappid", strconv.Itoa(simApp), "-rate", strconv.Itoa(o.quota),
+		"-batch-window", o.window.String(), "-log-level", "warn"}, []string{"PROXY_SECRET_KEY=" + simKey}, 2)
+	if err != nil {
+		sim.stop()
+		return nil, err
+	}
+	sig := usersig.Sign(simKey, simApp, simID, time.Now(), 24*time.Hour)
+	q := fmt.Sprintf("?sdkappid=%d&identifier=%s&usersig=%s&random=1&contenttype=json", simApp, simID, sig)
+	return &env{sim: sim, simURL: simURL, p: p, admin: p.addrs[1],
+		url:    "http://" + p.addrs[0] + upstream.PathGet + q,
+		direct: simURL + upstream.PathGet + q}, nil
+}
+
+func (e *env) stop() error {
+	return errors.Join(e.p.stop(), e.sim.stop())
+}
+
+// lookup asks for one account's nick and checks the answer is exactly the
+// one the upstream would give for that account (byte for byte, which also
+// checks the envelope).
+func lookup(c *rawConn, account string) (ok, wrong bool, err error) {
+	got, err := c.post(`{"To_Account":["` + account + `"],"TagList":["Tag_Profile_IM_Nick"]}`)
+	if err != nil {
+		return false, false, err
+	}
+	want, _ := imsim.SeededValue(account, "Tag_Profile_IM_Nick")
+	exp := (&upstream.GetResponse{ActionStatus: "OK", UserProfileItem: []upstream.UserProfile{{ToAccount: account,
+		ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: want}}}}}).AppendJSON(nil)
+	if bytes.Equal(got, exp) {
+		return true, false, nil
+	}
+	var r upstream.GetResponse
+	if json.Unmarshal(got, &r) == nil && r.ErrorCode != 0 {
+		return false, false, fmt.Errorf("code %d: %s", r.ErrorCode, r.ErrorInfo)
+	}
+	return false, true, nil
+}
+
+type result struct {
+	lookups, errors, wrong int64
+	elapsed                time.Duration
+	lat                    []time.Duration
+	stats                  imsim.Stats
+}
+
+func pct(lat []time.Duration, p float64) time.Duration {
+	if len(lat) == 0 {
+		return 0
+	}
+	return lat[min(len(lat)-1, int(float64(len(lat))*p))]
+}
+
+// cold: callers concurrent callers, each asking one never-seen account at
+// a time, for o.duration after a one-second warm-up.
+func cold(o options, out io.Writer) error {
+	e, err := startEnv(o)
+	if err != nil {
+		return err
+	}
+	defer e.stop()
+	var next atomic.Int64
+	var measuring atomic.Bool
+	var lookups, errs, wrong atomic.Int64
+	var mu sync.Mutex
+	var lat []time.Duration
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second+o.duration)
+	defer cancel()
+	var wg sync.WaitGroup
+	var firstErr atomic.Value
+	for range o.callers {
+		wg.Go(func() {
+			c, err := newRawConn(e.url)
+			if err != nil {
+				firstErr.CompareAndSwap(nil, err.Error())
+				return
+			}
+			defer c.close()
+			var mine []time.Duration
+			for ctx.Err() == nil {
+				a := imsim.AccountName(int(next.Add(1)))
+				t0 := time.Now()
+				ok, bad, err := lookup(c, a)
+				d := time.Since(t0)
+				if !measuring.Load() || ctx.Err() != nil {
+					continue
+				}
+				switch {
+				case err != nil:
+					errs.Add(1)
+					firstErr.CompareAndSwap(nil, err.Error())
+				case bad:
+					wrong.Add(1)
+				case ok:
+					lookups.Add(1)
+					mine = append(mine, d)
+				}
+			}
+			mu.Lock()
+			lat = append(lat, mine...)
+			mu.Unlock()
+		})
+	}
+	time.Sleep(time.Second)
+	if err := simReset(e.simURL); err != nil {
+		return err
+	}
+	before, err := scrape(e.admin)
+	if err != nil {
+		return err
+	}
+	measuring.Store(true)
+	start := time.Now()
+	cpu0 := e.p.cpu()
+	<-ctx.Done()
+	elapsed := time.Since(start)
+	cpu := e.p.cpu() - cpu0
+	rss := e.p.rssBytes()
+	st, err := simStats(context.Background(), e.simURL)
+	if err != nil {
+		return err
+	}
+	after, err := scrape(e.admin)
+	if err != nil {
+		return err
+	}
+	wg.Wait()
+	slices.Sort(lat)
+	r := result{lookups: lookups.Load(), errors: errs.Load(), wrong: wrong.Load(), elapsed: elapsed, lat: lat, stats: st}
+	rate := float64(r.lookups) / elapsed.Seconds()
+	fmt.Fprintf(out, "cold: %d callers, each one new account at a time, %v measured\n", o.callers, elapsed.Round(time.Millisecond))
+	fmt.Fprintf(out, "  lookups/s           %8.0f  (%.1f%% of the physical limit %d)\n", rate, 100*rate/float64(o.quota*100), o.quota*100)
+	fmt.Fprintf(out, "  accounts per call   %8.2f\n", st.AccountsPerCall())
+	fmt.Fprintf(out, "  upstream calls/s    %8.1f\n", float64(st.Calls)/elapsed.Seconds())
+	fmt.Fprintf(out, "  max calls in any sliding second %d (accepted %d), throttled %d\n", st.MaxCallsPerSec, st.MaxAcceptPerSec, st.Throttled)
+	fmt.Fprintf(out, "  errors %d, wrong answers %d\n", r.errors, r.wrong)
+	if v := firstErr.Load(); v != nil {
+		fmt.Fprintf(out, "  first error: %s\n", v)
+	}
+	fmt.Fprintf(out, "  proxy CPU %.0f%% of one core (%.0fµs per lookup), RSS %d MiB\n",
+		100*cpu.Seconds()/elapsed.Seconds(), float64(cpu.Microseconds())/float64(max(1, r.lookups)), rss>>20)
+	fmt.Fprintf(out, "  proxy: upstream call mean %.1fms, limiter wait mean %.1fms, batch wait mean %.1fms\n",
+		1000*histMean(before, after, "portrait_proxy_upstream_call_duration_seconds"), 1000*histMean(before, after, "portrait_proxy_limiter_wait_seconds"),
+		1000*histMean(before, after, "portrait_proxy_batch_wait_seconds"))
+	fmt.Fprintf(out, "  latency p50 %v  p90 %v  p99 %v  max %v\n\n", pct(lat, .5).Round(time.Millisecond), pct(lat, .9).Round(time.Millisecond),
+		pct(lat, .99).Round(time.Millisecond), pct(lat, 1).Round(time.Millisecond))
+	return nil
+}
+
+// lowLoad: one caller at a time, through the proxy and straight to the
+// emulator; the difference is what the proxy adds.
+func lowLoad(o options, out io.Writer) error {
+	e, err := startEnv(o)
+	if err != nil {
+		return err
+	}
+	defer e.stop()
+	n := 0
+	measure := func(url string, base int) ([]time.Duration, error) {
+		c, err := newRawConn(url)
+		if err != nil {
+			return nil, err
+		}
+		defer c.close()
+		var lat []time.Duration
+		deadline := time.Now().Add(o.duration / 4)
+		for i := 0; time.Now().Before(deadline) || i < 20; i++ {
+			time.Sleep(15 * time.Millisecond) // stay well under the quota: one call per lookup
+			a := imsim.AccountName(base + i)
+			t0 := time.Now()
+			ok, _, err := lookup(c, a)
+			if err != nil || !ok {
+				return nil, errors.Join(err, fmt.Errorf("lookup of %s not answered right", a))
+			}
+			lat = append(lat, time.Since(t0))
+		}
+		slices.Sort(lat)
+		return lat, nil
+	}
+	direct, err := measure(e.direct, 5_000_000)
+	if err != nil {
+		return err
+	}
+	n = len(direct)
+	via, err := measure(e.url, 6_000_000)
+	if err != nil {
+		return err
+	}
+	added := pct(via, .5) - pct(direct, .5)
+	fmt.Fprintf(out, "low load: one caller, one new account at a time (%d and %d lookups)\n", n, len(via))
+	fmt.Fprintf(out, "  direct to emulator  p50 %v  p99 %v\n", pct(direct, .5).Round(10*time.Microsecond), pct(direct, .99).Round(10*time.Microsecond))
+	fmt.Fprintf(out, "  through the proxy   p50 %v  p99 %v\n", pct(via, .5).Round(10*time.Microsecond), pct(via, .99).Round(10*time.Microsecond))
+	fmt.Fprintf(out, "  added by the proxy  p50 %v (batch window %v; target ≤ window + 1ms = %v)\n\n", added.Round(10*time.Microsecond), o.window, o.window+time.Millisecond)
+	_ = strconv.Itoa
+	return nil
+}
