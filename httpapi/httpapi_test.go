@@ -98,7 +98,9 @@ func TestCallerErrorsNeverReachLookup(t *testing.T) {
 		{"expired usersig", "", func(q url.Values) {
 			q.Set("usersig", usersig.Sign(key, app, "administrator", time.Now().Add(-2*time.Hour), time.Hour))
 		}, good, 70001},
-		{"wrong key", "", func(q url.Values) { q.Set("usersig", usersig.Sign("other", app, "administrator", time.Now(), time.Hour)) }, good, 70009},
+		{"wrong key", "", func(q url.Values) {
+			q.Set("usersig", usersig.Sign("other", app, "administrator", time.Now(), time.Hour))
+		}, good, 70009},
 		{"sig of another identifier", "", func(q url.Values) { q.Set("identifier", "bob") }, good, 70013},
 		{"sig of another app", "", func(q url.Values) { q.Set("usersig", usersig.Sign(key, 7, "administrator", time.Now(), time.Hour)) }, good, 70014},
 		{"not admin", "", func(q url.Values) {
