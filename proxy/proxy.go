@@ -95,7 +95,7 @@ type Proxy struct {
 
 // New builds the proxy and binds its listeners. On error nothing is left
 // running.
-func New(cfg Config) (p *Proxy, err error) {
+func New(cfg Config) (_ *Proxy, err error) {
 	if cfg.Listen == "" {
 		cfg.Listen = ":8080"
 	}
@@ -117,7 +117,7 @@ func New(cfg Config) (p *Proxy, err error) {
 		reg = prometheus.NewRegistry()
 		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
-	p = &Proxy{cfg: cfg, log: log, reg: reg, m: metrics.New(reg)}
+	p := &Proxy{cfg: cfg, log: log, reg: reg, m: metrics.New(reg)}
 	defer func() {
 		if err != nil {
 			p.closeListeners()

@@ -1,0 +1,99 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+func TestParseFlagsAndEnv(t *testing.T) {
+	cfg, level, format, err := parse([]string{"-rate", "50", "-sdkappid", "7"}, env(map[string]string{
+		"PROXY_RATE":         "80", // the flag wins
+		"PROXY_BATCH_MAX":    "40",
+		"PROXY_TTL":          "2m",
+		"TIM_SECRET_KEY":     "k1",
+		"PROXY_LOG_LEVEL":    "debug",
+		"PROXY_DEFAULT_TAGS": "Tag_Profile_IM_Nick,Tag_Profile_IM_Level",
+	}), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Rate != 50 || cfg.SDKAppID != 7 || cfg.BatchMax != 40 || cfg.TTL != 2*time.Minute || cfg.SecretKey != "k1" || level != "debug" || format != "json" {
+		t.Fatalf("cfg %+v level %s format %s", cfg, level, format)
+	}
+	if len(cfg.DefaultTags) != 2 {
+		t.Fatalf("default tags %v", cfg.DefaultTags)
+	}
+	cfg, _, _, _ = parse(nil, env(map[string]string{"PROXY_SECRET_KEY": "k2", "TIM_SECRET_KEY": "k1"}), io.Discard)
+	if cfg.SecretKey != "k2" {
+		t.Fatalf("PROXY_SECRET_KEY should win over TIM_SECRET_KEY, got %q", cfg.SecretKey)
+	}
+	for _, bad := range [][]string{{"-rate", "x"}, {"stray"}, {"-nope"}} {
+		if _, _, _, err := parse(bad, env(nil), io.Discard); err == nil {
+			t.Errorf("parse(%v) accepted", bad)
+		}
+	}
+	if _, _, _, err := parse(nil, env(map[string]string{"PROXY_RATE": "fast"}), io.Discard); err == nil || !strings.Contains(err.Error(), "PROXY_RATE") {
+		t.Errorf("bad env value: %v", err)
+	}
+}
+
+func TestRunRefusesIncompleteConfig(t *testing.T) {
+	for _, args := range [][]string{
+		{"-listen", "127.0.0.1:0", "-admin-listen", "-"},                           // no sdkappid
+		{"-listen", "127.0.0.1:0", "-admin-listen", "-", "-sdkappid", "1"},         // no key
+		{"-listen", "127.0.0.1:0", "-admin-listen", "-", "-demo", "-auth", "open"}, // bad auth mode
+		{"-demo", "-log-level", "loud"},
+	} {
+		if err := run(context.Background(), args, env(nil), io.Discard); err == nil {
+			t.Errorf("run(%v) started", args)
+		}
+	}
+}
+
+// TestRunDemo is `make run`: it starts, prints a curl line, answers it, and
+// stops cleanly when its context ends.
+func TestRunDemo(t *testing.T) {
+	pr, pw := io.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"-demo", "-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0", "-log-level", "error"}, env(nil), pw)
+		pw.Close()
+	}()
+	sc := bufio.NewScanner(pr)
+	var curl string
+	for sc.Scan() {
+		if line := strings.TrimSpace(sc.Text()); strings.HasPrefix(line, "curl ") {
+			curl = line
+			break
+		}
+	}
+	go io.Copy(io.Discard, pr)
+	if curl == "" {
+		t.Fatal("no curl line printed")
+	}
+	u := curl[strings.Index(curl, "'http")+1:]
+	u = u[:strings.Index(u, "'")]
+	body := curl[strings.Index(curl, "-d '")+4 : len(curl)-1]
+	resp, err := http.Post(u, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(raw), `"Value":"nick-user1"`) || !strings.Contains(string(raw), `"ActionStatus":"OK"`) {
+		t.Fatalf("answer %s", raw)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
+}
