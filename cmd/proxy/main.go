@@ -76,7 +76,7 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.StringVar(&cfg.SecretKey, "secret-key", "", "the app's secret key; prefer env PROXY_SECRET_KEY or TIM_SECRET_KEY")
 	redis := fs.String("redis", "", "Redis for the shared tier: redis://host:port/db, or a comma list of host:port for Redis Cluster; empty: in-process tier only")
 	fs.Float64Var(&cfg.Rate, "rate", 100, "upstream calls per second for the whole app")
-	fs.DurationVar(&cfg.RateGuard, "rate-guard", 20*time.Millisecond, "jitter allowance: rate calls are spread over 1s plus this")
+	fs.DurationVar(&cfg.RateGuard, "rate-guard", 2*time.Millisecond, "widens the limiter's one-second window (clock granularity)")
 	fs.IntVar(&cfg.BatchMax, "batch-max", 100, "accounts per upstream call (1-100)")
 	fs.DurationVar(&cfg.BatchWindow, "batch-window", 2*time.Millisecond, "longest a lookup waits for company when tokens are plentiful")
 	defaultTags := fs.String("default-tags", "", "comma-separated tags fetched with every call (besides those asked for)")
