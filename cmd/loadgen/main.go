@@ -292,12 +292,20 @@ func lowLoad(o options, out io.Writer) error {
 		slices.Sort(lat)
 		return lat, nil
 	}
-	direct, err := measure(e.direct, 5_000_000)
+	direct, err := measure(e.direct, 900_000)
 	if err != nil {
 		return err
 	}
 	n = len(direct)
-	via, err := measure(e.url, 6_000_000)
+	before, err := scrape(e.admin)
+	if err != nil {
+		return err
+	}
+	via, err := measure(e.url, 950_000)
+	if err != nil {
+		return err
+	}
+	after, err := scrape(e.admin)
 	if err != nil {
 		return err
 	}
@@ -305,6 +313,9 @@ func lowLoad(o options, out io.Writer) error {
 	fmt.Fprintf(out, "low load: one caller, one new account at a time (%d and %d lookups)\n", n, len(via))
 	fmt.Fprintf(out, "  direct to emulator  p50 %v  p99 %v\n", pct(direct, .5).Round(10*time.Microsecond), pct(direct, .99).Round(10*time.Microsecond))
 	fmt.Fprintf(out, "  through the proxy   p50 %v  p99 %v\n", pct(via, .5).Round(10*time.Microsecond), pct(via, .99).Round(10*time.Microsecond))
+	fmt.Fprintf(out, "  proxy: batch wait mean %.2fms, limiter wait mean %.2fms, upstream call mean %.2fms, request mean %.2fms\n",
+		1000*histMean(before, after, "portrait_proxy_batch_wait_seconds"), 1000*histMean(before, after, "portrait_proxy_limiter_wait_seconds"),
+		1000*histMean(before, after, "portrait_proxy_upstream_call_duration_seconds"), 1000*histMean(before, after, "portrait_proxy_request_duration_seconds"))
 	fmt.Fprintf(out, "  added by the proxy  p50 %v (batch window %v; target ≤ window + 1ms = %v)\n\n", added.Round(10*time.Microsecond), o.window, o.window+time.Millisecond)
 	_ = strconv.Itoa
 	return nil
