@@ -352,9 +352,9 @@ func (c *Cache) store(account string, res batcher.Result) {
 	}
 	c.local.Merge(account, rec, now)
 	if c.cfg.Remote != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		c.cfg.Remote.Put(ctx, []string{account}, []*Record{rec}) // best effort: the tier reports its own health
+		// Best effort and off the callers' path: the tier queues the write
+		// and reports its own health.
+		c.cfg.Remote.Put(context.Background(), []string{account}, []*Record{rec})
 	}
 }
 

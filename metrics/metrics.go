@@ -25,6 +25,10 @@ type Metrics struct {
 	UpstreamDuration   prometheus.Histogram   // upstream_call_duration_seconds
 	UpstreamRetries    *prometheus.CounterVec // upstream_retries_total{reason}
 	QueueAccounts      prometheus.Gauge       // queue_accounts
+	RedisUp            prometheus.Gauge       // redis_up
+	RedisErrors        *prometheus.CounterVec // redis_errors_total{op}
+	RedisDropped       prometheus.Counter     // redis_dropped_writes_total
+	RedisRoundTrips    prometheus.Counter     // redis_round_trips_total
 }
 
 // Result labels of lookups_total.
@@ -66,7 +70,16 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Accounts sent again, by reason (throttled, transient, split)."}, []string{"reason"}),
 		QueueAccounts: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "queue_accounts",
 			Help: "Accounts waiting for an upstream call."}),
+		RedisUp: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "redis_up",
+			Help: "1 while the Redis tier is in use, 0 while it is skipped after an error (or not configured)."}),
+		RedisErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "redis_errors_total",
+			Help: "Failed Redis operations, by op (get, put, probe)."}, []string{"op"}),
+		RedisDropped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_dropped_writes_total",
+			Help: "Cache write-backs not sent to Redis (Redis down or the write queue full)."}),
+		RedisRoundTrips: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
+			Help: "Pipelines sent to Redis (reads and write-backs)."}),
 	}
+	reg.MustRegister(m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
 	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)
 	return m

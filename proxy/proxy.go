@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/redis/go-redis/v9"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
@@ -57,7 +58,8 @@ type Config struct {
 	TTL            time.Duration
 	StaleTTL       time.Duration
 	NegativeTTL    time.Duration
-	LocalAccounts  int // in-process tier size in accounts
+	LocalAccounts  int    // in-process tier size in accounts
+	Redis          string // shared tier: redis://host:port/db, or a comma list of cluster nodes; empty: none
 	Auth           string
 	MaxAccounts    int
 	RequestTimeout time.Duration
@@ -84,6 +86,8 @@ type Proxy struct {
 	simLn    net.Listener
 	batcher  *batcher.Batcher
 	cache    *cache.Cache
+	redis    *cache.Redis
+	rclient  redis.UniversalClient
 	api      *http.Server
 	admin    *http.Server
 	apiLn    net.Listener
@@ -157,7 +161,27 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts),
+	var remote cache.Remote
+	if cfg.Redis != "" {
+		if p.rclient, err = cache.NewRedisClient(cfg.Redis); err != nil {
+			return nil, err
+		}
+		ttl, stale := cfg.TTL, cfg.StaleTTL
+		if ttl <= 0 {
+			ttl = time.Minute
+		}
+		if stale <= 0 {
+			stale = time.Hour
+		}
+		if p.redis, err = cache.NewRedis(cache.RedisConfig{Client: p.rclient, SDKAppID: cfg.SDKAppID,
+			KeyTTL: ttl + stale, Metrics: p.m}); err != nil {
+			return nil, err
+		}
+		remote = p.redis
+	} else {
+		p.m.RedisUp.Set(0)
+	}
+	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote,
 		TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, NegativeTTL: cfg.NegativeTTL, Metrics: p.m})
 	if err != nil {
 		return nil, err
@@ -212,6 +236,9 @@ func (p *Proxy) closeListeners() {
 	}
 	if p.simSrv != nil {
 		p.simSrv.Close()
+	}
+	if p.rclient != nil {
+		p.rclient.Close()
 	}
 }
 
@@ -272,13 +299,22 @@ func (p *Proxy) Run(ctx context.Context) error {
 		defer close(batcherDone)
 		p.batcher.Run(batchCtx)
 	}()
+	redisCtx, stopRedis := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopRedis()
+	redisDone := make(chan struct{})
+	go func() {
+		defer close(redisDone)
+		if p.redis != nil {
+			p.redis.Run(redisCtx)
+		}
+	}()
 	g.Go(func() error { return serve(p.api, p.apiLn) })
 	if p.admin != nil {
 		g.Go(func() error { return serve(p.admin, p.adminLn) })
 	}
 	p.ready.Store(true)
 	p.log.Info("proxy serving", "api", p.Addr(), "admin", p.AdminAddr(), "upstream", p.upstream,
-		"sdkappid", p.cfg.SDKAppID, "rate", p.cfg.Rate, "auth", p.cfg.Auth)
+		"sdkappid", p.cfg.SDKAppID, "rate", p.cfg.Rate, "auth", p.cfg.Auth, "redis", p.cfg.Redis != "")
 
 	<-gctx.Done()
 	p.ready.Store(false)
@@ -296,6 +332,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 	stopBatcher()
 	<-batcherDone
 	p.cache.Close()
+	stopRedis() // after the last write-back was queued: Run flushes it
+	<-redisDone
+	if p.rclient != nil {
+		p.rclient.Close()
+	}
 	if p.admin != nil {
 		p.admin.Shutdown(sctx)
 	}

@@ -38,9 +38,22 @@ type rig struct {
 // start runs an emulator and a proxy in front of it on loopback ports.
 func start(t *testing.T, simCfg imsim.Config, cfg proxy.Config) *rig {
 	t.Helper()
+	sim, srv := startSim(t, simCfg)
+	return startProxy(t, sim, srv.URL, cfg)
+}
+
+func startSim(t *testing.T, simCfg imsim.Config) (*imsim.Server, *httptest.Server) {
+	t.Helper()
 	sim := imsim.New(simCfg)
 	srv := httptest.NewServer(sim)
 	t.Cleanup(srv.Close)
+	return sim, srv
+}
+
+// startProxy runs a proxy in front of an emulator that already runs.
+func startProxy(t *testing.T, sim *imsim.Server, simURL string, cfg proxy.Config) *rig {
+	t.Helper()
+	srv := struct{ URL string }{simURL}
 	cfg.Listen, cfg.AdminListen = "127.0.0.1:0", "127.0.0.1:0"
 	cfg.Upstream, cfg.SDKAppID, cfg.AdminIdentifier, cfg.SecretKey = srv.URL, sim.SDKAppID(), sim.Identifier(), sim.Key()
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))

@@ -74,7 +74,7 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.Uint64Var(&cfg.SDKAppID, "sdkappid", 0, "the app's SDKAppID (required unless -demo)")
 	fs.StringVar(&cfg.AdminIdentifier, "admin-identifier", "administrator", "admin account used for upstream calls and expected from callers")
 	fs.StringVar(&cfg.SecretKey, "secret-key", "", "the app's secret key; prefer env PROXY_SECRET_KEY or TIM_SECRET_KEY")
-	redis := fs.String("redis", "", "Redis for the shared tier: redis://host:port/db, or a comma list of host:port for Redis Cluster; empty: in-process tier only")
+	fs.StringVar(&cfg.Redis, "redis", "", "Redis for the shared tier: redis://host:port/db, or a comma list of host:port for Redis Cluster; empty: in-process tier only")
 	fs.Float64Var(&cfg.Rate, "rate", 100, "upstream calls per second for the whole app")
 	fs.DurationVar(&cfg.RateGuard, "rate-guard", 2*time.Millisecond, "widens the limiter's one-second window (clock granularity)")
 	fs.IntVar(&cfg.BatchMax, "batch-max", 100, "accounts per upstream call (1-100)")
@@ -121,9 +121,6 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	})
 	if envErr != nil {
 		return cfg, "", "", envErr
-	}
-	if *redis != "" {
-		return cfg, "", "", errors.New("-redis: the Redis tier is not built yet; leave it empty for the in-process tier")
 	}
 	if *defaultTags != "" {
 		cfg.DefaultTags = strings.Split(*defaultTags, ",")

@@ -1,0 +1,406 @@
+package cache
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/portrait-proxy/portrait-proxy/metrics"
+)
+
+// Redis is the shared tier: one Redis hash per account, keyed by SDKAppID
+// and account, one field per tag. A lookup for any number of accounts and
+// tags is one pipeline of HMGETs (one round trip; on Redis Cluster, one per
+// node, in parallel). Write-backs are queued and sent in pipelines by Run,
+// off the callers' path. No command touches two keys, so it works on Redis
+// Cluster unchanged.
+//
+// Redis is a tier, not a single point of failure: commands carry short
+// timeouts and no retries; after an error the tier is skipped (Get fails at
+// once without touching the network, writes are dropped) until a background
+// PING succeeds. Redis is safe for concurrent use; Run owns its goroutine.
+type Redis struct {
+	cfg   RedisConfig
+	m     *metrics.Metrics
+	up    atomic.Bool
+	downc chan struct{} // poked when the tier goes down
+	queue chan write
+	app   string
+}
+
+// RedisConfig configures the Redis tier. Client and SDKAppID are required.
+type RedisConfig struct {
+	// Client is a single-node or cluster client (see NewRedisClient).
+	Client redis.UniversalClient
+	// SDKAppID is part of every key: two apps never share an entry.
+	SDKAppID uint64
+	// KeyTTL is how long an account's hash lives after its last write;
+	// set it to TTL + StaleTTL. Zero means 1h1m.
+	KeyTTL time.Duration
+	// Timeout bounds one read pipeline. Zero means 250ms.
+	Timeout time.Duration
+	// ProbeEvery is how often a down tier is PINGed. Zero means 250ms.
+	ProbeEvery time.Duration
+	// WriteQueue is how many write-backs may wait; more are dropped.
+	// Zero means 100,000.
+	WriteQueue int
+	Metrics    *metrics.Metrics
+}
+
+type write struct {
+	account string
+	rec     *Record
+}
+
+// NewRedisClient returns a client for the proxy's -redis flag: a
+// redis:// or rediss:// URL is one server; a comma list of host:port is a
+// Redis Cluster (its seed nodes). Timeouts are short and retries off: a
+// slow Redis must not slow lookups down.
+func NewRedisClient(spec string) (redis.UniversalClient, error) {
+	const timeout = 250 * time.Millisecond
+	if strings.Contains(spec, "://") {
+		opt, err := redis.ParseURL(spec)
+		if err != nil {
+			return nil, fmt.Errorf("cache: redis URL: %w", err)
+		}
+		opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+		opt.MaxRetries = -1
+		opt.ContextTimeoutEnabled = true
+		return redis.NewClient(opt), nil
+	}
+	var addrs []string
+	for _, a := range strings.Split(spec, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			addrs = append(addrs, a)
+		}
+	}
+	if len(addrs) == 0 {
+		return nil, errors.New("cache: empty redis address list")
+	}
+	return redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs,
+		DialTimeout: timeout, ReadTimeout: timeout, WriteTimeout: timeout, PoolTimeout: timeout,
+		MaxRetries: -1, ContextTimeoutEnabled: true}), nil
+}
+
+// ErrRedisDown is returned by Get while the tier is skipped.
+var ErrRedisDown = errors.New("cache: redis is down; skipped")
+
+// NewRedis validates cfg and returns the tier. Nothing runs until Run.
+func NewRedis(cfg RedisConfig) (*Redis, error) {
+	if cfg.Client == nil || cfg.SDKAppID == 0 {
+		return nil, errors.New("cache: RedisConfig.Client and SDKAppID are required")
+	}
+	if cfg.KeyTTL <= 0 {
+		cfg.KeyTTL = time.Hour + time.Minute
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 250 * time.Millisecond
+	}
+	if cfg.ProbeEvery <= 0 {
+		cfg.ProbeEvery = 250 * time.Millisecond
+	}
+	if cfg.WriteQueue <= 0 {
+		cfg.WriteQueue = 100_000
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = metrics.New(prometheus.NewRegistry())
+	}
+	r := &Redis{cfg: cfg, m: cfg.Metrics, downc: make(chan struct{}, 1), queue: make(chan write, cfg.WriteQueue),
+		app: strconv.FormatUint(cfg.SDKAppID, 10)}
+	r.up.Store(true)
+	r.m.RedisUp.Set(1)
+	return r, nil
+}
+
+// Up reports whether the tier is in use.
+func (r *Redis) Up() bool { return r.up.Load() }
+
+func (r *Redis) down(op string, err error) {
+	r.m.RedisErrors.WithLabelValues(op).Inc()
+	if r.up.Swap(false) {
+		r.m.RedisUp.Set(0)
+		select {
+		case r.downc <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Key returns the Redis key of account in this app. Ids made only of
+// letters, digits and _ . - @ are kept as they are (readable in
+// redis-cli); any other id is base64url-encoded behind a '~', so no byte
+// of an id can change the key's meaning.
+func (r *Redis) Key(account string) string { return "pp:v1:" + r.app + ":" + escapeID(account) }
+
+func escapeID(id string) string {
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '_' || c == '.' || c == '-' || c == '@') {
+			return "~" + b64.EncodeToString([]byte(id))
+		}
+	}
+	return id
+}
+
+// Get reads accounts' records for tags in one pipeline. A record is nil
+// where Redis holds nothing useful for the account.
+func (r *Redis) Get(ctx context.Context, accounts, tags []string) ([]*Record, error) {
+	if !r.up.Load() {
+		return nil, ErrRedisDown
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	defer cancel()
+	fields := make([]string, 0, len(tags)+1)
+	for _, t := range tags {
+		fields = append(fields, fieldOf(t))
+	}
+	fields = append(fields, negField)
+	pipe := r.cfg.Client.Pipeline()
+	cmds := make([]*redis.SliceCmd, len(accounts))
+	for i, a := range accounts {
+		cmds[i] = pipe.HMGet(ctx, r.Key(a), fields...)
+	}
+	r.m.RedisRoundTrips.Inc()
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			r.down("get", err) // not the caller leaving: Redis failed or was too slow
+		}
+		return nil, fmt.Errorf("cache: redis get: %w", err)
+	}
+	out := make([]*Record, len(accounts))
+	for i, c := range cmds {
+		out[i] = decodeRecord(tags, c.Val())
+	}
+	return out, nil
+}
+
+// Put queues write-backs; Run sends them. When the queue is full or the
+// tier is down they are dropped (and counted): the cache is best effort.
+func (r *Redis) Put(_ context.Context, accounts []string, recs []*Record) error {
+	if !r.up.Load() {
+		r.m.RedisDropped.Add(float64(len(accounts)))
+		return ErrRedisDown
+	}
+	for i, a := range accounts {
+		select {
+		case r.queue <- write{a, recs[i]}:
+		default:
+			r.m.RedisDropped.Inc()
+		}
+	}
+	return nil
+}
+
+// Run sends queued write-backs in pipelines and probes a down tier, until
+// ctx ends; then it flushes what is queued (if Redis is up) and returns.
+func (r *Redis) Run(ctx context.Context) error {
+	probe := time.NewTicker(r.cfg.ProbeEvery)
+	defer probe.Stop()
+	batch := make([]write, 0, 256)
+	for {
+		select {
+		case <-ctx.Done():
+			for {
+				select {
+				case w := <-r.queue:
+					batch = append(batch, w)
+					if len(batch) == cap(batch) {
+						r.flush(batch)
+						batch = batch[:0]
+					}
+				default:
+					r.flush(batch)
+					return nil
+				}
+			}
+		case w := <-r.queue:
+			batch = append(batch[:0], w)
+		fill:
+			for len(batch) < cap(batch) {
+				select {
+				case w := <-r.queue:
+					batch = append(batch, w)
+				default:
+					break fill
+				}
+			}
+			r.flush(batch)
+		case <-probe.C:
+			if !r.up.Load() {
+				r.probe(ctx)
+			}
+		case <-r.downc:
+		}
+	}
+}
+
+func (r *Redis) probe(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	defer cancel()
+	if err := r.cfg.Client.Ping(ctx).Err(); err != nil {
+		r.m.RedisErrors.WithLabelValues("probe").Inc()
+		return
+	}
+	if cc, ok := r.cfg.Client.(*redis.ClusterClient); ok {
+		// Every master must answer, not just one.
+		if err := cc.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error { return c.Ping(ctx).Err() }); err != nil {
+			r.m.RedisErrors.WithLabelValues("probe").Inc()
+			return
+		}
+	}
+	r.up.Store(true)
+	r.m.RedisUp.Set(1)
+}
+
+func (r *Redis) flush(batch []write) {
+	if len(batch) == 0 {
+		return
+	}
+	if !r.up.Load() {
+		r.m.RedisDropped.Add(float64(len(batch)))
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*r.cfg.Timeout)
+	defer cancel()
+	pipe := r.cfg.Client.Pipeline()
+	var buf []byte
+	for _, w := range batch {
+		key := r.Key(w.account)
+		var args []any
+		if w.rec.NotFoundCode != 0 {
+			buf = encodeNeg(buf[:0], w.rec)
+			args = append(args, negField, string(buf))
+		}
+		for t, v := range w.rec.Tags {
+			buf = encodeTag(buf[:0], v)
+			args = append(args, fieldOf(t), string(buf))
+		}
+		if len(args) > 0 {
+			pipe.HSet(ctx, key, args...)
+		}
+		if w.rec.NotFoundCode == 0 {
+			pipe.HDel(ctx, key, negField) // found: the account exists after all
+		}
+		pipe.PExpire(ctx, key, r.cfg.KeyTTL)
+	}
+	r.m.RedisRoundTrips.Inc()
+	if _, err := pipe.Exec(ctx); err != nil {
+		r.m.RedisDropped.Add(float64(len(batch)))
+		r.down("put", err)
+	}
+}
+
+// Field names: one byte for each standard tag, '~' + the suffix for custom
+// tags, the full name for anything else; negField holds "no such account".
+const negField = "!"
+
+var standardTagOrder = []string{
+	"Tag_Profile_IM_Nick", "Tag_Profile_IM_Gender", "Tag_Profile_IM_BirthDay", "Tag_Profile_IM_Location",
+	"Tag_Profile_IM_SelfSignature", "Tag_Profile_IM_AllowType", "Tag_Profile_IM_Language", "Tag_Profile_IM_Image",
+	"Tag_Profile_IM_MsgSettings", "Tag_Profile_IM_AdminForbidType", "Tag_Profile_IM_Level", "Tag_Profile_IM_Role",
+}
+
+var standardField = func() map[string]string {
+	m := map[string]string{}
+	for i, t := range standardTagOrder {
+		m[t] = string(rune('a' + i))
+	}
+	return m
+}()
+
+func fieldOf(tag string) string {
+	if f, ok := standardField[tag]; ok {
+		return f
+	}
+	if suffix, ok := strings.CutPrefix(tag, "Tag_Profile_Custom_"); ok {
+		return "~" + suffix
+	}
+	return tag
+}
+
+// A tag field is: flags (1 = set), fresh and stale deadlines as uvarint
+// Unix milliseconds, then the value's JSON bytes exactly as the upstream
+// sent them.
+func encodeTag(b []byte, v TagValue) []byte {
+	flags := byte(0)
+	if v.Set {
+		flags = 1
+	}
+	b = append(b, flags)
+	b = binary.AppendUvarint(b, uint64(v.Fresh.UnixMilli()))
+	b = binary.AppendUvarint(b, uint64(v.Stale.UnixMilli()))
+	return append(b, v.Value...)
+}
+
+func decodeTag(s string) (TagValue, bool) {
+	b := []byte(s)
+	if len(b) < 3 || b[0] > 1 {
+		return TagValue{}, false
+	}
+	fresh, n := binary.Uvarint(b[1:])
+	if n <= 0 {
+		return TagValue{}, false
+	}
+	stale, m := binary.Uvarint(b[1+n:])
+	if m <= 0 {
+		return TagValue{}, false
+	}
+	v := TagValue{Set: b[0] == 1, Fresh: time.UnixMilli(int64(fresh)), Stale: time.UnixMilli(int64(stale))}
+	if rest := b[1+n+m:]; len(rest) > 0 {
+		if !json.Valid(rest) {
+			return TagValue{}, false
+		}
+		v.Value = json.RawMessage(rest)
+	}
+	return v, true
+}
+
+func encodeNeg(b []byte, r *Record) []byte {
+	b = binary.AppendUvarint(b, uint64(r.NotFoundCode))
+	b = binary.AppendUvarint(b, uint64(r.NotFoundUntil.UnixMilli()))
+	return append(b, r.NotFoundInfo...)
+}
+
+// decodeRecord builds a record from HMGET's answer for tags + negField;
+// nil when nothing usable came back. Entries that do not decode are
+// ignored (treated as misses), never served.
+func decodeRecord(tags []string, vals []any) *Record {
+	var rec *Record
+	for i, t := range tags {
+		s, ok := vals[i].(string)
+		if !ok {
+			continue
+		}
+		v, ok := decodeTag(s)
+		if !ok {
+			continue
+		}
+		if rec == nil {
+			rec = &Record{Tags: make(map[string]TagValue, len(tags))}
+		}
+		rec.Tags[t] = v
+	}
+	if s, ok := vals[len(tags)].(string); ok {
+		b := []byte(s)
+		code, n := binary.Uvarint(b)
+		if n > 0 {
+			until, m := binary.Uvarint(b[n:])
+			if m > 0 && code > 0 {
+				if rec == nil {
+					rec = &Record{}
+				}
+				rec.NotFoundCode, rec.NotFoundUntil, rec.NotFoundInfo = int(code), time.UnixMilli(int64(until)), string(b[n+m:])
+			}
+		}
+	}
+	return rec
+}

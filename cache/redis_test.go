@@ -1,0 +1,253 @@
+package cache
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+	"github.com/portrait-proxy/portrait-proxy/metrics"
+)
+
+// hostileIDs are account ids that are valid for IM (printable ASCII, ≤ 32
+// bytes) but dangerous in a naive key scheme.
+var hostileIDs = []string{
+	"plain", "a:b", "{slot}", "x}{y", "*", "?[]", "with space", `quo"te`, `back\slash`, "pp:v1:1:plain",
+	"~" + b64.EncodeToString([]byte("plain")), strings.Repeat("z", 32), "-", "@.", "\x7e", "end}",
+}
+
+type tier struct {
+	r      *Redis
+	m      *metrics.Metrics
+	stop   func()
+	client redis.UniversalClient
+}
+
+func startTier(t *testing.T, spec string, app uint64) *tier {
+	t.Helper()
+	client, err := NewRedisClient(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := metrics.New(prometheus.NewRegistry())
+	r, err := NewRedis(RedisConfig{Client: client, SDKAppID: app, Metrics: m, ProbeEvery: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { r.Run(ctx); close(done) }()
+	tr := &tier{r: r, m: m, client: client}
+	tr.stop = func() { cancel(); <-done; client.Close() }
+	t.Cleanup(tr.stop)
+	return tr
+}
+
+func testRecord(account string, now time.Time) *Record {
+	return &Record{Tags: map[string]TagValue{
+		"Tag_Profile_IM_Nick":     {Value: json.RawMessage(strconv.Quote("nick-" + account)), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
+		"Tag_Profile_IM_Level":    {Value: json.RawMessage("18446744073709551615"), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
+		"Tag_Profile_IM_Location": {Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)}, // unset
+		"Tag_Profile_Custom_Test": {Value: json.RawMessage(`"c"`), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
+	}}
+}
+
+// waitWritten polls until account's hash exists.
+func waitWritten(t *testing.T, tr *tier, account string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for tr.client.Exists(context.Background(), tr.r.Key(account)).Val() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("write-back of %q never landed", account)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func checkRoundTrip(t *testing.T, tr *tier) {
+	t.Helper()
+	ctx := context.Background()
+	now := time.Now().Truncate(time.Millisecond)
+	for _, id := range hostileIDs {
+		if err := tr.r.Put(ctx, []string{id}, []*Record{testRecord(id, now)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range hostileIDs {
+		waitWritten(t, tr, id)
+	}
+	tags := []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Level", "Tag_Profile_IM_Location", "Tag_Profile_Custom_Test", "Tag_Profile_IM_Gender"}
+	trips := testutil.ToFloat64(tr.m.RedisRoundTrips)
+	recs, err := tr.r.Get(ctx, hostileIDs, tags)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(tr.m.RedisRoundTrips) - trips; got != 1 {
+		t.Fatalf("%d round trips for one Get of %d accounts", int(got), len(hostileIDs))
+	}
+	for i, id := range hostileIDs {
+		rec := recs[i]
+		if rec == nil {
+			t.Fatalf("%q: nothing read back", id)
+		}
+		want := testRecord(id, now)
+		if len(rec.Tags) != 4 {
+			t.Fatalf("%q: tags %v", id, rec.Tags)
+		}
+		for tag, w := range want.Tags {
+			g := rec.Tags[tag]
+			if g.Set != w.Set || string(g.Value) != string(w.Value) || !g.Fresh.Equal(w.Fresh) || !g.Stale.Equal(w.Stale) {
+				t.Fatalf("%q %s: got %+v want %+v", id, tag, g, w)
+			}
+		}
+		if rec.state(tags[:4], now) != stateFresh || rec.state(tags, now) != stateMiss {
+			t.Fatalf("%q: states wrong", id)
+		}
+	}
+}
+
+func TestRedisRoundTripHostileIDs(t *testing.T) {
+	srv := redistest.Start(t)
+	checkRoundTrip(t, startTier(t, srv.URL(), 1400000000))
+}
+
+func TestRedisClusterRoundTripHostileIDs(t *testing.T) {
+	c := redistest.StartCluster(t, 3)
+	tr := startTier(t, c.Addrs(), 1400000000)
+	checkRoundTrip(t, tr)
+	// The accounts spread over the masters.
+	used := 0
+	for _, s := range c.Servers {
+		if n, _ := s.Do("DBSIZE"); n != "0" {
+			used++
+		}
+	}
+	if used < 2 {
+		t.Fatalf("keys on %d of 3 masters", used)
+	}
+}
+
+func TestRedisKeysPerApp(t *testing.T) {
+	srv := redistest.Start(t)
+	a := startTier(t, srv.URL(), 1)
+	b := startTier(t, srv.URL(), 2)
+	now := time.Now()
+	a.r.Put(context.Background(), []string{"u1"}, []*Record{testRecord("u1", now)})
+	waitWritten(t, a, "u1")
+	recs, err := b.r.Get(context.Background(), []string{"u1"}, []string{"Tag_Profile_IM_Nick"})
+	if err != nil || recs[0] != nil {
+		t.Fatalf("app 2 read app 1's entry: %+v %v", recs[0], err)
+	}
+	if a.r.Key("u1") == b.r.Key("u1") {
+		t.Fatal("two apps share a key")
+	}
+}
+
+func TestRedisNegativeAndClear(t *testing.T) {
+	srv := redistest.Start(t)
+	tr := startTier(t, srv.URL(), 1)
+	ctx := context.Background()
+	now := time.Now().Truncate(time.Millisecond)
+	tr.r.Put(ctx, []string{"ghost"}, []*Record{{NotFoundCode: 40003, NotFoundInfo: "gone", NotFoundUntil: now.Add(30 * time.Second)}})
+	waitWritten(t, tr, "ghost")
+	recs, _ := tr.r.Get(ctx, []string{"ghost"}, []string{"Tag_Profile_IM_Nick"})
+	if recs[0] == nil || recs[0].NotFoundCode != 40003 || recs[0].NotFoundInfo != "gone" || !recs[0].NotFoundUntil.Equal(now.Add(30*time.Second)) {
+		t.Fatalf("negative entry %+v", recs[0])
+	}
+	// Found later: the negative entry is cleared.
+	tr.r.Put(ctx, []string{"ghost"}, []*Record{testRecord("ghost", now)})
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		recs, _ = tr.r.Get(ctx, []string{"ghost"}, []string{"Tag_Profile_IM_Nick"})
+		if recs[0] != nil && recs[0].NotFoundCode == 0 && recs[0].Tags["Tag_Profile_IM_Nick"].Set {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("negative entry not cleared: %+v", recs[0])
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	if ttl := tr.client.PTTL(ctx, tr.r.Key("ghost")).Val(); ttl <= 0 || ttl > time.Hour+time.Minute {
+		t.Fatalf("key TTL %v", ttl)
+	}
+}
+
+func TestRedisGarbageIgnored(t *testing.T) {
+	srv := redistest.Start(t)
+	tr := startTier(t, srv.URL(), 1)
+	ctx := context.Background()
+	key := tr.r.Key("u1")
+	tr.client.HSet(ctx, key, "a", "\x07junk", "k", "\x01\x01\x01{not json", negField, "\xff\xff")
+	recs, err := tr.r.Get(ctx, []string{"u1"}, []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Level"})
+	if err != nil || recs[0] != nil {
+		t.Fatalf("garbage served: %+v %v", recs[0], err)
+	}
+}
+
+// TestRedisDownSkippedThenBack: a dead Redis fails one Get, is skipped
+// without network work until it answers PING again, and is used again.
+func TestRedisDownSkippedThenBack(t *testing.T) {
+	srv := redistest.Start(t)
+	tr := startTier(t, srv.URL(), 1)
+	ctx := context.Background()
+	srv.Kill()
+	if _, err := tr.r.Get(ctx, []string{"u1"}, []string{"Tag_Profile_IM_Nick"}); err == nil {
+		t.Fatal("Get on a dead Redis succeeded")
+	}
+	if tr.r.Up() || testutil.ToFloat64(tr.m.RedisUp) != 0 {
+		t.Fatal("tier not marked down")
+	}
+	start := time.Now()
+	for range 100 {
+		if _, err := tr.r.Get(ctx, []string{"u1"}, []string{"Tag_Profile_IM_Nick"}); !errors.Is(err, ErrRedisDown) {
+			t.Fatalf("while down: %v", err)
+		}
+	}
+	if d := time.Since(start); d > 50*time.Millisecond {
+		t.Fatalf("100 skipped Gets took %v", d)
+	}
+	if err := tr.r.Put(ctx, []string{"u1"}, []*Record{testRecord("u1", time.Now())}); !errors.Is(err, ErrRedisDown) {
+		t.Fatalf("Put while down: %v", err)
+	}
+	srv.Restart()
+	deadline := time.Now().Add(5 * time.Second)
+	for !tr.r.Up() {
+		if time.Now().After(deadline) {
+			t.Fatal("tier never came back")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	tr.r.Put(ctx, []string{"u1"}, []*Record{testRecord("u1", time.Now())})
+	waitWritten(t, tr, "u1")
+}
+
+// TestRedisBytesPerEntry reports the memory one cached account+tag takes.
+func TestRedisBytesPerEntry(t *testing.T) {
+	srv := redistest.Start(t)
+	tr := startTier(t, srv.URL(), 1400000000)
+	ctx := context.Background()
+	now := time.Now()
+	const n = 2000
+	for i := range n {
+		id := "user" + strconv.Itoa(i)
+		tr.r.Put(ctx, []string{id}, []*Record{testRecord(id, now)})
+	}
+	waitWritten(t, tr, "user"+strconv.Itoa(n-1))
+	var total int64
+	for i := range n {
+		total += tr.client.MemoryUsage(ctx, tr.r.Key("user"+strconv.Itoa(i))).Val()
+	}
+	perEntry := float64(total) / float64(n*4)
+	t.Logf("Redis MEMORY USAGE: %.0f bytes per account (4 tags), %.0f bytes per account+tag", float64(total)/n, perEntry)
+	if perEntry > 100 {
+		t.Fatalf("%.0f bytes per entry: the encoding is not compact", perEntry)
+	}
+}
