@@ -20,7 +20,12 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+// go-redis redials a failed pool in a goroutine that notices Close within
+// a second (it sleeps between attempts); it is the library's, bounded, and
+// not a leak of ours.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction("github.com/redis/go-redis/v9/internal/pool.(*ConnPool).tryDial"))
+}
 
 // loaderFunc adapts a function to Loader.
 type loaderFunc func(ctx context.Context, account string, tags []string) (batcher.Result, error)
