@@ -31,9 +31,13 @@ type localEntry struct {
 }
 
 // NewLocal returns a tier holding about maxAccounts records (at least one
-// per shard). maxAccounts ≤ 0 means 1,000,000.
+// per shard). maxAccounts 0 means 1,000,000; negative means a tier that
+// holds nothing (every lookup goes to the next tier; for measuring it).
 func NewLocal(maxAccounts int) *Local {
-	if maxAccounts <= 0 {
+	if maxAccounts < 0 {
+		return &Local{}
+	}
+	if maxAccounts == 0 {
 		maxAccounts = 1_000_000
 	}
 	l := &Local{seed: maphash.MakeSeed(), perShard: max(1, maxAccounts/localShards)}
@@ -49,6 +53,9 @@ func (l *Local) shard(account string) *localShard {
 
 // Get returns account's record, or nil.
 func (l *Local) Get(account string, now time.Time) *Record {
+	if l.perShard == 0 {
+		return nil
+	}
 	s := l.shard(account)
 	s.mu.RLock()
 	e := s.m[account]
@@ -65,6 +72,9 @@ func (l *Local) Get(account string, now time.Time) *Record {
 // Merge stores merge(old, upd) for account, evicting another account when
 // the shard is full.
 func (l *Local) Merge(account string, upd *Record, now time.Time) {
+	if l.perShard == 0 {
+		return
+	}
 	s := l.shard(account)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -83,6 +93,9 @@ func (l *Local) Merge(account string, upd *Record, now time.Time) {
 
 // Delete removes account's record.
 func (l *Local) Delete(account string) {
+	if l.perShard == 0 {
+		return
+	}
 	s := l.shard(account)
 	s.mu.Lock()
 	delete(s.m, account)

@@ -54,7 +54,7 @@ type options struct {
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
 	var o options
-	fs.StringVar(&o.scenario, "scenario", "all", "cold, lowload or all")
+	fs.StringVar(&o.scenario, "scenario", "all", "cold, lowload, hot or all")
 	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
@@ -62,8 +62,12 @@ func run(args []string, out io.Writer) error {
 	fs.DurationVar(&o.window, "batch-window", 2*time.Millisecond, "proxy -batch-window")
 	fs.StringVar(&o.bin, "bin", "bin", "folder holding the proxy and imsim binaries")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	bareAddr := fs.String("serve-bare", "", "internal: serve the bare baseline handler on this address")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *bareAddr != "" {
+		return serveBare(*bareAddr)
 	}
 	if *cpuprofile != "" {
 		f, err := os.Create(*cpuprofile)
@@ -81,11 +85,16 @@ func run(args []string, out io.Writer) error {
 		return cold(o, out)
 	case "lowload":
 		return lowLoad(o, out)
+	case "hot":
+		return hot(o, out)
 	case "all":
 		if err := cold(o, out); err != nil {
 			return err
 		}
-		return lowLoad(o, out)
+		if err := lowLoad(o, out); err != nil {
+			return err
+		}
+		return hot(o, out)
 	}
 	return fmt.Errorf("unknown scenario %q", o.scenario)
 }
@@ -106,16 +115,21 @@ const (
 	simKey = "loadgen-secret-key"
 )
 
-func startEnv(o options) (*env, error) {
+func startEnv(o options) (*env, error) { return startEnvArgs(o) }
+
+func signSim() string { return usersig.Sign(simKey, simApp, simID, time.Now(), 24*time.Hour) }
+
+// startEnvArgs starts the emulator and a proxy with extra proxy flags.
+func startEnvArgs(o options, extra ...string) (*env, error) {
 	sim, err := startProc(filepath.Join(o.bin, "imsim"), []string{"-listen", "127.0.0.1:0",
 		"-quota", strconv.Itoa(o.quota), "-latency", o.latency.String()}, []string{"IMSIM_SECRET_KEY=" + simKey}, 1)
 	if err != nil {
 		return nil, err
 	}
 	simURL := "http://" + sim.addrs[0]
-	p, err := startProc(filepath.Join(o.bin, "proxy"), []string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
+	p, err := startProc(filepath.Join(o.bin, "proxy"), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
 		"-upstream", simURL, "-sdkappid", strconv.Itoa(simApp), "-rate", strconv.Itoa(o.quota),
-		"-batch-window", o.window.String(), "-log-level", "warn"}, []string{"PROXY_SECRET_KEY=" + simKey}, 2)
+		"-batch-window", o.window.String(), "-log-level", "warn"}, extra...), []string{"PROXY_SECRET_KEY=" + simKey}, 2)
 	if err != nil {
 		sim.stop()
 		return nil, err

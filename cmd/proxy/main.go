@@ -83,7 +83,7 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.DurationVar(&cfg.TTL, "ttl", 60*time.Second, "how long a cached tag is fresh")
 	fs.DurationVar(&cfg.StaleTTL, "stale-ttl", time.Hour, "how long past fresh a value may be served while refreshing or when the upstream fails")
 	fs.DurationVar(&cfg.NegativeTTL, "negative-ttl", 30*time.Second, "how long \"no such account\" is remembered")
-	fs.IntVar(&cfg.LocalAccounts, "local-accounts", 1_000_000, "accounts held by the in-process tier")
+	fs.IntVar(&cfg.LocalAccounts, "local-accounts", 1_000_000, "accounts held by the in-process tier (-1: no in-process tier, for measuring Redis alone)")
 	fs.StringVar(&cfg.Auth, "auth", "usersig", "usersig: callers present a valid admin UserSig for this app; none: trusted network")
 	fs.IntVar(&cfg.MaxAccounts, "max-accounts", 1000, "most accounts in one request")
 	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", 5*time.Second, "longest a request waits for its answer")

@@ -1,0 +1,289 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+)
+
+// serveBare is the baseline: a server that only decodes the request JSON
+// and encodes the answer JSON, as the proxy does, with the value computed
+// in place. It runs in its own process (loadgen -serve-bare ADDR) so it
+// is measured like the proxy.
+func serveBare(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("bare handler on http://%s\n", ln.Addr())
+	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		raw, _ := io.ReadAll(http.MaxBytesReader(nil, r.Body, 1<<20))
+		var req struct {
+			ToAccount []json.RawMessage `json:"To_Account"`
+			TagList   []json.RawMessage `json:"TagList"`
+		}
+		resp := &upstream.GetResponse{ActionStatus: "OK", UserProfileItem: []upstream.UserProfile{}, FailAccount: []string{}, InvalidAccount: []string{}}
+		if err := json.Unmarshal(raw, &req); err == nil {
+			for _, a := range req.ToAccount {
+				var account string
+				json.Unmarshal(a, &account)
+				it := upstream.UserProfile{ToAccount: account, ProfileItem: []upstream.ProfileItem{}}
+				for _, t := range req.TagList {
+					var tag string
+					json.Unmarshal(t, &tag)
+					if v, ok := imsim.SeededValue(account, tag); ok {
+						it.ProfileItem = append(it.ProfileItem, upstream.ProfileItem{Tag: tag, Value: v})
+					}
+				}
+				resp.UserProfileItem = append(resp.UserProfileItem, it)
+			}
+		}
+		b := resp.AppendJSON(nil)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+		w.Write(b)
+	})}
+	return srv.Serve(ln)
+}
+
+// startRedis runs a throwaway redis-server on a free loopback port.
+func startRedis() (*exec.Cmd, string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, "", err
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	dir, err := os.MkdirTemp("", "loadgen-redis")
+	if err != nil {
+		return nil, "", err
+	}
+	cmd := exec.Command("redis-server", "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir)
+	if err := cmd.Start(); err != nil {
+		return nil, "", fmt.Errorf("redis-server: %w (install it: apt-get install -y redis-server)", err)
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	c := redis.NewClient(&redis.Options{Addr: addr})
+	defer c.Close()
+	for i := 0; ; i++ {
+		if c.Ping(context.Background()).Err() == nil {
+			return cmd, addr, nil
+		}
+		if i == 100 {
+			cmd.Process.Kill()
+			cmd.Wait()
+			return nil, "", fmt.Errorf("redis-server did not answer")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+type hotResult struct {
+	name      string
+	rate      float64
+	p50, p99  time.Duration
+	cpu       float64 // cores used by the server process
+	errs      int64
+	wrong     int64
+	extra     string
+	perLookup float64 // server CPU µs per lookup
+}
+
+// hotRun drives url with callers closed-loop lookups of random warm
+// accounts for d and checks every answer.
+func hotRun(url string, callers, warm int, d time.Duration, server *proc) (hotResult, error) {
+	var lookups, errs, wrong atomic.Int64
+	var mu sync.Mutex
+	var lat []time.Duration
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	var wg sync.WaitGroup
+	cpu0 := server.cpu()
+	start := time.Now()
+	for w := range callers {
+		wg.Go(func() {
+			c, err := newRawConn(url)
+			if err != nil {
+				errs.Add(1)
+				return
+			}
+			defer c.close()
+			rng := rand.New(rand.NewPCG(uint64(w), 7))
+			var mine []time.Duration
+			for ctx.Err() == nil {
+				a := imsim.AccountName(rng.IntN(warm))
+				t0 := time.Now()
+				ok, bad, err := lookup(c, a)
+				switch {
+				case err != nil:
+					errs.Add(1)
+				case bad:
+					wrong.Add(1)
+				case ok:
+					lookups.Add(1)
+					mine = append(mine, time.Since(t0))
+				}
+			}
+			mu.Lock()
+			lat = append(lat, mine...)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	cpu := (server.cpu() - cpu0).Seconds() / elapsed.Seconds()
+	slices.Sort(lat)
+	n := lookups.Load()
+	return hotResult{rate: float64(n) / elapsed.Seconds(), p50: pct(lat, .5), p99: pct(lat, .99), cpu: cpu,
+		errs: errs.Load(), wrong: wrong.Load(), perLookup: cpu * elapsed.Seconds() * 1e6 / float64(max(1, n))}, nil
+}
+
+// warmUp looks up accounts user0…user<n-1> through url, 100 per request.
+func warmUp(url string, n int) error {
+	c, err := newRawConn(url)
+	if err != nil {
+		return err
+	}
+	defer c.close()
+	for i := 0; i < n; i += 100 {
+		var accs []string
+		for k := i; k < min(n, i+100); k++ {
+			accs = append(accs, imsim.AccountName(k))
+		}
+		body, _ := json.Marshal(upstream.GetRequest{ToAccount: accs, TagList: []string{"Tag_Profile_IM_Nick"}})
+		got, err := c.post(string(body))
+		if err != nil {
+			return err
+		}
+		var r upstream.GetResponse
+		if err := json.Unmarshal(got, &r); err != nil || r.ErrorCode != 0 {
+			return fmt.Errorf("warm-up answer %.200s", got)
+		}
+	}
+	return nil
+}
+
+// hot measures the hit path: a bare decode/encode handler, the proxy
+// serving from its in-process tier, and the proxy serving from Redis alone
+// (in-process tier off), all in this run, and prints the ratios.
+func hot(o options, out io.Writer) error {
+	const warm = 20_000
+	callers := 64
+	var results []hotResult
+
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	bare, err := startProc(self, []string{"-serve-bare", "127.0.0.1:0"}, nil, 1)
+	if err != nil {
+		return err
+	}
+	sig := signedQuery()
+	r, err := hotRun("http://"+bare.addrs[0]+upstream.PathGet+sig, callers, warm, o.duration/2, bare)
+	bare.stop()
+	if err != nil {
+		return err
+	}
+	r.name = "bare decode+encode handler"
+	results = append(results, r)
+
+	for _, mode := range []string{"local", "redis"} {
+		extraArgs := []string{}
+		var rcmd *exec.Cmd
+		var raddr string
+		if mode == "redis" {
+			if rcmd, raddr, err = startRedis(); err != nil {
+				return err
+			}
+			extraArgs = []string{"-redis", "redis://" + raddr + "/0", "-local-accounts", "-1"}
+		}
+		e, err := startEnvArgs(o, extraArgs...)
+		if err != nil {
+			return err
+		}
+		err = func() error {
+			defer e.stop()
+			if err := warmUp(e.url, warm); err != nil {
+				return err
+			}
+			var rc *redis.Client
+			if mode == "redis" {
+				rc = redis.NewClient(&redis.Options{Addr: raddr})
+				defer rc.Close()
+				deadline := time.Now().Add(10 * time.Second)
+				for rc.DBSize(context.Background()).Val() < warm && time.Now().Before(deadline) {
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+			before, err := scrape(e.admin)
+			if err != nil {
+				return err
+			}
+			calls0, _ := simStats(context.Background(), e.simURL)
+			r, err := hotRun(e.url, callers, warm, o.duration/2, e.p)
+			if err != nil {
+				return err
+			}
+			after, err := scrape(e.admin)
+			if err != nil {
+				return err
+			}
+			calls1, _ := simStats(context.Background(), e.simURL)
+			requests := after[`portrait_proxy_requests_total{result="ok"}`] - before[`portrait_proxy_requests_total{result="ok"}`]
+			r.name = "proxy, in-process tier hits"
+			r.extra = fmt.Sprintf("upstream calls during the run: %d", calls1.Calls-calls0.Calls)
+			if mode == "redis" {
+				r.name = "proxy, Redis tier hits (in-process tier off)"
+				trips := after["portrait_proxy_redis_round_trips_total"] - before["portrait_proxy_redis_round_trips_total"]
+				var mem int64
+				for i := range 200 {
+					mem += rc.MemoryUsage(context.Background(), "pp:v1:"+strconv.Itoa(simApp)+":"+imsim.AccountName(i)).Val()
+				}
+				r.extra += fmt.Sprintf("; Redis round trips per request %.2f; Redis MEMORY USAGE %d bytes per cached account+tag (1 tag)",
+					trips/max(1, requests), mem/200)
+			}
+			results = append(results, r)
+			return nil
+		}()
+		if rcmd != nil {
+			rcmd.Process.Kill()
+			rcmd.Wait()
+		}
+		if err != nil {
+			return err
+		}
+	}
+
+	fmt.Fprintf(out, "hot: %d callers, random lookups over %d warm accounts, %v each\n", callers, warm, o.duration/2)
+	base := results[0].rate
+	for _, r := range results {
+		fmt.Fprintf(out, "  %-46s %8.0f lookups/s  ratio %.2f  p50 %v  p99 %v  server CPU %.0f%% (%.0fµs/lookup)  errors %d wrong %d\n",
+			r.name, r.rate, r.rate/base, r.p50.Round(10*time.Microsecond), r.p99.Round(10*time.Microsecond), 100*r.cpu, r.perLookup, r.errs, r.wrong)
+		if r.extra != "" {
+			fmt.Fprintf(out, "  %-46s %s\n", "", r.extra)
+		}
+	}
+	fmt.Fprintln(out)
+	return nil
+}
+
+func signedQuery() string {
+	return fmt.Sprintf("?sdkappid=%d&identifier=%s&usersig=%s&random=1&contenttype=json", simApp, simID, signSim())
+}
