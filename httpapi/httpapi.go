@@ -17,7 +17,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -104,7 +106,7 @@ func New(cfg Config) (*Handler, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
-	h := &Handler{cfg: cfg, m: cfg.Metrics, sigs: sigCache{m: map[string]time.Time{}}}
+	h := &Handler{cfg: cfg, m: cfg.Metrics, sigs: sigCache{m: map[string]verified{}}}
 	h.mux = http.NewServeMux()
 	h.mux.HandleFunc(upstream.PathGet, h.portraitGet)
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -135,11 +137,55 @@ func fail(code int, info string) *upstream.GetResponse {
 	return &upstream.GetResponse{ActionStatus: upstream.StatusFail, ErrorCode: code, ErrorInfo: info}
 }
 
-// request is the body as the upstream reads it. Elements are kept raw so a
-// non-string account is reported as the upstream does (60015).
+// request is the body as the upstream reads it.
 type request struct {
+	ToAccount []string `json:"To_Account"`
+	TagList   []string `json:"TagList"`
+}
+
+// rawRequest keeps elements raw, to say which field holds a wrong type.
+type rawRequest struct {
 	ToAccount []json.RawMessage `json:"To_Account"`
 	TagList   []json.RawMessage `json:"TagList"`
+}
+
+// decode parses and checks a body, returning an error envelope for a
+// caller mistake. The common case is one Unmarshal into strings; only a
+// body that fails it is decoded again, raw, to find the upstream's code.
+func decode(raw []byte, maxAccounts int) (accounts, tags []string, e *upstream.GetResponse) {
+	var req request
+	if err := json.Unmarshal(raw, &req); err != nil {
+		var syntax *json.SyntaxError
+		if errors.As(err, &syntax) || errors.Is(err, io.ErrUnexpectedEOF) || len(raw) == 0 {
+			return nil, nil, fail(upstream.CodeJSONParse, "request body is not valid JSON")
+		}
+		var rr rawRequest
+		if json.Unmarshal(raw, &rr) != nil {
+			return nil, nil, fail(upstream.CodeBadRequest, "request body does not match {To_Account:[string],TagList:[string]}")
+		}
+		for _, a := range rr.ToAccount {
+			var s string
+			if json.Unmarshal(a, &s) != nil {
+				return nil, nil, fail(upstream.CodeAccountType, "To_Account holds a value that is not a string")
+			}
+		}
+		return nil, nil, fail(upstream.CodeBadRequest, "TagList holds a value that is not a string")
+	}
+	if len(req.ToAccount) == 0 {
+		return nil, nil, fail(upstream.CodeNoAccount, "To_Account is missing or empty")
+	}
+	if len(req.ToAccount) > maxAccounts {
+		return nil, nil, fail(upstream.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts; this proxy serves at most %d per request", len(req.ToAccount), maxAccounts))
+	}
+	if len(req.TagList) == 0 {
+		return nil, nil, fail(upstream.CodeBadRequest, "TagList is missing or empty")
+	}
+	for _, t := range req.TagList {
+		if !ValidTag(t) {
+			return nil, nil, fail(upstream.CodeInvalidTag, "invalid tag name: "+strconv.Quote(t))
+		}
+	}
+	return req.ToAccount, req.TagList, nil
 }
 
 func (h *Handler) portraitGet(w http.ResponseWriter, r *http.Request) {
@@ -169,43 +215,17 @@ func (h *Handler) serve(r *http.Request) *upstream.GetResponse {
 		}
 		return fail(upstream.CodeHTTPParse, "reading request body failed")
 	}
-	var req request
-	if err := json.Unmarshal(raw, &req); err != nil {
-		var syntax *json.SyntaxError
-		if errors.As(err, &syntax) || errors.Is(err, io.ErrUnexpectedEOF) || len(raw) == 0 {
-			return fail(upstream.CodeJSONParse, "request body is not valid JSON")
-		}
-		return fail(upstream.CodeBadRequest, "request body does not match {To_Account:[string],TagList:[string]}")
+	accounts, tags, e := decode(raw, h.cfg.MaxAccounts)
+	if e != nil {
+		return e
 	}
-	if len(req.ToAccount) == 0 {
-		return fail(upstream.CodeNoAccount, "To_Account is missing or empty")
-	}
-	if len(req.ToAccount) > h.cfg.MaxAccounts {
-		return fail(upstream.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts; this proxy serves at most %d per request", len(req.ToAccount), h.cfg.MaxAccounts))
-	}
-	if len(req.TagList) == 0 {
-		return fail(upstream.CodeBadRequest, "TagList is missing or empty")
-	}
-	tags := make([]string, len(req.TagList))
-	for i, t := range req.TagList {
-		if json.Unmarshal(t, &tags[i]) != nil {
-			return fail(upstream.CodeBadRequest, "TagList holds a value that is not a string")
-		}
-		if !ValidTag(tags[i]) {
-			return fail(upstream.CodeInvalidTag, "invalid tag name: "+strconv.Quote(tags[i]))
-		}
-	}
-	accounts := make([]string, len(req.ToAccount))
 	valid := make([]string, 0, len(accounts))
 	var invalid []string
-	for i, a := range req.ToAccount {
-		if json.Unmarshal(a, &accounts[i]) != nil {
-			return fail(upstream.CodeAccountType, "To_Account holds a value that is not a string")
-		}
-		if validAccount(accounts[i]) {
-			valid = append(valid, accounts[i])
+	for _, a := range accounts {
+		if validAccount(a) {
+			valid = append(valid, a)
 		} else {
-			invalid = append(invalid, accounts[i])
+			invalid = append(invalid, a)
 		}
 	}
 
@@ -295,8 +315,25 @@ func ErrorCode(err error) (int, string) {
 // authenticate checks the query as the upstream does: the app, the admin
 // identifier and (in AuthUserSig mode) the UserSig.
 func (h *Handler) authenticate(r *http.Request) *upstream.GetResponse {
-	q := r.URL.Query()
-	app := q.Get("sdkappid")
+	var app, identifier, sig string
+	for rest := r.URL.RawQuery; rest != ""; {
+		var kv string
+		kv, rest, _ = strings.Cut(rest, "&")
+		k, v, _ := strings.Cut(kv, "=")
+		if strings.ContainsAny(v, "%+") {
+			if u, err := url.QueryUnescape(v); err == nil {
+				v = u
+			}
+		}
+		switch k {
+		case "sdkappid":
+			app = v
+		case "identifier":
+			identifier = v
+		case "usersig":
+			sig = v
+		}
+	}
 	if app == "" {
 		if h.cfg.Auth == AuthNone {
 			return nil
@@ -309,7 +346,6 @@ func (h *Handler) authenticate(r *http.Request) *upstream.GetResponse {
 	if h.cfg.Auth == AuthNone {
 		return nil
 	}
-	identifier, sig := q.Get("identifier"), q.Get("usersig")
 	if err := h.sigs.verify(sig, identifier, h.cfg.Key, h.cfg.SDKAppID, h.cfg.Now()); err != nil {
 		return fail(usersig.Code(err), err.Error())
 	}
@@ -324,7 +360,12 @@ func (h *Handler) authenticate(r *http.Request) *upstream.GetResponse {
 // past the sig's expiry; the map is cleared when it reaches sigCacheMax.
 type sigCache struct {
 	mu sync.RWMutex
-	m  map[string]time.Time
+	m  map[string]verified // by sig
+}
+
+type verified struct {
+	identifier string
+	until      time.Time
 }
 
 const (
@@ -333,18 +374,17 @@ const (
 )
 
 func (c *sigCache) verify(sig, identifier, key string, app uint64, now time.Time) error {
-	k := identifier + "\x00" + sig
 	c.mu.RLock()
-	until, ok := c.m[k]
+	v, ok := c.m[sig]
 	c.mu.RUnlock()
-	if ok && now.Before(until) {
+	if ok && v.identifier == identifier && now.Before(v.until) {
 		return nil
 	}
 	claims, err := usersig.Verify(sig, key, app, identifier, now)
 	if err != nil {
 		return err
 	}
-	until = now.Add(sigCacheTTL)
+	until := now.Add(sigCacheTTL)
 	if claims.Expires.Before(until) {
 		until = claims.Expires.Add(time.Second) // Verify accepts up to the expiry second inclusive
 	}
@@ -352,7 +392,7 @@ func (c *sigCache) verify(sig, identifier, key string, app uint64, now time.Time
 	if len(c.m) >= sigCacheMax {
 		clear(c.m)
 	}
-	c.m[k] = until
+	c.m[sig] = verified{identifier, until}
 	c.mu.Unlock()
 	return nil
 }

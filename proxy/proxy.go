@@ -261,6 +261,9 @@ func (p *Proxy) adminMux() *http.ServeMux {
 	return mux
 }
 
+// Handler is the drop-in API handler (for in-process benchmarks).
+func (p *Proxy) Handler() http.Handler { return p.api.Handler }
+
 // Addr is the API listener's address.
 func (p *Proxy) Addr() string { return p.apiLn.Addr().String() }
 

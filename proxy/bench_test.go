@@ -1,0 +1,64 @@
+package proxy_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/proxy"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/usersig"
+)
+
+// BenchmarkHitPath measures one single-account lookup answered from the
+// in-process tier, handler included, without the network.
+func BenchmarkHitPath(b *testing.B) {
+	sim := imsim.New(imsim.Config{})
+	srv := httptest.NewServer(sim)
+	defer srv.Close()
+	p, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", AdminListen: "-", Upstream: srv.URL, SDKAppID: sim.SDKAppID(),
+		SecretKey: sim.Key(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		b.Fatal(err)
+	}
+	h := p.Handler()
+	q := upstream.PathGet + "?sdkappid=1400000000&identifier=administrator&random=1&contenttype=json&usersig=" +
+		signFor(sim)
+	body := `{"To_Account":["user1"],"TagList":["Tag_Profile_IM_Nick"]}`
+	stop := runProxy(b, p)
+	defer stop()
+	// Warm the account.
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, q, strings.NewReader(body)))
+	if !strings.Contains(rec.Body.String(), "nick-user1") {
+		b.Fatalf("warm-up: %s", rec.Body.String())
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, q, strings.NewReader(body)))
+			if rec.Code != 200 {
+				b.Fatal(rec.Code)
+			}
+		}
+	})
+}
+
+func signFor(sim *imsim.Server) string {
+	return usersig.Sign(sim.Key(), sim.SDKAppID(), sim.Identifier(), time.Now(), time.Hour)
+}
+
+func runProxy(b *testing.B, p *proxy.Proxy) func() {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	return func() { cancel(); <-done }
+}
