@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -49,11 +50,14 @@ type Config struct {
 	SecretKey       string
 	UpstreamTimeout time.Duration
 
-	Rate        float64       // upstream calls per second; default 100
-	RateGuard   time.Duration // jitter allowance; default limiter.DefaultGuard
-	BatchMax    int
-	BatchWindow time.Duration
-	DefaultTags []string
+	Rate float64 // upstream calls per second; default 100
+	// RateFallbackShare is the part of Rate one replica uses while the
+	// shared limiter in Redis is unreachable; default 0.3.
+	RateFallbackShare float64
+	RateGuard         time.Duration // jitter allowance; default limiter.DefaultGuard
+	BatchMax          int
+	BatchWindow       time.Duration
+	DefaultTags       []string
 
 	TTL            time.Duration
 	StaleTTL       time.Duration
@@ -152,15 +156,6 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if err != nil {
 		return nil, err
 	}
-	lim, err := limiter.NewLocal(limiter.Config{Rate: cfg.Rate, Guard: cfg.RateGuard})
-	if err != nil {
-		return nil, err
-	}
-	p.batcher, err = batcher.New(batcher.Config{Upstream: client, Limiter: lim, MaxAccounts: cfg.BatchMax,
-		Window: cfg.BatchWindow, DefaultTags: cfg.DefaultTags, DrainTimeout: cfg.DrainTimeout, Metrics: p.m})
-	if err != nil {
-		return nil, err
-	}
 	var remote cache.Remote
 	if cfg.Redis != "" {
 		if p.rclient, err = cache.NewRedisClient(cfg.Redis); err != nil {
@@ -180,6 +175,34 @@ func New(cfg Config) (_ *Proxy, err error) {
 		remote = p.redis
 	} else {
 		p.m.RedisUp.Set(0)
+	}
+	var lim limiter.Limiter
+	if p.rclient != nil {
+		hold := cfg.UpstreamTimeout
+		if hold <= 0 {
+			hold = 5 * time.Second
+		}
+		lim, err = limiter.NewShared(limiter.SharedConfig{Client: p.rclient, App: strconv.FormatUint(cfg.SDKAppID, 10),
+			Rate: cfg.Rate, Guard: cfg.RateGuard, MaxHold: hold + 5*time.Second, FallbackShare: cfg.RateFallbackShare,
+			OnFallback: func(on bool) {
+				if on {
+					p.m.LimiterFallback.Set(1)
+					log.Warn("shared limiter unreachable: using this replica's fallback share of the rate", "share", cfg.RateFallbackShare)
+				} else {
+					p.m.LimiterFallback.Set(0)
+					log.Info("shared limiter reachable again")
+				}
+			}})
+	} else {
+		lim, err = limiter.NewLocal(limiter.Config{Rate: cfg.Rate, Guard: cfg.RateGuard})
+	}
+	if err != nil {
+		return nil, err
+	}
+	p.batcher, err = batcher.New(batcher.Config{Upstream: client, Limiter: lim, MaxAccounts: cfg.BatchMax,
+		Window: cfg.BatchWindow, DefaultTags: cfg.DefaultTags, DrainTimeout: cfg.DrainTimeout, Metrics: p.m})
+	if err != nil {
+		return nil, err
 	}
 	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote,
 		TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, NegativeTTL: cfg.NegativeTTL, Metrics: p.m})

@@ -1,0 +1,346 @@
+package limiter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/time/rate"
+)
+
+// Shared holds the quota for every replica of one app in Redis, with the
+// same in-flight accounting as Local: a call may start only while fewer
+// than Quota calls are in flight or were answered within the last second,
+// counted across all replicas.
+//
+// State is one sorted set per app (members are permits; the score of a
+// permit in flight is its grant time plus MaxHold, of an ended one its
+// answer time) and a pause key for throttling backoff, both under one hash
+// tag so the Lua scripts work on Redis Cluster. Time is Redis's own (TIME),
+// so replicas' clocks do not matter. A replica that dies with permits in
+// flight holds their slots at most MaxHold plus a second.
+//
+// When Redis cannot be reached the replica falls back to a Local limiter
+// at FallbackShare of the rate (so N replicas with share ≤ 1/N stay within
+// the quota) and returns to Redis once it answers again, first recording
+// the calls it made meanwhile so the shared window sees them. Shared is
+// safe for concurrent use.
+type Shared struct {
+	cfg      SharedConfig
+	spacer   *rate.Limiter
+	fallback *Local
+	zkey     string
+	pkey     string
+	seq      atomic.Uint64
+	prefix   string
+
+	mu        sync.Mutex
+	downUntil time.Time
+	fellBack  bool // on the fallback since the last successful recover
+	// calls granted by the fallback, to record on recovery: member →
+	// answer time (zero while in flight).
+	offlineCalls map[string]time.Time
+}
+
+// SharedConfig configures a Shared limiter. Client, App and Rate are
+// required.
+type SharedConfig struct {
+	Client redis.UniversalClient
+	// App names the quota's owner (the SDKAppID).
+	App string
+	// Rate is the app's quota in calls per second.
+	Rate float64
+	// Guard widens the window beyond one second. Zero means DefaultGuard.
+	Guard time.Duration
+	// MaxHold bounds how long a permit can stay in flight (set it above
+	// the upstream timeout). Zero means 10s.
+	MaxHold time.Duration
+	// FallbackShare is the part of Rate this replica may use while Redis
+	// is unreachable. Zero means 0.3 (three replicas stay within quota).
+	FallbackShare float64
+	// Replica names this process in permit ids; empty means random.
+	Replica string
+	// OnFallback, if set, is told when the limiter leaves (true) or
+	// returns to (false) the shared window.
+	OnFallback func(bool)
+}
+
+var acquireScript = redis.NewScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local quota, span, hold = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local pause = redis.call('PTTL', KEYS[2])
+if pause > 0 then return {0, pause} end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - span)
+local n = redis.call('ZCARD', KEYS[1])
+if n < quota then
+  redis.call('ZADD', KEYS[1], now + hold, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], span + hold + 1000)
+  return {1, 0}
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local s = tonumber(first[2])
+if s <= now then return {0, s + span - now} end
+return {0, -1}
+`)
+
+var releaseScript = redis.NewScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[2] == '1' then
+  redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 1
+`)
+
+// recordScript adds calls made offline: ARGV pairs of member, age in ms
+// (how long ago the call was answered; -1 while still in flight).
+var recordScript = redis.NewScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local hold, span = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, #ARGV, 2 do
+  local age = tonumber(ARGV[i+1])
+  local score = now + hold
+  if age >= 0 then score = now - age end
+  redis.call('ZADD', KEYS[1], score, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], span + hold + 1000)
+return 1
+`)
+
+var pauseScript = redis.NewScript(`
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+end
+return 1
+`)
+
+// NewShared validates cfg and returns a Shared limiter.
+func NewShared(cfg SharedConfig) (*Shared, error) {
+	if cfg.Client == nil || cfg.App == "" {
+		return nil, errors.New("limiter: SharedConfig.Client and App are required")
+	}
+	if !(cfg.Rate > 0) {
+		return nil, fmt.Errorf("limiter: rate %v must be positive", cfg.Rate)
+	}
+	if cfg.Guard == 0 {
+		cfg.Guard = DefaultGuard
+	}
+	if cfg.Guard < 0 {
+		cfg.Guard = 0
+	}
+	if cfg.MaxHold <= 0 {
+		cfg.MaxHold = 10 * time.Second
+	}
+	if cfg.FallbackShare <= 0 || cfg.FallbackShare > 1 {
+		cfg.FallbackShare = 0.3
+	}
+	if cfg.Replica == "" {
+		cfg.Replica = strconv.FormatUint(uint64(time.Now().UnixNano())^uint64(cfg.Rate*1e6), 36)
+	}
+	fb, err := NewLocal(Config{Rate: cfg.Rate * cfg.FallbackShare, Guard: cfg.Guard})
+	if err != nil {
+		return nil, err
+	}
+	tag := "{pp:v1:" + cfg.App + "}"
+	return &Shared{cfg: cfg, fallback: fb, offlineCalls: map[string]time.Time{},
+		spacer: rate.NewLimiter(rate.Limit(cfg.Rate*spacerHeadroom), 1),
+		zkey:   tag + ":quota", pkey: tag + ":pause", prefix: cfg.Replica + ":"}, nil
+}
+
+const redisTimeout = 250 * time.Millisecond
+
+func (s *Shared) offline() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return time.Now().Before(s.downUntil)
+}
+
+// goDown switches to the fallback for a second (then Redis is tried
+// again). On entering the fallback it grants nothing for one window: the
+// shared window may have been full of other replicas' calls, and only after
+// a window has passed can the shares alone be trusted.
+func (s *Shared) goDown() {
+	s.mu.Lock()
+	was := s.fellBack
+	s.fellBack = true
+	s.downUntil = time.Now().Add(time.Second)
+	s.mu.Unlock()
+	if !was {
+		s.fallback.Backoff(time.Second + s.cfg.Guard)
+		if s.cfg.OnFallback != nil {
+			s.cfg.OnFallback(true)
+		}
+	}
+}
+
+// failed reports whether err means Redis is unreachable. A timeout is given
+// one more chance by the caller first: a slow answer is not an outage.
+func isTimeout(err error) bool {
+	var ne interface{ Timeout() bool }
+	return errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
+}
+
+// Acquire blocks until a call may start, as Limiter says.
+func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
+	for {
+		if s.offline() {
+			return s.acquireOffline(ctx)
+		}
+		if !s.recover(ctx) {
+			continue
+		}
+		member := s.prefix + strconv.FormatUint(s.seq.Add(1), 36)
+		var res []int64
+		var err error
+		for attempt, timeout := range []time.Duration{redisTimeout, 2 * redisTimeout} {
+			rctx, cancel := context.WithTimeout(ctx, timeout)
+			res, err = acquireScript.Run(rctx, s.cfg.Client, []string{s.zkey, s.pkey},
+				int(s.cfg.Rate), (time.Second + s.cfg.Guard).Milliseconds(), s.cfg.MaxHold.Milliseconds(), member).Int64Slice()
+			cancel()
+			if err == nil || !isTimeout(err) || ctx.Err() != nil || attempt == 1 {
+				break
+			}
+			// Timed out: the script may have run. Give the member up (a
+			// no-op if it never landed) and try once more before falling back.
+			s.release(member, false)
+			member = s.prefix + strconv.FormatUint(s.seq.Add(1), 36)
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			s.goDown()
+			continue
+		}
+		if res[0] == 1 {
+			if err := s.spacer.Wait(ctx); err != nil {
+				s.release(member, false)
+				return nil, err
+			}
+			return NewPermit(func(called bool) { s.release(member, called) }), nil
+		}
+		wait := 20 * time.Millisecond // every slot in flight: poll
+		if res[1] >= 0 {
+			wait = time.Duration(res[1]) * time.Millisecond
+		}
+		t := time.NewTimer(max(wait, time.Millisecond))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+func (s *Shared) release(member string, called bool) {
+	flag := "0"
+	if called {
+		flag = "1"
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
+	defer cancel()
+	if err := releaseScript.Run(ctx, s.cfg.Client, []string{s.zkey}, member, flag).Err(); err != nil {
+		// The entry stays in flight until MaxHold: conservative, never over.
+		s.goDown()
+	}
+}
+
+// acquireOffline grants from the fallback share and remembers the call.
+func (s *Shared) acquireOffline(ctx context.Context) (*Permit, error) {
+	p, err := s.fallback.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	member := s.prefix + "o" + strconv.FormatUint(s.seq.Add(1), 36)
+	span := time.Second + s.cfg.Guard
+	now := time.Now()
+	s.mu.Lock()
+	for m, at := range s.offlineCalls { // forget calls the window no longer sees
+		if !at.IsZero() && now.Sub(at) >= span {
+			delete(s.offlineCalls, m)
+		}
+	}
+	s.offlineCalls[member] = time.Time{}
+	s.mu.Unlock()
+	return NewPermit(func(called bool) {
+		p.end(called)
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if _, ok := s.offlineCalls[member]; !ok {
+			return // already recorded in Redis as in flight: it ages out there
+		}
+		if called {
+			s.offlineCalls[member] = time.Now()
+		} else {
+			delete(s.offlineCalls, member) // never made: nothing to record
+		}
+	}), nil
+}
+
+// recover records the fallback's calls of the last window in Redis before
+// the shared window is used again; false if Redis failed again.
+func (s *Shared) recover(ctx context.Context) bool {
+	s.mu.Lock()
+	if !s.fellBack {
+		s.mu.Unlock()
+		return true
+	}
+	span := time.Second + s.cfg.Guard
+	args := []any{s.cfg.MaxHold.Milliseconds(), span.Milliseconds()}
+	now := time.Now()
+	recorded := make([]string, 0, len(s.offlineCalls))
+	for m, at := range s.offlineCalls {
+		recorded = append(recorded, m)
+		switch {
+		case at.IsZero():
+			args = append(args, m, -1)
+		case now.Sub(at) < span:
+			args = append(args, m, now.Sub(at).Milliseconds())
+		}
+	}
+	s.mu.Unlock()
+	if len(args) > 2 {
+		rctx, cancel := context.WithTimeout(ctx, redisTimeout)
+		defer cancel()
+		if err := recordScript.Run(rctx, s.cfg.Client, []string{s.zkey}, args...).Err(); err != nil {
+			s.goDown()
+			return false
+		}
+	}
+	s.mu.Lock()
+	for _, m := range recorded {
+		delete(s.offlineCalls, m)
+	}
+	done := len(s.offlineCalls) == 0 // a fallback grant raced in: record it next time
+	if done {
+		s.fellBack = false
+	}
+	s.mu.Unlock()
+	if !done {
+		return true
+	}
+	if s.cfg.OnFallback != nil {
+		s.cfg.OnFallback(false)
+	}
+	return true
+}
+
+// Backoff pauses grants for d on every replica (through Redis), and locally.
+func (s *Shared) Backoff(d time.Duration) {
+	s.fallback.Backoff(d)
+	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
+	defer cancel()
+	if err := pauseScript.Run(ctx, s.cfg.Client, []string{s.pkey}, d.Milliseconds()).Err(); err != nil {
+		s.goDown()
+	}
+}

@@ -1,0 +1,187 @@
+package limiter
+
+import (
+	"context"
+	"math/rand/v2"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+)
+
+// drive runs callers goroutines acquiring from lims in turn for d; each
+// simulated call takes latency and is counted by the "upstream" at a random
+// moment of its flight. It returns the counted moments, sorted.
+func drive(t *testing.T, lims []Limiter, callers int, latency, d time.Duration) []time.Time {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	var mu sync.Mutex
+	var at []time.Time
+	var wg sync.WaitGroup
+	for i := range callers {
+		wg.Go(func() {
+			lim := lims[i%len(lims)]
+			rng := rand.New(rand.NewPCG(uint64(i), 1))
+			for {
+				p, err := lim.Acquire(ctx)
+				if err != nil {
+					return
+				}
+				s := time.Now()
+				time.Sleep(latency)
+				e := time.Now()
+				p.Done()
+				mu.Lock()
+				at = append(at, s.Add(time.Duration(rng.Float64()*float64(e.Sub(s)))))
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	sort.Slice(at, func(i, j int) bool { return at[i].Before(at[j]) })
+	return at
+}
+
+// maxInSecond is the most moments in any sliding second.
+func maxInSecond(at []time.Time) int {
+	best, j := 0, 0
+	for i := range at {
+		for at[i].Sub(at[j]) >= time.Second {
+			j++
+		}
+		best = max(best, i-j+1)
+	}
+	return best
+}
+
+func newShared(t *testing.T, client redis.UniversalClient, rate float64, onFallback func(bool)) *Shared {
+	t.Helper()
+	s, err := NewShared(SharedConfig{Client: client, App: "1400000000", Rate: rate, MaxHold: 2 * time.Second, OnFallback: onFallback})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestSharedThreeReplicas: three limiters on one Redis (and on a cluster)
+// hold the quota together in every sliding second, and use it.
+func TestSharedThreeReplicas(t *testing.T) {
+	for name, spec := range map[string]func(t *testing.T) redis.UniversalClient{
+		"single": func(t *testing.T) redis.UniversalClient {
+			return redis.NewClient(&redis.Options{Addr: redistest.Start(t).Addr()})
+		},
+		"cluster": func(t *testing.T) redis.UniversalClient {
+			c := redistest.StartCluster(t, 3)
+			return redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{c.Servers[0].Addr(), c.Servers[1].Addr()}})
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			const quota = 50
+			var lims []Limiter
+			client := spec(t)
+			defer client.Close()
+			for range 3 {
+				lims = append(lims, newShared(t, client, quota, nil))
+			}
+			at := drive(t, lims, 30, 15*time.Millisecond, 3*time.Second)
+			if m := maxInSecond(at); m > quota {
+				t.Fatalf("%d calls counted in one sliding second, quota %d", m, quota)
+			}
+			// About quota/(1s+latency) per second after the first second.
+			if len(at) < int(2.5*quota) {
+				t.Fatalf("only %d calls in 3s", len(at))
+			}
+			t.Logf("%d calls in 3s across 3 replicas, max %d in a sliding second", len(at), maxInSecond(at))
+		})
+	}
+}
+
+// TestSharedFallbackAndRecovery: with Redis gone, each replica uses its
+// fallback share; when Redis is back, the shared window is used again and
+// knows the calls made meanwhile.
+func TestSharedFallbackAndRecovery(t *testing.T) {
+	srv := redistest.Start(t)
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr(), MaxRetries: -1, DialTimeout: 100 * time.Millisecond})
+	defer client.Close()
+	var fallbacks, recoveries atomic.Int32
+	const quota = 40
+	var lims []Limiter
+	for range 3 {
+		lims = append(lims, newShared(t, client, quota, func(on bool) {
+			if on {
+				fallbacks.Add(1)
+			} else {
+				recoveries.Add(1)
+			}
+		}))
+	}
+	srv.Kill()
+	// The fallback grants nothing for its first window, then its share.
+	at := drive(t, lims, 12, 5*time.Millisecond, 3*time.Second)
+	if fallbacks.Load() != 3 {
+		t.Fatalf("%d replicas fell back, want 3", fallbacks.Load())
+	}
+	// 3 replicas × 0.3 × 40 = 36 per second at most.
+	if m := maxInSecond(at); m > quota {
+		t.Fatalf("%d calls in a second on the fallback", m)
+	}
+	if len(at) < 40 {
+		t.Fatalf("only %d calls in 3s on the fallback", len(at))
+	}
+	srv.Restart()
+	time.Sleep(1100 * time.Millisecond) // the fallback retries Redis after a second
+	at = drive(t, lims, 12, 5*time.Millisecond, 2*time.Second)
+	if recoveries.Load() != 3 {
+		t.Fatalf("%d replicas came back, want 3", recoveries.Load())
+	}
+	if m := maxInSecond(at); m > quota || m < quota*3/4 {
+		t.Fatalf("%d calls in the busiest second after recovery (quota %d)", m, quota)
+	}
+}
+
+func TestSharedBackoffReachesEveryReplica(t *testing.T) {
+	srv := redistest.Start(t)
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer client.Close()
+	a, b := newShared(t, client, 100, nil), newShared(t, client, 100, nil)
+	a.Backoff(500 * time.Millisecond)
+	start := time.Now()
+	p, err := b.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Done()
+	if d := time.Since(start); d < 400*time.Millisecond {
+		t.Fatalf("replica b granted after %v despite a's 500ms backoff", d)
+	}
+}
+
+func TestSharedCancelFreesSlot(t *testing.T) {
+	srv := redistest.Start(t)
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer client.Close()
+	s := newShared(t, client, 2, nil)
+	p1, _ := s.Acquire(context.Background())
+	p2, _ := s.Acquire(context.Background())
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := s.Acquire(ctx); err == nil {
+		t.Fatal("third permit with two in flight at quota 2")
+	}
+	p1.Cancel()
+	p3, err := s.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2.Done()
+	p3.Done()
+	if n := client.ZCard(context.Background(), s.zkey).Val(); n != 2 {
+		t.Fatalf("window holds %d entries, want the 2 answered calls", n)
+	}
+}
