@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
@@ -54,7 +55,7 @@ type options struct {
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
 	var o options
-	fs.StringVar(&o.scenario, "scenario", "all", "cold, lowload, hot or all")
+	fs.StringVar(&o.scenario, "scenario", "all", "cold, lowload, hot, replicas (cold with 1 and 3 proxies on one Redis) or all")
 	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
@@ -87,6 +88,11 @@ func run(args []string, out io.Writer) error {
 		return lowLoad(o, out)
 	case "hot":
 		return hot(o, out)
+	case "replicas":
+		if err := coldReplicas(o, out, 1); err != nil {
+			return err
+		}
+		return coldReplicas(o, out, 3)
 	case "all":
 		if err := cold(o, out); err != nil {
 			return err
@@ -94,7 +100,10 @@ func run(args []string, out io.Writer) error {
 		if err := lowLoad(o, out); err != nil {
 			return err
 		}
-		return hot(o, out)
+		if err := hot(o, out); err != nil {
+			return err
+		}
+		return coldReplicas(o, out, 3)
 	}
 	return fmt.Errorf("unknown scenario %q", o.scenario)
 }
@@ -103,10 +112,14 @@ func run(args []string, out io.Writer) error {
 type env struct {
 	sim    *proc
 	simURL string
-	p      *proc
-	admin  string
-	url    string // the proxy's portrait_get URL with a valid query
+	p      *proc  // the first proxy
+	admin  string // its admin address
+	url    string // its portrait_get URL with a valid query
 	direct string // the emulator's portrait_get URL with a valid query
+	ps     []*proc
+	urls   []string
+	admins []string
+	redis  *exec.Cmd
 }
 
 const (
@@ -116,6 +129,36 @@ const (
 )
 
 func startEnv(o options) (*env, error) { return startEnvArgs(o) }
+
+// startReplicas starts a redis-server, the emulator and n proxies sharing
+// the Redis (tier and limiter).
+func startReplicas(o options, n int) (*env, error) {
+	rcmd, raddr, err := startRedis()
+	if err != nil {
+		return nil, err
+	}
+	e, err := startEnvArgs(o, "-redis", "redis://"+raddr+"/0")
+	if err != nil {
+		rcmd.Process.Kill()
+		rcmd.Wait()
+		return nil, err
+	}
+	e.redis = rcmd
+	for len(e.ps) < n {
+		p, err := startProc(filepath.Join(o.bin, "proxy"), []string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
+			"-upstream", e.simURL, "-sdkappid", strconv.Itoa(simApp), "-rate", strconv.Itoa(o.quota),
+			"-batch-window", o.window.String(), "-log-level", "warn", "-redis", "redis://" + raddr + "/0"},
+			[]string{"PROXY_SECRET_KEY=" + simKey}, 2)
+		if err != nil {
+			e.stop()
+			return nil, err
+		}
+		e.ps = append(e.ps, p)
+		e.urls = append(e.urls, "http://"+p.addrs[0]+upstream.PathGet+signedQuery())
+		e.admins = append(e.admins, p.addrs[1])
+	}
+	return e, nil
+}
 
 func signSim() string { return usersig.Sign(simKey, simApp, simID, time.Now(), 24*time.Hour) }
 
@@ -136,13 +179,22 @@ func startEnvArgs(o options, extra ...string) (*env, error) {
 	}
 	sig := usersig.Sign(simKey, simApp, simID, time.Now(), 24*time.Hour)
 	q := fmt.Sprintf("?sdkappid=%d&identifier=%s&usersig=%s&random=1&contenttype=json", simApp, simID, sig)
-	return &env{sim: sim, simURL: simURL, p: p, admin: p.addrs[1],
-		url:    "http://" + p.addrs[0] + upstream.PathGet + q,
-		direct: simURL + upstream.PathGet + q}, nil
+	u := "http://" + p.addrs[0] + upstream.PathGet + q
+	return &env{sim: sim, simURL: simURL, p: p, admin: p.addrs[1], url: u, direct: simURL + upstream.PathGet + q,
+		ps: []*proc{p}, urls: []string{u}, admins: []string{p.addrs[1]}}, nil
 }
 
 func (e *env) stop() error {
-	return errors.Join(e.p.stop(), e.sim.stop())
+	var errs []error
+	for _, p := range e.ps {
+		errs = append(errs, p.stop())
+	}
+	errs = append(errs, e.sim.stop())
+	if e.redis != nil {
+		e.redis.Process.Kill()
+		e.redis.Wait()
+	}
+	return errors.Join(errs...)
 }
 
 // lookup asks for one account's nick and checks the answer is exactly the
@@ -182,8 +234,18 @@ func pct(lat []time.Duration, p float64) time.Duration {
 
 // cold: callers concurrent callers, each asking one never-seen account at
 // a time, for o.duration after a one-second warm-up.
-func cold(o options, out io.Writer) error {
-	e, err := startEnv(o)
+func cold(o options, out io.Writer) error { return coldReplicas(o, out, 1) }
+
+// coldReplicas is cold against n proxies (n > 1: sharing one Redis), the
+// callers spread over them.
+func coldReplicas(o options, out io.Writer, n int) error {
+	var e *env
+	var err error
+	if n == 1 {
+		e, err = startEnv(o)
+	} else {
+		e, err = startReplicas(o, n)
+	}
 	if err != nil {
 		return err
 	}
@@ -197,9 +259,9 @@ func cold(o options, out io.Writer) error {
 	defer cancel()
 	var wg sync.WaitGroup
 	var firstErr atomic.Value
-	for range o.callers {
+	for i := range o.callers {
 		wg.Go(func() {
-			c, err := newRawConn(e.url)
+			c, err := newRawConn(e.urls[i%len(e.urls)])
 			if err != nil {
 				firstErr.CompareAndSwap(nil, err.Error())
 				return
@@ -240,11 +302,18 @@ func cold(o options, out io.Writer) error {
 	}
 	measuring.Store(true)
 	start := time.Now()
-	cpu0 := e.p.cpu()
+	var cpu0, cpu time.Duration
+	for _, p := range e.ps {
+		cpu0 += p.cpu()
+	}
 	<-ctx.Done()
 	elapsed := time.Since(start)
-	cpu := e.p.cpu() - cpu0
-	rss := e.p.rssBytes()
+	var rss int64
+	for _, p := range e.ps {
+		cpu += p.cpu()
+		rss += p.rssBytes()
+	}
+	cpu -= cpu0
 	st, err := simStats(context.Background(), e.simURL)
 	if err != nil {
 		return err
@@ -257,16 +326,18 @@ func cold(o options, out io.Writer) error {
 	slices.Sort(lat)
 	r := result{lookups: lookups.Load(), errors: errs.Load(), wrong: wrong.Load(), elapsed: elapsed, lat: lat, stats: st}
 	rate := float64(r.lookups) / elapsed.Seconds()
-	fmt.Fprintf(out, "cold: %d callers, each one new account at a time, %v measured\n", o.callers, elapsed.Round(time.Millisecond))
+	fmt.Fprintf(out, "cold, %d replica(s)%s: %d callers, each one new account at a time, %v measured\n", n,
+		map[bool]string{true: " on one Redis", false: ""}[n > 1], o.callers, elapsed.Round(time.Millisecond))
 	fmt.Fprintf(out, "  lookups/s           %8.0f  (%.1f%% of the physical limit %d)\n", rate, 100*rate/float64(o.quota*100), o.quota*100)
 	fmt.Fprintf(out, "  accounts per call   %8.2f\n", st.AccountsPerCall())
 	fmt.Fprintf(out, "  upstream calls/s    %8.1f\n", float64(st.Calls)/elapsed.Seconds())
 	fmt.Fprintf(out, "  max calls in any sliding second %d (accepted %d), throttled %d\n", st.MaxCallsPerSec, st.MaxAcceptPerSec, st.Throttled)
-	fmt.Fprintf(out, "  errors %d, wrong answers %d\n", r.errors, r.wrong)
+	fmt.Fprintf(out, "  errors %d, wrong answers %d; upstream fetches per distinct account %.3f\n", r.errors, r.wrong,
+		float64(st.Accounts)/float64(max(1, st.DistinctFetched)))
 	if v := firstErr.Load(); v != nil {
 		fmt.Fprintf(out, "  first error: %s\n", v)
 	}
-	fmt.Fprintf(out, "  proxy CPU %.0f%% of one core (%.0fµs per lookup), RSS %d MiB\n",
+	fmt.Fprintf(out, "  proxy CPU (all replicas) %.0f%% of one core (%.0fµs per lookup), RSS %d MiB\n",
 		100*cpu.Seconds()/elapsed.Seconds(), float64(cpu.Microseconds())/float64(max(1, r.lookups)), rss>>20)
 	fmt.Fprintf(out, "  proxy: upstream call mean %.1fms, limiter wait mean %.1fms, batch wait mean %.1fms\n",
 		1000*histMean(before, after, "portrait_proxy_upstream_call_duration_seconds"), 1000*histMean(before, after, "portrait_proxy_limiter_wait_seconds"),
