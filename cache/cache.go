@@ -50,6 +50,23 @@ type Remote interface {
 	Put(ctx context.Context, accounts []string, recs []*Record) error
 }
 
+// Coordinator lets replicas agree on who fetches a missed account, so an
+// account missed on several replicas at once is fetched once. *Redis
+// satisfies it.
+type Coordinator interface {
+	// Claim makes this replica the fetcher of account, unless another
+	// replica is (owned false). It also returns the shared tier's record
+	// for tags as read after the claim, so a result that landed just
+	// before is not fetched again.
+	Claim(ctx context.Context, account string, tags []string) (owned bool, rec *Record, err error)
+	// Release gives a claim up after a failed fetch, so waiters take over.
+	// A successful fetch releases with its write-back.
+	Release(account string)
+	// Poll reads account's record for tags and whether a claim on it is
+	// still held.
+	Poll(ctx context.Context, account string, tags []string) (rec *Record, claimed bool, err error)
+}
+
 // Config configures a Cache. Loader is required.
 type Config struct {
 	Loader Loader
@@ -57,6 +74,11 @@ type Config struct {
 	Local *Local
 	// Remote is the shared tier; nil means none.
 	Remote Remote
+	// Coordinator, if set, coalesces misses across replicas (see
+	// Coordinator). PollEvery is how often a replica waiting on another's
+	// fetch looks for the result; zero means 5ms.
+	Coordinator Coordinator
+	PollEvery   time.Duration
 	// TTL is how long a value is fresh. Zero means 60s.
 	TTL time.Duration
 	// StaleTTL is how long past fresh a value may be served while it is
@@ -140,6 +162,9 @@ func New(cfg Config) (*Cache, error) {
 	}
 	if cfg.RefreshTimeout <= 0 {
 		cfg.RefreshTimeout = 10 * time.Second
+	}
+	if cfg.PollEvery <= 0 {
+		cfg.PollEvery = 5 * time.Millisecond
 	}
 	if cfg.RefreshBackoff <= 0 {
 		cfg.RefreshBackoff = 5 * time.Second
@@ -284,13 +309,71 @@ func (c *Cache) load(account string, tags []string, tagKey string) (*flight, <-c
 	f.refs++
 	c.fmu.Unlock()
 	ch := c.sf.DoChan(f.key, func() (any, error) {
+		if c.cfg.Coordinator != nil {
+			if res, ok := c.fromOtherReplica(f.ctx, account, tags); ok {
+				return res, nil
+			}
+		}
 		res, err := c.cfg.Loader.Load(f.ctx, account, tags)
 		if err == nil {
 			c.store(account, res)
 		}
+		if c.cfg.Coordinator != nil && (err != nil || c.recordOf(res, c.now()) == nil) {
+			c.cfg.Coordinator.Release(account) // nothing will be written: let waiters fetch
+		}
 		return res, err
 	})
 	return f, ch
+}
+
+// fromOtherReplica claims account; when another replica holds the claim it
+// waits for that replica's result in the shared tier. ok is false when this
+// replica should fetch: it holds the claim, the coordinator failed, or the
+// other fetch ended without a usable result.
+func (c *Cache) fromOtherReplica(ctx context.Context, account string, tags []string) (batcher.Result, bool) {
+	owned, rec, err := c.cfg.Coordinator.Claim(ctx, account, tags)
+	if err != nil {
+		return batcher.Result{}, false
+	}
+	now := c.now()
+	if st := rec.state(tags, now); st == stateFresh || st == stateNotFound {
+		// Another replica's result landed between our tier read and the claim.
+		if owned {
+			c.cfg.Coordinator.Release(account)
+		}
+		c.m.CrossReplica.WithLabelValues("waited").Inc()
+		c.local.Merge(account, rec, now)
+		return batcher.Result{Item: pick(account, rec, tags, now), Tags: tags}, true
+	}
+	if owned {
+		c.m.CrossReplica.WithLabelValues("claimed").Inc()
+		return batcher.Result{}, false
+	}
+	t := time.NewTicker(c.cfg.PollEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return batcher.Result{}, false
+		case <-t.C:
+		}
+		rec, claimed, err := c.cfg.Coordinator.Poll(ctx, account, tags)
+		if err != nil {
+			return batcher.Result{}, false
+		}
+		now := c.now()
+		switch rec.state(tags, now) {
+		case stateFresh, stateStale, stateNotFound:
+			c.m.CrossReplica.WithLabelValues("waited").Inc()
+			c.local.Merge(account, rec, now)
+			it := pick(account, rec, tags, now)
+			return batcher.Result{Item: it, Tags: tags}, true
+		}
+		if !claimed { // the other fetch failed or its claim expired: fetch here
+			c.m.CrossReplica.WithLabelValues("taken_over").Inc()
+			return batcher.Result{}, false
+		}
+	}
 }
 
 // leave drops one caller from f; the last one out ends the flight's context.

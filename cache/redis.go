@@ -121,6 +121,74 @@ func NewRedis(cfg RedisConfig) (*Redis, error) {
 	return r, nil
 }
 
+// claimKey is the key of the "being fetched" marker of account.
+func (r *Redis) claimKey(account string) string { return r.Key(account) + ":f" }
+
+// ClaimTTL bounds how long a claim holds when its owner never writes back
+// (it died): waiters fetch themselves after that.
+const ClaimTTL = 3 * time.Second
+
+// Claim sets account's marker if none is set (SET NX): owned means this
+// replica fetches. In the same pipeline, after the SET, it reads the
+// record: a replica that wrote its result and dropped its marker just
+// before has its result there (record and marker share a slot, so the
+// order holds on a cluster too). While the tier is down every replica
+// fetches.
+func (r *Redis) Claim(ctx context.Context, account string, tags []string) (bool, *Record, error) {
+	if !r.up.Load() {
+		return true, nil, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	defer cancel()
+	pipe := r.cfg.Client.Pipeline()
+	set := pipe.SetNX(ctx, r.claimKey(account), 1, ClaimTTL)
+	get := pipe.HMGet(ctx, r.Key(account), fieldsOf(tags)...)
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			r.down("claim", err)
+		}
+		return true, nil, err
+	}
+	return set.Val(), decodeRecord(tags, get.Val()), nil
+}
+
+func fieldsOf(tags []string) []string {
+	fields := make([]string, 0, len(tags)+1)
+	for _, t := range tags {
+		fields = append(fields, fieldOf(t))
+	}
+	return append(fields, negField)
+}
+
+// Release deletes account's marker (after a failed fetch), best effort.
+func (r *Redis) Release(account string) {
+	if !r.up.Load() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
+	defer cancel()
+	if err := r.cfg.Client.Del(ctx, r.claimKey(account)).Err(); err != nil {
+		r.down("release", err)
+	}
+}
+
+// Poll reads account's record for tags and whether its marker is set, in
+// one round trip.
+func (r *Redis) Poll(ctx context.Context, account string, tags []string) (*Record, bool, error) {
+	if !r.up.Load() {
+		return nil, false, ErrRedisDown
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	defer cancel()
+	pipe := r.cfg.Client.Pipeline()
+	get := pipe.HMGet(ctx, r.Key(account), fieldsOf(tags)...)
+	exists := pipe.Exists(ctx, r.claimKey(account))
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, false, err
+	}
+	return decodeRecord(tags, get.Val()), exists.Val() == 1, nil
+}
+
 // Up reports whether the tier is in use.
 func (r *Redis) Up() bool { return r.up.Load() }
 
@@ -138,8 +206,9 @@ func (r *Redis) down(op string, err error) {
 // Key returns the Redis key of account in this app. Ids made only of
 // letters, digits and _ . - @ are kept as they are (readable in
 // redis-cli); any other id is base64url-encoded behind a '~', so no byte
-// of an id can change the key's meaning.
-func (r *Redis) Key(account string) string { return "pp:v1:" + r.app + ":" + escapeID(account) }
+// of an id can change the key's meaning. The id is the key's hash tag, so
+// an account's record and its claim marker share a Cluster slot.
+func (r *Redis) Key(account string) string { return "pp:v1:" + r.app + ":{" + escapeID(account) + "}" }
 
 func escapeID(id string) string {
 	for i := 0; i < len(id); i++ {
@@ -159,11 +228,7 @@ func (r *Redis) Get(ctx context.Context, accounts, tags []string) ([]*Record, er
 	}
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
 	defer cancel()
-	fields := make([]string, 0, len(tags)+1)
-	for _, t := range tags {
-		fields = append(fields, fieldOf(t))
-	}
-	fields = append(fields, negField)
+	fields := fieldsOf(tags)
 	pipe := r.cfg.Client.Pipeline()
 	cmds := make([]*redis.SliceCmd, len(accounts))
 	for i, a := range accounts {
@@ -291,6 +356,7 @@ func (r *Redis) flush(batch []write) {
 			pipe.HDel(ctx, key, negField) // found: the account exists after all
 		}
 		pipe.PExpire(ctx, key, r.cfg.KeyTTL)
+		pipe.Del(ctx, r.claimKey(w.account)) // the result is in: replicas waiting on it see it
 	}
 	r.m.RedisRoundTrips.Inc()
 	if _, err := pipe.Exec(ctx); err != nil {

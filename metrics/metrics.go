@@ -26,6 +26,7 @@ type Metrics struct {
 	UpstreamRetries    *prometheus.CounterVec // upstream_retries_total{reason}
 	QueueAccounts      prometheus.Gauge       // queue_accounts
 	LimiterFallback    prometheus.Gauge       // limiter_fallback
+	CrossReplica       *prometheus.CounterVec // cross_replica_fetches_total{result}
 	RedisUp            prometheus.Gauge       // redis_up
 	RedisErrors        *prometheus.CounterVec // redis_errors_total{op}
 	RedisDropped       prometheus.Counter     // redis_dropped_writes_total
@@ -71,6 +72,8 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Accounts sent again, by reason (throttled, transient, split)."}, []string{"reason"}),
 		QueueAccounts: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "queue_accounts",
 			Help: "Accounts waiting for an upstream call."}),
+		CrossReplica: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cross_replica_fetches_total",
+			Help: "Misses coordinated across replicas: claimed (fetched here), waited (answered by another replica's fetch), taken_over (the other fetch failed)."}, []string{"result"}),
 		LimiterFallback: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_fallback",
 			Help: "1 while the shared (Redis) limiter is unreachable and this replica uses its fallback share of the rate."}),
 		RedisUp: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "redis_up",
@@ -82,7 +85,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		RedisRoundTrips: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
 			Help: "Pipelines sent to Redis (reads and write-backs)."}),
 	}
-	reg.MustRegister(m.LimiterFallback, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
+	reg.MustRegister(m.CrossReplica, m.LimiterFallback, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
 	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)
 	return m

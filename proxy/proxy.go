@@ -59,11 +59,15 @@ type Config struct {
 	BatchWindow       time.Duration
 	DefaultTags       []string
 
-	TTL            time.Duration
-	StaleTTL       time.Duration
-	NegativeTTL    time.Duration
-	LocalAccounts  int    // in-process tier size in accounts
-	Redis          string // shared tier: redis://host:port/db, or a comma list of cluster nodes; empty: none
+	TTL           time.Duration
+	StaleTTL      time.Duration
+	NegativeTTL   time.Duration
+	LocalAccounts int    // in-process tier size in accounts
+	Redis         string // shared tier: redis://host:port/db, or a comma list of cluster nodes; empty: none
+	// NoCrossReplica turns off coalescing of misses across replicas
+	// (with Redis, an account missed on several replicas at once is
+	// otherwise fetched by one of them).
+	NoCrossReplica bool
 	Auth           string
 	MaxAccounts    int
 	RequestTimeout time.Duration
@@ -204,7 +208,11 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote,
+	var coord cache.Coordinator
+	if p.redis != nil && !cfg.NoCrossReplica {
+		coord = p.redis
+	}
+	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote, Coordinator: coord,
 		TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, NegativeTTL: cfg.NegativeTTL, Metrics: p.m})
 	if err != nil {
 		return nil, err

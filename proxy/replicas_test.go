@@ -119,3 +119,50 @@ func TestReplicasRedisKilledUnderLoad(t *testing.T) {
 	}
 	t.Logf("%d lookups through a Redis outage, %d calls, max %d in a sliding second", answered, st.Calls, st.MaxCallsPerSec)
 }
+
+// TestCrossReplicaCoalescing: the same cold accounts missed on three
+// replicas at once are fetched once each; with the switch off, up to three
+// times.
+func TestCrossReplicaCoalescing(t *testing.T) {
+	for _, off := range []bool{false, true} {
+		t.Run(map[bool]string{false: "on", true: "off"}[off], func(t *testing.T) {
+			rs := singleRedis(t)
+			sim, srv := startSim(t, imsim.Config{Faults: imsim.Faults{Latency: 100 * time.Millisecond}})
+			var rigs []*rig
+			for range 3 {
+				rigs = append(rigs, startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec, NoCrossReplica: off}))
+			}
+			accs := accounts(70_000, 40)
+			var wg sync.WaitGroup
+			for _, r := range rigs {
+				for _, a := range accs {
+					wg.Go(func() {
+						out, err := r.try(context.Background(), []string{a}, "Tag_Profile_IM_Nick")
+						if err != nil || out.ErrorCode != 0 {
+							t.Errorf("%s: %v %+v", a, err, out)
+							return
+						}
+						checkItem(t, out.UserProfileItem[0], a, "Tag_Profile_IM_Nick")
+					})
+				}
+			}
+			wg.Wait()
+			fetches := 0
+			for _, a := range accs {
+				fetches += sim.FetchCount(a)
+			}
+			waited := 0.0
+			for _, r := range rigs {
+				waited += testutil.ToFloat64(r.p.Metrics().CrossReplica.WithLabelValues("waited"))
+			}
+			t.Logf("switch %s: %d upstream fetches for %d accounts missed on 3 replicas; %v answered from another replica's fetch",
+				map[bool]string{false: "on", true: "off"}[off], fetches, len(accs), waited)
+			if !off && (fetches != len(accs) || waited != float64(2*len(accs))) {
+				t.Fatalf("coalescing on: %d fetches (want %d), %v waited (want %d)", fetches, len(accs), waited, 2*len(accs))
+			}
+			if off && fetches < 2*len(accs) {
+				t.Fatalf("coalescing off: only %d fetches; the test does not create overlap", fetches)
+			}
+		})
+	}
+}
