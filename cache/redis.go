@@ -29,12 +29,13 @@ import (
 // once without touching the network, writes are dropped) until a background
 // PING succeeds. Redis is safe for concurrent use; Run owns its goroutine.
 type Redis struct {
-	cfg   RedisConfig
-	m     *metrics.Metrics
-	up    atomic.Bool
-	downc chan struct{} // poked when the tier goes down
-	queue chan write
-	app   string
+	cfg    RedisConfig
+	m      *metrics.Metrics
+	up     atomic.Bool
+	downc  chan struct{} // poked when the tier goes down
+	queue  chan write
+	claims chan *claim
+	app    string
 }
 
 // RedisConfig configures the Redis tier. Client and SDKAppID are required.
@@ -115,7 +116,8 @@ func NewRedis(cfg RedisConfig) (*Redis, error) {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
 	r := &Redis{cfg: cfg, m: cfg.Metrics, downc: make(chan struct{}, 1), queue: make(chan write, cfg.WriteQueue),
-		app: strconv.FormatUint(cfg.SDKAppID, 10)}
+		claims: make(chan *claim, 1024),
+		app:    strconv.FormatUint(cfg.SDKAppID, 10)}
 	r.up.Store(true)
 	r.m.RedisUp.Set(1)
 	return r, nil
@@ -132,24 +134,90 @@ const ClaimTTL = 3 * time.Second
 // replica fetches. In the same pipeline, after the SET, it reads the
 // record: a replica that wrote its result and dropped its marker just
 // before has its result there (record and marker share a slot, so the
-// order holds on a cluster too). While the tier is down every replica
-// fetches.
+// order holds on a cluster too). Claims from concurrent lookups are sent
+// together, one pipeline for all that are waiting, by Run. While the tier
+// is down every replica fetches.
 func (r *Redis) Claim(ctx context.Context, account string, tags []string) (bool, *Record, error) {
 	if !r.up.Load() {
 		return true, nil, nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	c := &claim{account: account, tags: tags, done: make(chan struct{})}
+	select {
+	case r.claims <- c:
+	case <-ctx.Done():
+		return true, nil, ctx.Err()
+	}
+	select {
+	case <-c.done:
+		return c.owned, c.rec, c.err
+	case <-ctx.Done():
+		return true, nil, ctx.Err()
+	}
+}
+
+type claim struct {
+	account string
+	tags    []string
+	owned   bool
+	rec     *Record
+	err     error
+	done    chan struct{}
+}
+
+// runClaims sends waiting claims in pipelines until ctx ends.
+func (r *Redis) runClaims(ctx context.Context) {
+	batch := make([]*claim, 0, 256)
+	for {
+		select {
+		case <-ctx.Done():
+			for {
+				select {
+				case c := <-r.claims:
+					c.owned, c.err = true, ErrRedisDown
+					close(c.done)
+				default:
+					return
+				}
+			}
+		case c := <-r.claims:
+			batch = append(batch[:0], c)
+		fill:
+			for len(batch) < cap(batch) {
+				select {
+				case c := <-r.claims:
+					batch = append(batch, c)
+				default:
+					break fill
+				}
+			}
+			r.sendClaims(batch)
+		}
+	}
+}
+
+func (r *Redis) sendClaims(batch []*claim) {
+	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
 	defer cancel()
 	pipe := r.cfg.Client.Pipeline()
-	set := pipe.SetNX(ctx, r.claimKey(account), 1, ClaimTTL)
-	get := pipe.HMGet(ctx, r.Key(account), fieldsOf(tags)...)
-	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
-		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			r.down("claim", err)
-		}
-		return true, nil, err
+	sets := make([]*redis.BoolCmd, len(batch))
+	gets := make([]*redis.SliceCmd, len(batch))
+	for i, c := range batch {
+		sets[i] = pipe.SetNX(ctx, r.claimKey(c.account), 1, ClaimTTL)
+		gets[i] = pipe.HMGet(ctx, r.Key(c.account), fieldsOf(c.tags)...)
 	}
-	return set.Val(), decodeRecord(tags, get.Val()), nil
+	r.m.RedisRoundTrips.Inc()
+	_, err := pipe.Exec(ctx)
+	if err != nil && !errors.Is(err, redis.Nil) {
+		r.down("claim", err)
+	}
+	for i, c := range batch {
+		if err != nil && !errors.Is(err, redis.Nil) {
+			c.owned, c.err = true, err
+		} else {
+			c.owned, c.rec = sets[i].Val(), decodeRecord(c.tags, gets[i].Val())
+		}
+		close(c.done)
+	}
 }
 
 func fieldsOf(tags []string) []string {
@@ -265,9 +333,13 @@ func (r *Redis) Put(_ context.Context, accounts []string, recs []*Record) error 
 	return nil
 }
 
-// Run sends queued write-backs in pipelines and probes a down tier, until
-// ctx ends; then it flushes what is queued (if Redis is up) and returns.
+// Run sends queued write-backs and claims in pipelines and probes a down
+// tier, until ctx ends; then it flushes what is queued (if Redis is up)
+// and returns.
 func (r *Redis) Run(ctx context.Context) error {
+	claimsDone := make(chan struct{})
+	go func() { defer close(claimsDone); r.runClaims(ctx) }()
+	defer func() { <-claimsDone }()
 	probe := time.NewTicker(r.cfg.ProbeEvery)
 	defer probe.Stop()
 	batch := make([]write, 0, 256)

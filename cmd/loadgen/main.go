@@ -92,7 +92,10 @@ func run(args []string, out io.Writer) error {
 		if err := coldReplicas(o, out, 1); err != nil {
 			return err
 		}
-		return coldReplicas(o, out, 3)
+		if err := coldReplicas(o, out, 3); err != nil {
+			return err
+		}
+		return coldReplicas(o, out, 3, "-no-cross-replica")
 	case "all":
 		if err := cold(o, out); err != nil {
 			return err
@@ -103,7 +106,10 @@ func run(args []string, out io.Writer) error {
 		if err := hot(o, out); err != nil {
 			return err
 		}
-		return coldReplicas(o, out, 3)
+		if err := coldReplicas(o, out, 3); err != nil {
+			return err
+		}
+		return coldReplicas(o, out, 3, "-no-cross-replica")
 	}
 	return fmt.Errorf("unknown scenario %q", o.scenario)
 }
@@ -132,12 +138,13 @@ func startEnv(o options) (*env, error) { return startEnvArgs(o) }
 
 // startReplicas starts a redis-server, the emulator and n proxies sharing
 // the Redis (tier and limiter).
-func startReplicas(o options, n int) (*env, error) {
+func startReplicas(o options, n int, extra ...string) (*env, error) {
 	rcmd, raddr, err := startRedis()
 	if err != nil {
 		return nil, err
 	}
-	e, err := startEnvArgs(o, "-redis", "redis://"+raddr+"/0")
+	extra = append([]string{"-redis", "redis://" + raddr + "/0"}, extra...)
+	e, err := startEnvArgs(o, extra...)
 	if err != nil {
 		rcmd.Process.Kill()
 		rcmd.Wait()
@@ -145,9 +152,9 @@ func startReplicas(o options, n int) (*env, error) {
 	}
 	e.redis = rcmd
 	for len(e.ps) < n {
-		p, err := startProc(filepath.Join(o.bin, "proxy"), []string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
+		p, err := startProc(filepath.Join(o.bin, "proxy"), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
 			"-upstream", e.simURL, "-sdkappid", strconv.Itoa(simApp), "-rate", strconv.Itoa(o.quota),
-			"-batch-window", o.window.String(), "-log-level", "warn", "-redis", "redis://" + raddr + "/0"},
+			"-batch-window", o.window.String(), "-log-level", "warn"}, extra...),
 			[]string{"PROXY_SECRET_KEY=" + simKey}, 2)
 		if err != nil {
 			e.stop()
@@ -237,14 +244,14 @@ func pct(lat []time.Duration, p float64) time.Duration {
 func cold(o options, out io.Writer) error { return coldReplicas(o, out, 1) }
 
 // coldReplicas is cold against n proxies (n > 1: sharing one Redis), the
-// callers spread over them.
-func coldReplicas(o options, out io.Writer, n int) error {
+// callers spread over them; extra flags go to every proxy.
+func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
 	var e *env
 	var err error
 	if n == 1 {
-		e, err = startEnv(o)
+		e, err = startEnvArgs(o, extra...)
 	} else {
-		e, err = startReplicas(o, n)
+		e, err = startReplicas(o, n, extra...)
 	}
 	if err != nil {
 		return err
@@ -326,8 +333,8 @@ func coldReplicas(o options, out io.Writer, n int) error {
 	slices.Sort(lat)
 	r := result{lookups: lookups.Load(), errors: errs.Load(), wrong: wrong.Load(), elapsed: elapsed, lat: lat, stats: st}
 	rate := float64(r.lookups) / elapsed.Seconds()
-	fmt.Fprintf(out, "cold, %d replica(s)%s: %d callers, each one new account at a time, %v measured\n", n,
-		map[bool]string{true: " on one Redis", false: ""}[n > 1], o.callers, elapsed.Round(time.Millisecond))
+	fmt.Fprintf(out, "cold, %d replica(s)%s %v: %d callers, each one new account at a time, %v measured\n", n,
+		map[bool]string{true: " on one Redis", false: ""}[n > 1], extra, o.callers, elapsed.Round(time.Millisecond))
 	fmt.Fprintf(out, "  lookups/s           %8.0f  (%.1f%% of the physical limit %d)\n", rate, 100*rate/float64(o.quota*100), o.quota*100)
 	fmt.Fprintf(out, "  accounts per call   %8.2f\n", st.AccountsPerCall())
 	fmt.Fprintf(out, "  upstream calls/s    %8.1f\n", float64(st.Calls)/elapsed.Seconds())
