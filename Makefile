@@ -20,13 +20,14 @@ check-redis:
 
 ## bench: the benchmark suite; prints the figures it measures
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./batcher/ ./usersig/ ./upstream/ ./cache/
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 1s ./usersig/ ./upstream/ ./proxy/
 	CGO_ENABLED=0 $(GO) build -o bin/ ./cmd/...
 	bin/loadgen -bin bin -scenario all
 
 ## fuzz: bounded fuzzing of request decoding and UserSig verification
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzVerify -fuzztime 30s ./usersig/
+	$(GO) test -run '^$$' -fuzz FuzzVerify -fuzztime 20s ./usersig/
+	$(GO) test -run '^$$' -fuzz FuzzPortraitGet -fuzztime 20s ./httpapi/
 
 build:
 	CGO_ENABLED=0 $(GO) build -o bin/ ./cmd/...

@@ -165,3 +165,13 @@ func FuzzVerify(f *testing.F) {
 		}
 	})
 }
+
+func BenchmarkVerify(b *testing.B) {
+	sig := Sign(key, 1400000000, "administrator", t0, 24*time.Hour)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := Verify(sig, key, 1400000000, "administrator", t0); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
