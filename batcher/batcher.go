@@ -31,6 +31,7 @@ import (
 	"net/http/httptrace"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/limiter"
@@ -53,6 +54,10 @@ var (
 	ErrClosed = errors.New("batcher: closed")
 	// ErrMissing: the upstream's answer did not mention the account.
 	ErrMissing = errors.New("batcher: account missing from upstream answer")
+	// ErrOverloaded: MaxQueue accounts already wait for the quota.
+	ErrOverloaded = errors.New("batcher: overloaded: too many lookups wait for the upstream quota")
+	// ErrWouldMiss: the queue ahead cannot be served before the deadline.
+	ErrWouldMiss = errors.New("batcher: the upstream quota cannot serve this lookup before its deadline")
 )
 
 // Config configures a Batcher. Upstream and Limiter are required.
@@ -79,10 +84,34 @@ type Config struct {
 	// DrainTimeout bounds the final flush when Run's context ends. Zero
 	// means 5s.
 	DrainTimeout time.Duration
+	// MaxQueue bounds accounts waiting for a call; a lookup beyond it is
+	// refused at once (ErrOverloaded). Zero means 50,000.
+	MaxQueue int
+	// Rate is the quota in calls per second, for Admit's estimate of the
+	// wait ahead. Zero disables the estimate.
+	Rate float64
 	// Metrics, if nil, go to a private registry.
 	Metrics *metrics.Metrics
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+}
+
+type deadlineKey struct{}
+
+// WithDeadlineHint returns ctx carrying a function that tells the latest
+// deadline among the callers a shared lookup serves (false: none). The
+// batcher drops an account at dispatch when that deadline cannot be met,
+// so quota is not spent on answers nobody will read. The cache uses it for
+// its flights, whose own contexts carry no deadline.
+func WithDeadlineHint(ctx context.Context, hint func() (time.Time, bool)) context.Context {
+	return context.WithValue(ctx, deadlineKey{}, hint)
+}
+
+func deadlineOf(ctx context.Context) (time.Time, bool) {
+	if hint, ok := ctx.Value(deadlineKey{}).(func() (time.Time, bool)); ok {
+		return hint()
+	}
+	return ctx.Deadline()
 }
 
 // Result is one account's answer: the upstream's item (every fetched tag it
@@ -126,6 +155,20 @@ func (e *entry) live() bool {
 	return len(e.waiters) > 0
 }
 
+// hopeless answers ErrWouldMiss to waiters whose deadline falls before a
+// call started at now could answer (after lat), and reports whether none
+// is left.
+func (e *entry) hopeless(now time.Time, lat time.Duration) bool {
+	e.waiters = slices.DeleteFunc(e.waiters, func(w *waiter) bool {
+		if d, ok := deadlineOf(w.ctx); ok && d.Before(now.Add(lat)) {
+			w.done <- outcome{err: ErrWouldMiss}
+			return true
+		}
+		return false
+	})
+	return len(e.waiters) == 0
+}
+
 func (e *entry) complete(o outcome) {
 	for _, w := range e.waiters {
 		w.done <- o
@@ -150,6 +193,7 @@ type Batcher struct {
 
 	callCtx  context.Context
 	inflight sync.WaitGroup
+	latency  atomic.Int64 // moving average of call duration, ns
 }
 
 // New validates cfg and returns a Batcher. Nothing runs until Run.
@@ -174,6 +218,9 @@ func New(cfg Config) (*Batcher, error) {
 	}
 	if cfg.ThrottleBackoff <= 0 {
 		cfg.ThrottleBackoff = 500 * time.Millisecond
+	}
+	if cfg.MaxQueue <= 0 {
+		cfg.MaxQueue = 50_000
 	}
 	if cfg.DrainTimeout <= 0 {
 		cfg.DrainTimeout = 5 * time.Second
@@ -216,6 +263,10 @@ func (b *Batcher) Load(ctx context.Context, account string, tags []string) (Resu
 	}
 	e := b.pending[account]
 	if e == nil {
+		if b.queued >= b.cfg.MaxQueue {
+			b.mu.Unlock()
+			return Result{}, ErrOverloaded
+		}
 		e = &entry{account: account, queued: b.now()}
 		b.pending[account] = e
 		b.queue = append(b.queue, e)
@@ -232,6 +283,32 @@ func (b *Batcher) Load(ctx context.Context, account string, tags []string) (Resu
 	case <-ctx.Done():
 		return Result{}, ctx.Err()
 	}
+}
+
+// Admit says whether a new lookup with this deadline can be served in
+// time, given the accounts queued ahead, the quota and the recent call
+// latency: ErrOverloaded when the queue is full, ErrWouldMiss when the
+// estimate passes the deadline, nil otherwise (or when no deadline is set).
+// It lets callers answer at once (with a stale value, say) instead of
+// queueing a lookup to die.
+func (b *Batcher) Admit(deadline time.Time, ok bool) error {
+	b.mu.Lock()
+	queued := b.queued
+	b.mu.Unlock()
+	if queued >= b.cfg.MaxQueue {
+		return ErrOverloaded
+	}
+	if !ok || b.cfg.Rate <= 0 {
+		return nil
+	}
+	// Calls ahead, at the rate the window allows: Rate per (1s + latency).
+	lat := time.Duration(b.latency.Load())
+	calls := float64(queued/b.cfg.MaxAccounts + 1)
+	eta := time.Duration(calls/b.cfg.Rate*float64(time.Second+lat)) + lat
+	if b.now().Add(eta).After(deadline) {
+		return ErrWouldMiss
+	}
+	return nil
 }
 
 // Run dispatches batches until ctx ends, then flushes what is queued (within
@@ -360,11 +437,12 @@ func (b *Batcher) take() []*entry {
 	}
 	batch := make([]*entry, 0, b.cfg.MaxAccounts)
 	n := 0
+	now, lat := b.now(), time.Duration(b.latency.Load())
 	for n < len(b.queue) && len(batch) < b.cfg.MaxAccounts {
 		e := b.queue[n]
 		n++
 		delete(b.pending, e.account)
-		if e.live() {
+		if e.live() && !e.hopeless(now, lat) {
 			batch = append(batch, e)
 		}
 	}
@@ -399,8 +477,12 @@ func (b *Batcher) send(batch []*entry, permit *limiter.Permit) {
 	// back: the permit ends there, before the body is read and decoded, so
 	// the limiter's window is not held open by our own processing.
 	ctx := httptrace.WithClientTrace(b.callCtx, &httptrace.ClientTrace{GotFirstResponseByte: permit.Done})
+	start := time.Now()
 	resp, err := b.cfg.Upstream.PortraitGet(ctx, upstream.GetRequest{ToAccount: accounts, TagList: tags})
 	permit.Done() // no answer at all: the call ends with its failure
+	d := int64(time.Since(start))
+	old := b.latency.Load()
+	b.latency.Store(old + (d-old)/5) // a moving average; a lost race only skips one sample
 	if err == nil {
 		b.deliver(batch, tags, resp)
 		return

@@ -41,6 +41,12 @@ type Loader interface {
 	Load(ctx context.Context, account string, tags []string) (batcher.Result, error)
 }
 
+// admitter is the optional part of a Loader that refuses lookups it cannot
+// serve before their deadline (the batcher has it).
+type admitter interface {
+	Admit(deadline time.Time, ok bool) error
+}
+
 // Remote is a shared tier behind Local. Get answers for all accounts in one
 // round trip (nil where it holds nothing); Put writes records, merging with
 // what is there. Errors mean the tier is unusable for now: the Cache goes
@@ -137,10 +143,12 @@ type Cache struct {
 // context ends when the last of them leaves (and the batcher drops the
 // account if it has not been sent yet).
 type flight struct {
-	key    string // singleflight key, unique per flight
-	ctx    context.Context
-	cancel context.CancelFunc
-	refs   int
+	key      string // singleflight key, unique per flight
+	ctx      context.Context
+	cancel   context.CancelFunc
+	refs     int
+	deadline time.Time // the latest caller deadline; zero: some caller has none
+	bounded  bool      // every caller so far had a deadline
 }
 
 // New validates cfg and returns a Cache.
@@ -227,8 +235,19 @@ func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 	}
 	waits := make([]pending, 0, len(miss))
 	tagKey := keyOf(tags)
+	if ad, ok := c.cfg.Loader.(admitter); ok {
+		// Refuse at once what the quota cannot serve in time: a stale value
+		// if there is one, else the error, instead of queueing to die.
+		if err := ad.Admit(ctx.Deadline()); err != nil {
+			c.m.Shed.Add(float64(len(miss)))
+			for _, i := range miss {
+				answers[i] = c.failed(accounts[i], tags, err, recs[i])
+			}
+			return answers
+		}
+	}
 	for _, i := range miss {
-		f, ch := c.load(accounts[i], tags, tagKey)
+		f, ch := c.load(ctx, accounts[i], tags, tagKey)
 		waits = append(waits, pending{i, ch, f})
 	}
 	for _, w := range waits {
@@ -295,18 +314,29 @@ func keyOf(tags []string) string {
 }
 
 // load joins (or starts) the flight for account and tags.
-func (c *Cache) load(account string, tags []string, tagKey string) (*flight, <-chan singleflight.Result) {
+func (c *Cache) load(caller context.Context, account string, tags []string, tagKey string) (*flight, <-chan singleflight.Result) {
 	k := account + "\x01" + tagKey
+	dl, hasDL := caller.Deadline()
 	c.fmu.Lock()
 	f := c.flight[k]
 	if f == nil {
 		ctx, cancel := context.WithCancel(context.Background())
-		f = &flight{key: k + "\x01" + strconv.FormatUint(c.gen.Add(1), 36), ctx: ctx, cancel: cancel}
+		f = &flight{key: k + "\x01" + strconv.FormatUint(c.gen.Add(1), 36), cancel: cancel, bounded: true}
+		f.ctx = batcher.WithDeadlineHint(ctx, func() (time.Time, bool) {
+			c.fmu.Lock()
+			defer c.fmu.Unlock()
+			return f.deadline, f.bounded
+		})
 		c.flight[k] = f
 	} else {
 		c.m.SingleflightShared.Inc()
 	}
 	f.refs++
+	if !hasDL {
+		f.bounded = false
+	} else if dl.After(f.deadline) {
+		f.deadline = dl
+	}
 	c.fmu.Unlock()
 	ch := c.sf.DoChan(f.key, func() (any, error) {
 		if c.cfg.Coordinator != nil {
@@ -410,7 +440,7 @@ func (c *Cache) refresh(account string, tags []string) {
 		defer c.bg.Done()
 		ctx, cancel := context.WithTimeout(c.bgCtx, c.cfg.RefreshTimeout)
 		defer cancel()
-		f, ch := c.load(account, tags, tagKey)
+		f, ch := c.load(ctx, account, tags, tagKey)
 		ok := false
 		select {
 		case r := <-ch:

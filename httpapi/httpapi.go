@@ -303,6 +303,8 @@ func ErrorCode(err error) (int, string) {
 		return upstream.CodeInternalTimeout, "timed out waiting for the upstream; retry"
 	case errors.Is(err, context.Canceled):
 		return upstream.CodeInternalTimeout, "request cancelled"
+	case errors.Is(err, batcher.ErrOverloaded), errors.Is(err, batcher.ErrWouldMiss):
+		return upstream.CodeFreqLimit, "too many lookups for the app's upstream quota: " + strings.TrimPrefix(err.Error(), "batcher: ") + "; retry later"
 	case errors.Is(err, batcher.ErrClosed):
 		return upstream.CodeInternal, "proxy shutting down; retry"
 	case errors.As(err, &ue):

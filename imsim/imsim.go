@@ -336,8 +336,8 @@ func (s *Server) checkQuery(r *http.Request) *upstream.GetResponse {
 // stands for a gateway failing before the backend: the call is counted as
 // received but not processed.
 func (s *Server) portraitGet(w http.ResponseWriter, r *http.Request) {
-	now := time.Now()
 	s.mu.Lock()
+	now := time.Now() // read under the lock: the windows need times in order
 	s.stats.Calls++
 	s.stats.MaxCallsPerSec = max(s.stats.MaxCallsPerSec, s.arrivals.add(now))
 	f, b := s.faults, s.behaviour
@@ -387,6 +387,7 @@ func (s *Server) get(r *http.Request, now time.Time, b Behaviour, f Faults) *ups
 		return e
 	}
 	s.mu.Lock()
+	now = time.Now() // under the lock, so accepted times are in order
 	if b.Quota > 0 && s.accepts.count(now) >= b.Quota {
 		s.stats.Throttled++
 		s.record(Call{At: now})

@@ -26,6 +26,7 @@ type Metrics struct {
 	UpstreamRetries    *prometheus.CounterVec // upstream_retries_total{reason}
 	QueueAccounts      prometheus.Gauge       // queue_accounts
 	LimiterFallback    prometheus.Gauge       // limiter_fallback
+	Shed               prometheus.Counter     // shed_lookups_total
 	CrossReplica       *prometheus.CounterVec // cross_replica_fetches_total{result}
 	RedisUp            prometheus.Gauge       // redis_up
 	RedisErrors        *prometheus.CounterVec // redis_errors_total{op}
@@ -74,6 +75,8 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Accounts waiting for an upstream call."}),
 		CrossReplica: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cross_replica_fetches_total",
 			Help: "Misses coordinated across replicas: claimed (fetched here), waited (answered by another replica's fetch), taken_over (the other fetch failed)."}, []string{"result"}),
+		Shed: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "shed_lookups_total",
+			Help: "Missed lookups answered at once (stale, or a throttling error) because the quota could not serve them before their deadline."}),
 		LimiterFallback: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_fallback",
 			Help: "1 while the shared (Redis) limiter is unreachable and this replica uses its fallback share of the rate."}),
 		RedisUp: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "redis_up",
@@ -85,7 +88,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		RedisRoundTrips: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
 			Help: "Pipelines sent to Redis (reads and write-backs)."}),
 	}
-	reg.MustRegister(m.CrossReplica, m.LimiterFallback, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
+	reg.MustRegister(m.Shed, m.CrossReplica, m.LimiterFallback, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
 	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)
 	return m

@@ -70,6 +70,7 @@ type Config struct {
 	NoCrossReplica bool
 	Auth           string
 	MaxAccounts    int
+	MaxQueue       int // accounts waiting for the quota at most; default 50,000
 	RequestTimeout time.Duration
 	ShutdownDelay  time.Duration // readiness fails this long before the listener closes
 	DrainTimeout   time.Duration
@@ -203,7 +204,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p.batcher, err = batcher.New(batcher.Config{Upstream: client, Limiter: lim, MaxAccounts: cfg.BatchMax,
+	p.batcher, err = batcher.New(batcher.Config{Upstream: client, Limiter: lim, MaxAccounts: cfg.BatchMax, Rate: cfg.Rate, MaxQueue: cfg.MaxQueue,
 		Window: cfg.BatchWindow, DefaultTags: cfg.DefaultTags, DrainTimeout: cfg.DrainTimeout, Metrics: p.m})
 	if err != nil {
 		return nil, err

@@ -88,6 +88,7 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.IntVar(&cfg.LocalAccounts, "local-accounts", 1_000_000, "accounts held by the in-process tier (-1: no in-process tier, for measuring Redis alone)")
 	fs.StringVar(&cfg.Auth, "auth", "usersig", "usersig: callers present a valid admin UserSig for this app; none: trusted network")
 	fs.IntVar(&cfg.MaxAccounts, "max-accounts", 1000, "most accounts in one request")
+	fs.IntVar(&cfg.MaxQueue, "max-queue", 50_000, "most accounts waiting for the upstream quota; beyond, lookups are refused at once (60007)")
 	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", 5*time.Second, "longest a request waits for its answer")
 	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 5*time.Second, "timeout of one upstream call (the upstream's own is 3s)")
 	fs.DurationVar(&cfg.ShutdownDelay, "shutdown-delay", 0, "on SIGTERM, how long /readyz fails before the listener closes")

@@ -1,0 +1,120 @@
+package proxy_test
+
+import (
+	"context"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/proxy"
+)
+
+// TestOverload offers cold load at 3× what the quota can serve, open loop:
+// the proxy answers every request within its timeout, serves what the quota
+// allows in full batches, sheds the rest with 60007, keeps the quota, and
+// its queue and heap stay bounded.
+func TestOverload(t *testing.T) {
+	const quota = 2 // 2 calls/s × 100 accounts = 200 lookups/s
+	const offered = 600
+	const maxQueue = 300
+	r := start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota}, Faults: imsim.Faults{Latency: 5 * time.Millisecond}},
+		proxy.Config{Rate: quota, RequestTimeout: time.Second, MaxQueue: maxQueue})
+	var ms runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	heapBefore := ms.HeapInuse
+
+	var served, shed, timedOut, other, wrong atomic.Int64
+	var slowest atomic.Int64
+	var maxQueued, maxHeap atomic.Int64
+	stopSampling := make(chan struct{})
+	var sampler sync.WaitGroup
+	sampler.Go(func() {
+		for {
+			select {
+			case <-stopSampling:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			if q := int64(testutil.ToFloat64(r.p.Metrics().QueueAccounts)); q > maxQueued.Load() {
+				maxQueued.Store(q)
+			}
+			var m runtime.MemStats
+			runtime.ReadMemStats(&m)
+			if h := int64(m.HeapInuse); h > maxHeap.Load() {
+				maxHeap.Store(h)
+			}
+		}
+	})
+
+	var wg sync.WaitGroup
+	tick := time.NewTicker(time.Second / offered * 10) // 10 requests per tick
+	deadline := time.Now().Add(3 * time.Second)
+	next := 100_000
+	for time.Now().Before(deadline) {
+		<-tick.C
+		for range 10 {
+			a := imsim.AccountName(next)
+			next++
+			wg.Go(func() {
+				begin := time.Now()
+				out, err := r.try(context.Background(), []string{a}, "Tag_Profile_IM_Nick")
+				if d := int64(time.Since(begin)); d > slowest.Load() {
+					slowest.Store(d)
+				}
+				switch {
+				case err != nil:
+					other.Add(1)
+				case out.ErrorCode == 60007:
+					shed.Add(1)
+				case out.ErrorCode == 70169:
+					timedOut.Add(1)
+				case out.ErrorCode != 0:
+					other.Add(1)
+				default:
+					want, _ := imsim.SeededValue(a, "Tag_Profile_IM_Nick")
+					if it := out.UserProfileItem[0]; it.ToAccount != a || string(it.ProfileItem[0].Value) != string(want) {
+						wrong.Add(1)
+					} else {
+						served.Add(1)
+					}
+				}
+			})
+		}
+	}
+	tick.Stop()
+	wg.Wait()
+	close(stopSampling)
+	sampler.Wait()
+	st := r.sim.Stats()
+	total := served.Load() + shed.Load() + timedOut.Load() + other.Load() + wrong.Load()
+	t.Logf("%d requests: %d served, %d shed, %d timed out, %d other; slowest %v; %d calls, %.1f accounts per call; max queue %d; heap +%d MiB",
+		total, served.Load(), shed.Load(), timedOut.Load(), other.Load(), time.Duration(slowest.Load()), st.Calls, st.AccountsPerCall(),
+		maxQueued.Load(), (maxHeap.Load()-int64(heapBefore))>>20)
+	if wrong.Load() != 0 || other.Load() != 0 {
+		t.Fatalf("%d wrong, %d unexpected answers", wrong.Load(), other.Load())
+	}
+	if st.MaxCallsPerSec > quota || st.Throttled != 0 {
+		t.Fatalf("quota broken under overload: %+v", st)
+	}
+	if shed.Load() == 0 {
+		t.Fatal("nothing was shed at 3× the capacity")
+	}
+	if time.Duration(slowest.Load()) > 1500*time.Millisecond {
+		t.Fatalf("slowest answer %v with a 1s request timeout", time.Duration(slowest.Load()))
+	}
+	if timedOut.Load() > total/20 {
+		t.Fatalf("%d of %d requests timed out instead of being shed at once", timedOut.Load(), total)
+	}
+	if served.Load() < 400 || st.AccountsPerCall() < 80 {
+		t.Fatalf("served %d at %.1f accounts per call: the quota was not used at full batches", served.Load(), st.AccountsPerCall())
+	}
+	if maxQueued.Load() > maxQueue {
+		t.Fatalf("queue reached %d accounts, bound %d", maxQueued.Load(), maxQueue)
+	}
+}
