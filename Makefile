@@ -1,7 +1,9 @@
 GO ?= go
 PKGS := ./...
 
-.PHONY: run test bench fuzz vet build check-redis
+.PHONY: run test bench fuzz lint build check-redis
+
+STATICCHECK_VERSION ?= v0.8.2
 
 ## run: the proxy with the embedded IM emulator and the in-process cache (no account, no Redis needed)
 run:
@@ -17,6 +19,13 @@ check-redis:
 	  echo "make test needs redis-server (the tests start their own on free loopback ports)."; \
 	  echo "Install it: sudo apt-get install -y redis-server redis-tools   (macOS: brew install redis)"; \
 	  exit 1; }
+
+## lint: go vet and staticcheck (installed from the Go module proxy when missing)
+lint:
+	$(GO) vet $(PKGS)
+	@command -v staticcheck >/dev/null 2>&1 || test -x "$$($(GO) env GOPATH)/bin/staticcheck" || \
+	  $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+	"$$(command -v staticcheck || echo $$($(GO) env GOPATH)/bin/staticcheck)" $(PKGS)
 
 ## bench: the benchmark suite; prints the figures it measures
 bench:

@@ -358,7 +358,7 @@ func (s *Server) portraitGet(w http.ResponseWriter, r *http.Request) {
 
 	var resp *upstream.GetResponse
 	if !is502 && !isTimeout {
-		resp = s.get(r, now, b, f)
+		resp = s.get(r, b, f)
 	}
 	if d > 0 {
 		t := time.NewTimer(d)
@@ -381,13 +381,13 @@ func (s *Server) portraitGet(w http.ResponseWriter, r *http.Request) {
 }
 
 // get decides the answer of one portrait_get call, recording it in Stats.
-func (s *Server) get(r *http.Request, now time.Time, b Behaviour, f Faults) *upstream.GetResponse {
+func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetResponse {
 	if e := s.checkQuery(r); e != nil {
 		s.count(func(st *Stats) { st.AuthFailures++ })
 		return e
 	}
 	s.mu.Lock()
-	now = time.Now() // under the lock, so accepted times are in order
+	now := time.Now() // under the lock, so accepted times are in order
 	if b.Quota > 0 && s.accepts.count(now) >= b.Quota {
 		s.stats.Throttled++
 		s.record(Call{At: now})

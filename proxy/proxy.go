@@ -19,6 +19,7 @@ import (
 	"net/http/pprof"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -104,6 +105,32 @@ type Proxy struct {
 	signer   *usersig.Signer
 	ready    atomic.Bool
 	upstream string
+	failLog  failureLog
+}
+
+// failureLog writes one line per upstream failure, at most one a second
+// per kind, counting what it held back, so an outage cannot flood the log.
+type failureLog struct {
+	mu   sync.Mutex
+	last map[upstream.Kind]time.Time
+	held map[upstream.Kind]int
+}
+
+func (f *failureLog) log(log *slog.Logger, k upstream.Kind, err error) {
+	f.mu.Lock()
+	if f.last == nil {
+		f.last, f.held = map[upstream.Kind]time.Time{}, map[upstream.Kind]int{}
+	}
+	now := time.Now()
+	if now.Sub(f.last[k]) < time.Second {
+		f.held[k]++
+		f.mu.Unlock()
+		return
+	}
+	held := f.held[k]
+	f.last[k], f.held[k] = now, 0
+	f.mu.Unlock()
+	log.Warn("upstream call failed", "cause", k.String(), "error", err.Error(), "similar_failures_not_logged", held)
 }
 
 // New builds the proxy and binds its listeners. On error nothing is left
@@ -153,9 +180,12 @@ func New(cfg Config) (_ *Proxy, err error) {
 	p.signer = usersig.NewSigner(cfg.SecretKey, cfg.SDKAppID, cfg.AdminIdentifier, 0, nil)
 	client, err := upstream.New(upstream.Config{
 		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout,
-		Observe: func(k upstream.Kind, d time.Duration) {
+		Observe: func(k upstream.Kind, d time.Duration, err error) {
 			p.m.UpstreamCalls.WithLabelValues(k.String()).Inc()
 			p.m.UpstreamDuration.Observe(d.Seconds())
+			if err != nil {
+				p.failLog.log(log, k, err)
+			}
 		},
 	})
 	if err != nil {

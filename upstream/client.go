@@ -53,8 +53,9 @@ type Config struct {
 	// a few hundred calls in flight.
 	Transport http.RoundTripper
 	// Observe, if set, is told of every HTTP call made: the Kind of its
-	// outcome and its duration. It is called exactly once per call.
-	Observe func(kind Kind, d time.Duration)
+	// outcome, its duration and its error (nil when OK; the text holds no
+	// UserSig). It is called exactly once per call.
+	Observe func(kind Kind, d time.Duration, err error)
 }
 
 // Client calls the IM REST API. Create it with New.
@@ -63,7 +64,7 @@ type Client struct {
 	signer  *usersig.Signer
 	timeout time.Duration
 	http    *http.Client
-	observe func(Kind, time.Duration)
+	observe func(Kind, time.Duration, error)
 }
 
 // New validates cfg and returns a Client.
@@ -85,7 +86,7 @@ func New(cfg Config) (*Client, error) {
 	}
 	obs := cfg.Observe
 	if obs == nil {
-		obs = func(Kind, time.Duration) {}
+		obs = func(Kind, time.Duration, error) {}
 	}
 	return &Client{
 		base:    u,
@@ -207,7 +208,7 @@ func (e *Envelope) status() (int, string)    { return e.ErrorCode, e.ErrorInfo }
 // a non-zero ErrorCode. It reports the call to observe exactly once.
 func (c *Client) call(ctx context.Context, path string, body []byte, out answer) (err error) {
 	start := time.Now()
-	defer func() { c.observe(KindOf(err), time.Since(start)) }()
+	defer func() { c.observe(KindOf(err), time.Since(start), err) }()
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	full, redacted := c.endpoint(path)

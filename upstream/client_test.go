@@ -236,7 +236,7 @@ func TestObserveCountsEveryCall(t *testing.T) {
 	signer := usersig.NewSigner(sim.Key(), sim.SDKAppID(), sim.Identifier(), time.Hour, nil)
 	var mu sync.Mutex
 	kinds := map[upstream.Kind]int{}
-	c, err := upstream.New(upstream.Config{BaseURL: srv.URL, Signer: signer, Observe: func(k upstream.Kind, d time.Duration) {
+	c, err := upstream.New(upstream.Config{BaseURL: srv.URL, Signer: signer, Observe: func(k upstream.Kind, d time.Duration, _ error) {
 		mu.Lock()
 		kinds[k]++
 		mu.Unlock()

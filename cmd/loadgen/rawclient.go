@@ -17,14 +17,13 @@ import (
 // costs several times more CPU per request, and on a 2-core machine the
 // load generator's CPU is taken from the proxy it measures.
 type rawConn struct {
-	addr   string
-	path   string // path and query
-	host   string
-	conn   net.Conn
-	r      *bufio.Reader
-	req    []byte
-	body   []byte
-	header []byte
+	addr string
+	path string // path and query
+	host string
+	conn net.Conn
+	r    *bufio.Reader
+	req  []byte
+	body []byte
 }
 
 func newRawConn(rawURL string) (*rawConn, error) {
