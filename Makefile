@@ -1,7 +1,7 @@
 GO ?= go
 PKGS := ./...
 
-.PHONY: run test bench fuzz lint build check-redis
+.PHONY: run test bench fuzz lint build check-redis check-deploy
 
 STATICCHECK_VERSION ?= v0.8.2
 
@@ -26,6 +26,12 @@ lint:
 	@command -v staticcheck >/dev/null 2>&1 || test -x "$$($(GO) env GOPATH)/bin/staticcheck" || \
 	  $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
 	"$$(command -v staticcheck || echo $$($(GO) env GOPATH)/bin/staticcheck)" $(PKGS)
+
+## check-deploy: promtool checks of the alert rules and their unit tests (needs promtool: apt-get install prometheus)
+check-deploy:
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool check config deploy/prometheus/prometheus.yml
+	cd deploy/prometheus && promtool test rules alerts_test.yml
 
 ## bench: the benchmark suite; prints the figures it measures
 bench:

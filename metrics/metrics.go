@@ -27,6 +27,8 @@ type Metrics struct {
 	QueueAccounts      prometheus.Gauge       // queue_accounts
 	LimiterFallback    prometheus.Gauge       // limiter_fallback
 	Shed               prometheus.Counter     // shed_lookups_total
+	BuildInfo          *prometheus.GaugeVec   // build_info{version,goversion}
+	Quota              prometheus.Gauge       // quota_calls_per_second
 	CrossReplica       *prometheus.CounterVec // cross_replica_fetches_total{result}
 	RedisUp            prometheus.Gauge       // redis_up
 	RedisErrors        *prometheus.CounterVec // redis_errors_total{op}
@@ -75,6 +77,10 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Accounts waiting for an upstream call."}),
 		CrossReplica: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cross_replica_fetches_total",
 			Help: "Misses coordinated across replicas: claimed (fetched here), waited (answered by another replica's fetch), taken_over (the other fetch failed)."}, []string{"result"}),
+		BuildInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: namespace, Name: "build_info",
+			Help: "Always 1; labels say which build runs."}, []string{"version", "goversion"}),
+		Quota: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "quota_calls_per_second",
+			Help: "The app's upstream quota (-rate), for dashboards to draw calls/s against."}),
 		Shed: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "shed_lookups_total",
 			Help: "Missed lookups answered at once (stale, or a throttling error) because the quota could not serve them before their deadline."}),
 		LimiterFallback: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_fallback",
@@ -88,7 +94,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		RedisRoundTrips: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
 			Help: "Pipelines sent to Redis (reads and write-backs)."}),
 	}
-	reg.MustRegister(m.Shed, m.CrossReplica, m.LimiterFallback, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
+	reg.MustRegister(m.BuildInfo, m.Quota, m.Shed, m.CrossReplica, m.LimiterFallback, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
 	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)
 	return m

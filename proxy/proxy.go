@@ -17,6 +17,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -158,6 +160,12 @@ func New(cfg Config) (_ *Proxy, err error) {
 		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
 	p := &Proxy{cfg: cfg, log: log, reg: reg, m: metrics.New(reg)}
+	version := "devel"
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		version = bi.Main.Version
+	}
+	p.m.BuildInfo.WithLabelValues(version, runtime.Version()).Set(1)
+	p.m.Quota.Set(cfg.Rate)
 	defer func() {
 		if err != nil {
 			p.closeListeners()

@@ -22,15 +22,21 @@ import (
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout); err != nil {
+	if err := runUntilSignal(os.Args[1:], os.Getenv, os.Stdout); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(0)
 		}
 		fmt.Fprintln(os.Stderr, "proxy:", err)
 		os.Exit(1)
 	}
+}
+
+// runUntilSignal runs the proxy until SIGINT or SIGTERM, then shuts it
+// down in order (readiness first, in-flight lookups answered).
+func runUntilSignal(args []string, getenv func(string) string, stdout io.Writer) error {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return run(ctx, args, getenv, stdout)
 }
 
 // run parses args (with getenv as the fallback for each flag), starts the

@@ -5,7 +5,10 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"os"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -94,6 +97,65 @@ func TestRunDemo(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
+}
+
+// TestSIGTERMLosesNoLookup sends the process SIGTERM while lookups wait on
+// a slow upstream: every one is answered right, then the proxy exits cleanly.
+func TestSIGTERMLosesNoLookup(t *testing.T) {
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		done <- runUntilSignal([]string{"-demo", "-demo-latency", "300ms", "-listen", "127.0.0.1:0", "-admin-listen", "-", "-log-level", "error"}, env(nil), pw)
+		pw.Close()
+	}()
+	sc := bufio.NewScanner(pr)
+	var curl string
+	for sc.Scan() {
+		if line := strings.TrimSpace(sc.Text()); strings.HasPrefix(line, "curl ") {
+			curl = line
+			break
+		}
+	}
+	go io.Copy(io.Discard, pr)
+	u := curl[strings.Index(curl, "'http")+1:]
+	u = u[:strings.Index(u, "'")]
+	type answer struct {
+		body string
+		err  error
+	}
+	answers := make(chan answer, 20)
+	for i := range 20 {
+		go func() {
+			body := `{"To_Account":["user` + strconv.Itoa(100+i) + `"],"TagList":["Tag_Profile_IM_Nick"]}`
+			resp, err := http.Post(u, "application/json", strings.NewReader(body))
+			if err != nil {
+				answers <- answer{err: err}
+				return
+			}
+			raw, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			answers <- answer{string(raw), err}
+		}()
+	}
+	time.Sleep(100 * time.Millisecond) // the lookups are in flight: the upstream takes 300ms
+	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	for range 20 {
+		a := <-answers
+		if a.err != nil || !strings.Contains(a.body, `"ActionStatus":"OK"`) || !strings.Contains(a.body, `"Value":"nick-user`) {
+			t.Fatalf("lookup lost to SIGTERM: %v %s", a.err, a.body)
+		}
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("the proxy did not exit after SIGTERM")
 	}
 	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
 }
