@@ -99,3 +99,32 @@ func New(reg prometheus.Registerer) *Metrics {
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)
 	return m
 }
+
+// PoolStats are a connection pool's figures, as go-redis reports them.
+type PoolStats struct {
+	Hits, Misses, Timeouts uint32
+	TotalConns, IdleConns  uint32
+	StaleConns             uint32
+}
+
+// RegisterRedisPool exports the Redis client's pool figures, read at scrape
+// time from stats: redis_pool_{hits,misses,timeouts,stale}_total and
+// redis_pool_{total,idle}_connections.
+func RegisterRedisPool(reg prometheus.Registerer, stats func() PoolStats) {
+	counter := func(name, help string, f func(PoolStats) uint32) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: namespace, Name: name, Help: help},
+			func() float64 { return float64(f(stats())) })
+	}
+	gauge := func(name, help string, f func(PoolStats) uint32) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: namespace, Name: name, Help: help},
+			func() float64 { return float64(f(stats())) })
+	}
+	reg.MustRegister(
+		counter("redis_pool_hits_total", "Redis pool: connections reused.", func(s PoolStats) uint32 { return s.Hits }),
+		counter("redis_pool_misses_total", "Redis pool: connections dialed because none was free.", func(s PoolStats) uint32 { return s.Misses }),
+		counter("redis_pool_timeouts_total", "Redis pool: waits for a connection that timed out.", func(s PoolStats) uint32 { return s.Timeouts }),
+		counter("redis_pool_stale_total", "Redis pool: connections dropped as stale.", func(s PoolStats) uint32 { return s.StaleConns }),
+		gauge("redis_pool_total_connections", "Redis pool: open connections.", func(s PoolStats) uint32 { return s.TotalConns }),
+		gauge("redis_pool_idle_connections", "Redis pool: idle connections.", func(s PoolStats) uint32 { return s.IdleConns }),
+	)
+}

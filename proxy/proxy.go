@@ -204,6 +204,12 @@ func New(cfg Config) (_ *Proxy, err error) {
 		if p.rclient, err = cache.NewRedisClient(cfg.Redis); err != nil {
 			return nil, err
 		}
+		rc := p.rclient
+		metrics.RegisterRedisPool(reg, func() metrics.PoolStats {
+			st := rc.PoolStats()
+			return metrics.PoolStats{Hits: st.Hits, Misses: st.Misses, Timeouts: st.Timeouts,
+				TotalConns: st.TotalConns, IdleConns: st.IdleConns, StaleConns: st.StaleConns}
+		})
 		ttl, stale := cfg.TTL, cfg.StaleTTL
 		if ttl <= 0 {
 			ttl = time.Minute

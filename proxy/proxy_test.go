@@ -359,9 +359,17 @@ func TestShutdownWithLookupsInFlight(t *testing.T) {
 }
 
 func TestAdminEndpointsAndMetrics(t *testing.T) {
-	r := start(t, imsim.Config{}, proxy.Config{})
+	rs := singleRedis(t)
+	sim, srv := startSim(t, imsim.Config{})
+	r := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
 	r.get(t, accounts(0, 150), "Tag_Profile_IM_Nick")
 	r.get(t, []string{"user1"}, "Tag_Profile_IM_Nick")
+	// Failing calls are counted too, each once: 502s and per-item errors.
+	sim.SetFaults(imsim.Faults{Fail502: 0.5, ItemInternal: 0.2})
+	for i := range 10 {
+		r.try(context.Background(), accounts(1000+20*i, 20), "Tag_Profile_IM_Nick")
+	}
+	sim.SetFaults(imsim.Faults{})
 	admin := "http://" + r.p.AdminAddr()
 	for path, want := range map[string]int{"/healthz": 200, "/readyz": 200, "/metrics": 200, "/debug/pprof/": 200} {
 		resp, err := http.Get(admin + path)
@@ -380,14 +388,25 @@ func TestAdminEndpointsAndMetrics(t *testing.T) {
 	for _, fam := range []string{"portrait_proxy_requests_total", "portrait_proxy_request_duration_seconds", "portrait_proxy_cache_lookups_total",
 		"portrait_proxy_singleflight_shared_total", "portrait_proxy_batch_accounts", "portrait_proxy_batch_wait_seconds",
 		"portrait_proxy_limiter_wait_seconds", "portrait_proxy_upstream_calls_total", "portrait_proxy_upstream_call_duration_seconds",
-		"portrait_proxy_queue_accounts", "go_goroutines", "process_cpu_seconds_total"} {
+		"portrait_proxy_queue_accounts", "portrait_proxy_lookups_total", "portrait_proxy_upstream_retries_total",
+		"portrait_proxy_redis_up", "portrait_proxy_redis_round_trips_total", "portrait_proxy_redis_pool_hits_total",
+		"portrait_proxy_redis_pool_total_connections", "portrait_proxy_build_info", "portrait_proxy_quota_calls_per_second",
+		"portrait_proxy_limiter_fallback", "portrait_proxy_shed_lookups_total", "portrait_proxy_cross_replica_fetches_total",
+		"go_goroutines", "process_cpu_seconds_total"} {
 		if !strings.Contains(string(raw), "\n"+fam) && !strings.Contains(string(raw), "# TYPE "+fam) {
 			t.Errorf("/metrics lacks %s", fam)
 		}
 	}
-	calls := testutil.ToFloat64(r.p.Metrics().UpstreamCalls.WithLabelValues("ok"))
-	if st := r.sim.Stats(); float64(st.Calls) != calls {
-		t.Fatalf("upstream_calls_total{ok} = %v, emulator saw %d", calls, st.Calls)
+	calls := 0.0
+	for _, k := range []string{"ok", "transport", "http", "throttled", "auth", "not_found", "transient", "rejected"} {
+		calls += testutil.ToFloat64(r.p.Metrics().UpstreamCalls.WithLabelValues(k))
+	}
+	st := r.sim.Stats()
+	if float64(st.Calls) != calls || st.Fail502 == 0 {
+		t.Fatalf("upstream_calls_total sums to %v, the emulator saw %d calls (%d of them 502)", calls, st.Calls, st.Fail502)
+	}
+	if got := testutil.ToFloat64(r.p.Metrics().UpstreamCalls.WithLabelValues("http")); got != float64(st.Fail502) {
+		t.Fatalf("upstream_calls_total{http} = %v, emulator answered %d 502s", got, st.Fail502)
 	}
 	if hits := testutil.ToFloat64(r.p.Metrics().CacheLookups.WithLabelValues("local", "hit")); hits != 1 {
 		t.Fatalf("local hits %v", hits)
