@@ -25,7 +25,9 @@ func TestUpstreamFaultsUnderLoad(t *testing.T) {
 		{"502", func(s *imsim.Server) { s.SetFaults(imsim.Faults{Fail502: 1}) }, map[int]bool{40006: true}},
 		{"timeouts", func(s *imsim.Server) { s.SetFaults(imsim.Faults{Timeout: 1, TimeoutAfter: 5 * time.Second}) }, map[int]bool{70169: true, 40006: true}},
 		{"throttling", func(s *imsim.Server) { s.SetFaults(imsim.Faults{CallErrorCode: 60011}) }, map[int]bool{60011: true, 70169: true, 60007: true}},
-		{"slow", func(s *imsim.Server) { s.SetFaults(imsim.Faults{Latency: 400 * time.Millisecond, Jitter: 400 * time.Millisecond}) }, map[int]bool{70169: true, 60007: true}},
+		{"slow", func(s *imsim.Server) {
+			s.SetFaults(imsim.Faults{Latency: 400 * time.Millisecond, Jitter: 400 * time.Millisecond})
+		}, map[int]bool{70169: true, 60007: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			sim, srv := startSim(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota}})
