@@ -116,7 +116,9 @@ func TestOverload(t *testing.T) {
 	}
 	// The quota was used (about 2 calls/s for 3s), at full batches, and
 	// what was fetched was answered in time rather than wasted.
-	if st.Calls < 4 || st.AccountsPerCall() < 80 || float64(served.Load()) < 0.8*float64(st.Accounts) {
+	// (The first call leaves before the queue has filled: judge the mean
+	// loosely and the fullest call strictly.)
+	if st.Calls < 4 || st.AccountsPerCall() < 60 || st.MaxAccounts != 100 || float64(served.Load()) < 0.8*float64(st.Accounts) {
 		t.Fatalf("%d calls at %.1f accounts per call, %d of %d fetched accounts answered in time",
 			st.Calls, st.AccountsPerCall(), served.Load(), st.Accounts)
 	}

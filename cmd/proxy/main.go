@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
 
@@ -60,6 +62,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		return fmt.Errorf("-log-format %q: want json or text", logFormat)
 	}
 	cfg.Logger = slog.New(h)
+	// go-redis logs dial failures on its own; send them through slog at
+	// debug level (redis_up and redis_errors_total already tell of them).
+	redis.SetLogger(redisLogger{cfg.Logger})
 	p, err := proxy.New(cfg)
 	if err != nil {
 		return err
@@ -69,6 +74,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		fmt.Fprintf(stdout, "demo mode: the built-in IM emulator is the upstream (accounts user0…user999999). Try:\n\n  %s\n\n", p.CurlExample())
 	}
 	return p.Run(ctx)
+}
+
+type redisLogger struct{ log *slog.Logger }
+
+func (l redisLogger) Printf(ctx context.Context, format string, v ...any) {
+	l.log.DebugContext(ctx, "redis client: "+fmt.Sprintf(format, v...))
 }
 
 func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.Config, logLevel, logFormat string, err error) {
