@@ -4,6 +4,8 @@ PKGS := ./...
 .PHONY: run test bench fuzz lint build check-redis check-deploy
 
 STATICCHECK_VERSION ?= v0.8.2
+KUSTOMIZE_VERSION ?= v5.7.1
+GOBIN_DIR = $(shell $(GO) env GOPATH)/bin
 
 ## run: the proxy with the embedded IM emulator and the in-process cache (no account, no Redis needed)
 run:
@@ -23,15 +25,21 @@ check-redis:
 ## lint: go vet and staticcheck (installed from the Go module proxy when missing)
 lint:
 	$(GO) vet $(PKGS)
-	@command -v staticcheck >/dev/null 2>&1 || test -x "$$($(GO) env GOPATH)/bin/staticcheck" || \
+	@command -v staticcheck >/dev/null 2>&1 || test -x "$(GOBIN_DIR)/staticcheck" || \
 	  $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
-	"$$(command -v staticcheck || echo $$($(GO) env GOPATH)/bin/staticcheck)" $(PKGS)
+	"$$(command -v staticcheck || echo $(GOBIN_DIR)/staticcheck)" $(PKGS)
 
-## check-deploy: promtool checks of the alert rules and their unit tests (needs promtool: apt-get install prometheus)
+## check-deploy: promtool checks of the alert rules and their unit tests (needs promtool: apt-get install
+## prometheus), and the kustomize rendering decoded strictly (kustomize installed from the Go module proxy)
 check-deploy:
 	promtool check rules deploy/prometheus/alerts.yml
 	promtool check config deploy/prometheus/prometheus.yml
 	cd deploy/prometheus && promtool test rules alerts_test.yml
+	@command -v kustomize >/dev/null 2>&1 || test -x "$(GOBIN_DIR)/kustomize" || \
+	  $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	"$$(command -v kustomize || echo $(GOBIN_DIR)/kustomize)" build deploy/kubernetes > $(CURDIR)/.rendered.yaml
+	KUSTOMIZE_OUTPUT=$(CURDIR)/.rendered.yaml $(GO) test -count=1 -run TestRenderedManifests ./deploy/
+	rm -f $(CURDIR)/.rendered.yaml
 
 ## bench: the benchmark suite; prints the figures it measures
 bench:

@@ -267,3 +267,50 @@ func TestComposeAndPrometheusConfigDecode(t *testing.T) {
 		}
 	}
 }
+
+// TestRenderedManifests decodes `kustomize build deploy/kubernetes` (run
+// by make check-deploy, which sets KUSTOMIZE_OUTPUT) strictly and checks
+// that the generated ConfigMap is the one the Deployment reads.
+func TestRenderedManifests(t *testing.T) {
+	path := os.Getenv("KUSTOMIZE_OUTPUT")
+	if path == "" {
+		t.Skip("KUSTOMIZE_OUTPUT not set: make check-deploy renders the manifests and runs this test")
+	}
+	type rendered struct {
+		APIVersion string            `yaml:"apiVersion"`
+		Kind       string            `yaml:"kind"`
+		Metadata   map[string]any    `yaml:"metadata"`
+		Spec       map[string]any    `yaml:"spec"`
+		Data       map[string]string `yaml:"data"`
+	}
+	objs := decodeStrict[rendered](t, path)
+	var cmName, envFrom string
+	kinds := map[string]int{}
+	for _, o := range objs {
+		kinds[o.Kind]++
+		if o.Metadata["namespace"] != "portrait-proxy" {
+			t.Errorf("%s %v: namespace %v", o.Kind, o.Metadata["name"], o.Metadata["namespace"])
+		}
+		switch o.Kind {
+		case "ConfigMap":
+			cmName, _ = o.Metadata["name"].(string)
+			if o.Data["PROXY_SDKAPPID"] == "" {
+				t.Error("ConfigMap lacks PROXY_SDKAPPID")
+			}
+		case "Deployment":
+			raw, _ := yaml.Marshal(o.Spec)
+			m := regexp.MustCompile(`configMapRef:\s+name: (\S+)`).FindSubmatch(raw)
+			if m == nil {
+				t.Fatal("Deployment reads no ConfigMap")
+			}
+			envFrom = string(m[1])
+		}
+	}
+	if len(objs) != 5 || kinds["Deployment"] != 1 || kinds["ConfigMap"] != 1 || kinds["Service"] != 1 ||
+		kinds["HorizontalPodAutoscaler"] != 1 || kinds["PodDisruptionBudget"] != 1 {
+		t.Fatalf("rendered %v", kinds)
+	}
+	if cmName == "" || cmName != envFrom {
+		t.Fatalf("Deployment reads ConfigMap %q, kustomize generated %q", envFrom, cmName)
+	}
+}
