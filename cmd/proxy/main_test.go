@@ -60,14 +60,15 @@ func TestRunRefusesIncompleteConfig(t *testing.T) {
 	}
 }
 
-// TestRunDemo is `make run`: it starts, prints a curl line, answers it, and
-// stops cleanly when its context ends.
-func TestRunDemo(t *testing.T) {
+// startDemo runs start (run or runUntilSignal with the demo flags plus
+// args) in the background and returns the URL and body of the curl line it
+// prints, and the channel its error arrives on.
+func startDemo(t *testing.T, start func(stdout io.Writer) error) (url, body string, done <-chan error) {
+	t.Helper()
 	pr, pw := io.Pipe()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
+	errc := make(chan error, 1)
 	go func() {
-		done <- run(ctx, []string{"-demo", "-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0", "-log-level", "error"}, env(nil), pw)
+		errc <- start(pw)
 		pw.Close()
 	}()
 	sc := bufio.NewScanner(pr)
@@ -82,9 +83,19 @@ func TestRunDemo(t *testing.T) {
 	if curl == "" {
 		t.Fatal("no curl line printed")
 	}
-	u := curl[strings.Index(curl, "'http")+1:]
-	u = u[:strings.Index(u, "'")]
-	body := curl[strings.Index(curl, "-d '")+4 : len(curl)-1]
+	url = curl[strings.Index(curl, "'http")+1:]
+	url = url[:strings.Index(url, "'")]
+	body = curl[strings.Index(curl, "-d '")+4 : len(curl)-1]
+	return url, body, errc
+}
+
+// TestRunDemo is `make run`: it starts, prints a curl line, answers it, and
+// stops cleanly when its context ends.
+func TestRunDemo(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	u, body, done := startDemo(t, func(stdout io.Writer) error {
+		return run(ctx, []string{"-demo", "-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0", "-log-level", "error"}, env(nil), stdout)
+	})
 	resp, err := http.Post(u, "application/json", strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
@@ -104,23 +115,9 @@ func TestRunDemo(t *testing.T) {
 // TestSIGTERMLosesNoLookup sends the process SIGTERM while lookups wait on
 // a slow upstream: every one is answered right, then the proxy exits cleanly.
 func TestSIGTERMLosesNoLookup(t *testing.T) {
-	pr, pw := io.Pipe()
-	done := make(chan error, 1)
-	go func() {
-		done <- runUntilSignal([]string{"-demo", "-demo-latency", "300ms", "-listen", "127.0.0.1:0", "-admin-listen", "-", "-log-level", "error"}, env(nil), pw)
-		pw.Close()
-	}()
-	sc := bufio.NewScanner(pr)
-	var curl string
-	for sc.Scan() {
-		if line := strings.TrimSpace(sc.Text()); strings.HasPrefix(line, "curl ") {
-			curl = line
-			break
-		}
-	}
-	go io.Copy(io.Discard, pr)
-	u := curl[strings.Index(curl, "'http")+1:]
-	u = u[:strings.Index(u, "'")]
+	u, _, done := startDemo(t, func(stdout io.Writer) error {
+		return runUntilSignal([]string{"-demo", "-demo-latency", "300ms", "-listen", "127.0.0.1:0", "-admin-listen", "-", "-log-level", "error"}, env(nil), stdout)
+	})
 	type answer struct {
 		body string
 		err  error
