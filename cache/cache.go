@@ -483,12 +483,12 @@ func (c *Cache) recordOf(res batcher.Result, now time.Time) *Record {
 		return nil
 	}
 	fresh, stale := now.Add(c.cfg.TTL), now.Add(c.cfg.TTL+c.cfg.StaleTTL)
-	rec := &Record{Tags: make(map[string]TagValue, len(res.Tags))}
+	rec := &Record{Tags: make([]TagValue, 0, len(res.Tags))}
 	for _, t := range res.Tags {
-		rec.Tags[t] = TagValue{Fresh: fresh, Stale: stale}
+		rec.Tags = append(rec.Tags, TagValue{Tag: intern(t), Fresh: fresh, Stale: stale})
 	}
 	for _, p := range it.ProfileItem {
-		rec.Tags[p.Tag] = TagValue{Value: p.Value, Set: true, Fresh: fresh, Stale: stale}
+		rec.put(TagValue{Tag: intern(p.Tag), Value: p.Value, Set: true, Fresh: fresh, Stale: stale})
 	}
 	return rec
 }
@@ -526,7 +526,7 @@ func pick(account string, rec *Record, tags []string, now time.Time) upstream.Us
 	}
 	items := make([]upstream.ProfileItem, 0, len(tags))
 	for _, t := range tags {
-		if v := rec.Tags[t]; v.Set {
+		if v, _ := rec.Tag(t); v.Set {
 			items = append(items, upstream.ProfileItem{Tag: t, Value: v.Value})
 		}
 	}

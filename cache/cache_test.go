@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -298,9 +300,32 @@ func TestLocalBounded(t *testing.T) {
 	l := NewLocal(640)
 	now := time.Now()
 	for i := range 10_000 {
-		l.Merge(fmt.Sprint("u", i), &Record{Tags: map[string]TagValue{}}, now)
+		l.Merge(fmt.Sprint("u", i), &Record{}, now)
 	}
 	if n := l.Len(); n > 640 {
 		t.Fatalf("local tier holds %d records, bound 640", n)
+	}
+}
+
+// TestLocalMemoryPerAccount bounds what the in-process tier costs: the
+// default of a million accounts must fit a pod's memory.
+func TestLocalMemoryPerAccount(t *testing.T) {
+	l := NewLocal(0)
+	now := time.Now()
+	var m0, m1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m0)
+	const n = 50_000
+	for i := range n {
+		a := "user" + strconv.Itoa(i)
+		l.Merge(a, &Record{Tags: []TagValue{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"nick-` + a + `"`), Set: true, Fresh: now, Stale: now}}}, now)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&m1)
+	per := (int64(m1.HeapAlloc) - int64(m0.HeapAlloc)) / n
+	runtime.KeepAlive(l)
+	t.Logf("%d bytes of heap per cached account (one tag)", per)
+	if per > 400 {
+		t.Fatalf("%d bytes per account: a million accounts would not fit", per)
 	}
 }

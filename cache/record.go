@@ -2,6 +2,7 @@ package cache
 
 import (
 	"encoding/json"
+	"strings"
 	"time"
 )
 
@@ -9,6 +10,7 @@ import (
 // was asked for and did not return (an unset tag): it is cached as unset,
 // so it is not fetched again and again.
 type TagValue struct {
+	Tag   string
 	Value json.RawMessage
 	Set   bool
 	Fresh time.Time // served without a refresh until then
@@ -16,15 +18,56 @@ type TagValue struct {
 }
 
 // Record is what a tier holds for one account. Records are immutable once
-// stored: writers build a new one (see merge).
+// stored: writers build a new one (see merge). Tags is a short slice, one
+// entry per tag (at most a dozen or so): a map would cost a whole bucket
+// group per account, five times the memory, for no faster lookup.
 type Record struct {
 	// NotFoundCode, when non-zero, is the upstream's answer that the
 	// account does not exist (or has no data), remembered until NotFoundUntil.
 	NotFoundCode  int
 	NotFoundInfo  string
 	NotFoundUntil time.Time
-	Tags          map[string]TagValue
+	Tags          []TagValue
 }
+
+// Tag returns the record's entry for tag.
+func (r *Record) Tag(tag string) (TagValue, bool) {
+	for _, v := range r.Tags {
+		if v.Tag == tag {
+			return v, true
+		}
+	}
+	return TagValue{}, false
+}
+
+// put sets v, replacing the entry for the same tag. Only for records not
+// yet stored.
+func (r *Record) put(v TagValue) {
+	for i := range r.Tags {
+		if r.Tags[i].Tag == v.Tag {
+			r.Tags[i] = v
+			return
+		}
+	}
+	r.Tags = append(r.Tags, v)
+}
+
+// intern returns the canonical string for a standard tag, so records do
+// not each keep their own copy of a request's tag names.
+func intern(tag string) string {
+	if c, ok := internedTags[tag]; ok {
+		return c
+	}
+	return strings.Clone(tag)
+}
+
+var internedTags = func() map[string]string {
+	m := map[string]string{}
+	for _, t := range standardTagOrder {
+		m[t] = t
+	}
+	return m
+}()
 
 // state is how well a record serves a set of tags at a time.
 type state int
@@ -45,7 +88,7 @@ func (r *Record) state(tags []string, now time.Time) state {
 	}
 	st := stateFresh
 	for _, t := range tags {
-		v, ok := r.Tags[t]
+		v, ok := r.Tag(t)
 		switch {
 		case !ok || !now.Before(v.Stale):
 			return stateMiss
@@ -62,15 +105,13 @@ func merge(old, upd *Record) *Record {
 	if old == nil {
 		return upd
 	}
-	out := &Record{Tags: make(map[string]TagValue, len(old.Tags)+len(upd.Tags))}
+	out := &Record{Tags: make([]TagValue, len(old.Tags), len(old.Tags)+len(upd.Tags))}
 	if upd.NotFoundCode != 0 {
 		out.NotFoundCode, out.NotFoundInfo, out.NotFoundUntil = upd.NotFoundCode, upd.NotFoundInfo, upd.NotFoundUntil
 	}
-	for t, v := range old.Tags {
-		out.Tags[t] = v
-	}
-	for t, v := range upd.Tags {
-		out.Tags[t] = v
+	copy(out.Tags, old.Tags)
+	for _, v := range upd.Tags {
+		out.put(v)
 	}
 	return out
 }

@@ -417,9 +417,9 @@ func (r *Redis) flush(batch []write) {
 			buf = encodeNeg(buf[:0], w.rec)
 			args = append(args, negField, string(buf))
 		}
-		for t, v := range w.rec.Tags {
+		for _, v := range w.rec.Tags {
 			buf = encodeTag(buf[:0], v)
-			args = append(args, fieldOf(t), string(buf))
+			args = append(args, fieldOf(v.Tag), string(buf))
 		}
 		if len(args) > 0 {
 			pipe.HSet(ctx, key, args...)
@@ -523,9 +523,10 @@ func decodeRecord(tags []string, vals []any) *Record {
 			continue
 		}
 		if rec == nil {
-			rec = &Record{Tags: make(map[string]TagValue, len(tags))}
+			rec = &Record{Tags: make([]TagValue, 0, len(tags))}
 		}
-		rec.Tags[t] = v
+		v.Tag = intern(t)
+		rec.put(v)
 	}
 	if s, ok := vals[len(tags)].(string); ok {
 		b := []byte(s)

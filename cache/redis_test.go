@@ -52,11 +52,11 @@ func startTier(t *testing.T, spec string, app uint64) *tier {
 }
 
 func testRecord(account string, now time.Time) *Record {
-	return &Record{Tags: map[string]TagValue{
-		"Tag_Profile_IM_Nick":     {Value: json.RawMessage(strconv.Quote("nick-" + account)), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
-		"Tag_Profile_IM_Level":    {Value: json.RawMessage("18446744073709551615"), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
-		"Tag_Profile_IM_Location": {Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)}, // unset
-		"Tag_Profile_Custom_Test": {Value: json.RawMessage(`"c"`), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
+	return &Record{Tags: []TagValue{
+		{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(strconv.Quote("nick-" + account)), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
+		{Tag: "Tag_Profile_IM_Level", Value: json.RawMessage("18446744073709551615"), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
+		{Tag: "Tag_Profile_IM_Location", Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)}, // unset
+		{Tag: "Tag_Profile_Custom_Test", Value: json.RawMessage(`"c"`), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
 	}}
 }
 
@@ -102,8 +102,9 @@ func checkRoundTrip(t *testing.T, tr *tier) {
 		if len(rec.Tags) != 4 {
 			t.Fatalf("%q: tags %v", id, rec.Tags)
 		}
-		for tag, w := range want.Tags {
-			g := rec.Tags[tag]
+		for _, w := range want.Tags {
+			tag := w.Tag
+			g, _ := rec.Tag(tag)
 			if g.Set != w.Set || string(g.Value) != string(w.Value) || !g.Fresh.Equal(w.Fresh) || !g.Stale.Equal(w.Stale) {
 				t.Fatalf("%q %s: got %+v want %+v", id, tag, g, w)
 			}
@@ -167,7 +168,7 @@ func TestRedisNegativeAndClear(t *testing.T) {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		recs, _ = tr.r.Get(ctx, []string{"ghost"}, []string{"Tag_Profile_IM_Nick"})
-		if recs[0] != nil && recs[0].NotFoundCode == 0 && recs[0].Tags["Tag_Profile_IM_Nick"].Set {
+		if recs[0] != nil && recs[0].NotFoundCode == 0 && func() bool { v, _ := recs[0].Tag("Tag_Profile_IM_Nick"); return v.Set }() {
 			break
 		}
 		if time.Now().After(deadline) {
