@@ -67,10 +67,10 @@ type Config struct {
 	NegativeTTL   time.Duration
 	LocalAccounts int    // in-process tier size in accounts
 	Redis         string // shared tier: redis://host:port/db, or a comma list of cluster nodes; empty: none
-	// NoCrossReplica turns off coalescing of misses across replicas
-	// (with Redis, an account missed on several replicas at once is
-	// otherwise fetched by one of them).
-	NoCrossReplica bool
+	// CrossReplica coalesces misses across replicas: with Redis, an
+	// account missed on several replicas at once is fetched by one of them,
+	// at the cost of a claim round trip per miss.
+	CrossReplica bool
 	Auth           string
 	MaxAccounts    int
 	MaxQueue       int // accounts waiting for the quota at most; default 50,000
@@ -254,7 +254,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 		return nil, err
 	}
 	var coord cache.Coordinator
-	if p.redis != nil && !cfg.NoCrossReplica {
+	if p.redis != nil && cfg.CrossReplica {
 		coord = p.redis
 	}
 	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote, Coordinator: coord,

@@ -130,7 +130,7 @@ func TestCrossReplicaCoalescing(t *testing.T) {
 			sim, srv := startSim(t, imsim.Config{Faults: imsim.Faults{Latency: 100 * time.Millisecond}})
 			var rigs []*rig
 			for range 3 {
-				rigs = append(rigs, startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec, NoCrossReplica: off}))
+				rigs = append(rigs, startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec, CrossReplica: !off}))
 			}
 			accs := accounts(70_000, 40)
 			var wg sync.WaitGroup

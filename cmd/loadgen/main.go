@@ -95,7 +95,7 @@ func run(args []string, out io.Writer) error {
 		if err := coldReplicas(o, out, 3); err != nil {
 			return err
 		}
-		return coldReplicas(o, out, 3, "-no-cross-replica")
+		return coldReplicas(o, out, 3, "-cross-replica")
 	case "all":
 		if err := cold(o, out); err != nil {
 			return err
@@ -109,7 +109,7 @@ func run(args []string, out io.Writer) error {
 		if err := coldReplicas(o, out, 3); err != nil {
 			return err
 		}
-		return coldReplicas(o, out, 3, "-no-cross-replica")
+		return coldReplicas(o, out, 3, "-cross-replica")
 	}
 	return fmt.Errorf("unknown scenario %q", o.scenario)
 }

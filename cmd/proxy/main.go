@@ -92,7 +92,7 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.StringVar(&cfg.AdminIdentifier, "admin-identifier", "administrator", "admin account used for upstream calls and expected from callers")
 	fs.StringVar(&cfg.SecretKey, "secret-key", "", "the app's secret key; prefer env PROXY_SECRET_KEY or TIM_SECRET_KEY")
 	fs.StringVar(&cfg.Redis, "redis", "", "Redis for the shared tier: redis://host:port/db, or a comma list of host:port for Redis Cluster; empty: in-process tier only")
-	fs.BoolVar(&cfg.NoCrossReplica, "no-cross-replica", false, "with -redis: do not coalesce misses across replicas (each replica fetches its own misses)")
+	fs.BoolVar(&cfg.CrossReplica, "cross-replica", false, "with -redis: coalesce misses across replicas (one replica fetches an account missed on several at once; costs a Redis round trip per miss)")
 	fs.Float64Var(&cfg.Rate, "rate", 100, "upstream calls per second for the whole app (shared by every replica on the same Redis)")
 	fs.Float64Var(&cfg.RateFallbackShare, "rate-fallback-share", 0.3, "part of -rate one replica uses while the shared limiter in Redis is unreachable (≤ 1/replicas keeps the quota)")
 	fs.DurationVar(&cfg.RateGuard, "rate-guard", 2*time.Millisecond, "widens the limiter's one-second window (clock granularity)")
