@@ -3,6 +3,7 @@ package limiter
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
 	"fmt"
 	"strconv"
 	"sync"
@@ -144,7 +145,7 @@ func NewShared(cfg SharedConfig) (*Shared, error) {
 		cfg.FallbackShare = 0.3
 	}
 	if cfg.Replica == "" {
-		cfg.Replica = strconv.FormatUint(uint64(time.Now().UnixNano())^uint64(cfg.Rate*1e6), 36)
+		cfg.Replica = strconv.FormatUint(rand.Uint64(), 36)
 	}
 	fb, err := NewLocal(Config{Rate: cfg.Rate * cfg.FallbackShare, Guard: cfg.Guard})
 	if err != nil {
