@@ -70,7 +70,7 @@ type Config struct {
 	// CrossReplica coalesces misses across replicas: with Redis, an
 	// account missed on several replicas at once is fetched by one of them,
 	// at the cost of a claim round trip per miss.
-	CrossReplica bool
+	CrossReplica   bool
 	Auth           string
 	MaxAccounts    int
 	MaxQueue       int // accounts waiting for the quota at most; default 50,000
