@@ -133,6 +133,9 @@ type Cache struct {
 	fmu    sync.Mutex
 	flight map[string]*flight
 
+	// counters of the hit path, resolved once instead of per lookup
+	localHit, localStale, localMiss prometheus.Counter
+
 	bg         sync.WaitGroup
 	bgCtx      context.Context
 	bgCancel   context.CancelFunc
@@ -184,8 +187,11 @@ func New(cfg Config) (*Cache, error) {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	cl := cfg.Metrics.CacheLookups
 	return &Cache{cfg: cfg, local: cfg.Local, m: cfg.Metrics, now: cfg.Now,
-		flight: map[string]*flight{}, bgCtx: ctx, bgCancel: cancel}, nil
+		localHit: cl.WithLabelValues("local", "hit"), localStale: cl.WithLabelValues("local", "stale"),
+		localMiss: cl.WithLabelValues("local", "miss"),
+		flight:    map[string]*flight{}, bgCtx: ctx, bgCancel: cancel}, nil
 }
 
 // Close stops background refreshes and waits for them.
@@ -207,14 +213,14 @@ func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 		recs[i] = rec
 		switch rec.state(tags, now) {
 		case stateFresh, stateNotFound:
-			c.m.CacheLookups.WithLabelValues("local", "hit").Inc()
+			c.localHit.Inc()
 			answers[i] = Answer{Item: pick(a, rec, tags, now), Source: SourceLocal}
 		case stateStale:
-			c.m.CacheLookups.WithLabelValues("local", "stale").Inc()
+			c.localStale.Inc()
 			answers[i] = Answer{Item: pick(a, rec, tags, now), Source: SourceLocal}
 			c.refresh(a, tags)
 		default:
-			c.m.CacheLookups.WithLabelValues("local", "miss").Inc()
+			c.localMiss.Inc()
 			miss = append(miss, i)
 		}
 	}

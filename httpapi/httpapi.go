@@ -64,10 +64,12 @@ type Config struct {
 
 // Handler serves the drop-in API. Create it with New.
 type Handler struct {
-	cfg  Config
-	m    *metrics.Metrics
-	sigs sigCache
-	mux  *http.ServeMux
+	cfg Config
+	m   *metrics.Metrics
+	// counters of every request, resolved once
+	requestsOK, lookupsFound prometheus.Counter
+	sigs                     sigCache
+	mux                      *http.ServeMux
 }
 
 // New validates cfg and returns a Handler.
@@ -106,7 +108,9 @@ func New(cfg Config) (*Handler, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
-	h := &Handler{cfg: cfg, m: cfg.Metrics, sigs: sigCache{m: map[string]verified{}}}
+	h := &Handler{cfg: cfg, m: cfg.Metrics, sigs: sigCache{m: map[string]verified{}},
+		requestsOK:   cfg.Metrics.Requests.WithLabelValues("ok"),
+		lookupsFound: cfg.Metrics.Lookups.WithLabelValues(metrics.LookupFound)}
 	h.mux = http.NewServeMux()
 	h.mux.HandleFunc(upstream.PathGet, h.portraitGet)
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -191,11 +195,11 @@ func decode(raw []byte, maxAccounts int) (accounts, tags []string, e *upstream.G
 func (h *Handler) portraitGet(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	resp := h.serve(r)
-	result := "ok"
-	if resp.ErrorCode != 0 {
-		result = strconv.Itoa(resp.ErrorCode)
+	if resp.ErrorCode == 0 {
+		h.requestsOK.Inc()
+	} else {
+		h.m.Requests.WithLabelValues(strconv.Itoa(resp.ErrorCode)).Inc()
 	}
-	h.m.Requests.WithLabelValues(result).Inc()
 	h.write(w, http.StatusOK, resp)
 	h.m.RequestDuration.Observe(time.Since(start).Seconds())
 }
@@ -279,7 +283,7 @@ func (h *Handler) assemble(accounts []string, answers []cache.Answer, invalid []
 				h.m.Lookups.WithLabelValues(metrics.LookupFailed).Inc()
 			}
 		default:
-			h.m.Lookups.WithLabelValues(metrics.LookupFound).Inc()
+			h.lookupsFound.Inc()
 		}
 		resp.UserProfileItem = append(resp.UserProfileItem, item)
 	}

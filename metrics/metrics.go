@@ -94,6 +94,29 @@ func New(reg prometheus.Registerer) *Metrics {
 		RedisRoundTrips: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
 			Help: "Pipelines sent to Redis (reads and write-backs)."}),
 	}
+	// Every known label value starts at zero, so series exist (and rates
+	// work) before the first event.
+	for _, r := range []string{LookupFound, LookupFailed, LookupError, LookupStale, LookupInvalid, LookupNotFound} {
+		m.Lookups.WithLabelValues(r)
+	}
+	for _, r := range []string{"hit", "stale", "miss"} {
+		m.CacheLookups.WithLabelValues("local", r)
+		m.CacheLookups.WithLabelValues("redis", r)
+	}
+	m.CacheLookups.WithLabelValues("redis", "error")
+	for _, r := range []string{"ok", "transport", "http", "throttled", "auth", "not_found", "transient", "rejected"} {
+		m.UpstreamCalls.WithLabelValues(r)
+	}
+	for _, r := range []string{"throttled", "transient", "split"} {
+		m.UpstreamRetries.WithLabelValues(r)
+	}
+	for _, r := range []string{"claimed", "waited", "taken_over"} {
+		m.CrossReplica.WithLabelValues(r)
+	}
+	for _, op := range []string{"get", "put", "claim", "release", "probe"} {
+		m.RedisErrors.WithLabelValues(op)
+	}
+	m.Requests.WithLabelValues("ok")
 	reg.MustRegister(m.BuildInfo, m.Quota, m.Shed, m.CrossReplica, m.LimiterFallback, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
 	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)
