@@ -26,6 +26,7 @@ import (
 	"runtime/pprof"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -55,7 +56,7 @@ type options struct {
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
 	var o options
-	fs.StringVar(&o.scenario, "scenario", "all", "cold, lowload, hot, replicas (cold with 1 and 3 proxies on one Redis) or all")
+	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold, lowload, hot, replicas (cold with 1 and 3 proxies on one Redis) or all")
 	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
@@ -88,6 +89,8 @@ func run(args []string, out io.Writer) error {
 		return lowLoad(o, out)
 	case "hot":
 		return hot(o, out)
+	case "direct":
+		return direct(o, out)
 	case "replicas":
 		if err := coldReplicas(o, out, 1); err != nil {
 			return err
@@ -97,6 +100,9 @@ func run(args []string, out io.Writer) error {
 		}
 		return coldReplicas(o, out, 3, "-cross-replica")
 	case "all":
+		if err := direct(o, out); err != nil {
+			return err
+		}
 		if err := cold(o, out); err != nil {
 			return err
 		}
@@ -410,5 +416,50 @@ func lowLoad(o options, out io.Writer) error {
 		1000*histMean(before, after, "portrait_proxy_upstream_call_duration_seconds"), 1000*histMean(before, after, "portrait_proxy_request_duration_seconds"))
 	fmt.Fprintf(out, "  added by the proxy  p50 %v (batch window %v; target ≤ window + 1ms = %v)\n\n", added.Round(10*time.Microsecond), o.window, o.window+time.Millisecond)
 	_ = strconv.Itoa
+	return nil
+}
+
+// direct is what users do today: every lookup is its own portrait_get call
+// straight to the emulator. It measures lookups answered per second and
+// how many were throttled.
+func direct(o options, out io.Writer) error {
+	e, err := startEnv(o)
+	if err != nil {
+		return err
+	}
+	defer e.stop()
+	var ok, throttled, other atomic.Int64
+	var next atomic.Int64
+	next.Store(600_000)
+	ctx, cancel := context.WithTimeout(context.Background(), o.duration/2)
+	defer cancel()
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range 50 {
+		wg.Go(func() {
+			c, err := newRawConn(e.direct)
+			if err != nil {
+				other.Add(1)
+				return
+			}
+			defer c.close()
+			for ctx.Err() == nil {
+				good, _, err := lookup(c, imsim.AccountName(int(next.Add(1))))
+				switch {
+				case good:
+					ok.Add(1)
+				case err != nil && strings.Contains(err.Error(), "code 60007"):
+					throttled.Add(1)
+				default:
+					other.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	fmt.Fprintf(out, "direct (what users do today): 50 callers, one portrait_get call per lookup, straight to the emulator, %v\n", elapsed.Round(time.Millisecond))
+	fmt.Fprintf(out, "  lookups/s answered  %8.0f\n  throttled calls/s   %8.0f\n  other failures      %8d\n\n",
+		float64(ok.Load())/elapsed.Seconds(), float64(throttled.Load())/elapsed.Seconds(), other.Load())
 	return nil
 }
