@@ -107,7 +107,36 @@ type hotResult struct {
 
 // hotRun drives url with callers closed-loop lookups of random warm
 // accounts for d and checks every answer.
+// picker chooses the next account for a caller.
+type picker func(rng *rand.Rand) string
+
+func uniform(warm int) picker {
+	return func(rng *rand.Rand) string { return imsim.AccountName(rng.IntN(warm)) }
+}
+
+// zipfian picks warm accounts with Zipf's law (s = 1.1): a few are hot.
+func zipfian(warm int) picker {
+	return func(rng *rand.Rand) string {
+		return imsim.AccountName(int(rand.NewZipf(rng, 1.1, 1, uint64(warm-1)).Uint64()))
+	}
+}
+
+// mixed is 90 % zipfian warm accounts and 10 % never-seen ones.
+func mixed(warm int, next *atomic.Int64) picker {
+	z := zipfian(warm)
+	return func(rng *rand.Rand) string {
+		if rng.IntN(10) == 0 {
+			return imsim.AccountName(int(next.Add(1)))
+		}
+		return z(rng)
+	}
+}
+
 func hotRun(url string, callers, warm int, d time.Duration, server *proc) (hotResult, error) {
+	return hotRunWith(url, callers, uniform(warm), d, server)
+}
+
+func hotRunWith(url string, callers int, pick picker, d time.Duration, server *proc) (hotResult, error) {
 	var lookups, errs, wrong atomic.Int64
 	var mu sync.Mutex
 	var lat []time.Duration
@@ -127,7 +156,7 @@ func hotRun(url string, callers, warm int, d time.Duration, server *proc) (hotRe
 			rng := rand.New(rand.NewPCG(uint64(w), 7))
 			var mine []time.Duration
 			for ctx.Err() == nil {
-				a := imsim.AccountName(rng.IntN(warm))
+				a := pick(rng)
 				t0 := time.Now()
 				ok, bad, err := lookup(c, a)
 				switch {
@@ -249,6 +278,27 @@ func hot(o options, out io.Writer) error {
 			requests := after[`portrait_proxy_requests_total{result="ok"}`] - before[`portrait_proxy_requests_total{result="ok"}`]
 			r.name = "proxy, in-process tier hits"
 			r.extra = fmt.Sprintf("upstream calls during the run: %d", calls1.Calls-calls0.Calls)
+			if mode == "local" {
+				results = append(results, r)
+				z, err := hotRunWith(e.url, callers, zipfian(warm), o.duration/2, e.p)
+				if err != nil {
+					return err
+				}
+				z.name = "proxy, Zipf(1.1) over the warm accounts"
+				results = append(results, z)
+				var next atomic.Int64
+				next.Store(700_000)
+				c0, _ := simStats(context.Background(), e.simURL)
+				m, err := hotRunWith(e.url, callers, mixed(warm, &next), o.duration/2, e.p)
+				if err != nil {
+					return err
+				}
+				c1, _ := simStats(context.Background(), e.simURL)
+				m.name = "proxy, mixed: 90% Zipf warm, 10% cold"
+				m.extra = fmt.Sprintf("upstream calls %d, %.1f accounts per call, max %d in a sliding second, throttled %d",
+					c1.Calls-c0.Calls, float64(c1.Accounts-c0.Accounts)/float64(max(1, c1.Served-c0.Served)), c1.MaxCallsPerSec, c1.Throttled-c0.Throttled)
+				r = m
+			}
 			if mode == "redis" {
 				r.name = "proxy, Redis tier hits (in-process tier off)"
 				trips := after["portrait_proxy_redis_round_trips_total"] - before["portrait_proxy_redis_round_trips_total"]
