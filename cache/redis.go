@@ -75,6 +75,7 @@ func NewRedisClient(spec string) (redis.UniversalClient, error) {
 		}
 		opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
 		opt.MaxRetries = -1
+		opt.DialerRetries = 1 // one dial per attempt: no retry loop on the request path
 		opt.ContextTimeoutEnabled = true
 		return redis.NewClient(opt), nil
 	}
@@ -89,7 +90,7 @@ func NewRedisClient(spec string) (redis.UniversalClient, error) {
 	}
 	return redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs,
 		DialTimeout: timeout, ReadTimeout: timeout, WriteTimeout: timeout, PoolTimeout: timeout,
-		MaxRetries: -1, ContextTimeoutEnabled: true}), nil
+		MaxRetries: -1, DialerRetries: 1, ContextTimeoutEnabled: true}), nil
 }
 
 // ErrRedisDown is returned by Get while the tier is skipped.

@@ -43,6 +43,9 @@ type Shared struct {
 	mu        sync.Mutex
 	downUntil time.Time
 	fellBack  bool // on the fallback since the last successful recover
+	// transitionUntil: after a recovery, grants also keep to the fallback
+	// share until then.
+	transitionUntil time.Time
 	// calls granted by the fallback, to record on recovery: member →
 	// answer time (zero while in flight).
 	offlineCalls map[string]time.Time
@@ -159,6 +162,12 @@ func NewShared(cfg SharedConfig) (*Shared, error) {
 
 const redisTimeout = 250 * time.Millisecond
 
+func (s *Shared) inTransition() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return time.Now().Before(s.transitionUntil)
+}
+
 func (s *Shared) offline() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -226,6 +235,16 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 			if err := s.spacer.Wait(ctx); err != nil {
 				s.release(member, false)
 				return nil, err
+			}
+			if s.inTransition() {
+				// Other replicas may still be on their fallback shares, their
+				// calls not yet in the shared window: keep to ours as well.
+				fp, err := s.fallback.Acquire(ctx)
+				if err != nil {
+					s.release(member, false)
+					return nil, err
+				}
+				return NewPermit(func(called bool) { fp.end(called); s.release(member, called) }), nil
 			}
 			return NewPermit(func(called bool) { s.release(member, called) }), nil
 		}
@@ -325,6 +344,10 @@ func (s *Shared) recover(ctx context.Context) bool {
 	done := len(s.offlineCalls) == 0 // a fallback grant raced in: record it next time
 	if done {
 		s.fellBack = false
+		// Replicas still on the fallback retry Redis within a second and
+		// record their calls then; until a window after that, this replica
+		// also keeps to its share (see Acquire).
+		s.transitionUntil = time.Now().Add(2*time.Second + s.cfg.Guard)
 	}
 	s.mu.Unlock()
 	if !done {
