@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"strings"
 	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // TagValue is one cached account+tag. Set is false for a tag the upstream
@@ -63,7 +65,7 @@ func intern(tag string) string {
 
 var internedTags = func() map[string]string {
 	m := map[string]string{}
-	for _, t := range standardTagOrder {
+	for _, t := range upstream.StandardTags {
 		m[t] = t
 	}
 	return m

@@ -15,6 +15,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/portrait-proxy/portrait-proxy/metrics"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // Redis is the shared tier: one Redis hash per account, keyed by SDKAppID
@@ -442,15 +443,9 @@ func (r *Redis) flush(batch []write) {
 // tags, the full name for anything else; negField holds "no such account".
 const negField = "!"
 
-var standardTagOrder = []string{
-	"Tag_Profile_IM_Nick", "Tag_Profile_IM_Gender", "Tag_Profile_IM_BirthDay", "Tag_Profile_IM_Location",
-	"Tag_Profile_IM_SelfSignature", "Tag_Profile_IM_AllowType", "Tag_Profile_IM_Language", "Tag_Profile_IM_Image",
-	"Tag_Profile_IM_MsgSettings", "Tag_Profile_IM_AdminForbidType", "Tag_Profile_IM_Level", "Tag_Profile_IM_Role",
-}
-
 var standardField = func() map[string]string {
 	m := map[string]string{}
-	for i, t := range standardTagOrder {
+	for i, t := range upstream.StandardTags {
 		m[t] = string(rune('a' + i))
 	}
 	return m

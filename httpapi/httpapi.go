@@ -185,7 +185,7 @@ func decode(raw []byte, maxAccounts int) (accounts, tags []string, e *upstream.G
 		return nil, nil, fail(upstream.CodeBadRequest, "TagList is missing or empty")
 	}
 	for _, t := range req.TagList {
-		if !ValidTag(t) {
+		if !upstream.ValidTag(t) {
 			return nil, nil, fail(upstream.CodeInvalidTag, "invalid tag name: "+strconv.Quote(t))
 		}
 	}

@@ -432,7 +432,7 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetRespon
 		return fail(upstream.CodeBadRequest, "TagList is missing or holds a value that is not a string")
 	}
 	for _, t := range tags {
-		if !validTagName(t) {
+		if !upstream.ValidTag(t) {
 			s.count(func(st *Stats) { st.Rejected++ })
 			return fail(upstream.CodeInvalidTag, "invalid tag "+t)
 		}
@@ -472,7 +472,7 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetRespon
 					item.ProfileItem = append(item.ProfileItem, upstream.ProfileItem{Tag: t, Value: v})
 				case b.UnsetAsEmpty:
 					empty := json.RawMessage(`""`)
-					if standardTags[t] {
+					if numericTags[t] {
 						empty = json.RawMessage(`0`)
 					}
 					item.ProfileItem = append(item.ProfileItem, upstream.ProfileItem{Tag: t, Value: empty})
@@ -528,8 +528,8 @@ func (s *Server) portraitSet(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeTagNotExist, ErrorInfo: "tag does not exist: " + it.Tag})
 			return
 		}
-		if isNum, std := standardTags[it.Tag]; std {
-			if _, err := strconv.ParseUint(string(it.Value), 10, 64); isNum && err != nil {
+		if numericTags[it.Tag] {
+			if _, err := strconv.ParseUint(string(it.Value), 10, 64); err != nil {
 				writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeBadRequest, ErrorInfo: it.Tag + " takes a number"})
 				return
 			}

@@ -5,29 +5,25 @@ import (
 	"hash/fnv"
 	"strconv"
 	"strings"
+
+	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
-// Standard tags the emulator knows, with whether their value is a number.
-var standardTags = map[string]bool{
-	"Tag_Profile_IM_Nick":            false,
-	"Tag_Profile_IM_Gender":          false,
-	"Tag_Profile_IM_BirthDay":        true,
-	"Tag_Profile_IM_Location":        false,
-	"Tag_Profile_IM_SelfSignature":   false,
-	"Tag_Profile_IM_AllowType":       false,
-	"Tag_Profile_IM_Language":        true,
-	"Tag_Profile_IM_Image":           false,
-	"Tag_Profile_IM_MsgSettings":     true,
-	"Tag_Profile_IM_AdminForbidType": false,
-	"Tag_Profile_IM_Level":           true,
-	"Tag_Profile_IM_Role":            true,
+// numericTags are the standard tags whose value is a number; the other
+// standard tags (upstream.StandardTags) hold strings.
+var numericTags = map[string]bool{
+	"Tag_Profile_IM_BirthDay":    true,
+	"Tag_Profile_IM_Language":    true,
+	"Tag_Profile_IM_MsgSettings": true,
+	"Tag_Profile_IM_Level":       true,
+	"Tag_Profile_IM_Role":        true,
 }
 
 // CustomTags are the custom tags configured in the emulated app.
 var CustomTags = []string{"Tag_Profile_Custom_Test", "Tag_Profile_Custom_Team", "Tag_Profile_Custom_Bio"}
 
 func knownTag(tag string) bool {
-	if _, ok := standardTags[tag]; ok {
+	if upstream.IsStandardTag(tag) {
 		return true
 	}
 	for _, c := range CustomTags {
@@ -36,23 +32,6 @@ func knownTag(tag string) bool {
 		}
 	}
 	return false
-}
-
-func validTagName(tag string) bool {
-	if _, ok := standardTags[tag]; ok {
-		return true
-	}
-	rest, ok := strings.CutPrefix(tag, "Tag_Profile_Custom_")
-	if !ok || len(rest) < 1 || len(rest) > 8 {
-		return false
-	}
-	for i := 0; i < len(rest); i++ {
-		c := rest[i]
-		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z') {
-			return false
-		}
-	}
-	return true
 }
 
 // AccountName returns the id of the i-th seeded account.
