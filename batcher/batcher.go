@@ -120,6 +120,9 @@ func deadlineOf(ctx context.Context) (time.Time, bool) {
 type Result struct {
 	Item upstream.UserProfile
 	Tags []string
+	// Sent is when the call that answered was sent: the answer reflects
+	// the upstream's data at Sent or later (the cache orders writes by it).
+	Sent time.Time
 }
 
 type outcome struct {
@@ -484,7 +487,7 @@ func (b *Batcher) send(batch []*entry, permit *limiter.Permit) {
 	old := b.latency.Load()
 	b.latency.Store(old + (d-old)/5) // a moving average; a lost race only skips one sample
 	if err == nil {
-		b.deliver(batch, tags, resp)
+		b.deliver(batch, tags, resp, start)
 		return
 	}
 	var ue *upstream.Error
@@ -502,7 +505,7 @@ func (b *Batcher) send(batch []*entry, permit *limiter.Permit) {
 		b.requeueReady(batch[:half:half], batch[half:])
 	case kind == upstream.KindNotFound:
 		e := batch[0]
-		e.complete(outcome{res: Result{Tags: tags, Item: upstream.UserProfile{
+		e.complete(outcome{res: Result{Tags: tags, Sent: start, Item: upstream.UserProfile{
 			ToAccount: e.account, ProfileItem: []upstream.ProfileItem{}, ResultCode: ue.Code, ResultInfo: ue.Info}}})
 	case kind == upstream.KindAuth || kind == upstream.KindRejected:
 		for _, e := range batch {
@@ -552,7 +555,7 @@ func (b *Batcher) requeueReady(batches ...[]*entry) {
 
 // deliver hands each entry its item. A per-account transient failure is
 // queued again (it rides along with the next batch) while attempts remain.
-func (b *Batcher) deliver(batch []*entry, tags []string, resp *upstream.GetResponse) {
+func (b *Batcher) deliver(batch []*entry, tags []string, resp *upstream.GetResponse, sent time.Time) {
 	items := resp.UserProfileItem
 	var byAccount map[string]int
 	find := func(i int, account string) (upstream.UserProfile, bool) {
@@ -587,10 +590,10 @@ func (b *Batcher) deliver(batch []*entry, tags []string, resp *upstream.GetRespo
 			if e.attempts < b.cfg.MaxAttempts && e.live() {
 				again = append(again, e)
 			} else {
-				e.complete(outcome{res: Result{Item: item, Tags: tags}})
+				e.complete(outcome{res: Result{Item: item, Tags: tags, Sent: sent}})
 			}
 		default:
-			e.complete(outcome{res: Result{Item: item, Tags: tags}})
+			e.complete(outcome{res: Result{Item: item, Tags: tags, Sent: sent}})
 		}
 	}
 	if len(again) > 0 {

@@ -98,8 +98,12 @@ type Config struct {
 	// same account and tags are not refreshed again (stale values keep
 	// being served). Zero means 5s.
 	RefreshBackoff time.Duration
-	Metrics        *metrics.Metrics
-	Now            func() time.Time
+	// ClockSkew is how far apart the clocks of the replicas and the
+	// upstream may be (see supersedes); set the same value on the Redis
+	// tier. Zero means 1s.
+	ClockSkew time.Duration
+	Metrics   *metrics.Metrics
+	Now       func() time.Time
 }
 
 // Source says where an answer came from.
@@ -183,15 +187,27 @@ func New(cfg Config) (*Cache, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.ClockSkew <= 0 {
+		cfg.ClockSkew = time.Second
+	}
+	cfg.Local.skew.Store(cfg.ClockSkew.Milliseconds())
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cl := cfg.Metrics.CacheLookups
-	return &Cache{cfg: cfg, local: cfg.Local, m: cfg.Metrics, now: cfg.Now,
+	c := &Cache{cfg: cfg, local: cfg.Local, m: cfg.Metrics, now: cfg.Now,
 		localHit: cl.WithLabelValues("local", "hit"), localStale: cl.WithLabelValues("local", "stale"),
 		localMiss: cl.WithLabelValues("local", "miss"),
-		flight:    map[string]*flight{}, bgCtx: ctx, bgCancel: cancel}, nil
+		flight:    map[string]*flight{}, bgCtx: ctx, bgCancel: cancel}
+	if f, ok := cfg.Remote.(Feed); ok && c.local.Enabled() {
+		c.bg.Add(1)
+		go func() {
+			defer c.bg.Done()
+			f.Follow(ctx, c.fromFeed, c.local.Clear)
+		}()
+	}
+	return c, nil
 }
 
 // Close stops background refreshes and waits for them.
@@ -350,7 +366,11 @@ func (c *Cache) load(caller context.Context, account string, tags []string, tagK
 				return res, nil
 			}
 		}
+		start := c.now()
 		res, err := c.cfg.Loader.Load(f.ctx, account, tags)
+		if res.Sent.IsZero() {
+			res.Sent = start // a loader that does not say: the earliest it could have been
+		}
 		if err == nil {
 			c.store(account, res)
 		}
@@ -462,6 +482,57 @@ func (c *Cache) refresh(account string, tags []string) {
 	}()
 }
 
+// Change applies a profile change to both tiers and, through the shared
+// tier's feed, to every replica's in-process tier, before it returns.
+// origin is FromSet for a portrait_set through this proxy (at: when its
+// answer came) or FromCallback for the upstream's change callback (event:
+// its EventTime in Unix ms; at: when it arrived). No tier takes a value
+// older than the one it holds (see supersedes), so changes may arrive late,
+// twice or out of order. The error is the shared tier's: the change is then
+// only here, and other replicas serve the old value until their TTL.
+func (c *Cache) Change(ctx context.Context, account string, items []upstream.ProfileItem, origin Origin, event int64, at time.Time) error {
+	now := c.now()
+	fresh, stale := now.Add(c.cfg.TTL), now.Add(c.cfg.TTL+c.cfg.StaleTTL)
+	rec := &Record{Tags: make([]TagValue, 0, len(items))}
+	for _, it := range items {
+		rec.put(TagValue{Tag: intern(it.Tag), Value: it.Value, Set: true, Origin: origin, Ver: at.UnixMilli(), Event: event,
+			Fresh: fresh, Stale: stale})
+	}
+	source := metrics.ChangeSet
+	if origin == FromCallback {
+		source = metrics.ChangeCallback
+	}
+	applied := c.local.Merge(account, rec, now) || !c.local.Enabled()
+	var err error
+	if c.cfg.Remote != nil {
+		if f, ok := c.cfg.Remote.(Feed); ok {
+			err = f.Change(ctx, account, rec)
+		} else {
+			err = c.cfg.Remote.Put(ctx, []string{account}, []*Record{rec})
+		}
+	}
+	switch {
+	case err != nil:
+		c.m.Changes.WithLabelValues(source, metrics.ChangeUnshared).Inc()
+	case applied:
+		c.m.Changes.WithLabelValues(source, metrics.ChangeApplied).Inc()
+	default:
+		c.m.Changes.WithLabelValues(source, metrics.ChangeOld).Inc()
+	}
+	return err
+}
+
+// fromFeed applies a change another replica announced.
+func (c *Cache) fromFeed(account string, rec *Record, sent time.Time) {
+	now := c.now()
+	c.m.FeedDelay.Observe(max(0, time.Since(sent).Seconds()))
+	if c.local.Merge(account, rec, now) {
+		c.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied).Inc()
+	} else {
+		c.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeOld).Inc()
+	}
+}
+
 // store writes a loaded result to both tiers.
 func (c *Cache) store(account string, res batcher.Result) {
 	now := c.now()
@@ -481,20 +552,21 @@ func (c *Cache) store(account string, res batcher.Result) {
 // must not be cached (transient per-account failures).
 func (c *Cache) recordOf(res batcher.Result, now time.Time) *Record {
 	it := res.Item
+	ver := res.Sent.UnixMilli()
 	switch upstream.Classify(it.ResultCode) {
 	case upstream.KindOK:
 	case upstream.KindNotFound:
-		return &Record{NotFoundCode: it.ResultCode, NotFoundInfo: it.ResultInfo, NotFoundUntil: now.Add(c.cfg.NegativeTTL)}
+		return &Record{NotFoundCode: it.ResultCode, NotFoundInfo: it.ResultInfo, NotFoundUntil: now.Add(c.cfg.NegativeTTL), NotFoundVer: ver}
 	default:
 		return nil
 	}
 	fresh, stale := now.Add(c.cfg.TTL), now.Add(c.cfg.TTL+c.cfg.StaleTTL)
 	rec := &Record{Tags: make([]TagValue, 0, len(res.Tags))}
 	for _, t := range res.Tags {
-		rec.Tags = append(rec.Tags, TagValue{Tag: intern(t), Fresh: fresh, Stale: stale})
+		rec.Tags = append(rec.Tags, TagValue{Tag: intern(t), Ver: ver, Fresh: fresh, Stale: stale})
 	}
 	for _, p := range it.ProfileItem {
-		rec.put(TagValue{Tag: intern(p.Tag), Value: p.Value, Set: true, Fresh: fresh, Stale: stale})
+		rec.put(TagValue{Tag: intern(p.Tag), Value: p.Value, Set: true, Ver: ver, Fresh: fresh, Stale: stale})
 	}
 	return rec
 }

@@ -17,6 +17,7 @@ const localShards = 64
 type Local struct {
 	seed     maphash.Seed
 	perShard int
+	skew     atomic.Int64 // ms; see supersedes
 	shards   [localShards]localShard
 }
 
@@ -70,17 +71,20 @@ func (l *Local) Get(account string, now time.Time) *Record {
 }
 
 // Merge stores merge(old, upd) for account, evicting another account when
-// the shard is full.
-func (l *Local) Merge(account string, upd *Record, now time.Time) {
+// the shard is full. It reports whether anything of upd was stored (false
+// when every part of it was older than what is held).
+func (l *Local) Merge(account string, upd *Record, now time.Time) bool {
 	if l.perShard == 0 {
-		return
+		return false
 	}
 	s := l.shard(account)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if e := s.m[account]; e != nil {
-		e.rec.Store(merge(e.rec.Load(), upd))
-		return
+		old := e.rec.Load()
+		rec := merge(old, upd, l.skew.Load())
+		e.rec.Store(rec)
+		return rec != old
 	}
 	if len(s.m) >= l.perShard {
 		s.evictOne()
@@ -89,7 +93,11 @@ func (l *Local) Merge(account string, upd *Record, now time.Time) {
 	e.rec.Store(upd)
 	e.used.Store(now.UnixNano())
 	s.m[account] = e
+	return true
 }
+
+// Enabled reports whether the tier holds anything at all.
+func (l *Local) Enabled() bool { return l.perShard > 0 }
 
 // Delete removes account's record.
 func (l *Local) Delete(account string) {
@@ -100,6 +108,17 @@ func (l *Local) Delete(account string) {
 	s.mu.Lock()
 	delete(s.m, account)
 	s.mu.Unlock()
+}
+
+// Clear drops every record (the change feed was interrupted, so any of
+// them may be older than a change this replica did not hear of).
+func (l *Local) Clear() {
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		clear(s.m)
+		s.mu.Unlock()
+	}
 }
 
 // Len returns the number of records held.

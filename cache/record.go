@@ -11,12 +11,62 @@ import (
 // TagValue is one cached account+tag. Set is false for a tag the upstream
 // was asked for and did not return (an unset tag): it is cached as unset,
 // so it is not fetched again and again.
+//
+// Ver, Event and Origin order writes to the same tag, so a value never
+// replaces a newer one (see supersedes): Ver is when the value was known
+// to hold, on this proxy's clock in Unix milliseconds (a fetch's send
+// time, a portrait_set's answer time, a callback's arrival time); Event is
+// the upstream's EventTime of the newest change callback applied to the
+// tag (kept across later fetches, so a late or repeated callback is
+// recognised as old).
 type TagValue struct {
-	Tag   string
-	Value json.RawMessage
-	Set   bool
-	Fresh time.Time // served without a refresh until then
-	Stale time.Time // servable while refreshing or when the upstream fails, until then
+	Tag    string
+	Value  json.RawMessage
+	Set    bool
+	Origin Origin
+	Ver    int64
+	Event  int64
+	Fresh  time.Time // served without a refresh until then
+	Stale  time.Time // servable while refreshing or when the upstream fails, until then
+}
+
+// Origin is what wrote a cached value.
+type Origin uint8
+
+// Origins of a TagValue.
+const (
+	FromFetch    Origin = iota // a portrait_get answer
+	FromSet                    // a successful portrait_set through this proxy
+	FromCallback               // the upstream's Profile.CallbackPortraitSet
+)
+
+// supersedes reports whether upd may replace old, both for the same tag.
+// skew is how far (ms) the upstream's clock, and replicas' clocks, may be
+// apart from this proxy's.
+//
+//   - A fetch sent at S replaces a fetched value sent no later than S, and a
+//     changed value (set or callback) only when S-skew is past the change:
+//     a fetch sent before a change can never overwrite it, however late
+//     its answer arrives.
+//   - A portrait_set answered at R replaces any value known as of R or
+//     earlier.
+//   - A callback with EventTime E replaces a callback's value when E is
+//     not older than that one's EventTime (a repeat is harmless), and a
+//     fetched or set value unless the fetch or set was sent more than skew
+//     after E (then it already reflects the change). Whatever wrote last,
+//     E must not be older than the newest EventTime the tag has seen.
+func supersedes(upd, old *TagValue, skew int64) bool {
+	switch upd.Origin {
+	case FromFetch:
+		if old.Origin == FromFetch {
+			return upd.Ver >= old.Ver
+		}
+		return upd.Ver-skew >= old.Ver
+	case FromSet:
+		return upd.Ver >= old.Ver
+	default:
+		return upd.Event >= old.Event && (old.Origin == FromCallback || upd.Event+skew > old.Ver)
+	}
 }
 
 // Record is what a tier holds for one account. Records are immutable once
@@ -29,6 +79,7 @@ type Record struct {
 	NotFoundCode  int
 	NotFoundInfo  string
 	NotFoundUntil time.Time
+	NotFoundVer   int64 // send time (ms) of the fetch that found no account
 	Tags          []TagValue
 }
 
@@ -101,19 +152,52 @@ func (r *Record) state(tags []string, now time.Time) state {
 	return st
 }
 
-// merge returns a new record: old's tags overlaid with upd's, and upd's
-// negative entry if it has one. A found record clears a negative one.
-func merge(old, upd *Record) *Record {
+// merge returns a new record: old's tags overlaid with those of upd's that
+// supersede them, and upd's negative entry if no tag of old is newer. A
+// tag that is written clears old's negative entry (the account exists).
+// When nothing of upd applies, merge returns old itself.
+func merge(old, upd *Record, skew int64) *Record {
 	if old == nil {
 		return upd
 	}
-	out := &Record{Tags: make([]TagValue, len(old.Tags), len(old.Tags)+len(upd.Tags))}
-	if upd.NotFoundCode != 0 {
-		out.NotFoundCode, out.NotFoundInfo, out.NotFoundUntil = upd.NotFoundCode, upd.NotFoundInfo, upd.NotFoundUntil
+	var out *Record
+	clone := func() {
+		if out == nil {
+			out = &Record{NotFoundCode: old.NotFoundCode, NotFoundInfo: old.NotFoundInfo, NotFoundUntil: old.NotFoundUntil,
+				NotFoundVer: old.NotFoundVer, Tags: make([]TagValue, len(old.Tags), len(old.Tags)+len(upd.Tags))}
+			copy(out.Tags, old.Tags)
+		}
 	}
-	copy(out.Tags, old.Tags)
-	for _, v := range upd.Tags {
+	for i := range upd.Tags {
+		v := upd.Tags[i]
+		if o, ok := old.Tag(v.Tag); ok {
+			if !supersedes(&v, &o, skew) {
+				continue
+			}
+			if v.Origin != FromCallback {
+				v.Event = max(v.Event, o.Event)
+			}
+		}
+		clone()
 		out.put(v)
+		out.NotFoundCode, out.NotFoundInfo, out.NotFoundUntil, out.NotFoundVer = 0, "", time.Time{}, 0
+	}
+	if upd.NotFoundCode != 0 && upd.NotFoundVer >= old.NotFoundVer {
+		neg := TagValue{Origin: FromFetch, Ver: upd.NotFoundVer}
+		for i := range old.Tags {
+			if !supersedes(&neg, &old.Tags[i], skew) {
+				return orOld(out, old)
+			}
+		}
+		clone()
+		out.NotFoundCode, out.NotFoundInfo, out.NotFoundUntil, out.NotFoundVer = upd.NotFoundCode, upd.NotFoundInfo, upd.NotFoundUntil, upd.NotFoundVer
+	}
+	return orOld(out, old)
+}
+
+func orOld(out, old *Record) *Record {
+	if out == nil {
+		return old
 	}
 	return out
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -37,6 +38,8 @@ type Redis struct {
 	queue  chan write
 	claims chan *claim
 	app    string
+	skew   int64  // ms
+	feed   string // the change channel
 }
 
 // RedisConfig configures the Redis tier. Client and SDKAppID are required.
@@ -55,7 +58,13 @@ type RedisConfig struct {
 	// WriteQueue is how many write-backs may wait; more are dropped.
 	// Zero means 100,000.
 	WriteQueue int
-	Metrics    *metrics.Metrics
+	// ClockSkew is how far apart the clocks of the replicas and the
+	// upstream may be; see supersedes. Zero means 1s.
+	ClockSkew time.Duration
+	// Replica names this process on the change feed (its own changes are
+	// not applied twice); empty means random.
+	Replica string
+	Metrics *metrics.Metrics
 }
 
 type write struct {
@@ -117,9 +126,16 @@ func NewRedis(cfg RedisConfig) (*Redis, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
+	if cfg.ClockSkew <= 0 {
+		cfg.ClockSkew = time.Second
+	}
+	if cfg.Replica == "" {
+		cfg.Replica = strconv.FormatUint(rand.Uint64(), 36)
+	}
+	app := strconv.FormatUint(cfg.SDKAppID, 10)
 	r := &Redis{cfg: cfg, m: cfg.Metrics, downc: make(chan struct{}, 1), queue: make(chan write, cfg.WriteQueue),
-		claims: make(chan *claim, 1024),
-		app:    strconv.FormatUint(cfg.SDKAppID, 10)}
+		claims: make(chan *claim, 1024), app: app, skew: cfg.ClockSkew.Milliseconds(),
+		feed: "pp:v2:" + app + ":changes"}
 	r.up.Store(true)
 	r.m.RedisUp.Set(1)
 	return r, nil
@@ -278,7 +294,7 @@ func (r *Redis) down(op string, err error) {
 // redis-cli); any other id is base64url-encoded behind a '~', so no byte
 // of an id can change the key's meaning. The id is the key's hash tag, so
 // an account's record and its claim marker share a Cluster slot.
-func (r *Redis) Key(account string) string { return "pp:v1:" + r.app + ":{" + escapeID(account) + "}" }
+func (r *Redis) Key(account string) string { return "pp:v2:" + r.app + ":{" + escapeID(account) + "}" }
 
 func escapeID(id string) string {
 	for i := 0; i < len(id); i++ {
@@ -410,34 +426,129 @@ func (r *Redis) flush(batch []write) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 4*r.cfg.Timeout)
 	defer cancel()
-	pipe := r.cfg.Client.Pipeline()
-	var buf []byte
-	for _, w := range batch {
-		key := r.Key(w.account)
-		var args []any
-		if w.rec.NotFoundCode != 0 {
-			buf = encodeNeg(buf[:0], w.rec)
-			args = append(args, negField, string(buf))
+	err := r.exec(ctx, func(pipe redis.Pipeliner, load bool) {
+		for _, w := range batch {
+			r.queueWrite(ctx, pipe, w.account, w.rec, true, load)
 		}
-		for _, v := range w.rec.Tags {
-			buf = encodeTag(buf[:0], v)
-			args = append(args, fieldOf(v.Tag), string(buf))
-		}
-		if len(args) > 0 {
-			pipe.HSet(ctx, key, args...)
-		}
-		if w.rec.NotFoundCode == 0 {
-			pipe.HDel(ctx, key, negField) // found: the account exists after all
-		}
-		pipe.PExpire(ctx, key, r.cfg.KeyTTL)
-		pipe.Del(ctx, r.claimKey(w.account)) // the result is in: replicas waiting on it see it
-	}
-	r.m.RedisRoundTrips.Inc()
-	if _, err := pipe.Exec(ctx); err != nil {
+	})
+	if err != nil {
 		r.m.RedisDropped.Add(float64(len(batch)))
 		r.down("put", err)
 	}
 }
+
+// exec runs a pipeline built by fill. Scripts are sent by hash; if Redis
+// does not know the script (a restart, a failover, a new cluster node) the
+// pipeline is built again with the scripts' text. Writes are versioned, so
+// sending one twice changes nothing.
+func (r *Redis) exec(ctx context.Context, fill func(pipe redis.Pipeliner, load bool)) error {
+	for _, load := range []bool{false, true} {
+		pipe := r.cfg.Client.Pipeline()
+		fill(pipe, load)
+		r.m.RedisRoundTrips.Inc()
+		_, err := pipe.Exec(ctx)
+		if err == nil || errors.Is(err, redis.Nil) {
+			return nil
+		}
+		if !load && redis.HasErrorPrefix(err, "NOSCRIPT") {
+			continue
+		}
+		return err
+	}
+	return nil
+}
+
+// queueWrite adds account's versioned write to pipe (see writeScript).
+func (r *Redis) queueWrite(ctx context.Context, pipe redis.Pipeliner, account string, rec *Record, release, load bool) {
+	args := make([]any, 4, 4+2*len(rec.Tags))
+	args[0], args[1], args[2], args[3] = r.cfg.KeyTTL.Milliseconds(), r.skew, "", 0
+	if rec.NotFoundCode != 0 {
+		args[2] = string(encodeNeg(nil, rec))
+	}
+	if release {
+		args[3] = 1
+	}
+	var buf []byte
+	for _, v := range rec.Tags {
+		buf = encodeTag(buf[:0], v)
+		args = append(args, fieldOf(v.Tag), string(buf))
+	}
+	keys := []string{r.Key(account), r.claimKey(account)}
+	if load {
+		writeScript.Eval(ctx, pipe, keys, args...)
+	} else {
+		writeScript.EvalSha(ctx, pipe, keys, args...)
+	}
+}
+
+// writeScript writes one account's fields, each only if it supersedes the
+// field stored (the rules of supersedes, on the encoded form). A write
+// that stores a tag clears the negative entry; a negative entry is stored
+// only if no stored tag is newer. KEYS: the hash, the claim marker. ARGV:
+// key TTL (ms), clock skew (ms), the negative entry or "", 1 to drop the
+// claim marker, then field/value pairs. Returns the number of fields
+// stored.
+var writeScript = redis.NewScript(`
+local function be48(s, i)
+  local v = 0
+  for k = i, i + 5 do v = v * 256 + string.byte(s, k) end
+  return v
+end
+local skew = tonumber(ARGV[2])
+local function supersedes(u, o)
+  if not o or #o < 13 then return true end
+  local uo, oo = math.floor(string.byte(u, 1) / 2), math.floor(string.byte(o, 1) / 2)
+  local uv, ov = be48(u, 2), be48(o, 2)
+  if uo == 0 then
+    if oo == 0 then return uv >= ov end
+    return uv - skew >= ov
+  elseif uo == 1 then
+    return uv >= ov
+  end
+  return be48(u, 8) >= be48(o, 8) and (oo == 2 or be48(u, 8) + skew > ov)
+end
+local fields = {}
+for i = 5, #ARGV, 2 do fields[#fields + 1] = ARGV[i] end
+local n = 0
+if #fields > 0 then
+  local olds = redis.call('HMGET', KEYS[1], unpack(fields))
+  local set = {}
+  for j = 1, #fields do
+    local u, o = ARGV[4 + 2 * j], olds[j]
+    if supersedes(u, o) then
+      if o and #o >= 13 and math.floor(string.byte(u, 1) / 2) ~= 2 and be48(o, 8) > be48(u, 8) then
+        u = string.sub(u, 1, 7) .. string.sub(o, 8, 13) .. string.sub(u, 14) -- keep the newest EventTime seen
+      end
+      set[#set + 1] = fields[j]
+      set[#set + 1] = u
+    end
+  end
+  if #set > 0 then
+    redis.call('HSET', KEYS[1], unpack(set))
+    redis.call('HDEL', KEYS[1], '!')
+    n = #set / 2
+  end
+end
+if ARGV[3] ~= '' then
+  local neg = ARGV[3]
+  local old = redis.call('HGET', KEYS[1], '!')
+  local ok = not old or #old < 6 or be48(neg, 1) >= be48(old, 1)
+  if ok then
+    local probe = string.char(0) .. string.sub(neg, 1, 6) .. string.rep(string.char(0), 6)
+    local all = redis.call('HGETALL', KEYS[1])
+    for i = 1, #all, 2 do
+      if all[i] ~= '!' and not supersedes(probe, all[i + 1]) then ok = false break end
+    end
+  end
+  if ok then
+    redis.call('HSET', KEYS[1], '!', neg)
+    n = n + 1
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
+return n
+`)
 
 // Field names: one byte for each standard tag, '~' + the suffix for custom
 // tags, the full name for anything else; negField holds "no such account".
@@ -461,15 +572,31 @@ func fieldOf(tag string) string {
 	return tag
 }
 
-// A tag field is: flags (1 = set), fresh and stale deadlines as uvarint
-// Unix milliseconds, then the value's JSON bytes exactly as the upstream
-// sent them.
+// A tag field is: flags (bit 0: set; bits 1-2: Origin), Ver and Event as
+// 6-byte big-endian Unix milliseconds (fixed width, so the write script
+// reads them without parsing), fresh and stale deadlines as uvarint Unix
+// milliseconds, then the value's JSON bytes exactly as the upstream sent
+// them. A negative entry is Ver (6 bytes), the code and deadline as
+// uvarints, then the message.
+const fieldHead = 13
+
+func appendBE48(b []byte, v int64) []byte {
+	u := uint64(max(v, 0))
+	return append(b, byte(u>>40), byte(u>>32), byte(u>>24), byte(u>>16), byte(u>>8), byte(u))
+}
+
+func be48(b []byte) int64 {
+	return int64(b[0])<<40 | int64(b[1])<<32 | int64(b[2])<<24 | int64(b[3])<<16 | int64(b[4])<<8 | int64(b[5])
+}
+
 func encodeTag(b []byte, v TagValue) []byte {
-	flags := byte(0)
+	flags := byte(v.Origin) << 1
 	if v.Set {
-		flags = 1
+		flags |= 1
 	}
 	b = append(b, flags)
+	b = appendBE48(b, v.Ver)
+	b = appendBE48(b, v.Event)
 	b = binary.AppendUvarint(b, uint64(v.Fresh.UnixMilli()))
 	b = binary.AppendUvarint(b, uint64(v.Stale.UnixMilli()))
 	return append(b, v.Value...)
@@ -477,19 +604,21 @@ func encodeTag(b []byte, v TagValue) []byte {
 
 func decodeTag(s string) (TagValue, bool) {
 	b := []byte(s)
-	if len(b) < 3 || b[0] > 1 {
+	if len(b) < fieldHead+2 || b[0] > 5 || b[0]>>1 > byte(FromCallback) {
 		return TagValue{}, false
 	}
-	fresh, n := binary.Uvarint(b[1:])
+	v := TagValue{Set: b[0]&1 == 1, Origin: Origin(b[0] >> 1), Ver: be48(b[1:]), Event: be48(b[7:])}
+	b = b[fieldHead:]
+	fresh, n := binary.Uvarint(b)
 	if n <= 0 {
 		return TagValue{}, false
 	}
-	stale, m := binary.Uvarint(b[1+n:])
+	stale, m := binary.Uvarint(b[n:])
 	if m <= 0 {
 		return TagValue{}, false
 	}
-	v := TagValue{Set: b[0] == 1, Fresh: time.UnixMilli(int64(fresh)), Stale: time.UnixMilli(int64(stale))}
-	if rest := b[1+n+m:]; len(rest) > 0 {
+	v.Fresh, v.Stale = time.UnixMilli(int64(fresh)), time.UnixMilli(int64(stale))
+	if rest := b[n+m:]; len(rest) > 0 {
 		if !json.Valid(rest) {
 			return TagValue{}, false
 		}
@@ -499,9 +628,29 @@ func decodeTag(s string) (TagValue, bool) {
 }
 
 func encodeNeg(b []byte, r *Record) []byte {
+	b = appendBE48(b, r.NotFoundVer)
 	b = binary.AppendUvarint(b, uint64(r.NotFoundCode))
 	b = binary.AppendUvarint(b, uint64(r.NotFoundUntil.UnixMilli()))
 	return append(b, r.NotFoundInfo...)
+}
+
+func decodeNeg(s string, rec *Record) bool {
+	b := []byte(s)
+	if len(b) < 6 {
+		return false
+	}
+	ver := be48(b)
+	b = b[6:]
+	code, n := binary.Uvarint(b)
+	if n <= 0 || code == 0 {
+		return false
+	}
+	until, m := binary.Uvarint(b[n:])
+	if m <= 0 {
+		return false
+	}
+	rec.NotFoundCode, rec.NotFoundUntil, rec.NotFoundInfo, rec.NotFoundVer = int(code), time.UnixMilli(int64(until)), string(b[n+m:]), ver
+	return true
 }
 
 // decodeRecord builds a record from HMGET's answer for tags + negField;
@@ -525,16 +674,12 @@ func decodeRecord(tags []string, vals []any) *Record {
 		rec.put(v)
 	}
 	if s, ok := vals[len(tags)].(string); ok {
-		b := []byte(s)
-		code, n := binary.Uvarint(b)
-		if n > 0 {
-			until, m := binary.Uvarint(b[n:])
-			if m > 0 && code > 0 {
-				if rec == nil {
-					rec = &Record{}
-				}
-				rec.NotFoundCode, rec.NotFoundUntil, rec.NotFoundInfo = int(code), time.UnixMilli(int64(until)), string(b[n+m:])
+		var neg Record
+		if decodeNeg(s, &neg) {
+			if rec == nil {
+				rec = &Record{}
 			}
+			rec.NotFoundCode, rec.NotFoundUntil, rec.NotFoundInfo, rec.NotFoundVer = neg.NotFoundCode, neg.NotFoundUntil, neg.NotFoundInfo, neg.NotFoundVer
 		}
 	}
 	return rec

@@ -20,7 +20,7 @@ import (
 // hostileIDs are account ids that are valid for IM (printable ASCII, ≤ 32
 // bytes) but dangerous in a naive key scheme.
 var hostileIDs = []string{
-	"plain", "a:b", "{slot}", "x}{y", "*", "?[]", "with space", `quo"te`, `back\slash`, "pp:v1:1:plain",
+	"plain", "a:b", "{slot}", "x}{y", "*", "?[]", "with space", `quo"te`, `back\slash`, "pp:v2:1:plain",
 	"~" + b64.EncodeToString([]byte("plain")), strings.Repeat("z", 32), "-", "@.", "\x7e", "end}",
 }
 

@@ -34,7 +34,25 @@ type Metrics struct {
 	RedisErrors        *prometheus.CounterVec // redis_errors_total{op}
 	RedisDropped       prometheus.Counter     // redis_dropped_writes_total
 	RedisRoundTrips    prometheus.Counter     // redis_round_trips_total
+	SetRequests        *prometheus.CounterVec // set_requests_total{result}
+	Callbacks          *prometheus.CounterVec // callbacks_total{result}
+	Changes            *prometheus.CounterVec // profile_changes_total{source,result}
+	FeedDelay          prometheus.Histogram   // change_feed_delay_seconds
 }
+
+// Sources of profile_changes_total.
+const (
+	ChangeSet      = "set"      // a portrait_set through this replica
+	ChangeCallback = "callback" // a change callback received by this replica
+	ChangeFeed     = "feed"     // announced by another replica
+)
+
+// Results of profile_changes_total.
+const (
+	ChangeApplied  = "applied"  // at least one tag was newer than what was cached
+	ChangeOld      = "old"      // every tag was older than (or the same as) what was cached: ignored
+	ChangeUnshared = "unshared" // applied here, but the shared tier or the feed failed: other replicas learn at TTL
+)
 
 // Result labels of lookups_total.
 const (
@@ -93,6 +111,14 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Cache write-backs not sent to Redis (Redis down or the write queue full)."}),
 		RedisRoundTrips: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
 			Help: "Pipelines sent to Redis (reads and write-backs)."}),
+		SetRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "set_requests_total",
+			Help: "portrait_set requests answered, by result (ok or the IM error code class)."}, []string{"result"}),
+		Callbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "callbacks_total",
+			Help: "Change callbacks received, by result (ok, rejected: wrong app or signature, invalid: bad body, ignored: another command)."}, []string{"result"}),
+		Changes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "profile_changes_total",
+			Help: "Profile changes applied to the cache, by source (set, callback, feed) and result (applied, old, unshared)."}, []string{"source", "result"}),
+		FeedDelay: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "change_feed_delay_seconds",
+			Help: "From a change learned on one replica to its arrival on this one (clocks of replicas assumed in sync).", Buckets: latency}),
 	}
 	// Every known label value starts at zero, so series exist (and rates
 	// work) before the first event.
@@ -117,6 +143,18 @@ func New(reg prometheus.Registerer) *Metrics {
 		m.RedisErrors.WithLabelValues(op)
 	}
 	m.Requests.WithLabelValues("ok")
+	m.SetRequests.WithLabelValues("ok")
+	for _, r := range []string{"ok", "rejected", "invalid", "ignored"} {
+		m.Callbacks.WithLabelValues(r)
+	}
+	for _, src := range []string{ChangeSet, ChangeCallback, ChangeFeed} {
+		for _, r := range []string{ChangeApplied, ChangeOld, ChangeUnshared} {
+			m.Changes.WithLabelValues(src, r)
+		}
+	}
+	m.RedisErrors.WithLabelValues("change")
+	m.RedisErrors.WithLabelValues("feed")
+	reg.MustRegister(m.SetRequests, m.Callbacks, m.Changes, m.FeedDelay)
 	reg.MustRegister(m.BuildInfo, m.Quota, m.Shed, m.CrossReplica, m.LimiterFallback, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
 	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)

@@ -178,7 +178,7 @@ func TestPerAppIsolation(t *testing.T) {
 // TestHostileAccountIDs: ids full of key syntax round-trip through Redis,
 // on one server and on a cluster.
 func TestHostileAccountIDs(t *testing.T) {
-	ids := []string{"a:b", "{slot}", "x}{y", "*", "?[]", "with space", `quo"te`, `back\slash`, "pp:v1:1400000000:user1", "~dXNlcjE", "<&>"}
+	ids := []string{"a:b", "{slot}", "x}{y", "*", "?[]", "with space", `quo"te`, `back\slash`, "pp:v2:1400000000:user1", "~dXNlcjE", "<&>"}
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
 			rs := setup(t)

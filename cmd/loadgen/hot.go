@@ -304,7 +304,7 @@ func hot(o options, out io.Writer) error {
 				trips := after["portrait_proxy_redis_round_trips_total"] - before["portrait_proxy_redis_round_trips_total"]
 				var mem int64
 				for i := range 200 {
-					mem += rc.MemoryUsage(context.Background(), "pp:v1:"+strconv.Itoa(simApp)+":{"+imsim.AccountName(i)+"}").Val()
+					mem += rc.MemoryUsage(context.Background(), "pp:v2:"+strconv.Itoa(simApp)+":{"+imsim.AccountName(i)+"}").Val()
 				}
 				r.extra += fmt.Sprintf("; Redis round trips per request %.2f; Redis MEMORY USAGE %d bytes per cached account+tag (1 tag)",
 					trips/max(1, requests), mem/200)

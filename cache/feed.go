@@ -1,0 +1,154 @@
+package cache
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Feed is the optional part of a Remote that carries profile changes to
+// every replica. *Redis satisfies it with a pub/sub channel per app.
+type Feed interface {
+	// Change writes account's changed tags to the tier (versioned: never
+	// over newer values) and announces them to every replica, before it
+	// returns.
+	Change(ctx context.Context, account string, rec *Record) error
+	// Follow calls apply for each change another replica announces, and
+	// lost when changes may have been missed (the feed was cut and is
+	// back). It returns when ctx ends.
+	Follow(ctx context.Context, apply func(account string, rec *Record, sent time.Time), lost func())
+}
+
+// Change writes rec (a change's tags) for account and publishes it on the
+// app's change channel, in one round trip.
+func (r *Redis) Change(ctx context.Context, account string, rec *Record) error {
+	if !r.up.Load() {
+		return ErrRedisDown
+	}
+	ctx, cancel := context.WithTimeout(ctx, 4*r.cfg.Timeout)
+	defer cancel()
+	msg := encodeChange(r.cfg.Replica, time.Now(), account, rec)
+	err := r.exec(ctx, func(pipe redis.Pipeliner, load bool) {
+		r.queueWrite(ctx, pipe, account, rec, false, load)
+		pipe.Publish(ctx, r.feed, msg)
+	})
+	if err != nil {
+		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			r.down("change", err)
+		}
+		return err
+	}
+	return nil
+}
+
+// Follow subscribes to the app's change channel until ctx ends. A
+// resubscription after a cut calls lost: what was published meanwhile is
+// gone.
+func (r *Redis) Follow(ctx context.Context, apply func(account string, rec *Record, sent time.Time), lost func()) {
+	ps := r.cfg.Client.Subscribe(ctx, r.feed)
+	stop := context.AfterFunc(ctx, func() { ps.Close() })
+	defer stop()
+	defer ps.Close()
+	subscribed := false
+	for {
+		msg, err := ps.Receive(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			r.m.RedisErrors.WithLabelValues("feed").Inc()
+			select { // the next Receive reconnects; do not spin while Redis is away
+			case <-ctx.Done():
+				return
+			case <-time.After(r.cfg.ProbeEvery):
+			}
+			continue
+		}
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			if m.Kind == "subscribe" {
+				if subscribed {
+					lost()
+				}
+				subscribed = true
+			}
+		case *redis.Message:
+			replica, sent, account, rec, ok := decodeChange(m.Payload)
+			if !ok {
+				r.m.RedisErrors.WithLabelValues("feed").Inc()
+				continue
+			}
+			if replica != r.cfg.Replica {
+				apply(account, rec, sent)
+			}
+		}
+	}
+}
+
+// A change message: version byte 1, the length-prefixed replica, the send
+// time in Unix microseconds (uvarint), then length-prefixed account and
+// (tag, encoded field) pairs.
+func encodeChange(replica string, sent time.Time, account string, rec *Record) string {
+	b := []byte{1}
+	b = appendLP(b, replica)
+	b = binary.AppendUvarint(b, uint64(sent.UnixMicro()))
+	b = appendLP(b, account)
+	var field []byte
+	for _, v := range rec.Tags {
+		b = appendLP(b, v.Tag)
+		field = encodeTag(field[:0], v)
+		b = appendLP(b, string(field))
+	}
+	return string(b)
+}
+
+func appendLP(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+func decodeChange(s string) (replica string, sent time.Time, account string, rec *Record, ok bool) {
+	if len(s) == 0 || s[0] != 1 {
+		return
+	}
+	s = s[1:]
+	next := func() (string, bool) {
+		n, k := binary.Uvarint([]byte(s[:min(len(s), binary.MaxVarintLen64)]))
+		if k <= 0 || uint64(len(s)-k) < n {
+			return "", false
+		}
+		v := s[k : k+int(n)]
+		s = s[k+int(n):]
+		return v, true
+	}
+	if replica, ok = next(); !ok {
+		return
+	}
+	us, k := binary.Uvarint([]byte(s[:min(len(s), binary.MaxVarintLen64)]))
+	if k <= 0 {
+		return "", time.Time{}, "", nil, false
+	}
+	s = s[k:]
+	sent = time.UnixMicro(int64(us))
+	if account, ok = next(); !ok {
+		return
+	}
+	rec = &Record{}
+	for len(s) > 0 {
+		tag, ok1 := next()
+		field, ok2 := next()
+		if !ok1 || !ok2 {
+			return "", time.Time{}, "", nil, false
+		}
+		v, ok3 := decodeTag(field)
+		if !ok3 {
+			return "", time.Time{}, "", nil, false
+		}
+		v.Tag = intern(tag)
+		rec.put(v)
+	}
+	return replica, sent, account, rec, true
+}
