@@ -35,7 +35,8 @@ type Config struct {
 	Accounts   int    // seeded accounts user0…; default 1,000,000
 	Behaviour  Behaviour
 	Faults     Faults
-	Seed       uint64 // seed of the fault dice; default 1
+	Callback   Callback // change callbacks; none when Callback.URL is empty
+	Seed       uint64   // seed of the fault dice; default 1
 }
 
 // Behaviour selects among plausible upstream behaviours the public
@@ -54,6 +55,9 @@ type Behaviour struct {
 	UnsetAsEmpty bool `json:"unset_as_empty"`
 	// MaxAccounts is the per-call account limit. Default 100.
 	MaxAccounts int `json:"max_accounts"`
+	// SetQuota is the number of portrait_set calls accepted in any sliding
+	// second (its own quota). Default 200; negative means unlimited.
+	SetQuota int `json:"set_quota"`
 }
 
 // Faults are failures and delays injected on demand. Fractions are in [0,1].
@@ -83,6 +87,10 @@ type Stats struct {
 	MaxCallsPerSec  int   `json:"max_calls_per_sec"`    // most calls received in any sliding second
 	MaxAcceptPerSec int   `json:"max_accepted_per_sec"` // most calls accepted in any sliding second
 	Sets            int64 `json:"sets"`                 // successful portrait_set calls
+	SetThrottled    int64 `json:"set_throttled"`        // portrait_set calls over the set quota
+	ClientSets      int64 `json:"client_sets"`          // changes made by "client SDKs" (ClientSet)
+	CallbacksSent   int64 `json:"callbacks_sent"`       // change callbacks delivered (HTTP 200)
+	CallbackErrors  int64 `json:"callback_errors"`      // deliveries that failed or were refused
 }
 
 // AccountsPerCall is the mean number of accounts in served calls.
@@ -116,8 +124,10 @@ type Server struct {
 	fetched   map[string]int
 	arrivals  window
 	accepts   window
+	sets      window
 	log       []Call
 	mux       *http.ServeMux
+	cb        callbacks
 }
 
 // New returns a Server with cfg's defaults filled in.
@@ -145,12 +155,14 @@ func New(cfg Config) *Server {
 	}
 	s.setBehaviour(cfg.Behaviour)
 	s.setFaults(cfg.Faults)
+	s.cb.init(cfg.Callback)
 	s.mux = http.NewServeMux()
 	s.mux.HandleFunc("POST "+upstream.PathGet, s.portraitGet)
 	s.mux.HandleFunc("POST "+upstream.PathSet, s.portraitSet)
 	s.mux.HandleFunc("GET /imsim/stats", s.serveStats)
 	s.mux.HandleFunc("POST /imsim/reset", func(w http.ResponseWriter, r *http.Request) { s.Reset(); w.WriteHeader(http.StatusNoContent) })
 	s.mux.HandleFunc("POST /imsim/config", s.serveConfig)
+	s.mux.HandleFunc("POST /imsim/client_set", s.serveClientSet)
 	return s
 }
 
@@ -170,6 +182,9 @@ func (s *Server) setBehaviour(b Behaviour) {
 	}
 	if b.MaxAccounts == 0 {
 		b.MaxAccounts = upstream.MaxAccountsPerCall
+	}
+	if b.SetQuota == 0 {
+		b.SetQuota = 200
 	}
 	s.behaviour = b
 }
@@ -225,6 +240,7 @@ func (s *Server) Reset() {
 	s.stats = Stats{}
 	s.fetched = map[string]int{}
 	s.arrivals = window{}
+	s.sets = window{}
 	s.accepts = window{}
 	s.log = nil
 }
@@ -514,6 +530,16 @@ func (s *Server) portraitSet(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, upstream.Envelope{ActionStatus: e.ActionStatus, ErrorCode: e.ErrorCode, ErrorInfo: e.ErrorInfo})
 		return
 	}
+	s.mu.Lock()
+	is502 := s.faults.Fail502 > 0 && s.rng.Float64() < s.faults.Fail502
+	if is502 {
+		s.stats.Fail502++
+	}
+	s.mu.Unlock()
+	if is502 { // a gateway failing before the backend: nothing applied
+		http.Error(w, "502 Bad Gateway", http.StatusBadGateway)
+		return
+	}
 	var req upstream.SetRequest
 	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
 		writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeBadRequest, ErrorInfo: "bad request: " + err.Error()})
@@ -536,10 +562,16 @@ func (s *Server) portraitSet(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	s.mu.Lock()
-	for _, it := range req.ProfileItem {
-		s.put(req.FromAccount, it.Tag, it.Value)
+	if q := s.behaviour.SetQuota; q > 0 && s.sets.count(time.Now()) >= q {
+		s.stats.SetThrottled++
+		code := s.behaviour.ThrottleCode
+		s.mu.Unlock()
+		writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: code, ErrorInfo: "portrait_set frequency limit"})
+		return
 	}
+	s.sets.add(time.Now())
 	s.stats.Sets++
+	s.change(req.FromAccount, req.ProfileItem, "RESTAPI", s.cfg.Identifier)
 	s.mu.Unlock()
 	writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusOK})
 }
@@ -558,6 +590,7 @@ func (s *Server) serveConfig(w http.ResponseWriter, r *http.Request) {
 	var c struct {
 		Behaviour *Behaviour `json:"behaviour"`
 		Faults    *Faults    `json:"faults"`
+		Callback  *Callback  `json:"callback"`
 	}
 	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&c); err != nil {
 		http.Error(w, "bad config: "+err.Error(), http.StatusBadRequest)
@@ -569,10 +602,16 @@ func (s *Server) serveConfig(w http.ResponseWriter, r *http.Request) {
 	if c.Faults != nil {
 		s.SetFaults(*c.Faults)
 	}
+	if c.Callback != nil {
+		s.SetCallback(*c.Callback)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	cb := s.cb.cfg
+	cb.Token = "" // never echoed
 	writeJSON(w, struct {
 		Behaviour Behaviour `json:"behaviour"`
 		Faults    Faults    `json:"faults"`
-	}{s.behaviour, s.faults})
+		Callback  Callback  `json:"callback"`
+	}{s.behaviour, s.faults, cb})
 }

@@ -3,7 +3,9 @@
 //	imsim -listen 127.0.0.1:8081 -quota 100 -latency 20ms
 //
 // GET /imsim/stats reports what it saw; POST /imsim/config changes
-// behaviour and faults while it runs; POST /imsim/reset clears the stats.
+// behaviour, faults and callbacks while it runs; POST /imsim/reset clears
+// the stats; POST /imsim/client_set changes a profile as a client SDK
+// would (the change callback follows).
 package main
 
 import (
@@ -48,11 +50,17 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	fs.Float64Var(&cfg.Faults.Fail502, "fail-502", 0, "fraction of calls answered HTTP 502")
 	fs.Float64Var(&cfg.Faults.Timeout, "timeout", 0, "fraction of calls never answered")
 	fs.Float64Var(&cfg.Faults.ItemInternal, "item-internal", 0, "fraction of accounts failing with 40006")
+	fs.IntVar(&cfg.Behaviour.SetQuota, "set-quota", 200, "portrait_set calls accepted in any sliding second")
+	fs.StringVar(&cfg.Callback.URL, "callback-url", "", "where to POST Profile.CallbackPortraitSet after each change (empty: no callbacks); token from env IMSIM_CALLBACK_TOKEN")
+	fs.DurationVar(&cfg.Callback.Jitter, "callback-jitter", 0, "uniform random delay of each callback (deliveries overtake each other)")
+	fs.Float64Var(&cfg.Callback.Duplicate, "callback-duplicate", 0, "fraction of callbacks delivered twice")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	cfg.Key = os.Getenv("IMSIM_SECRET_KEY")
+	cfg.Callback.Token = os.Getenv("IMSIM_CALLBACK_TOKEN")
 	sim := imsim.New(cfg)
+	defer sim.Close()
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return err
