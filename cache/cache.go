@@ -502,6 +502,24 @@ func (c *Cache) Change(ctx context.Context, account string, items []upstream.Pro
 	if origin == FromCallback {
 		source = metrics.ChangeCallback
 	}
+	return c.change(ctx, account, rec, source, now)
+}
+
+// Invalidate drops account's tags from every tier, for a change whose
+// outcome is unknown (a portrait_set that got no answer): the next lookup
+// fetches them, and a fetch sent before at can no longer store them.
+func (c *Cache) Invalidate(ctx context.Context, account string, tags []string, at time.Time) error {
+	now := c.now()
+	rec := &Record{Tags: make([]TagValue, 0, len(tags))}
+	for _, t := range tags {
+		// An unset, already expired value as of at: a miss for lookups,
+		// older than any fetch sent after at.
+		rec.put(TagValue{Tag: intern(t), Origin: FromFetch, Ver: at.UnixMilli(), Fresh: now, Stale: now})
+	}
+	return c.change(ctx, account, rec, metrics.ChangeSet, now)
+}
+
+func (c *Cache) change(ctx context.Context, account string, rec *Record, source string, now time.Time) error {
 	applied := c.local.Merge(account, rec, now) || !c.local.Enabled()
 	var err error
 	if c.cfg.Remote != nil {

@@ -58,8 +58,15 @@ type Config struct {
 	// RequestTimeout bounds a request when the caller gives no sooner
 	// deadline. Zero means 5s.
 	RequestTimeout time.Duration
-	Metrics        *metrics.Metrics
-	Now            func() time.Time
+	// Setter and Changer, when both set, enable portrait_set through the
+	// proxy; Changer and CallbackPath enable the change-callback receiver
+	// (checked against CallbackToken when that is set).
+	Setter        Setter
+	Changer       Changer
+	CallbackPath  string
+	CallbackToken string
+	Metrics       *metrics.Metrics
+	Now           func() time.Time
 }
 
 // Handler serves the drop-in API. Create it with New.
@@ -113,6 +120,15 @@ func New(cfg Config) (*Handler, error) {
 		lookupsFound: cfg.Metrics.Lookups.WithLabelValues(metrics.LookupFound)}
 	h.mux = http.NewServeMux()
 	h.mux.HandleFunc(upstream.PathGet, h.portraitGet)
+	if cfg.Setter != nil && cfg.Changer != nil {
+		h.mux.HandleFunc(upstream.PathSet, h.portraitSet)
+	}
+	if cfg.Changer != nil && cfg.CallbackPath != "" {
+		if !strings.HasPrefix(cfg.CallbackPath, "/") || cfg.CallbackPath == upstream.PathGet || cfg.CallbackPath == upstream.PathSet {
+			return nil, fmt.Errorf("httpapi: callback path %q must start with / and not be an API path", cfg.CallbackPath)
+		}
+		h.mux.HandleFunc(cfg.CallbackPath, h.callback)
+	}
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		h.write(w, http.StatusNotFound, &upstream.GetResponse{ActionStatus: upstream.StatusFail,
 			ErrorCode: upstream.CodeHTTPParse, ErrorInfo: "no such API: " + r.URL.Path})

@@ -78,6 +78,18 @@ type Config struct {
 	ShutdownDelay  time.Duration // readiness fails this long before the listener closes
 	DrainTimeout   time.Duration
 
+	// SetRate is portrait_set's own quota in calls per second; default 200.
+	SetRate float64
+	// CallbackPath is where the upstream's change callbacks are received on
+	// the API listener; default "/im/callback"; "-" disables the receiver.
+	CallbackPath string
+	// CallbackToken, when set, is the callback authentication token: a
+	// callback must carry Sign = hex(SHA-256(token + RequestTime)).
+	CallbackToken string
+	// ClockSkew is how far the upstream's and the replicas' clocks may be
+	// apart, for ordering cached values against changes; default 1s.
+	ClockSkew time.Duration
+
 	// Demo runs the built-in emulator as the upstream (SDKAppID, identifier
 	// and key are then the emulator's). DemoLatency is its added latency.
 	Demo        bool
@@ -150,6 +162,15 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if cfg.Rate == 0 {
 		cfg.Rate = 100
 	}
+	if cfg.SetRate == 0 {
+		cfg.SetRate = 200
+	}
+	if cfg.CallbackPath == "" {
+		cfg.CallbackPath = "/im/callback"
+	}
+	if cfg.ClockSkew <= 0 {
+		cfg.ClockSkew = time.Second
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
@@ -218,14 +239,14 @@ func New(cfg Config) (_ *Proxy, err error) {
 			stale = time.Hour
 		}
 		if p.redis, err = cache.NewRedis(cache.RedisConfig{Client: p.rclient, SDKAppID: cfg.SDKAppID,
-			KeyTTL: ttl + stale, Metrics: p.m}); err != nil {
+			KeyTTL: ttl + stale, ClockSkew: cfg.ClockSkew, Metrics: p.m}); err != nil {
 			return nil, err
 		}
 		remote = p.redis
 	} else {
 		p.m.RedisUp.Set(0)
 	}
-	var lim limiter.Limiter
+	var lim, setLim limiter.Limiter
 	if p.rclient != nil {
 		hold := cfg.UpstreamTimeout
 		if hold <= 0 {
@@ -242,9 +263,29 @@ func New(cfg Config) (_ *Proxy, err error) {
 					log.Info("shared limiter reachable again")
 				}
 			}})
+		if err == nil {
+			setLim, err = limiter.NewShared(limiter.SharedConfig{Client: p.rclient, App: strconv.FormatUint(cfg.SDKAppID, 10) + ":set",
+				Rate: cfg.SetRate, Guard: cfg.RateGuard, MaxHold: hold + 5*time.Second, FallbackShare: cfg.RateFallbackShare})
+		}
 	} else {
 		lim, err = limiter.NewLocal(limiter.Config{Rate: cfg.Rate, Guard: cfg.RateGuard})
+		if err == nil {
+			setLim, err = limiter.NewLocal(limiter.Config{Rate: cfg.SetRate, Guard: cfg.RateGuard})
+		}
 	}
+	if err != nil {
+		return nil, err
+	}
+	// portrait_set calls have their own client: they are not lookups and
+	// stay out of upstream_calls_total (the lookup quota's figure).
+	setClient, err := upstream.New(upstream.Config{
+		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout,
+		Observe: func(k upstream.Kind, d time.Duration, err error) {
+			if err != nil {
+				p.failLog.log(log, k, err)
+			}
+		},
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -258,12 +299,18 @@ func New(cfg Config) (_ *Proxy, err error) {
 		coord = p.redis
 	}
 	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote, Coordinator: coord,
-		TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, NegativeTTL: cfg.NegativeTTL, Metrics: p.m})
+		TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, NegativeTTL: cfg.NegativeTTL, ClockSkew: cfg.ClockSkew, Metrics: p.m})
 	if err != nil {
 		return nil, err
 	}
+	callbackPath := cfg.CallbackPath
+	if callbackPath == "-" {
+		callbackPath = ""
+	}
 	api, err := httpapi.New(httpapi.Config{Lookup: p.cache, SDKAppID: cfg.SDKAppID, Identifier: cfg.AdminIdentifier,
-		Key: cfg.SecretKey, Auth: cfg.Auth, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m})
+		Key: cfg.SecretKey, Auth: cfg.Auth, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m,
+		Setter: &setter{lim: setLim, client: setClient, backoff: time.Second}, Changer: p.cache,
+		CallbackPath: callbackPath, CallbackToken: cfg.CallbackToken})
 	if err != nil {
 		return nil, err
 	}
@@ -275,6 +322,10 @@ func New(cfg Config) (_ *Proxy, err error) {
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	if p.apiLn, err = net.Listen("tcp", cfg.Listen); err != nil {
 		return nil, fmt.Errorf("proxy: listen %s: %w", cfg.Listen, err)
+	}
+	if p.sim != nil && callbackPath != "" {
+		// The demo emulator tells this proxy of every change, as IM would.
+		p.sim.SetCallback(imsim.Callback{URL: "http://" + loopback(p.Addr()) + callbackPath, Token: cfg.CallbackToken})
 	}
 	if cfg.AdminListen != "-" {
 		p.admin = &http.Server{Handler: p.adminMux(), ReadHeaderTimeout: 5 * time.Second}
@@ -312,6 +363,10 @@ func (p *Proxy) closeListeners() {
 	}
 	if p.simSrv != nil {
 		p.simSrv.Close()
+		p.sim.Close()
+	}
+	if p.cache != nil {
+		p.cache.Close()
 	}
 	if p.rclient != nil {
 		p.rclient.Close()
@@ -421,6 +476,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	if p.simSrv != nil {
 		p.simSrv.Shutdown(sctx)
+		p.sim.Close()
 	}
 	if gerr := g.Wait(); gerr != nil {
 		return gerr
@@ -430,6 +486,15 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	p.log.Info("proxy stopped")
 	return nil
+}
+
+// loopback turns a wildcard listen address into one a local client can dial.
+func loopback(addr string) string {
+	if strings.HasPrefix(addr, "[::]") || strings.HasPrefix(addr, "0.0.0.0") {
+		_, port, _ := net.SplitHostPort(addr)
+		return "127.0.0.1:" + port
+	}
+	return addr
 }
 
 func serve(s *http.Server, ln net.Listener) error {
@@ -443,11 +508,7 @@ func serve(s *http.Server, ln net.Listener) error {
 // proxy, signed with the proxy's own key. Only for demo use: it prints a
 // valid admin UserSig.
 func (p *Proxy) CurlExample() string {
-	host := p.Addr()
-	if strings.HasPrefix(host, "[::]") || strings.HasPrefix(host, "0.0.0.0") {
-		_, port, _ := net.SplitHostPort(host)
-		host = "127.0.0.1:" + port
-	}
+	host := loopback(p.Addr())
 	sig := usersig.Sign(p.cfg.SecretKey, p.cfg.SDKAppID, p.cfg.AdminIdentifier, time.Now(), 24*time.Hour)
 	return fmt.Sprintf(`curl -s -X POST 'http://%s%s?sdkappid=%d&identifier=%s&usersig=%s&random=1&contenttype=json' -d '{"To_Account":["user1"],"TagList":["Tag_Profile_IM_Nick","Tag_Profile_IM_Level"]}'`,
 		host, upstream.PathGet, p.cfg.SDKAppID, p.cfg.AdminIdentifier, sig)

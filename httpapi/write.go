@@ -1,0 +1,262 @@
+package httpapi
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+)
+
+// Setter forwards a portrait_set to the upstream under the set quota. It
+// returns nil when the upstream applied the change, an *upstream.Error
+// with the upstream's code when it refused it, or another error when the
+// outcome is unknown (no answer).
+type Setter interface {
+	PortraitSet(ctx context.Context, req upstream.SetRequest) error
+}
+
+// Changer applies profile changes to the cache; *cache.Cache satisfies it.
+type Changer interface {
+	Change(ctx context.Context, account string, items []upstream.ProfileItem, origin cache.Origin, event int64, at time.Time) error
+	Invalidate(ctx context.Context, account string, tags []string, at time.Time) error
+}
+
+// CallbackCommand is the callback the receiver applies.
+const CallbackCommand = "Profile.CallbackPortraitSet"
+
+// MaxSetItems caps ProfileItem in one portrait_set or callback.
+const MaxSetItems = 100
+
+// CallbackClockWindow is how far a signed callback's RequestTime may be
+// from this proxy's clock.
+const CallbackClockWindow = 5 * time.Minute
+
+func writeEnvelope(w http.ResponseWriter, status int, e upstream.Envelope) {
+	b, _ := json.Marshal(e)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	w.Write(b)
+}
+
+func failEnvelope(code int, info string) upstream.Envelope {
+	return upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: code, ErrorInfo: info}
+}
+
+// rawSet is portrait_set's body and, with the extra fields, a change
+// callback's.
+type rawSet struct {
+	CallbackCommand string                 `json:"CallbackCommand"`
+	FromAccount     string                 `json:"From_Account"`
+	EventTime       int64                  `json:"EventTime"`
+	ProfileItem     []upstream.ProfileItem `json:"ProfileItem"`
+}
+
+// decodeSet parses and checks a portrait_set or callback body.
+func decodeSet(raw []byte) (rawSet, *upstream.Envelope) {
+	var req rawSet
+	if err := json.Unmarshal(raw, &req); err != nil {
+		var syntax *json.SyntaxError
+		if errors.As(err, &syntax) || errors.Is(err, io.ErrUnexpectedEOF) || len(raw) == 0 {
+			e := failEnvelope(upstream.CodeJSONParse, "request body is not valid JSON")
+			return req, &e
+		}
+		e := failEnvelope(upstream.CodeBadRequest, "request body does not match {From_Account:string,ProfileItem:[{Tag:string,Value:any}]}")
+		return req, &e
+	}
+	bad := func(info string) (rawSet, *upstream.Envelope) {
+		e := failEnvelope(upstream.CodeBadRequest, info)
+		return req, &e
+	}
+	if !validAccount(req.FromAccount) {
+		return bad("From_Account must be 1-32 bytes of printable ASCII")
+	}
+	if len(req.ProfileItem) == 0 {
+		return bad("ProfileItem is missing or empty")
+	}
+	if len(req.ProfileItem) > MaxSetItems {
+		return bad(fmt.Sprintf("ProfileItem has %d items; at most %d", len(req.ProfileItem), MaxSetItems))
+	}
+	seen := map[string]bool{}
+	for i, it := range req.ProfileItem {
+		if !upstream.ValidTag(it.Tag) {
+			e := failEnvelope(upstream.CodeInvalidTag, "invalid tag name: "+strconv.Quote(it.Tag))
+			return req, &e
+		}
+		if seen[it.Tag] {
+			return bad("tag given twice: " + it.Tag)
+		}
+		seen[it.Tag] = true
+		if len(it.Value) == 0 || string(it.Value) == "null" {
+			return bad("no Value for " + it.Tag)
+		}
+		var b bytes.Buffer
+		if json.Compact(&b, it.Value) != nil {
+			return bad("Value of " + it.Tag + " is not JSON")
+		}
+		req.ProfileItem[i].Value = json.RawMessage(b.Bytes())
+	}
+	return req, nil
+}
+
+func (h *Handler) readBody(r *http.Request) ([]byte, *upstream.Envelope) {
+	raw, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, h.cfg.MaxBodyBytes))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			e := failEnvelope(upstream.CodeBadRequest, fmt.Sprintf("request body larger than %d bytes", h.cfg.MaxBodyBytes))
+			return nil, &e
+		}
+		e := failEnvelope(upstream.CodeHTTPParse, "reading request body failed")
+		return nil, &e
+	}
+	return raw, nil
+}
+
+// portraitSet serves the drop-in v4/profile/portrait_set: the same checks
+// as portrait_get, the call made under the set quota, and on success the
+// changed tags written to every cache tier before the answer.
+func (h *Handler) portraitSet(w http.ResponseWriter, r *http.Request) {
+	e := h.serveSet(r)
+	if e.ErrorCode == 0 {
+		h.m.SetRequests.WithLabelValues("ok").Inc()
+	} else {
+		h.m.SetRequests.WithLabelValues(strconv.Itoa(e.ErrorCode)).Inc()
+	}
+	writeEnvelope(w, http.StatusOK, e)
+}
+
+func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
+	if r.Method != http.MethodPost {
+		return failEnvelope(upstream.CodeHTTPParse, "portrait_set takes POST, not "+r.Method)
+	}
+	if e := h.authenticate(r); e != nil {
+		return failEnvelope(e.ErrorCode, e.ErrorInfo)
+	}
+	raw, e := h.readBody(r)
+	if e != nil {
+		return *e
+	}
+	req, e := decodeSet(raw)
+	if e != nil {
+		return *e
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.RequestTimeout)
+	defer cancel()
+	err := h.cfg.Setter.PortraitSet(ctx, upstream.SetRequest{FromAccount: req.FromAccount, ProfileItem: req.ProfileItem})
+	// The cache is updated whatever the caller does now: it must not be
+	// left behind the upstream.
+	cctx, ccancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Second)
+	defer ccancel()
+	if err == nil {
+		h.cfg.Changer.Change(cctx, req.FromAccount, req.ProfileItem, cache.FromSet, 0, h.cfg.Now())
+		return upstream.Envelope{ActionStatus: upstream.StatusOK}
+	}
+	var ue *upstream.Error
+	refused := errors.As(err, &ue) && ue.Code != 0
+	if !refused || upstream.Classify(ue.Code) == upstream.KindTransient {
+		// No answer, or an internal error: the change may or may not have
+		// happened. The cached tags are dropped, so the next lookup asks
+		// the upstream.
+		tags := make([]string, len(req.ProfileItem))
+		for i, it := range req.ProfileItem {
+			tags[i] = it.Tag
+		}
+		h.cfg.Changer.Invalidate(cctx, req.FromAccount, tags, h.cfg.Now())
+	}
+	if refused {
+		return upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: ue.Code, ErrorInfo: ue.Info} // as the upstream said it
+	}
+	code, info := ErrorCode(err)
+	return failEnvelope(code, info)
+}
+
+// callback receives the upstream's change callbacks. It answers the OK
+// envelope for every well-formed callback of this app (other commands are
+// acknowledged and ignored), HTTP 403 for a wrong app or signature and 400
+// for a body that is not a callback.
+func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		h.m.Callbacks.WithLabelValues("invalid").Inc()
+		writeEnvelope(w, http.StatusMethodNotAllowed, failEnvelope(upstream.CodeHTTPParse, "callbacks are POSTed"))
+		return
+	}
+	q := r.URL.Query()
+	if id, err := strconv.ParseUint(q.Get("SdkAppid"), 10, 64); err != nil || id != h.cfg.SDKAppID {
+		h.m.Callbacks.WithLabelValues("rejected").Inc()
+		writeEnvelope(w, http.StatusForbidden, failEnvelope(upstream.CodeSDKAppIDInvalid, "SdkAppid is not this proxy's app"))
+		return
+	}
+	if h.cfg.CallbackToken != "" {
+		if err := checkCallbackSign(h.cfg.CallbackToken, q.Get("RequestTime"), q.Get("Sign"), h.cfg.Now()); err != nil {
+			h.m.Callbacks.WithLabelValues("rejected").Inc()
+			writeEnvelope(w, http.StatusForbidden, failEnvelope(upstream.CodeSigMismatch, err.Error()))
+			return
+		}
+	}
+	raw, e := h.readBody(r)
+	if e != nil {
+		h.m.Callbacks.WithLabelValues("invalid").Inc()
+		writeEnvelope(w, http.StatusBadRequest, *e)
+		return
+	}
+	var head struct {
+		CallbackCommand string `json:"CallbackCommand"`
+	}
+	json.Unmarshal(raw, &head)
+	if cmd := q.Get("CallbackCommand"); cmd != CallbackCommand && head.CallbackCommand != CallbackCommand {
+		h.m.Callbacks.WithLabelValues("ignored").Inc()
+		writeEnvelope(w, http.StatusOK, upstream.Envelope{ActionStatus: upstream.StatusOK})
+		return
+	}
+	ev, e := decodeSet(raw)
+	if e == nil && ev.EventTime <= 0 {
+		bad := failEnvelope(upstream.CodeBadRequest, "EventTime is missing")
+		e = &bad
+	}
+	if e != nil {
+		h.m.Callbacks.WithLabelValues("invalid").Inc()
+		writeEnvelope(w, http.StatusBadRequest, *e)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Second)
+	defer cancel()
+	h.cfg.Changer.Change(ctx, ev.FromAccount, ev.ProfileItem, cache.FromCallback, ev.EventTime, h.cfg.Now())
+	h.m.Callbacks.WithLabelValues("ok").Inc()
+	writeEnvelope(w, http.StatusOK, upstream.Envelope{ActionStatus: upstream.StatusOK})
+}
+
+// CallbackSign is the signature of a callback sent at requestTime (Unix
+// seconds, as in the URL): hex(SHA-256(token + requestTime)).
+func CallbackSign(token, requestTime string) string {
+	sum := sha256.Sum256([]byte(token + requestTime))
+	return hex.EncodeToString(sum[:])
+}
+
+func checkCallbackSign(token, requestTime, sign string, now time.Time) error {
+	if requestTime == "" || sign == "" {
+		return errors.New("callback is not signed (Sign and RequestTime required)")
+	}
+	sec, err := strconv.ParseInt(requestTime, 10, 64)
+	if err != nil {
+		return errors.New("RequestTime is not a number")
+	}
+	if d := now.Sub(time.Unix(sec, 0)); d > CallbackClockWindow || d < -CallbackClockWindow {
+		return errors.New("RequestTime is too far from this proxy's clock")
+	}
+	if subtle.ConstantTimeCompare([]byte(CallbackSign(token, requestTime)), []byte(sign)) != 1 {
+		return errors.New("callback signature does not match")
+	}
+	return nil
+}

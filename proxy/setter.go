@@ -1,0 +1,58 @@
+package proxy
+
+import (
+	"context"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/limiter"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+)
+
+// setter makes portrait_set calls under their own quota (a limiter of its
+// own, shared across replicas through Redis like the lookup quota). A
+// throttled or unanswered call is tried again, up to three attempts while
+// the caller's deadline allows: portrait_set writes values, so a repeat
+// is harmless.
+type setter struct {
+	lim     limiter.Limiter
+	client  *upstream.Client
+	backoff time.Duration // after a throttling answer; default 1s
+}
+
+func (s *setter) PortraitSet(ctx context.Context, req upstream.SetRequest) error {
+	var err error
+	for attempt := range 3 {
+		if attempt > 0 {
+			wait := 50 * time.Millisecond << attempt
+			if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait+100*time.Millisecond {
+				return err
+			}
+			select {
+			case <-ctx.Done():
+				return err
+			case <-time.After(wait):
+			}
+		}
+		permit, aerr := s.lim.Acquire(ctx)
+		if aerr != nil {
+			if err == nil {
+				err = aerr
+			}
+			return err
+		}
+		err = s.client.PortraitSet(ctx, req)
+		permit.Done()
+		switch upstream.KindOf(err) {
+		case upstream.KindOK:
+			return nil
+		case upstream.KindThrottled:
+			if bo, ok := s.lim.(interface{ Backoff(time.Duration) }); ok {
+				bo.Backoff(s.backoff)
+			}
+		case upstream.KindTransport, upstream.KindHTTP, upstream.KindTransient:
+		default:
+			return err
+		}
+	}
+	return err
+}
