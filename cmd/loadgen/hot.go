@@ -225,8 +225,9 @@ func hot(o options, out io.Writer) error {
 		return err
 	}
 	sig := signedQuery()
-	r, err := hotRun("http://"+bare.addrs[0]+upstream.PathGet+sig, callers, warm, o.duration/2, bare)
-	bare.stop()
+	bareURL := "http://" + bare.addrs[0] + upstream.PathGet + sig
+	defer bare.stop()
+	r, err := hotRun(bareURL, callers, warm, o.duration/2, bare)
 	if err != nil {
 		return err
 	}
@@ -280,6 +281,15 @@ func hot(o options, out io.Writer) error {
 			r.extra = fmt.Sprintf("upstream calls during the run: %d", calls1.Calls-calls0.Calls)
 			if mode == "local" {
 				results = append(results, r)
+				// Open loop at fractions of the closed-loop maximum.
+				rng := rand.New(rand.NewPCG(3, 5))
+				pick := func(int64) string { return imsim.AccountName(rng.IntN(warm)) }
+				for _, f := range []float64{.25, .5, .75, 1} {
+					cpu0 := e.p.cpu()
+					s := openLoop([]string{e.url}, f*r.rate, o.duration/4, maxConns, pick)
+					s.cpu = (e.p.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
+					rep.hotSteps = append(rep.hotSteps, s)
+				}
 				z, err := hotRunWith(e.url, callers, zipfian(warm), o.duration/2, e.p)
 				if err != nil {
 					return err
@@ -321,6 +331,14 @@ func hot(o options, out io.Writer) error {
 		}
 	}
 
+	if len(rep.hotSteps) > 1 {
+		rng := rand.New(rand.NewPCG(3, 5))
+		cpu0 := bare.cpu()
+		s := openLoop([]string{bareURL}, rep.hotSteps[1].offered, o.duration/4, maxConns, func(int64) string { return imsim.AccountName(rng.IntN(warm)) })
+		s.cpu = (bare.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
+		rep.bareHalf = s
+	}
+	rep.hot = results
 	fmt.Fprintf(out, "hot: %d callers, random lookups over %d warm accounts, %v each\n", callers, warm, o.duration/2)
 	base := results[0].rate
 	for _, r := range results {
@@ -329,6 +347,14 @@ func hot(o options, out io.Writer) error {
 		if r.extra != "" {
 			fmt.Fprintf(out, "  %-46s %s\n", "", r.extra)
 		}
+	}
+	for _, s := range append(rep.hotSteps, rep.bareHalf) {
+		if s == nil {
+			continue
+		}
+		fmt.Fprintf(out, "  open loop %6.0f/s offered: %6.0f/s answered, errors %d, p50 %v  p90 %v  p99 %v  max %v, server CPU %.0f%%\n",
+			s.offered, s.rate(), s.errors+s.shed+s.unsent, pct(s.lat, .5).Round(10*time.Microsecond), pct(s.lat, .9).Round(10*time.Microsecond),
+			pct(s.lat, .99).Round(10*time.Microsecond), pct(s.lat, 1).Round(10*time.Microsecond), 100*s.cpu)
 	}
 	fmt.Fprintln(out)
 	return nil

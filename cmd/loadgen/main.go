@@ -51,18 +51,27 @@ type options struct {
 	quota    int
 	window   time.Duration
 	bin      string
+
+	stepDuration time.Duration
+	steps        []float64 // offered lookups/s of the cold steps
 }
 
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
 	var o options
-	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold, lowload, hot, replicas (cold with 1 and 3 proxies on one Redis) or all")
+	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot, replicas (cold with 1 and 3 proxies on one Redis), fresh (change propagation across replicas) or all")
 	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
 	fs.IntVar(&o.quota, "quota", 100, "emulator quota and proxy -rate")
 	fs.DurationVar(&o.window, "batch-window", 2*time.Millisecond, "proxy -batch-window")
 	fs.StringVar(&o.bin, "bin", "bin", "folder holding the proxy and imsim binaries")
+	fs.DurationVar(&o.stepDuration, "step", 4*time.Second, "how long each offered-load step runs")
+	steps := fs.String("steps", "1000,2000,4000,6000,8000,9000,9500,10000,12000,15000", "offered lookups/s of the cold steps")
+	reportPath := fs.String("report", "", "write the Markdown report here (plots next to it, in -plots)")
+	plotDir := fs.String("plots", "docs/bench", "folder for the report's SVG plots")
+	microPath := fs.String("micro", "", "go test -bench output to include in the report")
+	benchstatPath := fs.String("benchstat", "", "benchstat comparison to include in the report")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	bareAddr := fs.String("serve-bare", "", "internal: serve the bare baseline handler on this address")
 	if err := fs.Parse(args); err != nil {
@@ -80,11 +89,46 @@ func run(args []string, out io.Writer) error {
 		pprof.StartCPUProfile(f)
 		defer pprof.StopCPUProfile()
 	}
+	for _, f := range strings.Split(*steps, ",") {
+		v, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil || v <= 0 {
+			return fmt.Errorf("-steps: %q is not a rate", f)
+		}
+		o.steps = append(o.steps, v)
+	}
+	rep.opts = o
+	if *microPath != "" {
+		raw, err := os.ReadFile(*microPath)
+		if err != nil {
+			return err
+		}
+		rep.micro = string(raw)
+	}
+	if *benchstatPath != "" {
+		if raw, err := os.ReadFile(*benchstatPath); err == nil {
+			rep.benchstat = string(raw)
+		}
+	}
+	if err := runScenario(o, out); err != nil {
+		return err
+	}
+	if *reportPath != "" {
+		if err := rep.write(*reportPath, *plotDir); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "report written to %s (plots in %s)\n", *reportPath, *plotDir)
+	}
+	return nil
+}
+
+func runScenario(o options, out io.Writer) error {
 	fmt.Fprintf(out, "machine: %s/%s, %d CPUs, %s; emulator latency %v, quota %d/s\n\n",
 		runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), runtime.Version(), o.latency, o.quota)
 	switch o.scenario {
 	case "cold":
-		return cold(o, out)
+		return coldSteps(o, out)
+	case "fresh":
+		return fresh(o, out)
 	case "lowload":
 		return lowLoad(o, out)
 	case "hot":
@@ -103,7 +147,7 @@ func run(args []string, out io.Writer) error {
 		if err := direct(o, out); err != nil {
 			return err
 		}
-		if err := cold(o, out); err != nil {
+		if err := coldSteps(o, out); err != nil {
 			return err
 		}
 		if err := lowLoad(o, out); err != nil {
@@ -112,10 +156,15 @@ func run(args []string, out io.Writer) error {
 		if err := hot(o, out); err != nil {
 			return err
 		}
-		if err := coldReplicas(o, out, 3); err != nil {
+		for _, n := range []int{1, 3} {
+			if err := coldReplicas(o, out, n); err != nil {
+				return err
+			}
+		}
+		if err := coldReplicas(o, out, 3, "-cross-replica"); err != nil {
 			return err
 		}
-		return coldReplicas(o, out, 3, "-cross-replica")
+		return fresh(o, out)
 	}
 	return fmt.Errorf("unknown scenario %q", o.scenario)
 }
@@ -245,10 +294,6 @@ func pct(lat []time.Duration, p float64) time.Duration {
 	return lat[min(len(lat)-1, int(float64(len(lat))*p))]
 }
 
-// cold: callers concurrent callers, each asking one never-seen account at
-// a time, for o.duration after a one-second warm-up.
-func cold(o options, out io.Writer) error { return coldReplicas(o, out, 1) }
-
 // coldReplicas is cold against n proxies (n > 1: sharing one Redis), the
 // callers spread over them; extra flags go to every proxy.
 func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
@@ -339,6 +384,9 @@ func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
 	slices.Sort(lat)
 	r := result{lookups: lookups.Load(), errors: errs.Load(), wrong: wrong.Load(), elapsed: elapsed, lat: lat, stats: st}
 	rate := float64(r.lookups) / elapsed.Seconds()
+	rep.replicas = append(rep.replicas, replicaResult{n: n, flags: strings.Join(extra, " "), rate: rate, apc: st.AccountsPerCall(),
+		perAccount: float64(st.Accounts) / float64(max(1, st.DistinctFetched)), maxCalls: st.MaxCallsPerSec, throttled: st.Throttled,
+		errors: r.errors, wrong: r.wrong, p50: pct(lat, .5), p99: pct(lat, .99), cpuPerLookup: float64(cpu.Microseconds()) / float64(max(1, r.lookups))})
 	fmt.Fprintf(out, "cold, %d replica(s)%s %v: %d callers, each one new account at a time, %v measured\n", n,
 		map[bool]string{true: " on one Redis", false: ""}[n > 1], extra, o.callers, elapsed.Round(time.Millisecond))
 	fmt.Fprintf(out, "  lookups/s           %8.0f  (%.1f%% of the physical limit %d)\n", rate, 100*rate/float64(o.quota*100), o.quota*100)
@@ -408,6 +456,7 @@ func lowLoad(o options, out io.Writer) error {
 		return err
 	}
 	added := pct(via, .5) - pct(direct, .5)
+	rep.lowload = &lowloadResult{direct: pct(direct, .5), via: pct(via, .5), added: added}
 	fmt.Fprintf(out, "low load: one caller, one new account at a time (%d and %d lookups)\n", n, len(via))
 	fmt.Fprintf(out, "  direct to emulator  p50 %v  p99 %v\n", pct(direct, .5).Round(10*time.Microsecond), pct(direct, .99).Round(10*time.Microsecond))
 	fmt.Fprintf(out, "  through the proxy   p50 %v  p99 %v\n", pct(via, .5).Round(10*time.Microsecond), pct(via, .99).Round(10*time.Microsecond))
@@ -458,6 +507,7 @@ func direct(o options, out io.Writer) error {
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	rep.direct = &directResult{rate: float64(ok.Load()) / elapsed.Seconds(), throttledPerSec: float64(throttled.Load()) / elapsed.Seconds()}
 	fmt.Fprintf(out, "direct (what users do today): 50 callers, one portrait_get call per lookup, straight to the emulator, %v\n", elapsed.Round(time.Millisecond))
 	fmt.Fprintf(out, "  lookups/s answered  %8.0f\n  throttled calls/s   %8.0f\n  other failures      %8d\n\n",
 		float64(ok.Load())/elapsed.Seconds(), float64(throttled.Load())/elapsed.Seconds(), other.Load())

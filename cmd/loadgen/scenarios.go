@@ -1,0 +1,179 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+)
+
+// maxConns bounds the open-loop generator's connections (the process's
+// file limit is 20,000 here, and the proxy needs one per connection too).
+const maxConns = 12_000
+
+// coldSteps offers cold lookups (every account new) at each rate of
+// o.steps in turn, against one proxy, with a pause between steps so one
+// step's queue does not spill into the next.
+func coldSteps(o options, out io.Writer) error {
+	e, err := startEnv(o)
+	if err != nil {
+		return err
+	}
+	defer e.stop()
+	var next atomic.Int64
+	next.Store(100_000)
+	fmt.Fprintf(out, "cold, offered load stepped: open loop, every lookup a new account, %v per step (1 proxy)\n", o.stepDuration)
+	fmt.Fprintf(out, "  %9s %9s %6s %5s %5s %6s %6s %6s %9s %9s %9s %9s %5s %6s\n", "offered/s", "answer/s", "acc/cl", "max/s", "thrtl",
+		"shed", "errors", "wrong", "p50", "p90", "p99", "max", "CPU", "RSS")
+	for _, rate := range o.steps {
+		if err := simReset(e.simURL); err != nil {
+			return err
+		}
+		cpu0 := e.p.cpu()
+		s := openLoop(e.urls, rate, o.stepDuration, maxConns, func(int64) string { return imsim.AccountName(int(next.Add(1))) })
+		st, err := simStats(context.Background(), e.simURL)
+		if err != nil {
+			return err
+		}
+		s.accountsPerCall, s.maxCallsPerSec, s.throttled = st.AccountsPerCall(), st.MaxCallsPerSec, st.Throttled
+		s.cpu = (e.p.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
+		s.rssMiB = e.p.rssBytes() >> 20
+		rep.coldSteps = append(rep.coldSteps, s)
+		fmt.Fprintf(out, "  %9.0f %9.0f %6.2f %5d %5d %6d %6d %6d %9v %9v %9v %9v %4.0f%% %4dMi\n", s.offered, s.rate(), s.accountsPerCall,
+			s.maxCallsPerSec, s.throttled, s.shed, s.errors+s.unsent, s.wrong, pct(s.lat, .5).Round(100*time.Microsecond),
+			pct(s.lat, .9).Round(100*time.Microsecond), pct(s.lat, .99).Round(100*time.Microsecond), pct(s.lat, 1).Round(100*time.Microsecond), 100*s.cpu, s.rssMiB)
+		if s.firstErr != "" {
+			fmt.Fprintf(out, "  first error: %s\n", s.firstErr)
+		}
+		time.Sleep(2 * time.Second)
+	}
+	fmt.Fprintln(out)
+	return nil
+}
+
+// fresh measures how long replicas serve a value older than a change:
+// three proxies on one Redis, each holding the account in its in-process
+// tier; a portrait_set through A (until B and C serve the new value), and
+// a client's change announced by the emulator's callback to C (until A, B
+// and C serve it).
+func fresh(o options, out io.Writer) error {
+	e, err := startReplicas(o, 3)
+	if err != nil {
+		return err
+	}
+	defer e.stop()
+	cfg, _ := json.Marshal(map[string]any{"callback": map[string]string{"url": "http://" + e.ps[2].addrs[0] + "/im/callback"}})
+	resp, err := http.Post(e.simURL+"/imsim/config", "application/json", bytes.NewReader(cfg))
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	const n = 100
+	const base = 800_000
+	conns := make([]*rawConn, 3)
+	for i := range conns {
+		if conns[i], err = newRawConn(e.urls[i]); err != nil {
+			return err
+		}
+		defer conns[i].close()
+	}
+	for k := range 2 * n { // every replica holds every account
+		for _, c := range conns {
+			if ok, _, err := lookup(c, imsim.AccountName(base+k)); err != nil || !ok {
+				return fmt.Errorf("warm-up lookup: %v", err)
+			}
+		}
+	}
+	if err := simReset(e.simURL); err != nil {
+		return err
+	}
+	serves := func(c *rawConn, account, value string) (bool, error) {
+		got, err := c.post(`{"To_Account":["` + account + `"],"TagList":["Tag_Profile_IM_Nick"]}`)
+		if err != nil {
+			return false, err
+		}
+		return bytes.Contains(got, []byte(`"`+value+`"`)), nil
+	}
+	waitAll := func(cs []*rawConn, account, value string, from time.Time) (time.Duration, error) {
+		for _, c := range cs {
+			for {
+				ok, err := serves(c, account, value)
+				if err != nil {
+					return 0, err
+				}
+				if ok {
+					break
+				}
+				if time.Since(from) > 10*time.Second {
+					return 0, fmt.Errorf("%s never served %q", account, value)
+				}
+			}
+		}
+		return time.Since(from), nil
+	}
+	setConn, err := newRawConn("http://" + e.ps[0].addrs[0] + upstream.PathSet + signedQuery())
+	if err != nil {
+		return err
+	}
+	defer setConn.close()
+	f := &freshResult{sets: n, callbacks: n}
+	for k := range n {
+		acc, val := imsim.AccountName(base+k), fmt.Sprintf("set-%d", k)
+		body, _ := json.Marshal(upstream.SetRequest{FromAccount: acc, ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"` + val + `"`)}}})
+		got, err := setConn.post(string(body))
+		if err != nil || !bytes.Contains(got, []byte(`"ErrorCode":0`)) {
+			return fmt.Errorf("portrait_set through A: %v %s", err, got)
+		}
+		d, err := waitAll(conns[1:], acc, val, time.Now())
+		if err != nil {
+			return err
+		}
+		f.setLat = append(f.setLat, d)
+		time.Sleep(5 * time.Millisecond) // under the set quota
+	}
+	for k := range n {
+		acc, val := imsim.AccountName(base+n+k), fmt.Sprintf("client-%d", k)
+		body, _ := json.Marshal(upstream.SetRequest{FromAccount: acc, ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"` + val + `"`)}}})
+		t0 := time.Now()
+		resp, err := http.Post(e.simURL+"/imsim/client_set", "application/json", bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		d, err := waitAll(conns, acc, val, t0)
+		if err != nil {
+			return err
+		}
+		f.cbLat = append(f.cbLat, d)
+	}
+	slices.Sort(f.setLat)
+	slices.Sort(f.cbLat)
+	st, err := simStats(context.Background(), e.simURL)
+	if err != nil {
+		return err
+	}
+	f.fetchesPer = int(st.Accounts)
+	if m, err := scrape(e.admins[1]); err == nil {
+		f.feedMean = histMean(map[string]float64{}, m, "portrait_proxy_change_feed_delay_seconds")
+	}
+	rep.fresh = f
+	fmt.Fprintf(out, "fresh after writes: 3 replicas on one Redis, each holding the account\n")
+	fmt.Fprintf(out, "  portrait_set through A until B and C serve it (%d): p50 %v  p99 %v  max %v\n", n,
+		pct(f.setLat, .5).Round(10*time.Microsecond), pct(f.setLat, .99).Round(10*time.Microsecond), pct(f.setLat, 1).Round(10*time.Microsecond))
+	fmt.Fprintf(out, "  client change, callback to C, until A, B, C serve it (%d): p50 %v  p99 %v  max %v\n", n,
+		pct(f.cbLat, .5).Round(10*time.Microsecond), pct(f.cbLat, .99).Round(10*time.Microsecond), pct(f.cbLat, 1).Round(10*time.Microsecond))
+	fmt.Fprintf(out, "  feed delay mean %.2fms; upstream fetches after warm-up %d; callbacks sent %d, failed %d\n\n",
+		f.feedMean*1000, st.Accounts, st.CallbacksSent, st.CallbackErrors)
+	if st.CallbackErrors != 0 || st.CallbacksSent != 2*n { // one per set through A, one per client change
+		return fmt.Errorf("callbacks: %d sent, %d failed, want %d sent", st.CallbacksSent, st.CallbackErrors, 2*n)
+	}
+	return nil
+}
