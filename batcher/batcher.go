@@ -69,6 +69,14 @@ type Config struct {
 	// Window is the longest a batch waits for company once a token is free.
 	// Zero means 2ms; negative means none.
 	Window time.Duration
+	// FillHold is, while the quota is the limit (the last grant had to wait
+	// for a slot in the quota's window), the longest a batch that is not
+	// full holds off asking for a grant, so that the quota's calls leave full — with several
+	// replicas on one quota, a replica whose batch is not full leaves the
+	// grant to one whose batch is. It holds no longer than the batch takes
+	// to fill at the pace its accounts arrived. Zero means 40ms; negative
+	// means never.
+	FillHold time.Duration
 	// DefaultTags are fetched with every call, so later lookups for them hit
 	// the cache.
 	DefaultTags []string
@@ -194,9 +202,10 @@ type Batcher struct {
 	queued  int               // accounts in queue and ready
 	closed  bool
 
-	callCtx  context.Context
-	inflight sync.WaitGroup
-	latency  atomic.Int64 // moving average of call duration, ns
+	callCtx   context.Context
+	inflight  sync.WaitGroup
+	latency   atomic.Int64 // moving average of call duration, ns
+	contended atomic.Bool  // the last grant had to wait for the quota's window
 }
 
 // New validates cfg and returns a Batcher. Nothing runs until Run.
@@ -212,6 +221,9 @@ func New(cfg Config) (*Batcher, error) {
 	}
 	if cfg.Window == 0 {
 		cfg.Window = 2 * time.Millisecond
+	}
+	if cfg.FillHold == 0 {
+		cfg.FillHold = 40 * time.Millisecond
 	}
 	if cfg.MaxAttempts <= 0 {
 		cfg.MaxAttempts = 3
@@ -377,7 +389,11 @@ func (b *Batcher) waitWindow(ctx context.Context) {
 		// so timers fire up to a millisecond late. Aim early by up to half
 		// the window (at most 1ms): Window is the longest wait, not the
 		// shortest.
-		left := b.queue[0].queued.Add(b.cfg.Window - min(b.cfg.Window/2, time.Millisecond)).Sub(b.now())
+		now := b.now()
+		left := b.queue[0].queued.Add(b.cfg.Window - min(b.cfg.Window/2, time.Millisecond)).Sub(now)
+		if b.contended.Load() {
+			left = max(left, fillWait(now.Sub(b.queue[0].queued), len(b.queue), b.cfg.MaxAccounts, b.cfg.FillHold))
+		}
 		b.mu.Unlock()
 		if left <= 0 {
 			return
@@ -395,6 +411,22 @@ func (b *Batcher) waitWindow(ctx context.Context) {
 	}
 }
 
+// fillWait is how much longer a batch of queued accounts, the oldest of
+// them age old, should wait before asking for a contended grant: until it
+// is full, if at the pace its accounts came in it fills within hold; not at
+// all otherwise (at lower rates holding would add latency and still leave
+// it part empty).
+func fillWait(age time.Duration, queued, maxAccounts int, hold time.Duration) time.Duration {
+	if hold <= 0 || queued == 0 || queued >= maxAccounts {
+		return 0
+	}
+	full := time.Duration(int64(age) * int64(maxAccounts) / int64(queued))
+	if full > hold {
+		return 0
+	}
+	return full - age
+}
+
 // dispatch takes a token, forms a batch and sends it; false when the token
 // wait ended with ctx.
 func (b *Batcher) dispatch(ctx context.Context) bool {
@@ -405,6 +437,7 @@ func (b *Batcher) dispatch(ctx context.Context) bool {
 	}
 	now := b.now()
 	b.m.LimiterWait.Observe(now.Sub(start).Seconds())
+	b.contended.Store(permit.Scarce() || now.Sub(start) > time.Millisecond)
 	batch := b.take()
 	if len(batch) == 0 {
 		permit.Cancel() // everyone left while we waited: the token goes back

@@ -423,3 +423,23 @@ func TestNewValidates(t *testing.T) {
 		}
 	}
 }
+
+func TestFillWait(t *testing.T) {
+	ms := time.Millisecond
+	for _, c := range []struct {
+		age           time.Duration
+		queued, limit int
+		hold, want    time.Duration
+	}{
+		{10 * ms, 50, 100, 40 * ms, 10 * ms}, // fills in 20ms: wait the other 10
+		{30 * ms, 75, 100, 40 * ms, 10 * ms}, // fills in 40ms
+		{10 * ms, 10, 100, 40 * ms, 0},       // would take 100ms: go now
+		{10 * ms, 100, 100, 40 * ms, 0},      // full
+		{0, 1, 100, 40 * ms, 0},              // just arrived: no pace known, fills "at once"
+		{10 * ms, 50, 100, -1, 0},            // holding off
+	} {
+		if got := fillWait(c.age, c.queued, c.limit, c.hold); got != c.want {
+			t.Errorf("fillWait(%v, %d, %d, %v) = %v, want %v", c.age, c.queued, c.limit, c.hold, got, c.want)
+		}
+	}
+}

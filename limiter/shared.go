@@ -201,7 +201,7 @@ func isTimeout(err error) bool {
 
 // Acquire blocks until a call may start, as Limiter says.
 func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
-	for {
+	for waited := false; ; waited = true {
 		if s.offline() {
 			return s.acquireOffline(ctx)
 		}
@@ -244,9 +244,13 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 					s.release(member, false)
 					return nil, err
 				}
-				return NewPermit(func(called bool) { fp.end(called); s.release(member, called) }), nil
+				p := NewPermit(func(called bool) { fp.end(called); s.release(member, called) })
+				p.scarce = waited || fp.scarce
+				return p, nil
 			}
-			return NewPermit(func(called bool) { s.release(member, called) }), nil
+			p := NewPermit(func(called bool) { s.release(member, called) })
+			p.scarce = waited
+			return p, nil
 		}
 		wait := 20 * time.Millisecond // every slot in flight: poll
 		if res[1] >= 0 {
@@ -292,7 +296,7 @@ func (s *Shared) acquireOffline(ctx context.Context) (*Permit, error) {
 	}
 	s.offlineCalls[member] = time.Time{}
 	s.mu.Unlock()
-	return NewPermit(func(called bool) {
+	op := NewPermit(func(called bool) {
 		p.end(called)
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -304,7 +308,9 @@ func (s *Shared) acquireOffline(ctx context.Context) (*Permit, error) {
 		} else {
 			delete(s.offlineCalls, member) // never made: nothing to record
 		}
-	}), nil
+	})
+	op.scarce = p.scarce
+	return op, nil
 }
 
 // recover records the fallback's calls of the last window in Redis before

@@ -315,3 +315,41 @@ func TestSetErrors(t *testing.T) {
 		t.Fatalf("fetched %d times after the failed set, want 1 (the cached value dropped)", n-before)
 	}
 }
+
+// The same race with a background refresh: a stale value is served and
+// refreshed; the refresh reads the old value, a portrait_set lands while
+// it is in flight, and the refresh's late answer does not undo the set.
+func TestRefreshLosesToChange(t *testing.T) {
+	sim, srv := startSim(t, imsim.Config{})
+	rs := singleRedis(t)
+	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{TTL: 50 * time.Millisecond})
+	const acc = "user12"
+	nickOn(t, rigs[0], acc)
+	time.Sleep(60 * time.Millisecond) // past fresh: the next lookup is served stale and refreshed
+	sim.SetFaults(imsim.Faults{Latency: 300 * time.Millisecond})
+	served := sim.Stats().Served
+	if got := nickOn(t, rigs[0], acc); got != seededNick(acc) {
+		t.Fatalf("stale read %q", got)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for sim.Stats().Served == served { // the refresh has read the old value
+		if time.Now().After(deadline) {
+			t.Fatal("no refresh reached the emulator")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if e := rigs[1].set(t, acc, nickItem("changed mid-refresh")); e.ErrorCode != 0 {
+		t.Fatalf("portrait_set: %+v", e)
+	}
+	time.Sleep(400 * time.Millisecond) // the refresh is answered and written back (or refused)
+	sim.SetFaults(imsim.Faults{})
+	for i, r := range rigs {
+		if s := nickOn(t, r, acc); s != "changed mid-refresh" {
+			t.Fatalf("replica %c serves %q after the late refresh", 'A'+i, s)
+		}
+	}
+	fresh := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
+	if s := nickOn(t, fresh, acc); s != "changed mid-refresh" {
+		t.Fatalf("the shared tier holds %q", s)
+	}
+}

@@ -60,6 +60,7 @@ type Config struct {
 	RateGuard         time.Duration // jitter allowance; default limiter.DefaultGuard
 	BatchMax          int
 	BatchWindow       time.Duration
+	FillHold          time.Duration // see batcher.Config.FillHold; default 40ms, negative: off
 	DefaultTags       []string
 
 	TTL           time.Duration
@@ -290,7 +291,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 		return nil, err
 	}
 	p.batcher, err = batcher.New(batcher.Config{Upstream: client, Limiter: lim, MaxAccounts: cfg.BatchMax, Rate: cfg.Rate, MaxQueue: cfg.MaxQueue,
-		Window: cfg.BatchWindow, DefaultTags: cfg.DefaultTags, DrainTimeout: cfg.DrainTimeout, Metrics: p.m})
+		Window: cfg.BatchWindow, FillHold: cfg.FillHold, DefaultTags: cfg.DefaultTags, DrainTimeout: cfg.DrainTimeout, Metrics: p.m})
 	if err != nil {
 		return nil, err
 	}

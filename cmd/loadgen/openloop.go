@@ -10,15 +10,15 @@ import (
 
 // step is what one constant-rate run measured.
 type step struct {
-	offered  float64 // lookups/s asked for
-	sent     int64   // lookups sent (offered × duration, unless the generator ran out of connections)
-	ok       int64   // answered right
-	shed     int64   // answered 60007 (the proxy refused what the quota cannot serve in time)
-	errors   int64   // any other failure
-	wrong    int64   // answered, but not with the upstream's value
-	unsent   int64   // not sent: every connection busy (the generator, not the proxy, was the limit)
-	elapsed  time.Duration // until the last answer
-	window   time.Duration // the offered window
+	offered  float64         // lookups/s asked for
+	sent     int64           // lookups sent (offered × duration, unless the generator ran out of connections)
+	ok       int64           // answered right
+	shed     int64           // answered 60007 (the proxy refused what the quota cannot serve in time)
+	errors   int64           // any other failure
+	wrong    int64           // answered, but not with the upstream's value
+	unsent   int64           // not sent: every connection busy (the generator, not the proxy, was the limit)
+	elapsed  time.Duration   // until the last answer
+	window   time.Duration   // the offered window
 	lat      []time.Duration // of right answers, from their scheduled send time, sorted
 	firstErr string
 	steady   int64 // right answers completed in the steady window [window/4, window]
@@ -31,12 +31,15 @@ type step struct {
 	rssMiB          int64
 }
 
-// rate is the answered rate in steady state: right answers that completed
-// in the last three quarters of the offered window, per second. Below
-// saturation it equals the offered rate; above, the server's capacity
-// (answers still queued when the window ends are not counted as if they
-// had been served in it).
-func (s *step) rate() float64 { return float64(s.steady) / (0.75 * s.window.Seconds()) }
+// rate is the answered rate: right answers per second of the offered
+// window, but no more than the rate at which right answers completed in
+// the window's last three quarters. Below saturation the two agree (every
+// offered lookup answered); above it the second is the server's capacity,
+// and answers still queued when the window ends do not count as served in
+// it.
+func (s *step) rate() float64 {
+	return min(float64(s.ok)/s.window.Seconds(), float64(s.steady)/(0.75*s.window.Seconds()))
+}
 
 // openLoop offers rate lookups per second for d across urls: lookup i is
 // due at start + i/rate and is sent then whatever happened to earlier ones,

@@ -98,6 +98,7 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.DurationVar(&cfg.RateGuard, "rate-guard", 2*time.Millisecond, "widens the limiter's one-second window (clock granularity)")
 	fs.IntVar(&cfg.BatchMax, "batch-max", 100, "accounts per upstream call (1-100)")
 	fs.DurationVar(&cfg.BatchWindow, "batch-window", 2*time.Millisecond, "longest a lookup waits for company when tokens are plentiful")
+	fs.DurationVar(&cfg.FillHold, "fill-hold", 40*time.Millisecond, "while the quota is the limit, how long a batch that would fill within this holds off for a grant so calls leave full (negative: off)")
 	defaultTags := fs.String("default-tags", "", "comma-separated tags fetched with every call (besides those asked for)")
 	fs.DurationVar(&cfg.TTL, "ttl", 60*time.Second, "how long a cached tag is fresh")
 	fs.DurationVar(&cfg.StaleTTL, "stale-ttl", time.Hour, "how long past fresh a value may be served while refreshing or when the upstream fails")
