@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -141,13 +142,115 @@ func yes(ok bool) string {
 	return "**missed**"
 }
 
-// saturation returns the highest rate any cold step achieved.
+// saturation returns the highest cold rate measured in this run: by the
+// open-loop steps, or closed loop with one proxy.
 func (r *report) saturation() float64 {
 	best := 0.0
 	for _, s := range r.coldSteps {
 		best = max(best, s.rate())
 	}
+	for _, rr := range r.replicas {
+		if rr.n == 1 {
+			best = max(best, rr.rate)
+		}
+	}
 	return best
+}
+
+type microResult struct{ pkg, name, ns, bytes, allocs, other string }
+
+var microWhat = map[string]string{
+	"Verify":               "UserSig check: inflate, JSON, HMAC",
+	"AppendJSON":           "answer encoding, hand encoder (one item, two tags)",
+	"EncodingJSONBaseline": "the same answer with encoding/json",
+	"Coalesce":             "one account through the batcher (64 goroutines, instant upstream)",
+	"Hit":                  "cache lookup served by the in-process tier",
+	"HitPath":              "HTTP handler + cache hit, no network",
+}
+
+func microRuns(out string) int {
+	counts := map[string]int{}
+	best := 0
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) > 0 && strings.HasPrefix(f[0], "Benchmark") {
+			counts[f[0]]++
+			best = max(best, counts[f[0]])
+		}
+	}
+	return best
+}
+
+// parseMicro reads go test -bench output into one row per benchmark with
+// the median of each figure.
+func parseMicro(out string) []microResult {
+	type acc struct {
+		pkg    string
+		values map[string][]float64
+		units  []string
+	}
+	var order []string
+	byName := map[string]*acc{}
+	pkg := ""
+	for _, l := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(l, "pkg: "); ok {
+			pkg = strings.TrimPrefix(v, "github.com/portrait-proxy/portrait-proxy/")
+			continue
+		}
+		f := strings.Fields(l)
+		if len(f) < 4 || !strings.HasPrefix(f[0], "Benchmark") {
+			continue
+		}
+		name := strings.TrimPrefix(f[0], "Benchmark")
+		if i := strings.LastIndexByte(name, '-'); i > 0 {
+			name = name[:i]
+		}
+		a := byName[pkg+" "+name]
+		if a == nil {
+			a = &acc{pkg: pkg, values: map[string][]float64{}}
+			byName[pkg+" "+name] = a
+			order = append(order, pkg+" "+name)
+		}
+		for i := 2; i+1 < len(f); i += 2 {
+			v, err := strconv.ParseFloat(f[i], 64)
+			if err != nil {
+				continue
+			}
+			if _, ok := a.values[f[i+1]]; !ok {
+				a.units = append(a.units, f[i+1])
+			}
+			a.values[f[i+1]] = append(a.values[f[i+1]], v)
+		}
+	}
+	median := func(v []float64) float64 {
+		v = append([]float64(nil), v...)
+		slices.Sort(v)
+		return v[len(v)/2]
+	}
+	var rows []microResult
+	for _, k := range order {
+		a := byName[k]
+		m := microResult{pkg: a.pkg, name: strings.TrimPrefix(k, a.pkg+" ")}
+		var other []string
+		for _, u := range a.units {
+			v := median(a.values[u])
+			switch u {
+			case "ns/op":
+				m.ns = thousands(v)
+				if v < 1000 {
+					m.ns = strconv.FormatFloat(v, 'f', 1, 64)
+				}
+			case "B/op":
+				m.bytes = thousands(v)
+			case "allocs/op":
+				m.allocs = thousands(v)
+			default:
+				other = append(other, strconv.FormatFloat(v, 'f', 2, 64)+" "+u)
+			}
+		}
+		m.other = strings.Join(other, ", ")
+		rows = append(rows, m)
+	}
+	return rows
 }
 
 // stepNear returns the cold step whose offered load is closest to v.
@@ -357,9 +460,14 @@ func (r *report) write(path, plotDir string) error {
 	}
 
 	if r.micro != "" {
-		p("## Go micro-benchmarks (`-benchmem`)\n\n```\n%s```\n\n", r.micro)
+		p("## Go micro-benchmarks (`-benchmem`, medians of %d runs)\n\n", microRuns(r.micro))
+		p("| package | benchmark | what | ns/op | B/op | allocs/op | other |\n|---|---|---|---|---|---|---|\n")
+		for _, m := range parseMicro(r.micro) {
+			p("| %s | %s | %s | %s | %s | %s | %s |\n", m.pkg, m.name, microWhat[m.name], m.ns, m.bytes, m.allocs, m.other)
+		}
+		p("\nRaw output: docs/bench/micro.txt (the next `make bench` compares with it).\n\n")
 		if r.benchstat != "" {
-			p("Compared with the previous `make bench` run (`benchstat`, docs/bench/micro.txt → this run):\n\n```\n%s```\n", r.benchstat)
+			p("<details><summary>Compared with the previous <code>make bench</code> run (benchstat: previous → this run)</summary>\n\n```\n%s```\n</details>\n", r.benchstat)
 		} else {
 			p("No previous run to compare with (`benchstat` compares with docs/bench/micro.txt from the last `make bench`).\n")
 		}
