@@ -55,10 +55,10 @@ type replicaResult struct {
 }
 
 type freshResult struct {
-	sets, callbacks   int
-	setLat, cbLat     []time.Duration // sorted
-	feedMean          float64
-	stale, fetchesPer int
+	sets, callbacks int
+	setLat, cbLat   []time.Duration // sorted
+	feedMean        float64
+	fetchesPer      int
 }
 
 func machineFacts() string {
