@@ -274,18 +274,18 @@ func TestFeedAcrossReplicas(t *testing.T) {
 	if err := a.Change(context.Background(), "u3", []upstream.ProfileItem{{Tag: nick, Value: raw("changed")}}, FromSet, 0, time.Now()); err != nil {
 		t.Fatal(err)
 	}
+	applied := trB.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied)
 	deadline := time.Now().Add(5 * time.Second)
-	for {
-		rec := localB.Get("u3", time.Now())
-		if v, _ := rec.Tag(nick); string(v.Value) == `"changed"` {
-			break
-		}
+	for testutil.ToFloat64(applied) == 0 { // counted right after it is applied
 		if time.Now().After(deadline) {
 			t.Fatal("replica b never heard of the change")
 		}
 		time.Sleep(time.Millisecond)
 	}
-	if n := testutil.ToFloat64(trB.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied)); n != 1 {
+	if v, _ := localB.Get("u3", time.Now()).Tag(nick); string(v.Value) != `"changed"` {
+		t.Fatalf("b holds %s", v.Value)
+	}
+	if n := testutil.ToFloat64(applied); n != 1 {
 		t.Fatalf("b applied %v feed changes", n)
 	}
 	if localB.Len() == 0 {

@@ -120,7 +120,12 @@ func TestSetThroughOneReplicaSeenByAll(t *testing.T) {
 			if v, _ := sim.Value(acc, nickTag); string(v) != `"set through A"` {
 				t.Fatalf("the upstream holds %s", v)
 			}
-			if n := testutil.ToFloat64(rigs[1].p.Metrics().Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied)); n != 1 {
+			applied := rigs[1].p.Metrics().Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied)
+			deadline := time.Now().Add(5 * time.Second)
+			for testutil.ToFloat64(applied) == 0 && time.Now().Before(deadline) { // counted just after it is applied
+				time.Sleep(time.Millisecond)
+			}
+			if n := testutil.ToFloat64(applied); n != 1 {
 				t.Fatalf("B applied %v feed changes", n)
 			}
 		})
@@ -147,16 +152,26 @@ func TestCallbackToOneReplicaUpdatesAll(t *testing.T) {
 		d := waitNick(t, r, acc, "from a client", changed)
 		t.Logf("replica %c served the client's change %v after it was made", 'A'+i, d)
 	}
-	if n := testutil.ToFloat64(rigs[2].p.Metrics().Callbacks.WithLabelValues("ok")); n != 1 {
-		t.Fatalf("C received %v callbacks", n)
+	// The other replicas can serve the change before C has answered the
+	// callback (the feed is sent first): wait for the emulator to have C's
+	// answer, which C gives after counting the callback.
+	deadline := time.Now().Add(5 * time.Second)
+	for sim.Stats().CallbacksSent+sim.Stats().CallbackErrors == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the emulator never got C's answer")
+		}
+		time.Sleep(time.Millisecond)
 	}
 	if st := sim.Stats(); st.CallbacksSent != 1 || st.CallbackErrors != 0 {
 		t.Fatalf("emulator: %d callbacks sent, %d failed", st.CallbacksSent, st.CallbackErrors)
 	}
+	if n := testutil.ToFloat64(rigs[2].p.Metrics().Callbacks.WithLabelValues("ok")); n != 1 {
+		t.Fatalf("C received %v callbacks", n)
+	}
 	// A callback with a wrong signature changes nothing.
 	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback", Token: "wrong"})
 	sim.ClientSet(acc, []upstream.ProfileItem{nickItem("forged")})
-	deadline := time.Now().Add(5 * time.Second)
+	deadline = time.Now().Add(5 * time.Second)
 	for sim.Stats().CallbackErrors == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the badly signed callback was not refused")

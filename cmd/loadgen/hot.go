@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -103,6 +104,8 @@ type hotResult struct {
 	wrong     int64
 	extra     string
 	perLookup float64 // server CPU µs per lookup
+	rssMiB    int64
+	hitRatio  float64 // -1: not a proxy
 }
 
 // hotRun drives url with callers closed-loop lookups of random warm
@@ -132,11 +135,37 @@ func mixed(warm int, next *atomic.Int64) picker {
 	}
 }
 
-func hotRun(url string, callers, warm int, d time.Duration, server *proc) (hotResult, error) {
-	return hotRunWith(url, callers, uniform(warm), d, server)
+func hotRun(url string, callers, warm int, d time.Duration, server *proc, admin string) (hotResult, error) {
+	return hotRunWith(url, callers, uniform(warm), d, server, admin)
 }
 
-func hotRunWith(url string, callers int, pick picker, d time.Duration, server *proc) (hotResult, error) {
+// hitRatio is the share of accounts answered from a cache tier (fresh or
+// stale) between two scrapes of a proxy's metrics.
+func hitRatio(before, after map[string]float64) float64 {
+	d := func(k string) float64 { return after[k] - before[k] }
+	hits := 0.0
+	for _, tier := range []string{"local", "redis"} {
+		for _, res := range []string{"hit", "stale"} {
+			hits += d(`portrait_proxy_cache_lookups_total{result="` + res + `",tier="` + tier + `"}`)
+		}
+	}
+	total := 0.0
+	for k := range after {
+		if strings.HasPrefix(k, "portrait_proxy_lookups_total{") {
+			total += d(k)
+		}
+	}
+	if total <= 0 {
+		return 0
+	}
+	return hits / total
+}
+
+func hotRunWith(url string, callers int, pick picker, d time.Duration, server *proc, admin string) (hotResult, error) {
+	var before map[string]float64
+	if admin != "" {
+		before, _ = scrape(admin)
+	}
 	var lookups, errs, wrong atomic.Int64
 	var mu sync.Mutex
 	var lat []time.Duration
@@ -179,8 +208,15 @@ func hotRunWith(url string, callers int, pick picker, d time.Duration, server *p
 	cpu := (server.cpu() - cpu0).Seconds() / elapsed.Seconds()
 	slices.Sort(lat)
 	n := lookups.Load()
-	return hotResult{rate: float64(n) / elapsed.Seconds(), p50: pct(lat, .5), p99: pct(lat, .99), cpu: cpu,
-		errs: errs.Load(), wrong: wrong.Load(), perLookup: cpu * elapsed.Seconds() * 1e6 / float64(max(1, n))}, nil
+	res := hotResult{rate: float64(n) / elapsed.Seconds(), p50: pct(lat, .5), p99: pct(lat, .99), cpu: cpu,
+		errs: errs.Load(), wrong: wrong.Load(), perLookup: cpu * elapsed.Seconds() * 1e6 / float64(max(1, n)),
+		rssMiB: server.rssBytes() >> 20, hitRatio: -1}
+	if admin != "" {
+		if after, err := scrape(admin); err == nil && before != nil {
+			res.hitRatio = hitRatio(before, after)
+		}
+	}
+	return res, nil
 }
 
 // warmUp looks up accounts user0…user<n-1> through url, 100 per request.
@@ -227,7 +263,7 @@ func hot(o options, out io.Writer) error {
 	sig := signedQuery()
 	bareURL := "http://" + bare.addrs[0] + upstream.PathGet + sig
 	defer bare.stop()
-	r, err := hotRun(bareURL, callers, warm, o.duration/2, bare)
+	r, err := hotRun(bareURL, callers, warm, o.duration/2, bare, "")
 	if err != nil {
 		return err
 	}
@@ -267,7 +303,7 @@ func hot(o options, out io.Writer) error {
 				return err
 			}
 			calls0, _ := simStats(context.Background(), e.simURL)
-			r, err := hotRun(e.url, callers, warm, o.duration/2, e.p)
+			r, err := hotRun(e.url, callers, warm, o.duration/2, e.p, e.admin)
 			if err != nil {
 				return err
 			}
@@ -290,7 +326,7 @@ func hot(o options, out io.Writer) error {
 					s.cpu = (e.p.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
 					rep.hotSteps = append(rep.hotSteps, s)
 				}
-				z, err := hotRunWith(e.url, callers, zipfian(warm), o.duration/2, e.p)
+				z, err := hotRunWith(e.url, callers, zipfian(warm), o.duration/2, e.p, e.admin)
 				if err != nil {
 					return err
 				}
@@ -299,7 +335,7 @@ func hot(o options, out io.Writer) error {
 				var next atomic.Int64
 				next.Store(700_000)
 				c0, _ := simStats(context.Background(), e.simURL)
-				m, err := hotRunWith(e.url, callers, mixed(warm, &next), o.duration/2, e.p)
+				m, err := hotRunWith(e.url, callers, mixed(warm, &next), o.duration/2, e.p, e.admin)
 				if err != nil {
 					return err
 				}

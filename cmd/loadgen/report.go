@@ -411,9 +411,14 @@ func (r *report) write(path, plotDir string) error {
 	if len(r.hot) > 0 {
 		p("## Hot: lookups of warm accounts\n\n")
 		p("Closed loop, 64 callers, %v each, against the bare handler measured in the same run:\n\n", o.duration/2)
-		p("| server | lookups/s | ratio to bare | p50 | p99 | server CPU per lookup | errors | wrong | notes |\n|---|---|---|---|---|---|---|---|---|\n")
+		p("| server | lookups/s | ratio to bare | hit ratio | p50 | p99 | server CPU | CPU per lookup | RSS | errors | wrong | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, h := range r.hot {
-			p("| %s | %s | %.2f | %s | %s | %.0f µs | %d | %d | %s |\n", h.name, thousands(h.rate), h.rate/r.hot[0].rate, ms(h.p50), ms(h.p99), h.perLookup, h.errs, h.wrong, h.extra)
+			hr := "—"
+			if h.hitRatio >= 0 {
+				hr = fmt.Sprintf("%.3f", h.hitRatio)
+			}
+			p("| %s | %s | %.2f | %s | %s | %s | %.0f%% | %.0f µs | %d MiB | %d | %d | %s |\n", h.name, thousands(h.rate), h.rate/r.hot[0].rate, hr, ms(h.p50), ms(h.p99),
+				100*h.cpu, h.perLookup, h.rssMiB, h.errs, h.wrong, h.extra)
 		}
 		if len(r.hotSteps) > 0 {
 			p("\nOpen loop at fractions of the proxy's closed-loop maximum (in-process tier hits, uniform over the warm accounts):\n\n")
