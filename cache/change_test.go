@@ -254,8 +254,8 @@ func TestCallbacksReorderedAndRepeated(t *testing.T) {
 	if up.calls.Load() != 0 {
 		t.Fatalf("%d upstream calls", up.calls.Load())
 	}
-	if n := testutil.ToFloat64(tr.m.Changes.WithLabelValues(metrics.ChangeCallback, metrics.ChangeOld)); n != 3 {
-		t.Fatalf("%v callbacks counted old, want 3", n)
+	if n := testutil.ToFloat64(tr.m.Changes.WithLabelValues(metrics.ChangeCallback, metrics.ChangeOld)); n != 4 {
+		t.Fatalf("%v callbacks counted old, want 4 (2 late, 2 repeated)", n)
 	}
 }
 

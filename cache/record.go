@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bytes"
 	"encoding/json"
 	"strings"
 	"time"
@@ -173,6 +174,9 @@ func merge(old, upd *Record, skew int64) *Record {
 		if o, ok := old.Tag(v.Tag); ok {
 			if !supersedes(&v, &o, skew) {
 				continue
+			}
+			if v.Origin == FromCallback && o.Origin == FromCallback && v.Event == o.Event && v.Set == o.Set && bytes.Equal(v.Value, o.Value) {
+				continue // the same callback again: nothing changes
 			}
 			if v.Origin != FromCallback {
 				v.Event = max(v.Event, o.Event)
