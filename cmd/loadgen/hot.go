@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -219,6 +220,13 @@ func hotRunWith(url string, callers int, pick picker, d time.Duration, server *p
 	return res, nil
 }
 
+// medianRun returns the run with the median rate.
+func medianRun(runs []hotResult) hotResult {
+	s := slices.Clone(runs)
+	slices.SortFunc(s, func(a, b hotResult) int { return cmp.Compare(a.rate, b.rate) })
+	return s[len(s)/2]
+}
+
 // warmUp looks up accounts user0…user<n-1> through url, 100 per request.
 func warmUp(url string, n int) error {
 	c, err := newRawConn(url)
@@ -263,12 +271,7 @@ func hot(o options, out io.Writer) error {
 	sig := signedQuery()
 	bareURL := "http://" + bare.addrs[0] + upstream.PathGet + sig
 	defer bare.stop()
-	r, err := hotRun(bareURL, callers, warm, o.duration/2, bare, "")
-	if err != nil {
-		return err
-	}
-	r.name = "bare decode+encode handler"
-	results = append(results, r)
+	results = append(results, hotResult{}) // the bare handler's, measured alongside the proxy below
 
 	for _, mode := range []string{"local", "redis"} {
 		extraArgs := []string{}
@@ -303,8 +306,31 @@ func hot(o options, out io.Writer) error {
 				return err
 			}
 			calls0, _ := simStats(context.Background(), e.simURL)
-			r, err := hotRun(e.url, callers, warm, o.duration/2, e.p, e.admin)
-			if err != nil {
+			var r hotResult
+			if mode == "local" {
+				// The bare handler and the proxy in turns, three rounds each,
+				// medians: the VM's speed drifts over seconds, and a ratio of
+				// two runs made minutes apart would measure the drift.
+				var bares, proxies []hotResult
+				for range 3 {
+					b, err := hotRun(bareURL, callers, warm, o.duration/4, bare, "")
+					if err != nil {
+						return err
+					}
+					pr, err := hotRun(e.url, callers, warm, o.duration/4, e.p, e.admin)
+					if err != nil {
+						return err
+					}
+					bares, proxies = append(bares, b), append(proxies, pr)
+				}
+				results[0] = medianRun(bares)
+				results[0].name = "bare decode+encode handler"
+				r = medianRun(proxies)
+				rep.hotRounds = [][2]float64{}
+				for i := range bares {
+					rep.hotRounds = append(rep.hotRounds, [2]float64{bares[i].rate, proxies[i].rate})
+				}
+			} else if r, err = hotRun(e.url, callers, warm, o.duration/2, e.p, e.admin); err != nil {
 				return err
 			}
 			after, err := scrape(e.admin)

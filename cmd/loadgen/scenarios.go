@@ -17,7 +17,7 @@ import (
 
 // maxConns bounds the open-loop generator's connections (the process's
 // file limit is 20,000 here, and the proxy needs one per connection too).
-const maxConns = 12_000
+const maxConns = 16_000
 
 // coldSteps offers cold lookups (every account new) at each rate of
 // o.steps in turn, against one proxy, with a pause between steps so one
