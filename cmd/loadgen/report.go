@@ -31,7 +31,7 @@ type report struct {
 	hot       []hotResult
 	hotRounds [][2]float64 // bare, proxy lookups/s of each interleaved round
 	hotSteps  []*step      // the proxy, open loop, at fractions of its closed-loop maximum
-	bareHalf  *step   // the bare handler, open loop, at half the proxy's maximum
+	bareHalf  *step        // the bare handler, open loop, at half the proxy's maximum
 	replicas  []replicaResult
 	fresh     *freshResult
 	micro     string // go test -bench output

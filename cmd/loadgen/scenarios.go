@@ -15,9 +15,12 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
-// maxConns bounds the open-loop generator's connections (the process's
-// file limit is 20,000 here, and the proxy needs one per connection too).
-const maxConns = 16_000
+// maxConns bounds the open-loop generator's connections, as an app
+// server's connection pool would: past saturation, lookups that find every
+// connection busy are counted "not sent" instead of opening thousands more
+// connections, whose cost on two shared cores would be measured as the
+// proxy's.
+const maxConns = 4_000
 
 // coldSteps offers cold lookups (every account new) at each rate of
 // o.steps in turn, against one proxy, with a pause between steps so one
@@ -53,10 +56,24 @@ func coldSteps(o options, out io.Writer) error {
 		if s.firstErr != "" {
 			fmt.Fprintf(out, "  first error: %s\n", s.firstErr)
 		}
-		time.Sleep(2 * time.Second)
+		drain(e.admin, 15*time.Second) // no step starts with the last one's queue
 	}
 	fmt.Fprintln(out)
 	return nil
+}
+
+// drain waits (up to limit) until the proxy has no account queued, then a
+// second more.
+func drain(admin string, limit time.Duration) {
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		m, err := scrape(admin)
+		if err == nil && m["portrait_proxy_queue_accounts"] == 0 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(time.Second)
 }
 
 // fresh measures how long replicas serve a value older than a change:
