@@ -505,18 +505,23 @@ func (c *Cache) Change(ctx context.Context, account string, items []upstream.Pro
 	return c.change(ctx, account, rec, source, now)
 }
 
-// Invalidate drops account's tags from every tier, for a change whose
-// outcome is unknown (a portrait_set that got no answer): the next lookup
-// fetches them, and a fetch sent before at can no longer store them.
-func (c *Cache) Invalidate(ctx context.Context, account string, tags []string, at time.Time) error {
+// Invalidate drops account's tags from every tier (and every replica's
+// in-process tier), for a change whose value is unknown or not trusted: a
+// portrait_set that got no answer (cause FromSet), a callback that carries
+// no signature (FromCallback). The next lookup fetches the tags; a fetch
+// sent before at can no longer store them.
+func (c *Cache) Invalidate(ctx context.Context, account string, tags []string, cause Origin, at time.Time) error {
 	now := c.now()
 	rec := &Record{Tags: make([]TagValue, 0, len(tags))}
 	for _, t := range tags {
-		// An unset, already expired value as of at: a miss for lookups,
-		// older than any fetch sent after at.
-		rec.put(TagValue{Tag: intern(t), Origin: FromFetch, Ver: at.UnixMilli(), Fresh: now, Stale: now})
+		// An unset, already expired entry as of at: a miss for lookups.
+		rec.put(TagValue{Tag: intern(t), Origin: FromInvalidate, Ver: at.UnixMilli(), Fresh: now, Stale: now})
 	}
-	return c.change(ctx, account, rec, metrics.ChangeSet, now)
+	source := metrics.ChangeSet
+	if cause == FromCallback {
+		source = metrics.ChangeCallback
+	}
+	return c.change(ctx, account, rec, source, now)
 }
 
 func (c *Cache) change(ctx context.Context, account string, rec *Record, source string, now time.Time) error {

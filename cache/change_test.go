@@ -47,6 +47,10 @@ func TestSupersedes(t *testing.T) {
 		{"callback long before a fetch", cb(5_000, 12_000), fetch(10_000), false},
 		{"callback older than the tag's newest event", cb(100, 12_000), TagValue{Origin: FromFetch, Ver: 0, Event: 200}, false},
 		{"callback long before a set", cb(5_000, 12_000), set(10_000), false},
+		{"invalidation over a set answered before it", TagValue{Origin: FromInvalidate, Ver: 10_500}, set(10_000), true},
+		{"invalidation over a callback that arrived after it", TagValue{Origin: FromInvalidate, Ver: 10_500}, cb(9_000, 11_000), false},
+		{"fetch sent just after an invalidation", fetch(10_501), TagValue{Origin: FromInvalidate, Ver: 10_500}, true},
+		{"fetch sent before an invalidation", fetch(10_499), TagValue{Origin: FromInvalidate, Ver: 10_500}, false},
 	}
 	for _, c := range cases {
 		if got := supersedes(&c.upd, &c.old, skew); got != c.want {
@@ -66,7 +70,7 @@ func randomWrite(rng *rand.Rand, now time.Time, i int) *Record {
 		return &Record{NotFoundCode: 40003, NotFoundInfo: "gone", NotFoundUntil: fresh, NotFoundVer: ver}
 	}
 	rec := &Record{}
-	origin := Origin(rng.IntN(3))
+	origin := Origin(rng.IntN(4))
 	var event int64
 	if origin == FromCallback {
 		event = int64(1_700_000_000_000 + rng.IntN(3_000))

@@ -39,6 +39,7 @@ const (
 	FromFetch    Origin = iota // a portrait_get answer
 	FromSet                    // a successful portrait_set through this proxy
 	FromCallback               // the upstream's Profile.CallbackPortraitSet
+	FromInvalidate             // a change whose value is unknown or untrusted: an unset, expired entry
 )
 
 // supersedes reports whether upd may replace old, both for the same tag.
@@ -56,14 +57,18 @@ const (
 //     fetched or set value unless the fetch or set was sent more than skew
 //     after E (then it already reflects the change). Whatever wrote last,
 //     E must not be older than the newest EventTime the tag has seen.
+//   - An invalidation at R (a change whose value is unknown or not
+//     trusted) replaces any value known as of R or earlier, like a set; a
+//     fetch sent at or after R replaces it (it is not a known value that a
+//     fetch might be too early for).
 func supersedes(upd, old *TagValue, skew int64) bool {
 	switch upd.Origin {
 	case FromFetch:
-		if old.Origin == FromFetch {
+		if old.Origin == FromFetch || old.Origin == FromInvalidate {
 			return upd.Ver >= old.Ver
 		}
 		return upd.Ver-skew >= old.Ver
-	case FromSet:
+	case FromSet, FromInvalidate:
 		return upd.Ver >= old.Ver
 	default:
 		return upd.Event >= old.Event && (old.Origin == FromCallback || upd.Event+skew > old.Ver)

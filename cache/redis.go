@@ -500,9 +500,9 @@ local function supersedes(u, o)
   local uo, oo = math.floor(string.byte(u, 1) / 2), math.floor(string.byte(o, 1) / 2)
   local uv, ov = be48(u, 2), be48(o, 2)
   if uo == 0 then
-    if oo == 0 then return uv >= ov end
+    if oo == 0 or oo == 3 then return uv >= ov end
     return uv - skew >= ov
-  elseif uo == 1 then
+  elseif uo == 1 or uo == 3 then
     return uv >= ov
   end
   return be48(u, 8) >= be48(o, 8) and (oo == 2 or be48(u, 8) + skew > ov)
@@ -604,7 +604,7 @@ func encodeTag(b []byte, v TagValue) []byte {
 
 func decodeTag(s string) (TagValue, bool) {
 	b := []byte(s)
-	if len(b) < fieldHead+2 || b[0] > 5 || b[0]>>1 > byte(FromCallback) {
+	if len(b) < fieldHead+2 || b[0] > 7 || b[0]>>1 > byte(FromInvalidate) {
 		return TagValue{}, false
 	}
 	v := TagValue{Set: b[0]&1 == 1, Origin: Origin(b[0] >> 1), Ver: be48(b[1:]), Event: be48(b[7:])}

@@ -29,7 +29,7 @@ type Setter interface {
 // Changer applies profile changes to the cache; *cache.Cache satisfies it.
 type Changer interface {
 	Change(ctx context.Context, account string, items []upstream.ProfileItem, origin cache.Origin, event int64, at time.Time) error
-	Invalidate(ctx context.Context, account string, tags []string, at time.Time) error
+	Invalidate(ctx context.Context, account string, tags []string, cause cache.Origin, at time.Time) error
 }
 
 // CallbackCommand is the callback the receiver applies.
@@ -173,7 +173,7 @@ func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
 		for i, it := range req.ProfileItem {
 			tags[i] = it.Tag
 		}
-		h.cfg.Changer.Invalidate(cctx, req.FromAccount, tags, h.cfg.Now())
+		h.cfg.Changer.Invalidate(cctx, req.FromAccount, tags, cache.FromSet, h.cfg.Now())
 	}
 	if refused {
 		return upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: ue.Code, ErrorInfo: ue.Info} // as the upstream said it
@@ -185,7 +185,9 @@ func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
 // callback receives the upstream's change callbacks. It answers the OK
 // envelope for every well-formed callback of this app (other commands are
 // acknowledged and ignored), HTTP 403 for a wrong app or signature and 400
-// for a body that is not a callback.
+// for a body that is not a callback. With a CallbackToken, a signed
+// callback's values are applied; without one, the changed tags are only
+// dropped from the cache (refetched on the next lookup).
 func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodPost {
 		h.m.Callbacks.WithLabelValues("invalid").Inc()
@@ -232,7 +234,18 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Second)
 	defer cancel()
-	h.cfg.Changer.Change(ctx, ev.FromAccount, ev.ProfileItem, cache.FromCallback, ev.EventTime, h.cfg.Now())
+	if h.cfg.CallbackToken == "" {
+		// Nothing proves the callback comes from the upstream: its values
+		// are not served, the tags are only dropped (a forged callback can
+		// cause a refetch, never a wrong answer).
+		tags := make([]string, len(ev.ProfileItem))
+		for i, it := range ev.ProfileItem {
+			tags[i] = it.Tag
+		}
+		h.cfg.Changer.Invalidate(ctx, ev.FromAccount, tags, cache.FromCallback, h.cfg.Now())
+	} else {
+		h.cfg.Changer.Change(ctx, ev.FromAccount, ev.ProfileItem, cache.FromCallback, ev.EventTime, h.cfg.Now())
+	}
 	h.m.Callbacks.WithLabelValues("ok").Inc()
 	writeEnvelope(w, http.StatusOK, upstream.Envelope{ActionStatus: upstream.StatusOK})
 }

@@ -29,7 +29,7 @@ func (f *fakeChanger) Change(ctx context.Context, account string, items []upstre
 	return nil
 }
 
-func (f *fakeChanger) Invalidate(ctx context.Context, account string, tags []string, at time.Time) error {
+func (f *fakeChanger) Invalidate(ctx context.Context, account string, tags []string, cause cache.Origin, at time.Time) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.changes = append(f.changes, account+"/invalidate/"+strings.Join(tags, ","))
@@ -98,5 +98,21 @@ func TestCallbackPathChecked(t *testing.T) {
 	h.ServeHTTP(w, httptest.NewRequest(http.MethodPost, upstream.PathSet, strings.NewReader("{}")))
 	if w.Code != http.StatusNotFound {
 		t.Fatalf("portrait_set without a setter: HTTP %d", w.Code)
+	}
+}
+
+// Without a token nothing proves a callback comes from the upstream: its
+// tags are dropped from the cache, its values never served.
+func TestUnsignedCallbackOnlyInvalidates(t *testing.T) {
+	ch := &fakeChanger{}
+	h, err := New(Config{Lookup: &fakeLookup{}, SDKAppID: app, Key: key, Changer: ch, CallbackPath: "/cb"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := `{"CallbackCommand":"Profile.CallbackPortraitSet","From_Account":"u1","EventTime":5,"ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"forged"}]}`
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, httptest.NewRequest("POST", "/cb?SdkAppid=1400000000&CallbackCommand=Profile.CallbackPortraitSet", strings.NewReader(body)))
+	if w.Code != 200 || len(ch.changes) != 1 || ch.changes[0] != "u1/invalidate/Tag_Profile_IM_Nick" {
+		t.Fatalf("HTTP %d, changes %q", w.Code, ch.changes)
 	}
 }

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -191,8 +192,8 @@ func TestCallbacksDuplicatedAndReordered(t *testing.T) {
 	sim, srv := startSim(t, imsim.Config{})
 	t.Cleanup(sim.Close)
 	rs := singleRedis(t)
-	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{})
-	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback", Jitter: 60 * time.Millisecond, Duplicate: 1})
+	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{CallbackToken: "tok"})
+	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback", Token: "tok", Jitter: 60 * time.Millisecond, Duplicate: 1})
 	const acc, changes = "user9", 12
 	for _, r := range rigs {
 		nickOn(t, r, acc)
@@ -228,6 +229,40 @@ func TestCallbacksDuplicatedAndReordered(t *testing.T) {
 	}
 	t.Logf("%d callbacks: %v applied, %v recognised as old", 2*changes,
 		testutil.ToFloat64(rigs[2].p.Metrics().Changes.WithLabelValues(metrics.ChangeCallback, metrics.ChangeApplied)), old)
+}
+
+// Without a callback token, a callback only drops the changed tags: every
+// replica refetches and serves the upstream's value, and a forged callback
+// (right SdkAppid, made-up value) never gets its value served.
+func TestUnsignedCallbackInvalidates(t *testing.T) {
+	sim, srv := startSim(t, imsim.Config{})
+	t.Cleanup(sim.Close)
+	rigs := threeReplicas(t, singleRedis(t), sim, srv.URL, proxy.Config{})
+	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback"})
+	const acc = "user13"
+	for _, r := range rigs {
+		nickOn(t, r, acc)
+	}
+	if err := sim.ClientSet(acc, []upstream.ProfileItem{nickItem("real change")}); err != nil {
+		t.Fatal(err)
+	}
+	changed := time.Now()
+	for _, r := range rigs {
+		waitNick(t, r, acc, "real change", changed)
+	}
+	forged := `{"CallbackCommand":"Profile.CallbackPortraitSet","From_Account":"` + acc + `","EventTime":` +
+		fmt.Sprint(time.Now().Add(time.Hour).UnixMilli()) + `,"ProfileItem":[{"Tag":"` + nickTag + `","Value":"forged"}]}`
+	resp, err := http.Post("http://"+rigs[2].p.Addr()+"/im/callback?SdkAppid="+fmt.Sprint(sim.SDKAppID())+"&CallbackCommand=Profile.CallbackPortraitSet",
+		"application/json", strings.NewReader(forged))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	for i, r := range rigs {
+		if got := nickOn(t, r, acc); got != "real change" {
+			t.Fatalf("replica %c serves %q after a forged callback", 'A'+i, got)
+		}
+	}
 }
 
 // A fetch that read the old value before a change, and is answered after

@@ -315,6 +315,9 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if callbackPath != "" && cfg.CallbackToken == "" {
+		log.Warn("no -callback-token: change callbacks only drop the changed tags from the cache (their values are not trusted); set the IM console's callback token to apply them directly", "callback_path", callbackPath)
+	}
 	if cfg.Auth == httpapi.AuthNone {
 		log.Warn("caller authentication is OFF (-auth none): anyone who reaches the API port can read profiles with the app's admin rights")
 	}

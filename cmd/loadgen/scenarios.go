@@ -82,12 +82,13 @@ func drain(admin string, limit time.Duration) {
 // a client's change announced by the emulator's callback to C (until A, B
 // and C serve it).
 func fresh(o options, out io.Writer) error {
-	e, err := startReplicas(o, 3)
+	const token = "loadgen-callback-token"
+	e, err := startReplicas(o, 3, "-callback-token", token)
 	if err != nil {
 		return err
 	}
 	defer e.stop()
-	cfg, _ := json.Marshal(map[string]any{"callback": map[string]string{"url": "http://" + e.ps[2].addrs[0] + "/im/callback"}})
+	cfg, _ := json.Marshal(map[string]any{"callback": map[string]string{"url": "http://" + e.ps[2].addrs[0] + "/im/callback", "token": token}})
 	resp, err := http.Post(e.simURL+"/imsim/config", "application/json", bytes.NewReader(cfg))
 	if err != nil {
 		return err

@@ -113,7 +113,7 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM, how long in-flight lookups may take")
 	fs.Float64Var(&cfg.SetRate, "set-rate", 200, "portrait_set calls per second through the proxy (its own quota, shared like -rate)")
 	fs.StringVar(&cfg.CallbackPath, "callback-path", "/im/callback", "path on the API listener receiving the upstream's Profile.CallbackPortraitSet (\"-\" disables)")
-	fs.StringVar(&cfg.CallbackToken, "callback-token", "", "callback authentication token: callbacks must carry Sign = hex(SHA-256(token+RequestTime)); prefer env PROXY_CALLBACK_TOKEN")
+	fs.StringVar(&cfg.CallbackToken, "callback-token", "", "callback authentication token: callbacks must carry Sign = hex(SHA-256(token+RequestTime)) and their values are applied (without it, callbacks only drop the changed tags); prefer env PROXY_CALLBACK_TOKEN")
 	fs.DurationVar(&cfg.ClockSkew, "clock-skew", time.Second, "how far the upstream's and the replicas' clocks may be apart (orders cached values against changes)")
 	fs.BoolVar(&cfg.Demo, "demo", false, "run the built-in IM emulator as the upstream (what make run uses)")
 	fs.DurationVar(&cfg.DemoLatency, "demo-latency", 20*time.Millisecond, "the demo emulator's added latency")
