@@ -36,10 +36,10 @@ type Origin uint8
 
 // Origins of a TagValue.
 const (
-	FromFetch    Origin = iota // a portrait_get answer
-	FromSet                    // a successful portrait_set through this proxy
-	FromCallback               // the upstream's Profile.CallbackPortraitSet
-	FromInvalidate             // a change whose value is unknown or untrusted: an unset, expired entry
+	FromFetch      Origin = iota // a portrait_get answer
+	FromSet                      // a successful portrait_set through this proxy
+	FromCallback                 // the upstream's Profile.CallbackPortraitSet
+	FromInvalidate               // a change whose value is unknown or untrusted: an unset, expired entry
 )
 
 // supersedes reports whether upd may replace old, both for the same tag.
