@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -197,6 +198,11 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if cfg.Demo {
 		if err := p.startDemo(); err != nil {
 			return nil, err
+		}
+		if p.cfg.CallbackToken == "" {
+			// The demo emulator and the proxy share a token of the run, so
+			// the emulator's callbacks are applied as signed ones.
+			p.cfg.CallbackToken = strconv.FormatUint(rand.Uint64(), 36) + strconv.FormatUint(rand.Uint64(), 36)
 		}
 		cfg = p.cfg
 	}
