@@ -492,7 +492,7 @@ func (c *Cache) refresh(account string, tags []string) {
 // only here, and other replicas serve the old value until their TTL.
 func (c *Cache) Change(ctx context.Context, account string, items []upstream.ProfileItem, origin Origin, event int64, at time.Time) error {
 	now := c.now()
-	fresh, stale := now.Add(c.cfg.TTL), now.Add(c.cfg.TTL+c.cfg.StaleTTL)
+	fresh, stale := c.deadlines(now)
 	rec := &Record{Tags: make([]TagValue, 0, len(items))}
 	for _, it := range items {
 		rec.put(TagValue{Tag: intern(it.Tag), Value: it.Value, Set: true, Origin: origin, Ver: at.UnixMilli(), Event: event,
@@ -583,7 +583,7 @@ func (c *Cache) recordOf(res batcher.Result, now time.Time) *Record {
 	default:
 		return nil
 	}
-	fresh, stale := now.Add(c.cfg.TTL), now.Add(c.cfg.TTL+c.cfg.StaleTTL)
+	fresh, stale := c.deadlines(now)
 	rec := &Record{Tags: make([]TagValue, 0, len(res.Tags))}
 	for _, t := range res.Tags {
 		rec.Tags = append(rec.Tags, TagValue{Tag: intern(t), Ver: ver, Fresh: fresh, Stale: stale})
@@ -592,6 +592,11 @@ func (c *Cache) recordOf(res batcher.Result, now time.Time) *Record {
 		rec.put(TagValue{Tag: intern(p.Tag), Value: p.Value, Set: true, Ver: ver, Fresh: fresh, Stale: stale})
 	}
 	return rec
+}
+
+// deadlines are the fresh and stale times of a value learned now.
+func (c *Cache) deadlines(now time.Time) (fresh, stale time.Time) {
+	return now.Add(c.cfg.TTL), now.Add(c.cfg.TTL + c.cfg.StaleTTL)
 }
 
 func (c *Cache) answerLoaded(account string, tags []string, r singleflight.Result, known *Record) Answer {

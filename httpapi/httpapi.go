@@ -227,13 +227,9 @@ func (h *Handler) serve(r *http.Request) *upstream.GetResponse {
 	if e := h.authenticate(r); e != nil {
 		return e
 	}
-	raw, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, h.cfg.MaxBodyBytes))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return fail(upstream.CodeBadRequest, fmt.Sprintf("request body larger than %d bytes", h.cfg.MaxBodyBytes))
-		}
-		return fail(upstream.CodeHTTPParse, "reading request body failed")
+	raw, bad := h.readBody(r)
+	if bad != nil {
+		return fail(bad.ErrorCode, bad.ErrorInfo)
 	}
 	accounts, tags, e := decode(raw, h.cfg.MaxAccounts)
 	if e != nil {

@@ -3,9 +3,7 @@ package httpapi
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"crypto/subtle"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -31,9 +29,6 @@ type Changer interface {
 	Change(ctx context.Context, account string, items []upstream.ProfileItem, origin cache.Origin, event int64, at time.Time) error
 	Invalidate(ctx context.Context, account string, tags []string, cause cache.Origin, at time.Time) error
 }
-
-// CallbackCommand is the callback the receiver applies.
-const CallbackCommand = "Profile.CallbackPortraitSet"
 
 // MaxSetItems caps ProfileItem in one portrait_set or callback.
 const MaxSetItems = 100
@@ -169,11 +164,7 @@ func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
 		// No answer, or an internal error: the change may or may not have
 		// happened. The cached tags are dropped, so the next lookup asks
 		// the upstream.
-		tags := make([]string, len(req.ProfileItem))
-		for i, it := range req.ProfileItem {
-			tags[i] = it.Tag
-		}
-		h.cfg.Changer.Invalidate(cctx, req.FromAccount, tags, cache.FromSet, h.cfg.Now())
+		h.cfg.Changer.Invalidate(cctx, req.FromAccount, tagsOf(req.ProfileItem), cache.FromSet, h.cfg.Now())
 	}
 	if refused {
 		return upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: ue.Code, ErrorInfo: ue.Info} // as the upstream said it
@@ -217,7 +208,7 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		CallbackCommand string `json:"CallbackCommand"`
 	}
 	json.Unmarshal(raw, &head)
-	if cmd := q.Get("CallbackCommand"); cmd != CallbackCommand && head.CallbackCommand != CallbackCommand {
+	if cmd := q.Get("CallbackCommand"); cmd != upstream.CallbackCommand && head.CallbackCommand != upstream.CallbackCommand {
 		h.m.Callbacks.WithLabelValues("ignored").Inc()
 		writeEnvelope(w, http.StatusOK, upstream.Envelope{ActionStatus: upstream.StatusOK})
 		return
@@ -238,23 +229,12 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		// Nothing proves the callback comes from the upstream: its values
 		// are not served, the tags are only dropped (a forged callback can
 		// cause a refetch, never a wrong answer).
-		tags := make([]string, len(ev.ProfileItem))
-		for i, it := range ev.ProfileItem {
-			tags[i] = it.Tag
-		}
-		h.cfg.Changer.Invalidate(ctx, ev.FromAccount, tags, cache.FromCallback, h.cfg.Now())
+		h.cfg.Changer.Invalidate(ctx, ev.FromAccount, tagsOf(ev.ProfileItem), cache.FromCallback, h.cfg.Now())
 	} else {
 		h.cfg.Changer.Change(ctx, ev.FromAccount, ev.ProfileItem, cache.FromCallback, ev.EventTime, h.cfg.Now())
 	}
 	h.m.Callbacks.WithLabelValues("ok").Inc()
 	writeEnvelope(w, http.StatusOK, upstream.Envelope{ActionStatus: upstream.StatusOK})
-}
-
-// CallbackSign is the signature of a callback sent at requestTime (Unix
-// seconds, as in the URL): hex(SHA-256(token + requestTime)).
-func CallbackSign(token, requestTime string) string {
-	sum := sha256.Sum256([]byte(token + requestTime))
-	return hex.EncodeToString(sum[:])
 }
 
 func checkCallbackSign(token, requestTime, sign string, now time.Time) error {
@@ -268,8 +248,16 @@ func checkCallbackSign(token, requestTime, sign string, now time.Time) error {
 	if d := now.Sub(time.Unix(sec, 0)); d > CallbackClockWindow || d < -CallbackClockWindow {
 		return errors.New("RequestTime is too far from this proxy's clock")
 	}
-	if subtle.ConstantTimeCompare([]byte(CallbackSign(token, requestTime)), []byte(sign)) != 1 {
+	if subtle.ConstantTimeCompare([]byte(upstream.CallbackSign(token, requestTime)), []byte(sign)) != 1 {
 		return errors.New("callback signature does not match")
 	}
 	return nil
+}
+
+func tagsOf(items []upstream.ProfileItem) []string {
+	tags := make([]string, len(items))
+	for i, it := range items {
+		tags[i] = it.Tag
+	}
+	return tags
 }

@@ -45,7 +45,7 @@ func TestCallbackReceiver(t *testing.T) {
 		t.Fatal(err)
 	}
 	rt := strconv.FormatInt(now.Unix(), 10)
-	signed := "SdkAppid=1400000000&CallbackCommand=Profile.CallbackPortraitSet&contenttype=json&RequestTime=" + rt + "&Sign=" + CallbackSign("tok", rt)
+	signed := "SdkAppid=1400000000&CallbackCommand=Profile.CallbackPortraitSet&contenttype=json&RequestTime=" + rt + "&Sign=" + upstream.CallbackSign("tok", rt)
 	good := `{"CallbackCommand":"Profile.CallbackPortraitSet","Operator_Account":"u1","From_Account":"u1","EventTime":1800000000123,"ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"n e w"}]}`
 	old := strconv.FormatInt(now.Add(-10*time.Minute).Unix(), 10)
 	cases := []struct {
@@ -59,7 +59,7 @@ func TestCallbackReceiver(t *testing.T) {
 		{"no app", "POST", strings.Replace(signed, "SdkAppid=1400000000&", "", 1), good, 403, false},
 		{"unsigned", "POST", "SdkAppid=1400000000&CallbackCommand=Profile.CallbackPortraitSet", good, 403, false},
 		{"wrong sign", "POST", strings.Replace(signed, "Sign=", "Sign=0", 1), good, 403, false},
-		{"old RequestTime", "POST", "SdkAppid=1400000000&RequestTime=" + old + "&Sign=" + CallbackSign("tok", old), good, 403, false},
+		{"old RequestTime", "POST", "SdkAppid=1400000000&RequestTime=" + old + "&Sign=" + upstream.CallbackSign("tok", old), good, 403, false},
 		{"not JSON", "POST", signed, `{`, 400, false},
 		{"no EventTime", "POST", signed, strings.Replace(good, `"EventTime":1800000000123,`, "", 1), 400, false},
 		{"bad account", "POST", signed, strings.Replace(good, `"From_Account":"u1"`, `"From_Account":""`, 1), 400, false},

@@ -3,8 +3,6 @@ package imsim
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -109,7 +107,7 @@ func (s *Server) change(account string, items []upstream.ProfileItem, platform, 
 	if cb.URL == "" || s.cb.ctx.Err() != nil {
 		return
 	}
-	ev := CallbackEvent{CallbackCommand: "Profile.CallbackPortraitSet", OperatorAccount: operator, FromAccount: account,
+	ev := CallbackEvent{CallbackCommand: upstream.CallbackCommand, OperatorAccount: operator, FromAccount: account,
 		EventTime: max(time.Now().UnixMilli(), s.cb.lastEvent+1), ProfileItem: append([]upstream.ProfileItem(nil), items...)}
 	s.cb.lastEvent = ev.EventTime
 	body, _ := json.Marshal(ev)
@@ -140,15 +138,14 @@ func (s *Server) deliver(cb Callback, platform string, body []byte, delay time.D
 	}
 	q := url.Values{}
 	q.Set("SdkAppid", strconv.FormatUint(s.cfg.SDKAppID, 10))
-	q.Set("CallbackCommand", "Profile.CallbackPortraitSet")
+	q.Set("CallbackCommand", upstream.CallbackCommand)
 	q.Set("contenttype", "json")
 	q.Set("ClientIP", "127.0.0.1")
 	q.Set("OptPlatform", platform)
 	if cb.Token != "" {
 		rt := strconv.FormatInt(time.Now().Unix(), 10)
-		sum := sha256.Sum256([]byte(cb.Token + rt))
 		q.Set("RequestTime", rt)
-		q.Set("Sign", hex.EncodeToString(sum[:]))
+		q.Set("Sign", upstream.CallbackSign(cb.Token, rt))
 	}
 	ok := false
 	req, err := http.NewRequestWithContext(s.cb.ctx, http.MethodPost, cb.URL+"?"+q.Encode(), bytes.NewReader(body))

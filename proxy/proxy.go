@@ -253,33 +253,19 @@ func New(cfg Config) (_ *Proxy, err error) {
 	} else {
 		p.m.RedisUp.Set(0)
 	}
-	var lim, setLim limiter.Limiter
-	if p.rclient != nil {
-		hold := cfg.UpstreamTimeout
-		if hold <= 0 {
-			hold = 5 * time.Second
+	lim, err := p.newLimiter(cfg, "", cfg.Rate, func(on bool) {
+		if on {
+			p.m.LimiterFallback.Set(1)
+			log.Warn("shared limiter unreachable: using this replica's fallback share of the rate", "share", cfg.RateFallbackShare)
+		} else {
+			p.m.LimiterFallback.Set(0)
+			log.Info("shared limiter reachable again")
 		}
-		lim, err = limiter.NewShared(limiter.SharedConfig{Client: p.rclient, App: strconv.FormatUint(cfg.SDKAppID, 10),
-			Rate: cfg.Rate, Guard: cfg.RateGuard, MaxHold: hold + 5*time.Second, FallbackShare: cfg.RateFallbackShare,
-			OnFallback: func(on bool) {
-				if on {
-					p.m.LimiterFallback.Set(1)
-					log.Warn("shared limiter unreachable: using this replica's fallback share of the rate", "share", cfg.RateFallbackShare)
-				} else {
-					p.m.LimiterFallback.Set(0)
-					log.Info("shared limiter reachable again")
-				}
-			}})
-		if err == nil {
-			setLim, err = limiter.NewShared(limiter.SharedConfig{Client: p.rclient, App: strconv.FormatUint(cfg.SDKAppID, 10) + ":set",
-				Rate: cfg.SetRate, Guard: cfg.RateGuard, MaxHold: hold + 5*time.Second, FallbackShare: cfg.RateFallbackShare})
-		}
-	} else {
-		lim, err = limiter.NewLocal(limiter.Config{Rate: cfg.Rate, Guard: cfg.RateGuard})
-		if err == nil {
-			setLim, err = limiter.NewLocal(limiter.Config{Rate: cfg.SetRate, Guard: cfg.RateGuard})
-		}
+	})
+	if err != nil {
+		return nil, err
 	}
+	setLim, err := p.newLimiter(cfg, ":set", cfg.SetRate, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -344,6 +330,22 @@ func New(cfg Config) (_ *Proxy, err error) {
 		}
 	}
 	return p, nil
+}
+
+// newLimiter returns a limiter of rate calls per second: shared by every
+// replica through Redis (under the app's key plus suffix) when Redis is
+// configured, in-process otherwise.
+func (p *Proxy) newLimiter(cfg Config, suffix string, rate float64, onFallback func(bool)) (limiter.Limiter, error) {
+	if p.rclient == nil {
+		return limiter.NewLocal(limiter.Config{Rate: rate, Guard: cfg.RateGuard})
+	}
+	hold := cfg.UpstreamTimeout
+	if hold <= 0 {
+		hold = 5 * time.Second
+	}
+	return limiter.NewShared(limiter.SharedConfig{Client: p.rclient, App: strconv.FormatUint(cfg.SDKAppID, 10) + suffix,
+		Rate: rate, Guard: cfg.RateGuard, MaxHold: hold + 5*time.Second, FallbackShare: cfg.RateFallbackShare,
+		OnFallback: onFallback})
 }
 
 // startDemo starts the emulator on a loopback port and points the proxy at it.

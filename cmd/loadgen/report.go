@@ -258,18 +258,11 @@ func parseMicro(out string) []microResult {
 func stepNear(steps []*step, v float64) *step {
 	var best *step
 	for _, s := range steps {
-		if best == nil || abs(s.offered-v) < abs(best.offered-v) {
+		if best == nil || math.Abs(s.offered-v) < math.Abs(best.offered-v) {
 			best = s
 		}
 	}
 	return best
-}
-
-func abs(x float64) float64 {
-	if x < 0 {
-		return -x
-	}
-	return x
 }
 
 // write renders docs/benchmarks.md into path and its plots into plotDir
