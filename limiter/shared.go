@@ -19,10 +19,13 @@ import (
 // than Quota calls are in flight or were answered within the last second,
 // counted across all replicas.
 //
+// Grants of all replicas together are also spaced 1/Rate apart, in the
+// same script (see acquireScript).
+//
 // State is one sorted set per app (members are permits; the score of a
 // permit in flight is its grant time plus MaxHold, of an ended one its
-// answer time) and a pause key for throttling backoff, both under one hash
-// tag so the Lua scripts work on Redis Cluster. Time is Redis's own (TIME),
+// answer time), the next grant's time, and a pause key for throttling
+// backoff, all under one hash tag so the Lua scripts work on Redis Cluster. Time is Redis's own (TIME),
 // so replicas' clocks do not matter. A replica that dies with permits in
 // flight holds their slots at most MaxHold plus a second.
 //
@@ -37,6 +40,7 @@ type Shared struct {
 	fallback *Local
 	zkey     string
 	pkey     string
+	nkey     string // next grant time: the shared spacing
 	seq      atomic.Uint64
 	prefix   string
 
@@ -74,22 +78,36 @@ type SharedConfig struct {
 	OnFallback func(bool)
 }
 
+// acquireScript grants a permit when the window has room and the shared
+// spacing allows: grants of all replicas are spaced 1/rate apart (KEYS[3]
+// holds the theoretical time of the next grant, in µs of Redis's clock; a
+// grant may come up to one interval early, so a replica that wakes late
+// does not lose the slot).
+// Without the shared spacing each replica's own spacer would let N replicas
+// fill the window in 1/N of a second and then stall the rest of it, which
+// shows as a latency tail of most of a second. It returns {1, 0} for a
+// grant, else {0, µs to wait} (-1: every slot is in flight, poll).
 var acquireScript = redis.NewScript(`
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local nowus = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(nowus / 1000)
 local quota, span, hold = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local interval = tonumber(ARGV[5])
 local pause = redis.call('PTTL', KEYS[2])
-if pause > 0 then return {0, pause} end
+if pause > 0 then return {0, pause * 1000} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - span)
 local n = redis.call('ZCARD', KEYS[1])
 if n < quota then
+  local tat = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if tat - interval > nowus then return {0, tat - interval - nowus} end
   redis.call('ZADD', KEYS[1], now + hold, ARGV[4])
   redis.call('PEXPIRE', KEYS[1], span + hold + 1000)
+  redis.call('SET', KEYS[3], string.format('%.0f', math.max(tat, nowus) + interval), 'PX', 1000 + math.ceil(2 * interval / 1000))
   return {1, 0}
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local s = tonumber(first[2])
-if s <= now then return {0, s + span - now} end
+if s <= now then return {0, (s + span - now) * 1000} end
 return {0, -1}
 `)
 
@@ -157,7 +175,7 @@ func NewShared(cfg SharedConfig) (*Shared, error) {
 	tag := "{pp:v1:" + cfg.App + "}"
 	return &Shared{cfg: cfg, fallback: fb, offlineCalls: map[string]time.Time{},
 		spacer: rate.NewLimiter(rate.Limit(cfg.Rate*spacerHeadroom), 1),
-		zkey:   tag + ":quota", pkey: tag + ":pause", prefix: cfg.Replica + ":"}, nil
+		zkey:   tag + ":quota", pkey: tag + ":pause", nkey: tag + ":next", prefix: cfg.Replica + ":"}, nil
 }
 
 const redisTimeout = 250 * time.Millisecond
@@ -213,8 +231,9 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 		var err error
 		for attempt, timeout := range []time.Duration{redisTimeout, 2 * redisTimeout} {
 			rctx, cancel := context.WithTimeout(ctx, timeout)
-			res, err = acquireScript.Run(rctx, s.cfg.Client, []string{s.zkey, s.pkey},
-				int(s.cfg.Rate), (time.Second + s.cfg.Guard).Milliseconds(), s.cfg.MaxHold.Milliseconds(), member).Int64Slice()
+			res, err = acquireScript.Run(rctx, s.cfg.Client, []string{s.zkey, s.pkey, s.nkey},
+				int(s.cfg.Rate), (time.Second + s.cfg.Guard).Milliseconds(), s.cfg.MaxHold.Milliseconds(), member,
+				1e6/s.cfg.Rate).Int64Slice()
 			cancel()
 			if err == nil || !isTimeout(err) || ctx.Err() != nil || attempt == 1 {
 				break
@@ -254,9 +273,9 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 		}
 		wait := 20 * time.Millisecond // every slot in flight: poll
 		if res[1] >= 0 {
-			wait = time.Duration(res[1]) * time.Millisecond
+			wait = time.Duration(res[1]) * time.Microsecond
 		}
-		t := time.NewTimer(max(wait, time.Millisecond))
+		t := time.NewTimer(max(wait, 100*time.Microsecond))
 		select {
 		case <-ctx.Done():
 			t.Stop()

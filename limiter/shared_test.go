@@ -169,6 +169,7 @@ func TestSharedCancelFreesSlot(t *testing.T) {
 	s := newShared(t, client, 2, nil)
 	p1, _ := s.Acquire(context.Background())
 	p2, _ := s.Acquire(context.Background())
+	time.Sleep(600 * time.Millisecond) // past the spacing (one grant per 500ms): only the window can refuse
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	if _, err := s.Acquire(ctx); err == nil {
@@ -183,5 +184,52 @@ func TestSharedCancelFreesSlot(t *testing.T) {
 	p3.Done()
 	if n := client.ZCard(context.Background(), s.zkey).Val(); n != 2 {
 		t.Fatalf("window holds %d entries, want the 2 answered calls", n)
+	}
+}
+
+// TestSharedSpacesGrantsAcrossReplicas: grants of all replicas together are
+// spaced 1/rate apart (one interval of catch-up allowed), by Redis's clock.
+// Each replica spacing only its own grants would let three replicas take
+// the whole window in a third of a second and then stall.
+func TestSharedSpacesGrantsAcrossReplicas(t *testing.T) {
+	srv := redistest.Start(t)
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer client.Close()
+	const rate, grants = 50, 24 // 20ms apart; the window (50) never binds
+	var lims []*Shared
+	for range 3 {
+		lims = append(lims, newShared(t, client, rate, nil))
+	}
+	var wg sync.WaitGroup
+	var n atomic.Int32
+	for _, l := range lims {
+		for range 2 {
+			wg.Go(func() {
+				for n.Add(1) <= grants {
+					if _, err := l.Acquire(context.Background()); err != nil { // held: the score stays the grant time
+						t.Error(err)
+						return
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	z := client.ZRangeWithScores(context.Background(), lims[0].zkey, 0, -1).Val()
+	if len(z) != grants {
+		t.Fatalf("%d grants in the window, want %d", len(z), grants)
+	}
+	const interval = 1000 / rate // ms
+	for i := range z {
+		for j := i + 1; j < len(z); j++ {
+			// GCRA with one interval of tolerance: j-i+1 grants span at least
+			// (j-i-1) intervals; 1ms for the scores' rounding.
+			if span := z[j].Score - z[i].Score; span < float64((j-i-1)*interval-1) {
+				t.Fatalf("grants %d and %d only %vms apart (%d intervals of %dms required)", i, j, span, j-i-1, interval)
+			}
+		}
+	}
+	if span := z[len(z)-1].Score - z[0].Score; span > float64(2*grants*interval) {
+		t.Fatalf("%d grants took %vms at %d/s: the spacing wastes slots", grants, span, rate)
 	}
 }

@@ -316,6 +316,7 @@ func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
 	var lookups, errs, wrong atomic.Int64
 	var mu sync.Mutex
 	var lat []time.Duration
+	perReplica := make([][]time.Duration, len(e.urls))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second+o.duration)
 	defer cancel()
 	var wg sync.WaitGroup
@@ -350,6 +351,7 @@ func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
 			}
 			mu.Lock()
 			lat = append(lat, mine...)
+			perReplica[i%len(e.urls)] = append(perReplica[i%len(e.urls)], mine...)
 			mu.Unlock()
 		})
 	}
@@ -406,8 +408,16 @@ func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
 	fmt.Fprintf(out, "  proxy: upstream call mean %.1fms, limiter wait mean %.1fms, batch wait mean %.1fms\n",
 		1000*histMean(before, after, "portrait_proxy_upstream_call_duration_seconds"), 1000*histMean(before, after, "portrait_proxy_limiter_wait_seconds"),
 		1000*histMean(before, after, "portrait_proxy_batch_wait_seconds"))
-	fmt.Fprintf(out, "  latency p50 %v  p90 %v  p99 %v  max %v\n\n", pct(lat, .5).Round(time.Millisecond), pct(lat, .9).Round(time.Millisecond),
+	fmt.Fprintf(out, "  latency p50 %v  p90 %v  p99 %v  max %v\n", pct(lat, .5).Round(time.Millisecond), pct(lat, .9).Round(time.Millisecond),
 		pct(lat, .99).Round(time.Millisecond), pct(lat, 1).Round(time.Millisecond))
+	if n > 1 {
+		for i, l := range perReplica {
+			slices.Sort(l)
+			fmt.Fprintf(out, "  replica %d: %6.0f lookups/s, p50 %v p99 %v\n", i, float64(len(l))/elapsed.Seconds(),
+				pct(l, .5).Round(time.Millisecond), pct(l, .99).Round(time.Millisecond))
+		}
+	}
+	fmt.Fprintln(out)
 	return nil
 }
 
