@@ -44,9 +44,13 @@ type Upstream interface {
 	PortraitGet(ctx context.Context, req upstream.GetRequest) (*upstream.GetResponse, error)
 }
 
-// backoffer is the optional part of a limiter that pauses grants after the
-// upstream said "too frequent".
-type backoffer interface{ Backoff(d time.Duration) }
+// throttler is the optional part of a limiter told when the upstream said
+// "too frequent": it pauses grants and lowers its rate for a while.
+type throttler interface{ Throttled(pause time.Duration) }
+
+// factorer is the optional part of a limiter that says what part of its
+// rate is in force (for the limiter_rate_factor gauge).
+type factorer interface{ Factor() float64 }
 
 // Errors returned by Load.
 var (
@@ -86,8 +90,9 @@ type Config struct {
 	// MaxThrottled bounds calls per account answered "too frequent". Zero
 	// means 20; callers' deadlines usually end the retries first.
 	MaxThrottled int
-	// ThrottleBackoff pauses the limiter after a throttling answer. Zero
-	// means 500ms.
+	// ThrottleBackoff pauses the limiter after a throttling answer (which
+	// also lowers its rate for a while, see limiter.Cut); after 70050 the
+	// pause is upstream.SigFailureRetryAfter. Zero means 500ms.
 	ThrottleBackoff time.Duration
 	// DrainTimeout bounds the final flush when Run's context ends. Zero
 	// means 5s.
@@ -206,6 +211,9 @@ type Batcher struct {
 	inflight  sync.WaitGroup
 	latency   atomic.Int64 // moving average of call duration, ns
 	contended atomic.Bool  // the last grant had to wait for the quota's window
+	// pausedUntil (unix ns): the pause this batcher asked of the limiter
+	// after a throttling answer, for Admit's estimate.
+	pausedUntil atomic.Int64
 }
 
 // New validates cfg and returns a Batcher. Nothing runs until Run.
@@ -316,11 +324,20 @@ func (b *Batcher) Admit(deadline time.Time, ok bool) error {
 	if !ok || b.cfg.Rate <= 0 {
 		return nil
 	}
-	// Calls ahead, at the rate the window allows: Rate per (1s + latency).
+	// Calls ahead, at the rate the window allows: Rate per (1s + latency),
+	// cut after throttling, behind a pause in force.
 	lat := time.Duration(b.latency.Load())
 	calls := float64(queued/b.cfg.MaxAccounts + 1)
-	eta := time.Duration(calls/b.cfg.Rate*float64(time.Second+lat)) + lat
-	if b.now().Add(eta).After(deadline) {
+	rate := b.cfg.Rate
+	if f, ok := b.cfg.Limiter.(factorer); ok {
+		rate *= f.Factor()
+	}
+	now := b.now()
+	eta := time.Duration(calls/rate*float64(time.Second+lat)) + lat
+	if p := time.Unix(0, b.pausedUntil.Load()); p.After(now) {
+		eta += p.Sub(now)
+	}
+	if now.Add(eta).After(deadline) {
 		return ErrWouldMiss
 	}
 	return nil
@@ -438,6 +455,9 @@ func (b *Batcher) dispatch(ctx context.Context) bool {
 	now := b.now()
 	b.m.LimiterWait.Observe(now.Sub(start).Seconds())
 	b.contended.Store(permit.Scarce() || now.Sub(start) > time.Millisecond)
+	if f, ok := b.cfg.Limiter.(factorer); ok {
+		b.m.RateFactor.Set(f.Factor())
+	}
 	batch := b.take()
 	if len(batch) == 0 {
 		permit.Cancel() // everyone left while we waited: the token goes back
@@ -527,8 +547,13 @@ func (b *Batcher) send(batch []*entry, permit *limiter.Permit) {
 	errors.As(err, &ue)
 	switch kind := upstream.KindOf(err); {
 	case kind == upstream.KindThrottled:
-		if bo, ok := b.cfg.Limiter.(backoffer); ok {
-			bo.Backoff(b.cfg.ThrottleBackoff)
+		if th, ok := b.cfg.Limiter.(throttler); ok {
+			pause := upstream.ThrottlePause(err, b.cfg.ThrottleBackoff)
+			th.Throttled(pause)
+			b.pausedUntil.Store(b.now().Add(pause).UnixNano())
+			if f, ok := b.cfg.Limiter.(factorer); ok {
+				b.m.RateFactor.Set(f.Factor())
+			}
 		}
 		b.retry(batch, err, "throttled")
 	case kind == upstream.KindNotFound && len(batch) > 1:

@@ -61,6 +61,8 @@ func found(req upstream.GetRequest) *upstream.GetResponse {
 type gate struct {
 	ch       chan struct{}
 	backoffs atomic.Int32
+	mu       sync.Mutex
+	pauses   []time.Duration
 }
 
 func newGate() *gate { return &gate{ch: make(chan struct{})} }
@@ -74,7 +76,12 @@ func (g *gate) Acquire(ctx context.Context) (*limiter.Permit, error) {
 	}
 }
 
-func (g *gate) Backoff(time.Duration) { g.backoffs.Add(1) }
+func (g *gate) Throttled(d time.Duration) {
+	g.backoffs.Add(1)
+	g.mu.Lock()
+	g.pauses = append(g.pauses, d)
+	g.mu.Unlock()
+}
 
 // open is a limiter that always grants.
 type open struct{}
@@ -259,7 +266,10 @@ func TestWholeCallNotFoundIsolated(t *testing.T) {
 
 func TestThrottledRetried(t *testing.T) {
 	up := &fakeUpstream{fn: func(n int, r upstream.GetRequest) (*upstream.GetResponse, error) {
-		if n <= 2 {
+		switch n {
+		case 1:
+			return nil, &upstream.Error{Kind: upstream.KindThrottled, Code: 70050}
+		case 2:
 			return nil, &upstream.Error{Kind: upstream.KindThrottled, Code: 60007}
 		}
 		return found(r), nil
@@ -273,11 +283,70 @@ func TestThrottledRetried(t *testing.T) {
 	if l := <-ch; l.err != nil || l.res.Item.ToAccount != "u1" {
 		t.Fatalf("got %+v %v", l.res, l.err)
 	}
+	// A minute after 70050 (the upstream says so), ThrottleBackoff after 60007.
+	if want := []time.Duration{upstream.SigFailureRetryAfter, 500 * time.Millisecond}; !slices.Equal(g.pauses, want) {
+		t.Fatalf("pauses %v, want %v", g.pauses, want)
+	}
 	if g.backoffs.Load() != 2 {
 		t.Fatalf("limiter backed off %d times, want 2", g.backoffs.Load())
 	}
 	if got := testutil.ToFloat64(h.m.UpstreamRetries.WithLabelValues("throttled")); got != 2 {
 		t.Fatalf("throttled retries %v", got)
+	}
+}
+
+// cutGate is a gate whose rate is cut to f.
+type cutGate struct {
+	*gate
+	f float64
+}
+
+func (c cutGate) Factor() float64 { return c.f }
+
+// TestAdmitCountsCutAndPause: after a throttling answer Admit's estimate
+// includes the pause asked of the limiter (a minute after 70050) and the
+// cut rate, so lookups that cannot be served in time are answered at once.
+func TestAdmitCountsCutAndPause(t *testing.T) {
+	up := &fakeUpstream{fn: func(n int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+		if n == 1 {
+			return nil, &upstream.Error{Kind: upstream.KindThrottled, Code: 70050}
+		}
+		return found(r), nil
+	}}
+	g := cutGate{gate: newGate(), f: 1}
+	h := start(t, Config{Upstream: up, Limiter: g, Rate: 100})
+	now := time.Now()
+	if err := h.b.Admit(now.Add(5*time.Second), true); err != nil {
+		t.Fatalf("Admit before any throttling: %v", err)
+	}
+	ch := loadAsync(h.b, context.Background(), "u1", "Tag_Profile_IM_Nick")
+	g.ch <- struct{}{}
+	g.ch <- struct{}{} // granted after the 70050 answer was handled
+	if err := h.b.Admit(time.Now().Add(5*time.Second), true); !errors.Is(err, ErrWouldMiss) {
+		t.Fatalf("Admit 5s ahead during the minute's pause = %v, want ErrWouldMiss", err)
+	}
+	if err := h.b.Admit(time.Now().Add(2*time.Minute), true); err != nil {
+		t.Fatalf("Admit 2min ahead = %v", err)
+	}
+	if l := <-ch; l.err != nil {
+		t.Fatal(l.err)
+	}
+	// A rate cut to a tenth: 5 calls' worth of queue ahead takes ~0.5s.
+	g2 := cutGate{gate: newGate(), f: 0.1}
+	h2 := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }},
+		Limiter: g2, Rate: 100, MaxAccounts: 1})
+	for i := range 4 {
+		loadAsync(h2.b, context.Background(), fmt.Sprint("q", i), "Tag_Profile_IM_Nick")
+	}
+	h2.waitQueued(t, 4)
+	if err := h2.b.Admit(time.Now().Add(300*time.Millisecond), true); !errors.Is(err, ErrWouldMiss) {
+		t.Fatalf("Admit 300ms ahead behind 5 calls at 10/s = %v, want ErrWouldMiss", err)
+	}
+	if err := h2.b.Admit(time.Now().Add(800*time.Millisecond), true); err != nil {
+		t.Fatalf("Admit 800ms ahead behind 5 calls at 10/s = %v", err)
+	}
+	for range 4 {
+		g2.ch <- struct{}{}
 	}
 }
 

@@ -22,8 +22,9 @@
 //     then stalling on the window once a second (see spacerHeadroom).
 //
 // A throttling answer from the upstream means the count is off anyway
-// (another client of the same app, say): Backoff pauses all grants for a
-// while. Local is safe for concurrent use.
+// (another client of the same app uses part of the quota, say): Throttled
+// pauses all grants for a moment and lowers the effective rate, which then
+// climbs back (see Cut). Local is safe for concurrent use.
 package limiter
 
 import (
@@ -74,6 +75,45 @@ func (p *Permit) Cancel() { p.once.Do(func() { p.end(false) }) }
 // throughput (the window, not the spacer, bounds it).
 const spacerHeadroom = 1.0
 
+// Cut is how a throttling answer lowers the effective rate: the rate
+// (spacing and window alike) is multiplied by CutFactor, at most once per
+// CutEvery (the calls that went out before a cut take a window to show
+// its effect) and never below MinFactor of the quota; it then climbs back
+// by RecoverPerSecond of the quota each second. This is AIMD, as in TCP: a
+// pause alone would resume at the full rate into the same wall once the
+// pause ends, for as long as the other client keeps its share.
+const (
+	CutFactor        = 0.5
+	MinFactor        = 0.1
+	RecoverPerSecond = 0.1
+	CutEvery         = time.Second
+)
+
+// rateCut is the effective rate's state: the factor set by the last cut
+// and when.
+type rateCut struct {
+	factor float64
+	when   time.Time
+}
+
+// factorAt is the factor at now: the last cut's, climbed back since.
+func (c rateCut) factorAt(now time.Time) float64 {
+	if c.when.IsZero() {
+		return 1
+	}
+	return min(1, c.factor+now.Sub(c.when).Seconds()*RecoverPerSecond)
+}
+
+// cutAt applies a throttling answer at now and reports whether it cut (not
+// within CutEvery of the last cut).
+func (c *rateCut) cutAt(now time.Time) bool {
+	if !c.when.IsZero() && now.Sub(c.when) < CutEvery {
+		return false
+	}
+	c.factor, c.when = max(MinFactor, c.factorAt(now)*CutFactor), now
+	return true
+}
+
 // DefaultGuard widens the one-second window a little, for clock granularity.
 const DefaultGuard = 2 * time.Millisecond
 
@@ -93,6 +133,7 @@ type Config struct {
 // Local is the in-process limiter. Create it with NewLocal.
 type Local struct {
 	spacer *rate.Limiter
+	rate   float64
 	quota  int
 	span   time.Duration // one second plus the guard
 
@@ -101,6 +142,7 @@ type Local struct {
 	released    []time.Time   // answer times within the last span, oldest first
 	changed     chan struct{} // closed and replaced when a call is released
 	pausedUntil time.Time
+	cut         rateCut
 }
 
 // NewLocal validates cfg and returns a Local limiter.
@@ -119,6 +161,7 @@ func NewLocal(cfg Config) (*Local, error) {
 	}
 	return &Local{
 		spacer:  rate.NewLimiter(rate.Limit(cfg.Rate*spacerHeadroom), cfg.Burst),
+		rate:    cfg.Rate,
 		quota:   max(1, int(cfg.Rate)),
 		span:    time.Second + cfg.Guard,
 		changed: make(chan struct{}),
@@ -137,6 +180,9 @@ func (l *Local) Acquire(ctx context.Context) (*Permit, error) {
 	if err != nil {
 		return nil, err
 	}
+	if f := l.Factor(); float64(l.spacer.Limit()) != l.rate*f*spacerHeadroom {
+		l.spacer.SetLimit(rate.Limit(l.rate * f * spacerHeadroom))
+	}
 	if err := l.spacer.Wait(ctx); err != nil {
 		l.release(false)
 		return nil, err
@@ -153,7 +199,7 @@ func (l *Local) waitSlot(ctx context.Context) (waited bool, err error) {
 		l.mu.Lock()
 		now := time.Now()
 		l.prune(now)
-		if l.inflight+len(l.released) < l.quota {
+		if l.inflight+len(l.released) < max(1, int(float64(l.quota)*l.cut.factorAt(now))) {
 			l.inflight++
 			l.mu.Unlock()
 			return waited, nil
@@ -162,6 +208,9 @@ func (l *Local) waitSlot(ctx context.Context) (waited bool, err error) {
 		wait := time.Hour // every slot is in flight: wait for a release
 		if len(l.released) > 0 {
 			wait = l.released[0].Add(l.span).Sub(now)
+		}
+		if l.cut.factorAt(now) < 1 {
+			wait = min(wait, 100*time.Millisecond) // the rate climbs back: look again
 		}
 		l.mu.Unlock()
 		t := time.NewTimer(wait)
@@ -213,6 +262,22 @@ func (l *Local) waitPause(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
+}
+
+// Throttled is told of a throttling answer: it pauses every grant for
+// pause and cuts the effective rate (see Cut).
+func (l *Local) Throttled(pause time.Duration) {
+	l.Backoff(pause)
+	l.mu.Lock()
+	l.cut.cutAt(time.Now())
+	l.mu.Unlock()
+}
+
+// Factor is the part of the rate in force now (1 unless throttling cut it).
+func (l *Local) Factor() float64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.cut.factorAt(time.Now())
 }
 
 // Backoff pauses every grant for d from now (a longer pause already in force

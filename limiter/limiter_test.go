@@ -160,3 +160,101 @@ func TestNewLocalRejectsBadRate(t *testing.T) {
 		}
 	}
 }
+
+// TestRateCut: the factor a throttling answer leaves, its climb back, the
+// one-cut-per-window rule and the floor.
+func TestRateCut(t *testing.T) {
+	t0 := time.Unix(1_700_000_000, 0)
+	var c rateCut
+	if f := c.factorAt(t0); f != 1 {
+		t.Fatalf("uncut factor %v", f)
+	}
+	if !c.cutAt(t0) || c.factorAt(t0) != CutFactor {
+		t.Fatalf("first cut left %v", c.factorAt(t0))
+	}
+	if c.cutAt(t0.Add(CutEvery / 2)) {
+		t.Fatal("cut twice within one window")
+	}
+	if f := c.factorAt(t0.Add(2 * time.Second)); f < 0.699 || f > 0.701 {
+		t.Fatalf("factor 2s after a cut to 0.5 = %v, want 0.7", f)
+	}
+	if f := c.factorAt(t0.Add(time.Minute)); f != 1 {
+		t.Fatalf("factor a minute later = %v", f)
+	}
+	at := t0.Add(time.Second) // the factor climbed to 0.6: cut to 0.3
+	if !c.cutAt(at) || c.factorAt(at) < 0.299 || c.factorAt(at) > 0.301 {
+		t.Fatalf("second cut left %v, want 0.3", c.factorAt(at))
+	}
+	for range 10 {
+		at = at.Add(CutEvery)
+		c.cutAt(at)
+	}
+	// A cut a second (climbing 0.1 between) tends to the floor, never below.
+	if f := c.factorAt(at); f < MinFactor || f > MinFactor+0.01 {
+		t.Fatalf("after many cuts the factor is %v, want about the floor %v", f, MinFactor)
+	}
+	c = rateCut{factor: 0.05, when: at}
+	if c.cutAt(at.Add(CutEvery)); c.factorAt(at.Add(CutEvery)) != MinFactor {
+		t.Fatalf("a cut from 0.15 left %v, want the floor", c.factorAt(at.Add(CutEvery)))
+	}
+}
+
+// TestLocalThrottledLowersRate: after a throttling answer the limiter
+// pauses, then grants at the cut rate, climbing back; calls answered at
+// once, so only the spacing and the window bound them.
+func TestLocalThrottledLowersRate(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l, _ := NewLocal(Config{Rate: 100})
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var mu sync.Mutex
+		var grants []time.Time
+		go func() {
+			for {
+				p, err := l.Acquire(ctx)
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				grants = append(grants, time.Now())
+				mu.Unlock()
+				p.Done()
+			}
+		}()
+		time.Sleep(2 * time.Second)
+		start := time.Now()
+		l.Throttled(500 * time.Millisecond)
+		if f := l.Factor(); f != CutFactor {
+			t.Fatalf("factor after a throttle %v", f)
+		}
+		time.Sleep(5500 * time.Millisecond)
+		cancel()
+		synctest.Wait()
+		count := func(from, to time.Duration) (n int) {
+			for _, g := range grants {
+				if !g.Before(start.Add(from)) && g.Before(start.Add(to)) {
+					n++
+				}
+			}
+			return n
+		}
+		// Paused 500ms (a grant already past the spacer may still land).
+		if n := count(time.Millisecond, 500*time.Millisecond); n > 1 {
+			t.Fatalf("%d grants during the pause", n)
+		}
+		// Then 0.55–0.65 of the rate, 0.8–0.9 three seconds on, all of it
+		// after five.
+		if n := count(500*time.Millisecond, 1500*time.Millisecond); n < 50 || n > 66 {
+			t.Fatalf("%d grants in the second after the pause, want about 60", n)
+		}
+		if n := count(3*time.Second, 4*time.Second); n < 78 || n > 92 {
+			t.Fatalf("%d grants 3s after the cut, want about 85", n)
+		}
+		if n := count(4500*time.Millisecond, 5500*time.Millisecond); n < 97 {
+			t.Fatalf("%d grants 5s after the cut, want 100", n)
+		}
+		if f := l.Factor(); f != 1 {
+			t.Fatalf("factor 5.5s after the cut = %v, want 1 again", f)
+		}
+	})
+}

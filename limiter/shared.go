@@ -40,7 +40,9 @@ type Shared struct {
 	fallback *Local
 	zkey     string
 	pkey     string
-	nkey     string // next grant time: the shared spacing
+	nkey     string       // next grant time: the shared spacing
+	ckey     string       // the last throttling cut of the rate
+	factor   atomic.Int64 // ‰ of the rate in force, as Redis last said
 	seq      atomic.Uint64
 	prefix   string
 
@@ -78,37 +80,55 @@ type SharedConfig struct {
 	OnFallback func(bool)
 }
 
+// factorLua computes f, the part of the rate in force (see Cut), from the
+// cut hash KEYS[4] (fields f and t, t in ms of Redis's clock), with now in
+// ms and the climb per second in recover, and cutAt, the last cut's time.
+const factorLua = `
+local f, cutAt = 1, nil
+local cut = redis.call('HMGET', KEYS[4], 'f', 't')
+if cut[1] then
+  cutAt = tonumber(cut[2])
+  f = math.min(1, tonumber(cut[1]) + (now - cutAt) * recover / 1000)
+end
+`
+
 // acquireScript grants a permit when the window has room and the shared
 // spacing allows: grants of all replicas are spaced 1/rate apart (KEYS[3]
 // holds the theoretical time of the next grant, in µs of Redis's clock; a
 // grant may come up to one interval early, so a replica that wakes late
-// does not lose the slot).
-// Without the shared spacing each replica's own spacer would let N replicas
-// fill the window in 1/N of a second and then stall the rest of it, which
-// shows as a latency tail of most of a second. It returns {1, 0} for a
-// grant, else {0, µs to wait} (-1: every slot is in flight, poll).
+// does not lose the slot). Without the shared spacing each replica's own
+// spacer would let N replicas fill the window in 1/N of a second and then
+// stall the rest of it, which shows as a latency tail of most of a second.
+// Window and spacing both shrink by the factor a throttling cut left. It
+// returns {1, 0, f·1000} for a grant, else {0, µs to wait, f·1000} (wait
+// -1: every slot is in flight, poll).
 var acquireScript = redis.NewScript(`
 local t = redis.call('TIME')
 local nowus = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(nowus / 1000)
 local quota, span, hold = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local interval = tonumber(ARGV[5])
+local recover = tonumber(ARGV[6])
+` + factorLua + `
+local fk = math.floor(f * 1000)
+local interval = tonumber(ARGV[5]) / f
+quota = math.max(1, math.floor(quota * f))
 local pause = redis.call('PTTL', KEYS[2])
-if pause > 0 then return {0, pause * 1000} end
+if pause > 0 then return {0, pause * 1000, fk} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - span)
 local n = redis.call('ZCARD', KEYS[1])
 if n < quota then
   local tat = tonumber(redis.call('GET', KEYS[3]) or '0')
-  if tat - interval > nowus then return {0, tat - interval - nowus} end
+  if tat - interval > nowus then return {0, tat - interval - nowus, fk} end
   redis.call('ZADD', KEYS[1], now + hold, ARGV[4])
   redis.call('PEXPIRE', KEYS[1], span + hold + 1000)
   redis.call('SET', KEYS[3], string.format('%.0f', math.max(tat, nowus) + interval), 'PX', 1000 + math.ceil(2 * interval / 1000))
-  return {1, 0}
+  return {1, 0, fk}
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local s = tonumber(first[2])
-if s <= now then return {0, (s + span - now) * 1000} end
-return {0, -1}
+if s <= now and f >= 1 then return {0, (s + span - now) * 1000, fk} end
+if s <= now then return {0, math.min(s + span - now, 100) * 1000, fk} end
+return {0, -1, fk}
 `)
 
 var releaseScript = redis.NewScript(`
@@ -138,11 +158,24 @@ redis.call('PEXPIRE', KEYS[1], span + hold + 1000)
 return 1
 `)
 
-var pauseScript = redis.NewScript(`
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+// throttleScript pauses every replica for ARGV[1] ms (KEYS[2]; the keys
+// are acquireScript's) and cuts the rate (KEYS[4]) unless it was cut
+// within the last ARGV[2] ms: by ARGV[3], not below ARGV[4]; it climbs
+// back by ARGV[5] per second. It returns the factor·1000 now in force.
+var throttleScript = redis.NewScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
 end
-return 1
+local recover = tonumber(ARGV[5])
+` + factorLua + `
+if cutAt == nil or now - cutAt >= tonumber(ARGV[2]) then
+  f = math.max(tonumber(ARGV[4]), f * tonumber(ARGV[3]))
+  redis.call('HSET', KEYS[4], 'f', string.format('%.6f', f), 't', string.format('%.0f', now))
+  redis.call('PEXPIRE', KEYS[4], math.ceil((1 - f) / recover * 1000) + 1000)
+end
+return math.floor(f * 1000)
 `)
 
 // NewShared validates cfg and returns a Shared limiter.
@@ -173,9 +206,11 @@ func NewShared(cfg SharedConfig) (*Shared, error) {
 		return nil, err
 	}
 	tag := "{pp:v1:" + cfg.App + "}"
-	return &Shared{cfg: cfg, fallback: fb, offlineCalls: map[string]time.Time{},
+	s := &Shared{cfg: cfg, fallback: fb, offlineCalls: map[string]time.Time{},
 		spacer: rate.NewLimiter(rate.Limit(cfg.Rate*spacerHeadroom), 1),
-		zkey:   tag + ":quota", pkey: tag + ":pause", nkey: tag + ":next", prefix: cfg.Replica + ":"}, nil
+		zkey:   tag + ":quota", pkey: tag + ":pause", nkey: tag + ":next", ckey: tag + ":cut", prefix: cfg.Replica + ":"}
+	s.factor.Store(1000)
+	return s, nil
 }
 
 const redisTimeout = 250 * time.Millisecond
@@ -231,9 +266,9 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 		var err error
 		for attempt, timeout := range []time.Duration{redisTimeout, 2 * redisTimeout} {
 			rctx, cancel := context.WithTimeout(ctx, timeout)
-			res, err = acquireScript.Run(rctx, s.cfg.Client, []string{s.zkey, s.pkey, s.nkey},
+			res, err = acquireScript.Run(rctx, s.cfg.Client, s.keys(),
 				int(s.cfg.Rate), (time.Second + s.cfg.Guard).Milliseconds(), s.cfg.MaxHold.Milliseconds(), member,
-				1e6/s.cfg.Rate).Int64Slice()
+				1e6/s.cfg.Rate, RecoverPerSecond).Int64Slice()
 			cancel()
 			if err == nil || !isTimeout(err) || ctx.Err() != nil || attempt == 1 {
 				break
@@ -249,6 +284,9 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 			}
 			s.goDown()
 			continue
+		}
+		if len(res) == 3 {
+			s.factor.Store(res[2])
 		}
 		if res[0] == 1 {
 			if err := s.spacer.Wait(ctx); err != nil {
@@ -384,12 +422,29 @@ func (s *Shared) recover(ctx context.Context) bool {
 	return true
 }
 
-// Backoff pauses grants for d on every replica (through Redis), and locally.
-func (s *Shared) Backoff(d time.Duration) {
-	s.fallback.Backoff(d)
+// Throttled is told of a throttling answer: it pauses grants for pause on
+// every replica and cuts the shared rate (see Cut), through Redis, and
+// does the same to the fallback share.
+func (s *Shared) Throttled(pause time.Duration) {
+	s.fallback.Throttled(pause)
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
-	if err := pauseScript.Run(ctx, s.cfg.Client, []string{s.pkey}, d.Milliseconds()).Err(); err != nil {
+	f, err := throttleScript.Run(ctx, s.cfg.Client, s.keys(), pause.Milliseconds(),
+		CutEvery.Milliseconds(), CutFactor, MinFactor, RecoverPerSecond).Int64()
+	if err != nil {
 		s.goDown()
+		return
 	}
+	s.factor.Store(f)
 }
+
+// Factor is the part of the rate in force (1 unless throttling cut it), as
+// Redis said at the last grant; the fallback's while Redis is unreachable.
+func (s *Shared) Factor() float64 {
+	if s.offline() {
+		return s.fallback.Factor()
+	}
+	return float64(s.factor.Load()) / 1000
+}
+
+func (s *Shared) keys() []string { return []string{s.zkey, s.pkey, s.nkey, s.ckey} }

@@ -145,12 +145,18 @@ func TestSharedFallbackAndRecovery(t *testing.T) {
 	}
 }
 
-func TestSharedBackoffReachesEveryReplica(t *testing.T) {
+// TestSharedThrottledReachesEveryReplica: a throttling answer seen by one
+// replica pauses every replica and cuts the shared rate once, however many
+// replicas report it at the same time.
+func TestSharedThrottledReachesEveryReplica(t *testing.T) {
 	srv := redistest.Start(t)
 	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
 	defer client.Close()
-	a, b := newShared(t, client, 100, nil), newShared(t, client, 100, nil)
-	a.Backoff(500 * time.Millisecond)
+	const quota = 100
+	a, b, c := newShared(t, client, quota, nil), newShared(t, client, quota, nil), newShared(t, client, quota, nil)
+	a.Throttled(500 * time.Millisecond)
+	b.Throttled(500 * time.Millisecond) // the same burst, seen by two more replicas: no second cut
+	c.Throttled(500 * time.Millisecond)
 	start := time.Now()
 	p, err := b.Acquire(context.Background())
 	if err != nil {
@@ -158,8 +164,17 @@ func TestSharedBackoffReachesEveryReplica(t *testing.T) {
 	}
 	p.Done()
 	if d := time.Since(start); d < 400*time.Millisecond {
-		t.Fatalf("replica b granted after %v despite a's 500ms backoff", d)
+		t.Fatalf("replica b granted after %v despite a's 500ms pause", d)
 	}
+	if f := b.Factor(); f < CutFactor || f > CutFactor+0.15 {
+		t.Fatalf("replica b's factor after the cut = %v, want about %v", f, CutFactor)
+	}
+	// The next second holds about 0.6 of the quota across the replicas.
+	at := drive(t, []Limiter{a, b, c}, 6, time.Millisecond, time.Second)
+	if len(at) > int(0.75*quota) || len(at) < int(0.3*quota) {
+		t.Fatalf("%d calls in the second after a cut to %v (quota %d)", len(at), CutFactor, quota)
+	}
+	t.Logf("%d calls in the second after the cut; factor now %.2f", len(at), c.Factor())
 }
 
 func TestSharedCancelFreesSlot(t *testing.T) {

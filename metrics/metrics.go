@@ -26,6 +26,7 @@ type Metrics struct {
 	UpstreamRetries    *prometheus.CounterVec // upstream_retries_total{reason}
 	QueueAccounts      prometheus.Gauge       // queue_accounts
 	LimiterFallback    prometheus.Gauge       // limiter_fallback
+	RateFactor         prometheus.Gauge       // limiter_rate_factor
 	Shed               prometheus.Counter     // shed_lookups_total
 	BuildInfo          *prometheus.GaugeVec   // build_info{version,goversion}
 	Quota              prometheus.Gauge       // quota_calls_per_second
@@ -103,6 +104,8 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Missed lookups answered at once (stale, or a throttling error) because the quota could not serve them before their deadline."}),
 		LimiterFallback: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_fallback",
 			Help: "1 while the shared (Redis) limiter is unreachable and this replica uses its fallback share of the rate."}),
+		RateFactor: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_rate_factor",
+			Help: "Part of -rate in force: below 1 for a while after the upstream throttled a call (cut by half, then back by 0.1 a second)."}),
 		RedisUp: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "redis_up",
 			Help: "1 while the Redis tier is in use, 0 while it is skipped after an error (or not configured)."}),
 		RedisErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "redis_errors_total",
@@ -155,7 +158,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.RedisErrors.WithLabelValues("change")
 	m.RedisErrors.WithLabelValues("feed")
 	reg.MustRegister(m.SetRequests, m.Callbacks, m.Changes, m.FeedDelay)
-	reg.MustRegister(m.BuildInfo, m.Quota, m.Shed, m.CrossReplica, m.LimiterFallback, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
+	reg.MustRegister(m.BuildInfo, m.Quota, m.Shed, m.CrossReplica, m.LimiterFallback, m.RateFactor, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
 	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)
 	return m

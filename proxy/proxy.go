@@ -189,6 +189,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	}
 	p.m.BuildInfo.WithLabelValues(version, runtime.Version()).Set(1)
 	p.m.Quota.Set(cfg.Rate)
+	p.m.RateFactor.Set(1)
 	defer func() {
 		if err != nil {
 			p.closeListeners()

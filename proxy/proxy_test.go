@@ -391,7 +391,7 @@ func TestAdminEndpointsAndMetrics(t *testing.T) {
 		"portrait_proxy_queue_accounts", "portrait_proxy_lookups_total", "portrait_proxy_upstream_retries_total",
 		"portrait_proxy_redis_up", "portrait_proxy_redis_round_trips_total", "portrait_proxy_redis_pool_hits_total",
 		"portrait_proxy_redis_pool_total_connections", "portrait_proxy_build_info", "portrait_proxy_quota_calls_per_second",
-		"portrait_proxy_limiter_fallback", "portrait_proxy_shed_lookups_total", "portrait_proxy_cross_replica_fetches_total",
+		"portrait_proxy_limiter_fallback", "portrait_proxy_limiter_rate_factor", "portrait_proxy_shed_lookups_total", "portrait_proxy_cross_replica_fetches_total",
 		"go_goroutines", "process_cpu_seconds_total"} {
 		if !strings.Contains(string(raw), "\n"+fam) && !strings.Contains(string(raw), "# TYPE "+fam) {
 			t.Errorf("/metrics lacks %s", fam)

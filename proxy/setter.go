@@ -46,8 +46,8 @@ func (s *setter) PortraitSet(ctx context.Context, req upstream.SetRequest) error
 		case upstream.KindOK:
 			return nil
 		case upstream.KindThrottled:
-			if bo, ok := s.lim.(interface{ Backoff(time.Duration) }); ok {
-				bo.Backoff(s.backoff)
+			if th, ok := s.lim.(interface{ Throttled(time.Duration) }); ok {
+				th.Throttled(upstream.ThrottlePause(err, s.backoff))
 			}
 		case upstream.KindTransport, upstream.KindHTTP, upstream.KindTransient:
 		default:

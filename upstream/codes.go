@@ -1,5 +1,10 @@
 package upstream
 
+import (
+	"errors"
+	"time"
+)
+
 // IM REST API error codes the proxy and the emulator use by name.
 const (
 	CodeBadRequest      = 40001 // request could not be unpacked
@@ -80,6 +85,20 @@ func Classify(code int) Kind {
 		return KindAuth
 	}
 	return KindTransient
+}
+
+// SigFailureRetryAfter is how long the upstream says to wait after 70050
+// (failed UserSig checks of the app are being rate-limited).
+const SigFailureRetryAfter = time.Minute
+
+// ThrottlePause is how long to pause all calls after the throttling error
+// err: SigFailureRetryAfter for 70050, base for the others.
+func ThrottlePause(err error, base time.Duration) time.Duration {
+	var ue *Error
+	if errors.As(err, &ue) && ue.Code == CodeSigFailureLimit {
+		return max(base, SigFailureRetryAfter)
+	}
+	return base
 }
 
 // Throttling reports whether code means "too frequent".
