@@ -72,6 +72,12 @@ func startRedis() (*exec.Cmd, string, error) {
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
+	return startRedisOn(port)
+}
+
+// startRedisOn starts an empty redis-server on port of the loopback
+// address and waits for it to answer.
+func startRedisOn(port int) (*exec.Cmd, string, error) {
 	dir, err := os.MkdirTemp("", "loadgen-redis")
 	if err != nil {
 		return nil, "", err

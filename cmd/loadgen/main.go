@@ -59,7 +59,7 @@ type options struct {
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
 	var o options
-	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot, replicas (cold with 1 and 3 proxies on one Redis), fresh (change propagation across replicas) or all")
+	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot, replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas) or all")
 	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
@@ -130,6 +130,8 @@ func runScenario(o options, out io.Writer) error {
 		return coldSteps(o, out)
 	case "fresh":
 		return fresh(o, out)
+	case "outage":
+		return outage(o, out)
 	case "lowload":
 		return lowLoad(o, out)
 	case "hot":
@@ -167,6 +169,9 @@ func runScenario(o options, out io.Writer) error {
 		if err := coldReplicas(o, out, 3, "-cross-replica"); err != nil {
 			return err
 		}
+		if err := outage(o, out); err != nil {
+			return err
+		}
 		return fresh(o, out)
 	}
 	return fmt.Errorf("unknown scenario %q", o.scenario)
@@ -184,6 +189,8 @@ type env struct {
 	urls   []string
 	admins []string
 	redis  *exec.Cmd
+	// redisAddr is the replicas' Redis (host:port)
+	redisAddr string
 }
 
 const (
@@ -208,7 +215,7 @@ func startReplicas(o options, n int, extra ...string) (*env, error) {
 		rcmd.Wait()
 		return nil, err
 	}
-	e.redis = rcmd
+	e.redis, e.redisAddr = rcmd, raddr
 	for len(e.ps) < n {
 		p, err := startProc(filepath.Join(o.bin, "proxy"), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
 			"-upstream", e.simURL, "-sdkappid", strconv.Itoa(simApp), "-rate", strconv.Itoa(o.quota),
