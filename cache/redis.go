@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -22,8 +23,9 @@ import (
 // Redis is the shared tier: one Redis hash per account, keyed by SDKAppID
 // and account, one field per tag. A lookup for any number of accounts and
 // tags is one pipeline of HMGETs (one round trip; on Redis Cluster, one per
-// node, in parallel). Write-backs are queued and sent in pipelines by Run,
-// off the callers' path. No command touches two keys, so it works on Redis
+// node, in parallel); while Run runs, lookups that arrive while earlier
+// ones are on the wire share the next pipeline (see readers). Write-backs
+// are queued and sent in pipelines by Run, off the callers' path. No command touches two keys, so it works on Redis
 // Cluster unchanged.
 //
 // Redis is a tier, not a single point of failure: commands carry short
@@ -37,7 +39,12 @@ type Redis struct {
 	downc  chan struct{} // poked when the tier goes down
 	queue  chan write
 	claims chan *claim
-	app    string
+	// reads waits for a reader; readersOn says Run's readers are running,
+	// readersDone is closed when they have stopped.
+	reads       chan *read
+	readersOn   atomic.Bool
+	readersDone chan struct{}
+	app         string
 	skew   int64  // ms
 	feed   string // the change channel
 }
@@ -134,7 +141,7 @@ func NewRedis(cfg RedisConfig) (*Redis, error) {
 	}
 	app := strconv.FormatUint(cfg.SDKAppID, 10)
 	r := &Redis{cfg: cfg, m: cfg.Metrics, downc: make(chan struct{}, 1), queue: make(chan write, cfg.WriteQueue),
-		claims: make(chan *claim, 1024), app: app, skew: cfg.ClockSkew.Milliseconds(),
+		claims: make(chan *claim, 1024), reads: make(chan *read, 4096), readersDone: make(chan struct{}), app: app, skew: cfg.ClockSkew.Milliseconds(),
 		feed: "pp:v2:" + app + ":changes"}
 	r.up.Store(true)
 	r.m.RedisUp.Set(1)
@@ -306,12 +313,36 @@ func escapeID(id string) string {
 	return id
 }
 
-// Get reads accounts' records for tags in one pipeline. A record is nil
-// where Redis holds nothing useful for the account.
+// Get reads accounts' records for tags in one pipeline, shared with the
+// other Gets waiting at the time while Run runs. A record is nil where
+// Redis holds nothing useful for the account.
 func (r *Redis) Get(ctx context.Context, accounts, tags []string) ([]*Record, error) {
 	if !r.up.Load() {
 		return nil, ErrRedisDown
 	}
+	if !r.readersOn.Load() {
+		return r.readNow(ctx, accounts, tags)
+	}
+	q := &read{accounts: accounts, tags: tags, done: make(chan struct{})}
+	select {
+	case r.reads <- q:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-r.readersDone:
+		return nil, ErrRedisDown
+	}
+	select {
+	case <-q.done:
+		return q.recs, q.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-r.readersDone:
+		return nil, ErrRedisDown
+	}
+}
+
+// readNow is Get without the readers: its own pipeline, now.
+func (r *Redis) readNow(ctx context.Context, accounts, tags []string) ([]*Record, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
 	defer cancel()
 	fields := fieldsOf(tags)
@@ -332,6 +363,109 @@ func (r *Redis) Get(ctx context.Context, accounts, tags []string) ([]*Record, er
 		out[i] = decodeRecord(tags, c.Val())
 	}
 	return out, nil
+}
+
+// read is one Get waiting for a reader.
+type read struct {
+	accounts, tags []string
+	recs           []*Record
+	err            error
+	done           chan struct{}
+}
+
+// readers is how many pipelines of reads may be on the wire at once. A
+// read that arrives while they all are waits and goes with every other
+// waiting read in the next one: no read waits for a timer, and under load
+// one write and one read syscall (and one Redis event) serve many lookups.
+const readers = 2
+
+// maxReadBatch bounds the HMGETs of one coalesced pipeline.
+const maxReadBatch = 512
+
+// runReaders sends waiting reads in shared pipelines until ctx ends; then
+// it fails what still waits with ErrRedisDown (the lookups go on without
+// the tier).
+func (r *Redis) runReaders(ctx context.Context) {
+	var wg sync.WaitGroup
+	for range readers {
+		wg.Go(func() {
+			batch := make([]*read, 0, 64)
+			for ctx.Err() == nil {
+				select {
+				case <-ctx.Done():
+					return
+				case q := <-r.reads:
+					batch = append(batch[:0], q)
+					n := len(q.accounts)
+				fill:
+					for n < maxReadBatch {
+						select {
+						case q := <-r.reads:
+							batch = append(batch, q)
+							n += len(q.accounts)
+						default:
+							break fill
+						}
+					}
+					r.sendReads(batch)
+				}
+			}
+		})
+	}
+	r.readersOn.Store(true)
+	wg.Wait()
+	r.readersOn.Store(false)
+	close(r.readersDone)
+	for {
+		select {
+		case q := <-r.reads:
+			q.err = ErrRedisDown
+			close(q.done)
+		default:
+			return
+		}
+	}
+}
+
+func (r *Redis) sendReads(batch []*read) {
+	if !r.up.Load() { // went down while these waited: skip it, as Get would
+		for _, q := range batch {
+			q.err = ErrRedisDown
+			close(q.done)
+		}
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
+	defer cancel()
+	pipe := r.cfg.Client.Pipeline()
+	var cmds []*redis.SliceCmd
+	for _, q := range batch {
+		fields := fieldsOf(q.tags)
+		for _, a := range q.accounts {
+			cmds = append(cmds, pipe.HMGet(ctx, r.Key(a), fields...))
+		}
+	}
+	r.m.RedisRoundTrips.Inc()
+	_, err := pipe.Exec(ctx)
+	if err != nil && !errors.Is(err, redis.Nil) {
+		r.down("get", err)
+		err = fmt.Errorf("cache: redis get: %w", err)
+	} else {
+		err = nil
+	}
+	i := 0
+	for _, q := range batch {
+		if err != nil {
+			q.err = err
+		} else {
+			q.recs = make([]*Record, len(q.accounts))
+			for k := range q.accounts {
+				q.recs[k] = decodeRecord(q.tags, cmds[i+k].Val())
+			}
+		}
+		i += len(q.accounts)
+		close(q.done)
+	}
 }
 
 // Put queues write-backs; Run sends them. When the queue is full or the
@@ -358,6 +492,9 @@ func (r *Redis) Run(ctx context.Context) error {
 	claimsDone := make(chan struct{})
 	go func() { defer close(claimsDone); r.runClaims(ctx) }()
 	defer func() { <-claimsDone }()
+	readersDone := make(chan struct{})
+	go func() { defer close(readersDone); r.runReaders(ctx) }()
+	defer func() { <-readersDone }()
 	probe := time.NewTicker(r.cfg.ProbeEvery)
 	defer probe.Stop()
 	batch := make([]write, 0, 256)

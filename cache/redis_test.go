@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -250,5 +253,108 @@ func TestRedisBytesPerEntry(t *testing.T) {
 	t.Logf("Redis MEMORY USAGE: %.0f bytes per account (4 tags), %.0f bytes per account+tag", float64(total)/n, perEntry)
 	if perEntry > 100 {
 		t.Fatalf("%.0f bytes per entry: the encoding is not compact", perEntry)
+	}
+}
+
+// TestRedisConcurrentReadsShare: Gets that arrive together share pipelines
+// (far fewer round trips than Gets) and each gets exactly its own accounts
+// and tags, on one server and across a cluster's masters.
+func TestRedisConcurrentReadsShare(t *testing.T) {
+	for name, spec := range map[string]func(*testing.T) string{
+		"single":  func(t *testing.T) string { return redistest.Start(t).URL() },
+		"cluster": func(t *testing.T) string { return redistest.StartCluster(t, 3).Addrs() },
+	} {
+		t.Run(name, func(t *testing.T) {
+			tr := startTier(t, spec(t), 1400000000)
+			ctx := context.Background()
+			now := time.Now().Truncate(time.Millisecond)
+			const n = 300
+			accs := make([]string, n)
+			for i := range accs {
+				accs[i] = fmt.Sprint("u", i)
+				tr.r.Put(ctx, accs[i:i+1], []*Record{testRecord(accs[i], now)})
+			}
+			for _, a := range accs {
+				waitWritten(t, tr, a)
+			}
+			for !tr.r.readersOn.Load() {
+				time.Sleep(time.Millisecond)
+			}
+			trips := testutil.ToFloat64(tr.m.RedisRoundTrips)
+			start := make(chan struct{})
+			var wg sync.WaitGroup
+			for i, a := range accs {
+				wg.Go(func() {
+					<-start
+					tags := []string{"Tag_Profile_IM_Nick"}
+					if i%2 == 1 {
+						tags = []string{"Tag_Profile_IM_Level", "Tag_Profile_IM_Nick"}
+					}
+					recs, err := tr.r.Get(ctx, []string{a, "absent-" + a}, tags)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					if len(recs) != 2 || recs[1] != nil {
+						t.Errorf("%s: %d records, the absent one %v", a, len(recs), recs[len(recs)-1])
+						return
+					}
+					got := map[string]string{}
+					for _, tv := range recs[0].Tags {
+						got[tv.Tag] = string(tv.Value)
+					}
+					if got["Tag_Profile_IM_Nick"] != strconv.Quote("nick-"+a) || len(got) != len(tags) {
+						t.Errorf("%s asked %v, read %v", a, tags, got)
+					}
+					if i%2 == 1 && got["Tag_Profile_IM_Level"] != "18446744073709551615" {
+						t.Errorf("%s: level %q", a, got["Tag_Profile_IM_Level"])
+					}
+				})
+			}
+			close(start)
+			wg.Wait()
+			used := testutil.ToFloat64(tr.m.RedisRoundTrips) - trips
+			if used >= n/2 {
+				t.Fatalf("%d concurrent Gets took %v round trips: reads are not shared", n, used)
+			}
+			t.Logf("%d concurrent Gets in %v round trips", n, used)
+		})
+	}
+}
+
+// TestRedisReadsEndWithRun: Gets waiting for a reader while Redis hangs
+// fail when the read times out, or when Run ends, but none hangs; after
+// Run, Gets read on their own.
+func TestRedisReadsEndWithRun(t *testing.T) {
+	srv := redistest.Start(t)
+	tr := startTier(t, srv.URL(), 1)
+	for !tr.r.readersOn.Load() {
+		time.Sleep(time.Millisecond)
+	}
+	srv.Pause()
+	var wg sync.WaitGroup
+	var failed atomic.Int32
+	for i := range 50 {
+		wg.Go(func() {
+			if _, err := tr.r.Get(context.Background(), []string{fmt.Sprint("u", i)}, []string{"Tag_Profile_IM_Nick"}); err != nil {
+				failed.Add(1)
+			}
+		})
+	}
+	time.Sleep(100 * time.Millisecond) // readers stuck on the hung server, the rest queued
+	tr.stop()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Gets still waiting 5s after Run ended")
+	}
+	srv.Resume()
+	if failed.Load() != 50 {
+		t.Fatalf("%d of 50 Gets on a hung Redis failed", failed.Load())
+	}
+	if tr.r.readersOn.Load() {
+		t.Fatal("readers still marked on after Run")
 	}
 }

@@ -420,8 +420,8 @@ func hot(o options, out io.Writer) error {
 		if s == nil {
 			continue
 		}
-		fmt.Fprintf(out, "  open loop %6.0f/s offered: %6.0f/s answered, errors %d, p50 %v  p90 %v  p99 %v  max %v, server CPU %.0f%%\n",
-			s.offered, s.rate(), s.errors+s.shed+s.unsent, pct(s.lat, .5).Round(10*time.Microsecond), pct(s.lat, .9).Round(10*time.Microsecond),
+		fmt.Fprintf(out, "  open loop %6.0f/s offered: %6.0f/s answered, errors %d, not sent %d, p50 %v  p90 %v  p99 %v  max %v, server CPU %.0f%%\n",
+			s.offered, s.rate(), s.errors+s.shed, s.unsent, pct(s.lat, .5).Round(10*time.Microsecond), pct(s.lat, .9).Round(10*time.Microsecond),
 			pct(s.lat, .99).Round(10*time.Microsecond), pct(s.lat, 1).Round(10*time.Microsecond), 100*s.cpu)
 	}
 	fmt.Fprintln(out)

@@ -334,7 +334,7 @@ func (r *report) write(path, plotDir string) error {
 		h := r.hotSteps[1]
 		why := ""
 		if r.bareHalf != nil {
-			why = fmt.Sprintf("the bare handler at the same offered rate: p99 %s — the load generator's %s connections share the two cores", ms(pct(r.bareHalf.lat, .99)), thousands(h.offered))
+			why = fmt.Sprintf("the bare handler at the same offered rate: p99 %s — the load generator, sending %s lookups/s, shares the two cores", ms(pct(r.bareHalf.lat, .99)), thousands(h.offered))
 		}
 		p("| hot: p99 ≤ 5 ms at half the maximum rate | %s at %s/s | %s | %s |\n", ms(pct(h.lat, .99)), thousands(h.offered), yes(pct(h.lat, .99) <= 5*time.Millisecond),
 			ifMissed(pct(h.lat, .99) <= 5*time.Millisecond, why))
