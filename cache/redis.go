@@ -45,8 +45,8 @@ type Redis struct {
 	readersOn   atomic.Bool
 	readersDone chan struct{}
 	app         string
-	skew   int64  // ms
-	feed   string // the change channel
+	skew        int64  // ms
+	feed        string // the change channel
 }
 
 // RedisConfig configures the Redis tier. Client and SDKAppID are required.
