@@ -248,3 +248,31 @@ func TestSharedSpacesGrantsAcrossReplicas(t *testing.T) {
 		t.Fatalf("%d grants took %vms at %d/s: the spacing wastes slots", grants, span, rate)
 	}
 }
+
+// TestSharedSurvivesScriptFlush: a server that lost its script cache (a
+// restart, or a replica promoted in a failover) answers NOSCRIPT; the
+// limiter sends the script again instead of falling back.
+func TestSharedSurvivesScriptFlush(t *testing.T) {
+	srv := redistest.Start(t)
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer client.Close()
+	var fellBack atomic.Bool
+	s := newShared(t, client, 100, func(on bool) { fellBack.Store(fellBack.Load() || on) })
+	for i := range 3 {
+		p, err := s.Acquire(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Done()
+		s.Throttled(time.Millisecond) // the throttle script too
+		if _, err := srv.Do("SCRIPT", "FLUSH"); err != nil {
+			t.Fatal(err)
+		}
+		if n := client.ZCard(context.Background(), s.zkey).Val(); n != int64(i+1) {
+			t.Fatalf("window holds %d calls after %d", n, i+1)
+		}
+	}
+	if fellBack.Load() {
+		t.Fatal("NOSCRIPT made the limiter fall back")
+	}
+}
