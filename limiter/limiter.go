@@ -52,9 +52,10 @@ type Permit struct {
 	scarce bool
 }
 
-// Scarce reports whether the grant had to wait for the quota's window (a
-// slot to free up), not just for the spacer: the quota, not the load, is
-// the limit right now.
+// Scarce reports whether the grant had to wait for the quota (a slot of
+// the window to free up; for Shared also the spacing of all replicas'
+// grants), not just for this process's spacer: the quota, not the load,
+// is the limit right now.
 func (p *Permit) Scarce() bool { return p.scarce }
 
 // NewPermit returns a Permit that runs end(true) on Done and end(false) on
