@@ -319,49 +319,12 @@ func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
 	}
 	defer e.stop()
 	var next atomic.Int64
-	var measuring atomic.Bool
-	var lookups, errs, wrong atomic.Int64
-	var mu sync.Mutex
-	var lat []time.Duration
-	perReplica := make([][]time.Duration, len(e.urls))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second+o.duration)
 	defer cancel()
-	var wg sync.WaitGroup
-	var firstErr atomic.Value
-	for i := range o.callers {
-		wg.Go(func() {
-			c, err := newRawConn(e.urls[i%len(e.urls)])
-			if err != nil {
-				firstErr.CompareAndSwap(nil, err.Error())
-				return
-			}
-			defer c.close()
-			var mine []time.Duration
-			for ctx.Err() == nil {
-				a := imsim.AccountName(int(next.Add(1)))
-				t0 := time.Now()
-				ok, bad, err := lookup(c, a)
-				d := time.Since(t0)
-				if !measuring.Load() || ctx.Err() != nil {
-					continue
-				}
-				switch {
-				case err != nil:
-					errs.Add(1)
-					firstErr.CompareAndSwap(nil, err.Error())
-				case bad:
-					wrong.Add(1)
-				case ok:
-					lookups.Add(1)
-					mine = append(mine, d)
-				}
-			}
-			mu.Lock()
-			lat = append(lat, mine...)
-			perReplica[i%len(e.urls)] = append(perReplica[i%len(e.urls)], mine...)
-			mu.Unlock()
-		})
-	}
+	mine := make([][]time.Duration, o.callers) // answered lookups' latencies, per caller
+	loop := startColdLoop(ctx, e.urls, o.callers, &next, func(caller int, _ time.Time, d time.Duration) {
+		mine[caller] = append(mine[caller], d)
+	})
 	time.Sleep(time.Second)
 	if err := simReset(e.simURL); err != nil {
 		return err
@@ -370,7 +333,7 @@ func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
 	if err != nil {
 		return err
 	}
-	measuring.Store(true)
+	loop.measuring.Store(true)
 	start := time.Now()
 	var cpu0, cpu time.Duration
 	for _, p := range e.ps {
@@ -392,9 +355,15 @@ func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
 	if err != nil {
 		return err
 	}
-	wg.Wait()
+	loop.wg.Wait()
+	var lat []time.Duration
+	perReplica := make([][]time.Duration, len(e.urls))
+	for i, m := range mine {
+		lat = append(lat, m...)
+		perReplica[i%len(e.urls)] = append(perReplica[i%len(e.urls)], m...)
+	}
 	slices.Sort(lat)
-	r := result{lookups: lookups.Load(), errors: errs.Load(), wrong: wrong.Load(), elapsed: elapsed, lat: lat, stats: st}
+	r := result{lookups: int64(len(lat)), errors: loop.errs.Load(), wrong: loop.wrong.Load(), elapsed: elapsed, lat: lat, stats: st}
 	rate := float64(r.lookups) / elapsed.Seconds()
 	rep.replicas = append(rep.replicas, replicaResult{n: n, flags: strings.Join(extra, " "), rate: rate, apc: st.AccountsPerCall(),
 		perAccount: float64(st.Accounts) / float64(max(1, st.DistinctFetched)), maxCalls: st.MaxCallsPerSec, throttled: st.Throttled,
@@ -407,7 +376,7 @@ func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
 	fmt.Fprintf(out, "  max calls in any sliding second %d (accepted %d), throttled %d\n", st.MaxCallsPerSec, st.MaxAcceptPerSec, st.Throttled)
 	fmt.Fprintf(out, "  errors %d, wrong answers %d; upstream fetches per distinct account %.3f\n", r.errors, r.wrong,
 		float64(st.Accounts)/float64(max(1, st.DistinctFetched)))
-	if v := firstErr.Load(); v != nil {
+	if v := loop.firstErr.Load(); v != nil {
 		fmt.Fprintf(out, "  first error: %s\n", v)
 	}
 	fmt.Fprintf(out, "  proxy CPU (all replicas) %.0f%% of one core (%.0fµs per lookup), RSS %d MiB\n",
@@ -426,6 +395,50 @@ func coldReplicas(o options, out io.Writer, n int, extra ...string) error {
 	}
 	fmt.Fprintln(out)
 	return nil
+}
+
+// coldLoop is callers in a closed loop, each lookup a new account.
+type coldLoop struct {
+	measuring   atomic.Bool // outcomes count only while set
+	errs, wrong atomic.Int64
+	firstErr    atomic.Value
+	wg          sync.WaitGroup
+}
+
+// startColdLoop runs callers until ctx ends, caller i on urls[i%len(urls)],
+// each asking account next+1. While measuring, every right answer is
+// handed to ok from its caller's goroutine (so state per caller needs no
+// lock): the caller, when the answer came, and how long it took.
+func startColdLoop(ctx context.Context, urls []string, callers int, next *atomic.Int64, ok func(caller int, end time.Time, d time.Duration)) *coldLoop {
+	l := &coldLoop{}
+	for i := range callers {
+		l.wg.Go(func() {
+			c, err := newRawConn(urls[i%len(urls)])
+			if err != nil {
+				l.firstErr.CompareAndSwap(nil, err.Error())
+				return
+			}
+			defer c.close()
+			for ctx.Err() == nil {
+				t0 := time.Now()
+				good, bad, err := lookup(c, imsim.AccountName(int(next.Add(1))))
+				end := time.Now()
+				if !l.measuring.Load() || ctx.Err() != nil {
+					continue
+				}
+				switch {
+				case err != nil:
+					l.errs.Add(1)
+					l.firstErr.CompareAndSwap(nil, err.Error())
+				case bad:
+					l.wrong.Add(1)
+				case good:
+					ok(i, end, end.Sub(t0))
+				}
+			}
+		})
+	}
+	return l
 }
 
 // lowLoad: one caller at a time, through the proxy and straight to the

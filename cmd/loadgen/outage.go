@@ -6,11 +6,8 @@ import (
 	"io"
 	"net"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/portrait-proxy/portrait-proxy/imsim"
 )
 
 // outageResult is the Redis-outage scenario: three replicas under cold
@@ -37,53 +34,22 @@ func outage(o options, out io.Writer) error {
 	defer e.stop()
 	_, portStr, _ := net.SplitHostPort(e.redisAddr)
 	port, _ := strconv.Atoi(portStr)
-	var next atomic.Int64
-	next.Store(0) // every account is new: each scenario has its own emulator and Redis
-	var measuring atomic.Bool
-	var errs, wrong atomic.Int64
-	var firstErr atomic.Value
+	var next atomic.Int64 // every account is new: each scenario has its own emulator and Redis
 	perSecond := make([]atomic.Int64, total)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second+total*time.Second)
 	defer cancel()
-	var start time.Time
-	var startMu sync.RWMutex
-	startMu.Lock()
-	var wg sync.WaitGroup
-	for i := range o.callers {
-		wg.Go(func() {
-			c, err := newRawConn(e.urls[i%len(e.urls)])
-			if err != nil {
-				firstErr.CompareAndSwap(nil, err.Error())
-				return
-			}
-			defer c.close()
-			for ctx.Err() == nil {
-				ok, bad, err := lookup(c, imsim.AccountName(int(next.Add(1))))
-				if !measuring.Load() || ctx.Err() != nil {
-					continue
-				}
-				startMu.RLock()
-				sec := int(time.Since(start) / time.Second)
-				startMu.RUnlock()
-				switch {
-				case err != nil:
-					errs.Add(1)
-					firstErr.CompareAndSwap(nil, err.Error())
-				case bad:
-					wrong.Add(1)
-				case ok && sec < total:
-					perSecond[sec].Add(1)
-				}
-			}
-		})
-	}
+	var start time.Time // set before measuring starts
+	loop := startColdLoop(ctx, e.urls, o.callers, &next, func(_ int, end time.Time, _ time.Duration) {
+		if sec := int(end.Sub(start) / time.Second); sec < total {
+			perSecond[sec].Add(1)
+		}
+	})
 	time.Sleep(time.Second)
 	if err := simReset(e.simURL); err != nil {
 		return err
 	}
 	start = time.Now()
-	startMu.Unlock()
-	measuring.Store(true)
+	loop.measuring.Store(true)
 	time.Sleep(killAt * time.Second)
 	e.redis.Process.Kill()
 	e.redis.Wait()
@@ -98,8 +64,8 @@ func outage(o options, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	wg.Wait()
-	r := outageResult{maxCalls: st.MaxCallsPerSec, throttled: st.Throttled, errors: errs.Load(), wrong: wrong.Load(),
+	loop.wg.Wait()
+	r := outageResult{maxCalls: st.MaxCallsPerSec, throttled: st.Throttled, errors: loop.errs.Load(), wrong: loop.wrong.Load(),
 		killAt: killAt, reviveAt: reviveAt}
 	for i := range perSecond {
 		r.perSecond = append(r.perSecond, perSecond[i].Load())
@@ -118,7 +84,7 @@ func outage(o options, out io.Writer) error {
 	fmt.Fprintf(out, "  lookups/s before %.0f, during %.0f, after %.0f\n", r.before, r.during, r.after)
 	fmt.Fprintf(out, "  per second: %v\n", r.perSecond)
 	fmt.Fprintf(out, "  max calls in any sliding second %d, throttled %d, errors %d, wrong %d\n", r.maxCalls, r.throttled, r.errors, r.wrong)
-	if v := firstErr.Load(); v != nil {
+	if v := loop.firstErr.Load(); v != nil {
 		fmt.Fprintf(out, "  first error: %s\n", v)
 	}
 	fmt.Fprintln(out)
