@@ -40,11 +40,14 @@ type Shared struct {
 	fallback *Local
 	zkey     string
 	pkey     string
-	nkey     string       // next grant time: the shared spacing
-	ckey     string       // the last throttling cut of the rate
-	factor   atomic.Int64 // ‰ of the rate in force, as Redis last said
-	seq      atomic.Uint64
-	prefix   string
+	nkey     string // next grant time: the shared spacing
+	ckey     string // the last throttling cut of the rate
+	// the queue of acquirers waiting for a slot: since when, last seen,
+	// and slots reserved for them
+	wkey, skey, rkey string
+	factor           atomic.Int64 // ‰ of the rate in force, as Redis last said
+	seq              atomic.Uint64
+	prefix           string
 
 	mu        sync.Mutex
 	downUntil time.Time
@@ -99,38 +102,87 @@ end
 // does not lose the slot). Without the shared spacing each replica's own
 // spacer would let N replicas fill the window in 1/N of a second and then
 // stall the rest of it, which shows as a latency tail of most of a second.
-// Window and spacing both shrink by the factor a throttling cut left. It
-// returns {1, 0, f·1000} for a grant, else {0, µs to wait, f·1000} (wait
-// -1: every slot is in flight, poll).
+// Window and spacing both shrink by the factor a throttling cut left.
+//
+// Slots go first come, first served across replicas: an acquirer that is
+// refused registers in KEYS[5] (member → when it first asked, µs) and
+// KEYS[6] (member → when it last asked, ms). When a slot is free and the
+// caller is not the longest waiter, the slot is reserved for that waiter
+// (KEYS[7]; its window entry is made at once) and the caller waits for the
+// next one: the waiter finds the reservation when it wakes, which is about
+// then, as every waiter is told the same time. Without this the replicas
+// race for each slot, and one can lose many in a row. A waiter that stops
+// asking for ARGV[7] ms is forgotten, and a reservation it never took
+// frees its slot.
+//
+// It returns {1, 0, f·1000} for a grant, else {0, µs to wait, f·1000}
+// (wait -1: every slot is in flight, poll).
 var acquireScript = redis.NewScript(`
 local t = redis.call('TIME')
 local nowus = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(nowus / 1000)
 local quota, span, hold = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local me, staleMs = ARGV[4], tonumber(ARGV[7])
 local recover = tonumber(ARGV[6])
 ` + factorLua + `
 local fk = math.floor(f * 1000)
+if redis.call('HDEL', KEYS[7], me) == 1 then
+  redis.call('ZREM', KEYS[5], me)
+  redis.call('ZREM', KEYS[6], me)
+  return {1, 0, fk}
+end
+local gone = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now - staleMs)
+for _, m in ipairs(gone) do
+  redis.call('ZREM', KEYS[5], m)
+  redis.call('ZREM', KEYS[6], m)
+  if redis.call('HDEL', KEYS[7], m) == 1 then redis.call('ZREM', KEYS[1], m) end
+end
+local function wait(us)
+  redis.call('ZADD', KEYS[5], 'NX', nowus, me)
+  redis.call('ZADD', KEYS[6], now, me)
+  redis.call('PEXPIRE', KEYS[5], staleMs + 1000)
+  redis.call('PEXPIRE', KEYS[6], staleMs + 1000)
+  return {0, us, fk}
+end
 local interval = tonumber(ARGV[5]) / f
 quota = math.max(1, math.floor(quota * f))
 local pause = redis.call('PTTL', KEYS[2])
-if pause > 0 then return {0, pause * 1000, fk} end
+if pause > 0 then return wait(pause * 1000) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - span)
 local n = redis.call('ZCARD', KEYS[1])
 if n < quota then
   local tat = tonumber(redis.call('GET', KEYS[3]) or '0')
-  if tat - interval > nowus then return {0, tat - interval - nowus, fk} end
-  redis.call('ZADD', KEYS[1], now + hold, ARGV[4])
+  if tat - interval > nowus then return wait(tat - interval - nowus) end
+  local taker = me
+  local head = redis.call('ZRANGE', KEYS[5], 0, 0)[1]
+  if head and head ~= me then taker = head end
+  redis.call('ZADD', KEYS[1], now + hold, taker)
   redis.call('PEXPIRE', KEYS[1], span + hold + 1000)
   redis.call('SET', KEYS[3], string.format('%.0f', math.max(tat, nowus) + interval), 'PX', 1000 + math.ceil(2 * interval / 1000))
-  return {1, 0, fk}
+  redis.call('ZREM', KEYS[5], taker)
+  if taker == me then
+    redis.call('ZREM', KEYS[6], me)
+    return {1, 0, fk}
+  end
+  redis.call('HSET', KEYS[7], taker, '1')
+  redis.call('PEXPIRE', KEYS[7], staleMs + 1000)
+  return wait(interval)
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local s = tonumber(first[2])
-if s <= now and f >= 1 then return {0, (s + span - now) * 1000, fk} end
-if s <= now then return {0, math.min(s + span - now, 100) * 1000, fk} end
-return {0, -1, fk}
+if s <= now and f >= 1 then return wait((s + span - now) * 1000) end
+if s <= now then return wait(math.min(s + span - now, 100) * 1000) end
+return wait(-1)
 `)
 
+// waiterStale is how long an acquirer may go without asking before the
+// shared queue forgets it; Acquire asks at least every waiterStale/2.
+const waiterStale = time.Second
+
+// releaseScript ends a permit (ARGV[2] = 1: the call was made, its slot
+// counts until a window after now) or gives it up (0: the slot is free
+// again), and takes the member out of the waiting queue (KEYS[2..4]) and
+// any reservation.
 var releaseScript = redis.NewScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -138,6 +190,9 @@ if ARGV[2] == '1' then
   redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
 else
   redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[4], ARGV[1])
 end
 return 1
 `)
@@ -208,7 +263,8 @@ func NewShared(cfg SharedConfig) (*Shared, error) {
 	tag := "{pp:v1:" + cfg.App + "}"
 	s := &Shared{cfg: cfg, fallback: fb, offlineCalls: map[string]time.Time{},
 		spacer: rate.NewLimiter(rate.Limit(cfg.Rate*spacerHeadroom), 1),
-		zkey:   tag + ":quota", pkey: tag + ":pause", nkey: tag + ":next", ckey: tag + ":cut", prefix: cfg.Replica + ":"}
+		zkey:   tag + ":quota", pkey: tag + ":pause", nkey: tag + ":next", ckey: tag + ":cut",
+		wkey: tag + ":wait", skey: tag + ":seen", rkey: tag + ":held", prefix: cfg.Replica + ":"}
 	s.factor.Store(1000)
 	return s, nil
 }
@@ -254,6 +310,9 @@ func isTimeout(err error) bool {
 
 // Acquire blocks until a call may start, as Limiter says.
 func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
+	// One member for the whole wait: it is this acquirer's place in the
+	// shared queue, and its permit once granted.
+	member := s.prefix + strconv.FormatUint(s.seq.Add(1), 36)
 	for waited := false; ; waited = true {
 		if s.offline() {
 			return s.acquireOffline(ctx)
@@ -261,14 +320,13 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 		if !s.recover(ctx) {
 			continue
 		}
-		member := s.prefix + strconv.FormatUint(s.seq.Add(1), 36)
 		var res []int64
 		var err error
 		for attempt, timeout := range []time.Duration{redisTimeout, 2 * redisTimeout} {
 			rctx, cancel := context.WithTimeout(ctx, timeout)
 			res, err = acquireScript.Run(rctx, s.cfg.Client, s.keys(),
 				int(s.cfg.Rate), (time.Second + s.cfg.Guard).Milliseconds(), s.cfg.MaxHold.Milliseconds(), member,
-				1e6/s.cfg.Rate, RecoverPerSecond).Int64Slice()
+				1e6/s.cfg.Rate, RecoverPerSecond, waiterStale.Milliseconds()).Int64Slice()
 			cancel()
 			if err == nil || !isTimeout(err) || ctx.Err() != nil || attempt == 1 {
 				break
@@ -280,6 +338,7 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 		}
 		if err != nil {
 			if ctx.Err() != nil {
+				s.release(member, false) // leave the queue (and any slot held for us)
 				return nil, ctx.Err()
 			}
 			s.goDown()
@@ -313,10 +372,12 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 		if res[1] >= 0 {
 			wait = time.Duration(res[1]) * time.Microsecond
 		}
-		t := time.NewTimer(max(wait, 100*time.Microsecond))
+		// Ask again at least every waiterStale/2, or the queue forgets us.
+		t := time.NewTimer(min(max(wait, 100*time.Microsecond), waiterStale/2))
 		select {
 		case <-ctx.Done():
 			t.Stop()
+			s.release(member, false) // leave the queue (and any slot held for us)
 			return nil, ctx.Err()
 		case <-t.C:
 		}
@@ -330,7 +391,7 @@ func (s *Shared) release(member string, called bool) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
-	if err := releaseScript.Run(ctx, s.cfg.Client, []string{s.zkey}, member, flag).Err(); err != nil {
+	if err := releaseScript.Run(ctx, s.cfg.Client, []string{s.zkey, s.wkey, s.skey, s.rkey}, member, flag).Err(); err != nil {
 		// The entry stays in flight until MaxHold: conservative, never over.
 		s.goDown()
 	}
@@ -447,4 +508,6 @@ func (s *Shared) Factor() float64 {
 	return float64(s.factor.Load()) / 1000
 }
 
-func (s *Shared) keys() []string { return []string{s.zkey, s.pkey, s.nkey, s.ckey} }
+func (s *Shared) keys() []string {
+	return []string{s.zkey, s.pkey, s.nkey, s.ckey, s.wkey, s.skey, s.rkey}
+}

@@ -276,3 +276,91 @@ func TestSharedSurvivesScriptFlush(t *testing.T) {
 		t.Fatal("NOSCRIPT made the limiter fall back")
 	}
 }
+
+// TestSharedFirstComeFirstServed: three replicas always waiting take the
+// slots in turn. Without the shared queue each slot goes to whichever
+// replica's script runs first, and one can lose many in a row.
+func TestSharedFirstComeFirstServed(t *testing.T) {
+	srv := redistest.Start(t)
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer client.Close()
+	const rate = 50 // a slot every 20ms
+	var lims []*Shared
+	for range 3 {
+		lims = append(lims, newShared(t, client, rate, nil))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	var mu sync.Mutex
+	var order []int
+	var wg sync.WaitGroup
+	for i, l := range lims {
+		wg.Go(func() {
+			for {
+				p, err := l.Acquire(ctx)
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				order = append(order, i)
+				mu.Unlock()
+				p.Done()
+			}
+		})
+	}
+	wg.Wait()
+	if len(order) < 40 {
+		t.Fatalf("only %d grants in 1.5s at %d/s", len(order), rate)
+	}
+	// Between two grants of one replica the other two take at most a slot
+	// each (one more for a wake-up that came late).
+	last := map[int]int{}
+	for k, i := range order {
+		if j, ok := last[i]; ok && k-j > 4 {
+			t.Fatalf("replica %d waited %d grants for its turn: %v", i, k-j, order)
+		}
+		last[i] = k
+	}
+	t.Logf("%d grants: %v", len(order), order)
+}
+
+// TestSharedQueueForgetsLeavers: an acquirer whose context ends leaves the
+// queue at once, and one that vanished (a replica that died) is forgotten
+// after waiterStale, with the slot held for it freed; neither blocks the
+// others for longer than that.
+func TestSharedQueueForgetsLeavers(t *testing.T) {
+	srv := redistest.Start(t)
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer client.Close()
+	ctx := context.Background()
+	a, b := newShared(t, client, 2, nil), newShared(t, client, 2, nil) // a slot every 500ms
+	p, err := a.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Done()
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if _, err := a.Acquire(short); err == nil {
+		t.Fatal("a second grant within the spacing")
+	}
+	if n := client.ZCard(ctx, a.wkey).Val(); n != 0 {
+		t.Fatalf("%d waiters left in the queue after the only one gave up", n)
+	}
+	// A waiter that died first in the queue, without leaving.
+	now := time.Now()
+	client.ZAdd(ctx, a.wkey, redis.Z{Score: 0, Member: "dead"})
+	client.ZAdd(ctx, a.skey, redis.Z{Score: float64(now.UnixMilli()), Member: "dead"})
+	start := time.Now()
+	p, err = b.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Done()
+	if d := time.Since(start); d > waiterStale+time.Second {
+		t.Fatalf("a dead waiter held b back %v", d)
+	}
+	if client.ZScore(ctx, a.zkey, "dead").Err() != redis.Nil || client.HExists(ctx, a.rkey, "dead").Val() {
+		t.Fatal("the slot held for the dead waiter was not freed")
+	}
+}
