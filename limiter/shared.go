@@ -19,13 +19,15 @@ import (
 // than Quota calls are in flight or were answered within the last second,
 // counted across all replicas.
 //
-// Grants of all replicas together are also spaced 1/Rate apart, in the
-// same script (see acquireScript).
+// Grants of all replicas together are also spaced 1/Rate apart and handed
+// out first come, first served across replicas, in the same script (see
+// acquireScript).
 //
 // State is one sorted set per app (members are permits; the score of a
 // permit in flight is its grant time plus MaxHold, of an ended one its
-// answer time), the next grant's time, and a pause key for throttling
-// backoff, all under one hash tag so the Lua scripts work on Redis Cluster. Time is Redis's own (TIME),
+// answer time), the next grant's time, the pause and the rate cut after
+// throttling, and the queue of waiting acquirers, all under one hash tag
+// so the Lua scripts work on Redis Cluster. Time is Redis's own (TIME),
 // so replicas' clocks do not matter. A replica that dies with permits in
 // flight holds their slots at most MaxHold plus a second.
 //
