@@ -25,7 +25,8 @@ import (
 // tags is one pipeline of HMGETs (one round trip; on Redis Cluster, one per
 // node, in parallel); while Run runs, lookups that arrive while earlier
 // ones are on the wire share the next pipeline (see readers). Write-backs
-// are queued and sent in pipelines by Run, off the callers' path. No command touches two keys, so it works on Redis
+// are queued and sent in pipelines by Run, off the callers' path. No
+// command touches two keys, so it works on Redis
 // Cluster unchanged.
 //
 // Redis is a tier, not a single point of failure: commands carry short
@@ -205,16 +206,7 @@ func (r *Redis) runClaims(ctx context.Context) {
 				}
 			}
 		case c := <-r.claims:
-			batch = append(batch[:0], c)
-		fill:
-			for len(batch) < cap(batch) {
-				select {
-				case c := <-r.claims:
-					batch = append(batch, c)
-				default:
-					break fill
-				}
-			}
+			batch = gather(append(batch[:0], c), r.claims, func(b []*claim) bool { return len(b) == cap(b) })
 			r.sendClaims(batch)
 		}
 	}
@@ -341,28 +333,27 @@ func (r *Redis) Get(ctx context.Context, accounts, tags []string) ([]*Record, er
 	}
 }
 
+// gather appends to batch (which holds a first item) what else waits on
+// ch, without waiting, until full says the batch is big enough.
+func gather[T any](batch []T, ch <-chan T, full func([]T) bool) []T {
+	for !full(batch) {
+		select {
+		case x := <-ch:
+			batch = append(batch, x)
+		default:
+			return batch
+		}
+	}
+	return batch
+}
+
 // readNow is Get without the readers: its own pipeline, now.
 func (r *Redis) readNow(ctx context.Context, accounts, tags []string) ([]*Record, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
 	defer cancel()
-	fields := fieldsOf(tags)
-	pipe := r.cfg.Client.Pipeline()
-	cmds := make([]*redis.SliceCmd, len(accounts))
-	for i, a := range accounts {
-		cmds[i] = pipe.HMGet(ctx, r.Key(a), fields...)
-	}
-	r.m.RedisRoundTrips.Inc()
-	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
-		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			r.down("get", err) // not the caller leaving: Redis failed or was too slow
-		}
-		return nil, fmt.Errorf("cache: redis get: %w", err)
-	}
-	out := make([]*Record, len(accounts))
-	for i, c := range cmds {
-		out[i] = decodeRecord(tags, c.Val())
-	}
-	return out, nil
+	q := &read{accounts: accounts, tags: tags}
+	r.readBatch(ctx, []*read{q})
+	return q.recs, q.err
 }
 
 // read is one Get waiting for a reader.
@@ -395,18 +386,11 @@ func (r *Redis) runReaders(ctx context.Context) {
 				case <-ctx.Done():
 					return
 				case q := <-r.reads:
-					batch = append(batch[:0], q)
-					n := len(q.accounts)
-				fill:
-					for n < maxReadBatch {
-						select {
-						case q := <-r.reads:
-							batch = append(batch, q)
-							n += len(q.accounts)
-						default:
-							break fill
-						}
-					}
+					n := 0 // accounts gathered
+					batch = gather(append(batch[:0], q), r.reads, func(b []*read) bool {
+						n += len(b[len(b)-1].accounts)
+						return n >= maxReadBatch
+					})
 					r.sendReads(batch)
 				}
 			}
@@ -428,15 +412,23 @@ func (r *Redis) runReaders(ctx context.Context) {
 }
 
 func (r *Redis) sendReads(batch []*read) {
-	if !r.up.Load() { // went down while these waited: skip it, as Get would
+	if r.up.Load() {
+		ctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
+		defer cancel()
+		r.readBatch(ctx, batch)
+	} else { // went down while these waited: skip it, as Get would
 		for _, q := range batch {
 			q.err = ErrRedisDown
-			close(q.done)
 		}
-		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
-	defer cancel()
+	for _, q := range batch {
+		close(q.done)
+	}
+}
+
+// readBatch reads every read of batch in one pipeline and sets its records
+// or its error.
+func (r *Redis) readBatch(ctx context.Context, batch []*read) {
 	pipe := r.cfg.Client.Pipeline()
 	var cmds []*redis.SliceCmd
 	for _, q := range batch {
@@ -446,25 +438,21 @@ func (r *Redis) sendReads(batch []*read) {
 		}
 	}
 	r.m.RedisRoundTrips.Inc()
-	_, err := pipe.Exec(ctx)
-	if err != nil && !errors.Is(err, redis.Nil) {
-		r.down("get", err)
-		err = fmt.Errorf("cache: redis get: %w", err)
-	} else {
-		err = nil
-	}
-	i := 0
-	for _, q := range batch {
-		if err != nil {
-			q.err = err
-		} else {
-			q.recs = make([]*Record, len(q.accounts))
-			for k := range q.accounts {
-				q.recs[k] = decodeRecord(q.tags, cmds[i+k].Val())
-			}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			r.down("get", err) // not the caller leaving: Redis failed or was too slow
 		}
-		i += len(q.accounts)
-		close(q.done)
+		for _, q := range batch {
+			q.err = fmt.Errorf("cache: redis get: %w", err)
+		}
+		return
+	}
+	for _, q := range batch {
+		q.recs = make([]*Record, len(q.accounts))
+		for k := range q.recs {
+			q.recs[k] = decodeRecord(q.tags, cmds[k].Val())
+		}
+		cmds = cmds[len(q.accounts):]
 	}
 }
 
@@ -515,16 +503,7 @@ func (r *Redis) Run(ctx context.Context) error {
 				}
 			}
 		case w := <-r.queue:
-			batch = append(batch[:0], w)
-		fill:
-			for len(batch) < cap(batch) {
-				select {
-				case w := <-r.queue:
-					batch = append(batch, w)
-				default:
-					break fill
-				}
-			}
+			batch = gather(append(batch[:0], w), r.queue, func(b []write) bool { return len(b) == cap(b) })
 			r.flush(batch)
 		case <-probe.C:
 			if !r.up.Load() {
