@@ -49,8 +49,20 @@ type Upstream interface {
 type throttler interface{ Throttled(pause time.Duration) }
 
 // factorer is the optional part of a limiter that says what part of its
-// rate is in force (for the limiter_rate_factor gauge).
+// rate is in force (for Admit and the limiter_rate_factor gauge).
 type factorer interface{ Factor() float64 }
+
+// pauser is the optional part of a limiter that says how much is left of
+// the pause a throttling answer made it take (for Admit).
+type pauser interface{ Paused() time.Duration }
+
+// factor is the part of the limiter's rate in force (1 if it cannot say).
+func (b *Batcher) factor() float64 {
+	if f, ok := b.cfg.Limiter.(factorer); ok {
+		return f.Factor()
+	}
+	return 1
+}
 
 // Errors returned by Load.
 var (
@@ -211,9 +223,6 @@ type Batcher struct {
 	inflight  sync.WaitGroup
 	latency   atomic.Int64 // moving average of call duration, ns
 	contended atomic.Bool  // the last grant had to wait for the quota's window
-	// pausedUntil (unix ns): the pause this batcher asked of the limiter
-	// after a throttling answer, for Admit's estimate.
-	pausedUntil atomic.Int64
 }
 
 // New validates cfg and returns a Batcher. Nothing runs until Run.
@@ -328,16 +337,11 @@ func (b *Batcher) Admit(deadline time.Time, ok bool) error {
 	// cut after throttling, behind a pause in force.
 	lat := time.Duration(b.latency.Load())
 	calls := float64(queued/b.cfg.MaxAccounts + 1)
-	rate := b.cfg.Rate
-	if f, ok := b.cfg.Limiter.(factorer); ok {
-		rate *= f.Factor()
+	eta := time.Duration(calls/(b.cfg.Rate*b.factor())*float64(time.Second+lat)) + lat
+	if p, ok := b.cfg.Limiter.(pauser); ok {
+		eta += p.Paused()
 	}
-	now := b.now()
-	eta := time.Duration(calls/rate*float64(time.Second+lat)) + lat
-	if p := time.Unix(0, b.pausedUntil.Load()); p.After(now) {
-		eta += p.Sub(now)
-	}
-	if now.Add(eta).After(deadline) {
+	if b.now().Add(eta).After(deadline) {
 		return ErrWouldMiss
 	}
 	return nil
@@ -455,9 +459,7 @@ func (b *Batcher) dispatch(ctx context.Context) bool {
 	now := b.now()
 	b.m.LimiterWait.Observe(now.Sub(start).Seconds())
 	b.contended.Store(permit.Scarce() || now.Sub(start) > time.Millisecond)
-	if f, ok := b.cfg.Limiter.(factorer); ok {
-		b.m.RateFactor.Set(f.Factor())
-	}
+	b.m.RateFactor.Set(b.factor())
 	batch := b.take()
 	if len(batch) == 0 {
 		permit.Cancel() // everyone left while we waited: the token goes back
@@ -548,12 +550,8 @@ func (b *Batcher) send(batch []*entry, permit *limiter.Permit) {
 	switch kind := upstream.KindOf(err); {
 	case kind == upstream.KindThrottled:
 		if th, ok := b.cfg.Limiter.(throttler); ok {
-			pause := upstream.ThrottlePause(err, b.cfg.ThrottleBackoff)
-			th.Throttled(pause)
-			b.pausedUntil.Store(b.now().Add(pause).UnixNano())
-			if f, ok := b.cfg.Limiter.(factorer); ok {
-				b.m.RateFactor.Set(f.Factor())
-			}
+			th.Throttled(upstream.ThrottlePause(err, b.cfg.ThrottleBackoff))
+			b.m.RateFactor.Set(b.factor())
 		}
 		b.retry(batch, err, "throttled")
 	case kind == upstream.KindNotFound && len(batch) > 1:

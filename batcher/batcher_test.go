@@ -59,10 +59,11 @@ func found(req upstream.GetRequest) *upstream.GetResponse {
 
 // gate is a limiter that grants one call per token sent on ch.
 type gate struct {
-	ch       chan struct{}
-	backoffs atomic.Int32
-	mu       sync.Mutex
-	pauses   []time.Duration
+	ch          chan struct{}
+	backoffs    atomic.Int32
+	mu          sync.Mutex
+	pauses      []time.Duration
+	pausedUntil time.Time
 }
 
 func newGate() *gate { return &gate{ch: make(chan struct{})} }
@@ -80,7 +81,16 @@ func (g *gate) Throttled(d time.Duration) {
 	g.backoffs.Add(1)
 	g.mu.Lock()
 	g.pauses = append(g.pauses, d)
+	g.pausedUntil = time.Now().Add(d)
 	g.mu.Unlock()
+}
+
+// Paused is what is left of the last pause (the gate grants on its channel
+// regardless).
+func (g *gate) Paused() time.Duration {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return max(0, time.Until(g.pausedUntil))
 }
 
 // open is a limiter that always grants.

@@ -200,7 +200,8 @@ func (l *Local) waitSlot(ctx context.Context) (waited bool, err error) {
 		l.mu.Lock()
 		now := time.Now()
 		l.prune(now)
-		if l.inflight+len(l.released) < max(1, int(float64(l.quota)*l.cut.factorAt(now))) {
+		f := l.cut.factorAt(now)
+		if l.inflight+len(l.released) < max(1, int(float64(l.quota)*f)) {
 			l.inflight++
 			l.mu.Unlock()
 			return waited, nil
@@ -210,7 +211,7 @@ func (l *Local) waitSlot(ctx context.Context) (waited bool, err error) {
 		if len(l.released) > 0 {
 			wait = l.released[0].Add(l.span).Sub(now)
 		}
-		if l.cut.factorAt(now) < 1 {
+		if f < 1 {
 			wait = min(wait, 100*time.Millisecond) // the rate climbs back: look again
 		}
 		l.mu.Unlock()
@@ -249,9 +250,7 @@ func (l *Local) release(called bool) {
 
 func (l *Local) waitPause(ctx context.Context) error {
 	for {
-		l.mu.Lock()
-		pause := time.Until(l.pausedUntil)
-		l.mu.Unlock()
+		pause := l.Paused()
 		if pause <= 0 {
 			return nil
 		}
@@ -272,6 +271,13 @@ func (l *Local) Throttled(pause time.Duration) {
 	l.mu.Lock()
 	l.cut.cutAt(time.Now())
 	l.mu.Unlock()
+}
+
+// Paused is how much is left of a pause asked by Throttled or Backoff.
+func (l *Local) Paused() time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return max(0, time.Until(l.pausedUntil))
 }
 
 // Factor is the part of the rate in force now (1 unless throttling cut it).

@@ -47,9 +47,11 @@ type Shared struct {
 	// the queue of acquirers waiting for a slot: since when, last seen,
 	// and slots reserved for them
 	wkey, skey, rkey string
-	factor           atomic.Int64 // ‰ of the rate in force, as Redis last said
-	seq              atomic.Uint64
-	prefix           string
+	// keys of the acquire and throttle scripts, and of the release script
+	keys, releaseKeys []string
+	factor            atomic.Int64 // ‰ of the rate in force, as Redis last said
+	seq               atomic.Uint64
+	prefix            string
 
 	mu        sync.Mutex
 	downUntil time.Time
@@ -172,9 +174,10 @@ if n < quota then
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local s = tonumber(first[2])
-if s <= now and f >= 1 then return wait((s + span - now) * 1000) end
-if s <= now then return wait(math.min(s + span - now, 100) * 1000) end
-return wait(-1)
+if s > now then return wait(-1) end
+local w = s + span - now
+if f < 1 then w = math.min(w, 100) end -- the rate climbs back: look again
+return wait(w * 1000)
 `)
 
 // waiterStale is how long an acquirer may go without asking before the
@@ -267,6 +270,8 @@ func NewShared(cfg SharedConfig) (*Shared, error) {
 		spacer: rate.NewLimiter(rate.Limit(cfg.Rate*spacerHeadroom), 1),
 		zkey:   tag + ":quota", pkey: tag + ":pause", nkey: tag + ":next", ckey: tag + ":cut",
 		wkey: tag + ":wait", skey: tag + ":seen", rkey: tag + ":held", prefix: cfg.Replica + ":"}
+	s.keys = []string{s.zkey, s.pkey, s.nkey, s.ckey, s.wkey, s.skey, s.rkey}
+	s.releaseKeys = []string{s.zkey, s.wkey, s.skey, s.rkey}
 	s.factor.Store(1000)
 	return s, nil
 }
@@ -326,7 +331,7 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 		var err error
 		for attempt, timeout := range []time.Duration{redisTimeout, 2 * redisTimeout} {
 			rctx, cancel := context.WithTimeout(ctx, timeout)
-			res, err = acquireScript.Run(rctx, s.cfg.Client, s.keys(),
+			res, err = acquireScript.Run(rctx, s.cfg.Client, s.keys,
 				int(s.cfg.Rate), (time.Second + s.cfg.Guard).Milliseconds(), s.cfg.MaxHold.Milliseconds(), member,
 				1e6/s.cfg.Rate, RecoverPerSecond, waiterStale.Milliseconds()).Int64Slice()
 			cancel()
@@ -346,9 +351,7 @@ func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
 			s.goDown()
 			continue
 		}
-		if len(res) == 3 {
-			s.factor.Store(res[2])
-		}
+		s.factor.Store(res[2])
 		if res[0] == 1 {
 			if err := s.spacer.Wait(ctx); err != nil {
 				s.release(member, false)
@@ -393,7 +396,7 @@ func (s *Shared) release(member string, called bool) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
-	if err := releaseScript.Run(ctx, s.cfg.Client, []string{s.zkey, s.wkey, s.skey, s.rkey}, member, flag).Err(); err != nil {
+	if err := releaseScript.Run(ctx, s.cfg.Client, s.releaseKeys, member, flag).Err(); err != nil {
 		// The entry stays in flight until MaxHold: conservative, never over.
 		s.goDown()
 	}
@@ -492,7 +495,7 @@ func (s *Shared) Throttled(pause time.Duration) {
 	s.fallback.Throttled(pause)
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
-	f, err := throttleScript.Run(ctx, s.cfg.Client, s.keys(), pause.Milliseconds(),
+	f, err := throttleScript.Run(ctx, s.cfg.Client, s.keys, pause.Milliseconds(),
 		CutEvery.Milliseconds(), CutFactor, MinFactor, RecoverPerSecond).Int64()
 	if err != nil {
 		s.goDown()
@@ -501,6 +504,10 @@ func (s *Shared) Throttled(pause time.Duration) {
 	s.factor.Store(f)
 }
 
+// Paused is how much is left of the pause this replica asked for after a
+// throttling answer (the shared pause may be longer: another replica's).
+func (s *Shared) Paused() time.Duration { return s.fallback.Paused() }
+
 // Factor is the part of the rate in force (1 unless throttling cut it), as
 // Redis said at the last grant; the fallback's while Redis is unreachable.
 func (s *Shared) Factor() float64 {
@@ -508,8 +515,4 @@ func (s *Shared) Factor() float64 {
 		return s.fallback.Factor()
 	}
 	return float64(s.factor.Load()) / 1000
-}
-
-func (s *Shared) keys() []string {
-	return []string{s.zkey, s.pkey, s.nkey, s.ckey, s.wkey, s.skey, s.rkey}
 }
