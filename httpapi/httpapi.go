@@ -200,12 +200,17 @@ func decode(raw []byte, maxAccounts int) (accounts, tags []string, e *upstream.G
 	if len(req.TagList) == 0 {
 		return nil, nil, fail(upstream.CodeBadRequest, "TagList is missing or empty")
 	}
+	if len(req.TagList) > upstream.MaxTagsPerCall {
+		return nil, nil, fail(upstream.CodeBadRequest, fmt.Sprintf("TagList has %d entries; at most %d are accepted", len(req.TagList), upstream.MaxTagsPerCall))
+	}
 	for _, t := range req.TagList {
 		if !upstream.ValidTag(t) {
 			return nil, nil, fail(upstream.CodeInvalidTag, "invalid tag name: "+strconv.Quote(t))
 		}
 	}
-	return req.ToAccount, req.TagList, nil
+	// Each tag is answered once, as the upstream does, however often it is
+	// named. Repeated accounts are answered once per mention, in order.
+	return req.ToAccount, upstream.DedupTags(req.TagList), nil
 }
 
 func (h *Handler) portraitGet(w http.ResponseWriter, r *http.Request) {

@@ -447,6 +447,11 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetRespon
 		s.count(func(st *Stats) { st.Rejected++ })
 		return fail(upstream.CodeBadRequest, "TagList is missing or holds a value that is not a string")
 	}
+	if len(tags) > upstream.MaxTagsPerCall {
+		s.count(func(st *Stats) { st.Rejected++ })
+		return fail(upstream.CodeBadRequest, fmt.Sprintf("TagList has %d entries, more than %d", len(tags), upstream.MaxTagsPerCall))
+	}
+	tags = upstream.DedupTags(tags) // each tag answered once
 	for _, t := range tags {
 		if !upstream.ValidTag(t) {
 			s.count(func(st *Stats) { st.Rejected++ })

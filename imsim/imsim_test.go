@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -249,5 +250,28 @@ func TestAdminEndpoints(t *testing.T) {
 	resp.Body.Close()
 	if st := sim.Stats(); st.Calls != 0 || len(sim.Log()) != 0 {
 		t.Fatalf("after reset: %+v", st)
+	}
+}
+
+// TestTagListLimitAndRepeats: the emulator refuses a TagList longer than
+// upstream.MaxTagsPerCall with 40001 and answers a repeated tag once.
+func TestTagListLimitAndRepeats(t *testing.T) {
+	sim, srv := start(t, imsim.Config{})
+	c := client(t, sim, srv.URL)
+	long := make([]string, upstream.MaxTagsPerCall+1)
+	for i := range long {
+		long[i] = "Tag_Profile_IM_Nick"
+	}
+	_, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: []string{"user1"}, TagList: long})
+	var ue *upstream.Error
+	if !errors.As(err, &ue) || ue.Code != upstream.CodeBadRequest {
+		t.Fatalf("long TagList: %v", err)
+	}
+	resp, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: []string{"user1", "user1"}, TagList: long[1:]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.UserProfileItem) != 2 || len(resp.UserProfileItem[0].ProfileItem) != 1 {
+		t.Fatalf("answer %+v: one item per mention of the account, each tag once", resp.UserProfileItem)
 	}
 }

@@ -1,6 +1,9 @@
 package upstream
 
-import "strings"
+import (
+	"slices"
+	"strings"
+)
 
 // StandardTags are the standard profile tags, in the documented order.
 var StandardTags = []string{
@@ -36,4 +39,70 @@ func ValidTag(tag string) bool {
 		}
 	}
 	return true
+}
+
+// MaxTagsPerCall is the longest TagList the proxy accepts from a caller and
+// sends upstream. The upstream's own limit is not documented; an app has the
+// dozen standard tags and a few dozen custom ones at most, so 64 entries
+// cover every meaningful list, and a longer one is refused with 40001 (the
+// emulator plays the same limit).
+const MaxTagsPerCall = 64
+
+// DedupTags returns tags with repeats removed, the first occurrence of each
+// kept in place (the upstream answers each tag once). It returns tags itself
+// when nothing repeats.
+func DedupTags(tags []string) []string {
+	for i := 1; i < len(tags); i++ {
+		if slices.Contains(tags[:i], tags[i]) {
+			out := slices.Clone(tags[:i])
+			for _, t := range tags[i+1:] {
+				if !slices.Contains(out, t) {
+					out = append(out, t)
+				}
+			}
+			return out
+		}
+	}
+	return tags
+}
+
+// TagClass is the class of a profile tag: standard or custom. The upstream
+// answers 40807 when an account holds no standard data and 40809 when it
+// holds no custom data.
+type TagClass uint8
+
+// Tag classes.
+const (
+	ClassStandard TagClass = 1 << iota
+	ClassCustom
+)
+
+// ClassOf returns tag's class: ClassStandard for a standard tag, ClassCustom
+// otherwise.
+func ClassOf(tag string) TagClass {
+	if standardSet[tag] {
+		return ClassStandard
+	}
+	return ClassCustom
+}
+
+// ClassesOf returns the union of the classes of tags.
+func ClassesOf(tags []string) TagClass {
+	var c TagClass
+	for _, t := range tags {
+		c |= ClassOf(t)
+	}
+	return c
+}
+
+// NoDataClass returns the tag class a "no data of this class" code speaks
+// of (40807: standard, 40809: custom), or 0 for any other code.
+func NoDataClass(code int) TagClass {
+	switch code {
+	case CodeNoStdData:
+		return ClassStandard
+	case CodeNoCustomData:
+		return ClassCustom
+	}
+	return 0
 }
