@@ -71,13 +71,13 @@ func (s *Server) ClientSet(account string, items []upstream.ProfileItem) error {
 	if !s.Exists(account) {
 		return fmt.Errorf("imsim: no account %q", account)
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	for _, it := range items {
-		if !knownTag(it.Tag) {
+		if !s.behaviour.knownTag(it.Tag) {
 			return fmt.Errorf("imsim: unknown tag %q", it.Tag)
 		}
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.stats.ClientSets++
 	s.change(account, items, "iOS", account)
 	return nil

@@ -19,6 +19,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -58,6 +59,24 @@ type Behaviour struct {
 	// SetQuota is the number of portrait_set calls accepted in any sliding
 	// second (its own quota). Default 200; negative means unlimited.
 	SetQuota int `json:"set_quota"`
+	// CustomTags are the custom tags configured in the app; a call asking
+	// for any other custom tag is refused whole with 40009. Nil means
+	// DefaultCustomTags.
+	CustomTags []string `json:"custom_tags,omitempty"`
+	// UnreadableTags are configured tags the admin may not read: a call
+	// asking for one is refused whole with 40007.
+	UnreadableTags []string `json:"unreadable_tags,omitempty"`
+	// NoStandardData and NoCustomData are accounts that exist but hold no
+	// standard (no custom) profile data: their item fails with 40807 when
+	// the call asks for a standard tag, else with 40809 when it asks for a
+	// custom tag of an account in NoCustomData.
+	NoStandardData []string `json:"no_standard_data,omitempty"`
+	NoCustomData   []string `json:"no_custom_data,omitempty"`
+	// RejectAccounts are account ids the upstream refuses to read: a call
+	// naming one fails whole with RejectCode (default 40001), as for an id
+	// it cannot unpack.
+	RejectAccounts []string `json:"reject_accounts,omitempty"`
+	RejectCode     int      `json:"reject_code,omitempty"`
 }
 
 // Faults are failures and delays injected on demand. Fractions are in [0,1].
@@ -186,6 +205,12 @@ func (s *Server) setBehaviour(b Behaviour) {
 	if b.SetQuota == 0 {
 		b.SetQuota = 200
 	}
+	if b.CustomTags == nil {
+		b.CustomTags = DefaultCustomTags
+	}
+	if b.RejectCode == 0 {
+		b.RejectCode = upstream.CodeBadRequest
+	}
 	s.behaviour = b
 }
 
@@ -278,13 +303,9 @@ func (s *Server) value(account, tag string) (json.RawMessage, bool) {
 
 // Exists reports whether account exists in the emulated app.
 func (s *Server) Exists(account string) bool {
-	if i := seededIndex(account); i >= 0 && i < s.cfg.Accounts {
-		return true
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	_, ok := s.overlay[account]
-	return ok
+	return s.existsLocked(account)
 }
 
 // window counts events in the last second and remembers the most it held.
@@ -457,14 +478,25 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetRespon
 			s.count(func(st *Stats) { st.Rejected++ })
 			return fail(upstream.CodeInvalidTag, "invalid tag "+t)
 		}
-		if !knownTag(t) {
+		if !b.knownTag(t) {
 			s.count(func(st *Stats) { st.Rejected++ })
 			return fail(upstream.CodeTagNotExist, "tag does not exist: "+t)
+		}
+		if slices.Contains(b.UnreadableTags, t) {
+			s.count(func(st *Stats) { st.Rejected++ })
+			return fail(upstream.CodeTagNoPermission, "no permission to read tag: "+t)
+		}
+	}
+	for _, a := range accounts {
+		if slices.Contains(b.RejectAccounts, a) {
+			s.count(func(st *Stats) { st.Rejected++ })
+			return fail(b.RejectCode, "cannot read account: "+strconv.Quote(a))
 		}
 	}
 	if f.CallErrorCode != 0 {
 		return fail(f.CallErrorCode, "injected call error")
 	}
+	classes := upstream.ClassesOf(tags)
 	if b.MissingFailsCall {
 		for _, a := range accounts {
 			if !s.Exists(a) {
@@ -484,6 +516,12 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetRespon
 			resp.FailAccount = append(resp.FailAccount, a)
 		case f.ItemInternal > 0 && s.rng.Float64() < f.ItemInternal:
 			item.ResultCode, item.ResultInfo = upstream.CodeInternal, "internal error, retry"
+			resp.FailAccount = append(resp.FailAccount, a)
+		case classes&upstream.ClassStandard != 0 && slices.Contains(b.NoStandardData, a):
+			item.ResultCode, item.ResultInfo = upstream.CodeNoStdData, "no standard profile data for this account"
+			resp.FailAccount = append(resp.FailAccount, a)
+		case classes&upstream.ClassCustom != 0 && slices.Contains(b.NoCustomData, a):
+			item.ResultCode, item.ResultInfo = upstream.CodeNoCustomData, "no custom profile data for this account"
 			resp.FailAccount = append(resp.FailAccount, a)
 		default:
 			for _, t := range tags {
@@ -510,6 +548,9 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetRespon
 
 func (s *Server) existsLocked(account string) bool {
 	if i := seededIndex(account); i >= 0 && i < s.cfg.Accounts {
+		return true
+	}
+	if slices.Contains(s.behaviour.NoStandardData, account) || slices.Contains(s.behaviour.NoCustomData, account) {
 		return true
 	}
 	_, ok := s.overlay[account]
@@ -554,8 +595,11 @@ func (s *Server) portraitSet(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeAccountNotFound, ErrorInfo: "account does not exist"})
 		return
 	}
+	s.mu.Lock()
+	b := s.behaviour
+	s.mu.Unlock()
 	for _, it := range req.ProfileItem {
-		if !knownTag(it.Tag) {
+		if !b.knownTag(it.Tag) {
 			writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeTagNotExist, ErrorInfo: "tag does not exist: " + it.Tag})
 			return
 		}

@@ -275,3 +275,61 @@ func TestTagListLimitAndRepeats(t *testing.T) {
 		t.Fatalf("answer %+v: one item per mention of the account, each tag once", resp.UserProfileItem)
 	}
 }
+
+// TestRefusalsAndNoData plays the cases the proxy isolates: an unconfigured
+// custom tag refuses the whole call (40009) and so does an unreadable one
+// (40007), naming the tag; an account the upstream cannot read refuses the
+// whole call (40001) naming the account; accounts without standard or custom
+// data fail only their item, by the class of tags asked (40807 / 40809).
+func TestRefusalsAndNoData(t *testing.T) {
+	sim, srv := start(t, imsim.Config{Behaviour: imsim.Behaviour{
+		CustomTags:     []string{"Tag_Profile_Custom_Test", "Tag_Profile_Custom_Secret"},
+		UnreadableTags: []string{"Tag_Profile_Custom_Secret"},
+		NoStandardData: []string{"nostd"}, NoCustomData: []string{"nocustom"},
+		RejectAccounts: []string{"bad.id"},
+	}})
+	c := client(t, sim, srv.URL)
+	call := func(accounts []string, tags ...string) (*upstream.GetResponse, int, string) {
+		t.Helper()
+		resp, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: accounts, TagList: tags})
+		var ue *upstream.Error
+		if errors.As(err, &ue) {
+			return nil, ue.Code, ue.Info
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp, 0, ""
+	}
+	for _, tc := range []struct {
+		name     string
+		accounts []string
+		tags     []string
+		code     int
+		names    string
+	}{
+		{"unconfigured custom tag", []string{"user1", "user2"}, []string{"Tag_Profile_IM_Nick", "Tag_Profile_Custom_Nope"}, 40009, "Tag_Profile_Custom_Nope"},
+		{"unreadable tag", []string{"user1"}, []string{"Tag_Profile_Custom_Secret"}, 40007, "Tag_Profile_Custom_Secret"},
+		{"rejected account", []string{"user1", "bad.id"}, []string{"Tag_Profile_IM_Nick"}, 40001, "bad.id"},
+	} {
+		if _, code, info := call(tc.accounts, tc.tags...); code != tc.code || !strings.Contains(info, tc.names) {
+			t.Errorf("%s: code %d info %q, want %d naming %s", tc.name, code, info, tc.code, tc.names)
+		}
+	}
+	resp, _, _ := call([]string{"nostd", "nocustom", "user1"}, "Tag_Profile_IM_Nick", "Tag_Profile_Custom_Test")
+	codes := []int{resp.UserProfileItem[0].ResultCode, resp.UserProfileItem[1].ResultCode, resp.UserProfileItem[2].ResultCode}
+	if codes[0] != 40807 || codes[1] != 40809 || codes[2] != 0 {
+		t.Fatalf("mixed tags: item codes %v, want [40807 40809 0]", codes)
+	}
+	resp, _, _ = call([]string{"nostd", "nocustom"}, "Tag_Profile_Custom_Test")
+	if it := resp.UserProfileItem[0]; it.ResultCode != 0 || len(it.ProfileItem) != 1 {
+		t.Fatalf("custom tags of an account without standard data: %+v", it)
+	}
+	if it := resp.UserProfileItem[1]; it.ResultCode != 40809 {
+		t.Fatalf("custom tags of an account without custom data: %+v", it)
+	}
+	resp, _, _ = call([]string{"nocustom"}, "Tag_Profile_IM_Nick")
+	if it := resp.UserProfileItem[0]; it.ResultCode != 0 || len(it.ProfileItem) != 1 {
+		t.Fatalf("standard tags of an account without custom data: %+v", it)
+	}
+}

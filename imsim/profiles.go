@@ -3,6 +3,7 @@ package imsim
 import (
 	"encoding/json"
 	"hash/fnv"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -19,19 +20,15 @@ var numericTags = map[string]bool{
 	"Tag_Profile_IM_Role":        true,
 }
 
-// CustomTags are the custom tags configured in the emulated app.
-var CustomTags = []string{"Tag_Profile_Custom_Test", "Tag_Profile_Custom_Team", "Tag_Profile_Custom_Bio"}
+// DefaultCustomTags are the custom tags configured in the emulated app
+// unless Behaviour.CustomTags says otherwise.
+var DefaultCustomTags = []string{"Tag_Profile_Custom_Test", "Tag_Profile_Custom_Team", "Tag_Profile_Custom_Bio"}
 
-func knownTag(tag string) bool {
-	if upstream.IsStandardTag(tag) {
-		return true
-	}
-	for _, c := range CustomTags {
-		if c == tag {
-			return true
-		}
-	}
-	return false
+// CustomTags is DefaultCustomTags under its former name.
+var CustomTags = DefaultCustomTags
+
+func (b *Behaviour) knownTag(tag string) bool {
+	return upstream.IsStandardTag(tag) || slices.Contains(b.CustomTags, tag)
 }
 
 // AccountName returns the id of the i-th seeded account.

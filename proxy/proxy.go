@@ -20,6 +20,7 @@ import (
 	"net/http/pprof"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -355,7 +356,11 @@ func (p *Proxy) startDemo() error {
 	if latency == 0 {
 		latency = 20 * time.Millisecond
 	}
-	p.sim = imsim.New(imsim.Config{Behaviour: imsim.Behaviour{Quota: int(p.cfg.Rate)}, Faults: imsim.Faults{Latency: latency}})
+	p.sim = imsim.New(imsim.Config{Behaviour: imsim.Behaviour{Quota: int(p.cfg.Rate),
+		CustomTags:     append(slices.Clone(imsim.DefaultCustomTags), "Tag_Profile_Custom_Secret"),
+		UnreadableTags: []string{"Tag_Profile_Custom_Secret"},
+		NoStandardData: []string{"nostd"}, NoCustomData: []string{"nocustom"}, RejectAccounts: []string{"reject.me"},
+	}, Faults: imsim.Faults{Latency: latency}})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return fmt.Errorf("proxy: demo emulator: %w", err)
@@ -516,6 +521,10 @@ func serve(s *http.Server, ln net.Listener) error {
 	}
 	return nil
 }
+
+// DemoCases says which refusals the demo emulator plays, for make run.
+const DemoCases = "The emulator refuses Tag_Profile_Custom_Nope (not configured: 40009) and Tag_Profile_Custom_Secret (unreadable: 40007)\n" +
+	"  and calls naming reject.me (40001); account nostd has no standard data (40807), nocustom no custom data (40809)."
 
 // CurlExample returns a ready-to-paste curl line for a lookup through the
 // proxy, signed with the proxy's own key. Only for demo use: it prints a

@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -54,9 +55,23 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	fs.StringVar(&cfg.Callback.URL, "callback-url", "", "where to POST Profile.CallbackPortraitSet after each change (empty: no callbacks); token from env IMSIM_CALLBACK_TOKEN")
 	fs.DurationVar(&cfg.Callback.Jitter, "callback-jitter", 0, "uniform random delay of each callback (deliveries overtake each other)")
 	fs.Float64Var(&cfg.Callback.Duplicate, "callback-duplicate", 0, "fraction of callbacks delivered twice")
+	customTags := fs.String("custom-tags", strings.Join(imsim.DefaultCustomTags, ","), "custom tags configured in the app (others are refused whole with 40009)")
+	unreadable := fs.String("unreadable-tags", "", "comma list of configured tags the admin may not read (refused whole with 40007)")
+	noStd := fs.String("no-standard-data", "", "comma list of accounts holding no standard profile data (item 40807)")
+	noCustom := fs.String("no-custom-data", "", "comma list of accounts holding no custom profile data (item 40809)")
+	reject := fs.String("reject-accounts", "", "comma list of account ids whose call is refused whole with -reject-code")
+	fs.IntVar(&cfg.Behaviour.RejectCode, "reject-code", 40001, "code refusing a call that names a -reject-accounts id")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	cfg.Behaviour.CustomTags = list(*customTags)
+	if cfg.Behaviour.CustomTags == nil {
+		cfg.Behaviour.CustomTags = []string{} // none configured
+	}
+	cfg.Behaviour.UnreadableTags = list(*unreadable)
+	cfg.Behaviour.NoStandardData = list(*noStd)
+	cfg.Behaviour.NoCustomData = list(*noCustom)
+	cfg.Behaviour.RejectAccounts = list(*reject)
 	cfg.Key = os.Getenv("IMSIM_SECRET_KEY")
 	cfg.Callback.Token = os.Getenv("IMSIM_CALLBACK_TOKEN")
 	sim := imsim.New(cfg)
@@ -81,4 +96,15 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	return nil
+}
+
+// list splits a comma list, dropping empty entries; nil when none.
+func list(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
 }

@@ -71,7 +71,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	}
 	fmt.Fprintf(stdout, "portrait proxy on http://%s (admin http://%s)\n", p.Addr(), p.AdminAddr())
 	if cfg.Demo {
-		fmt.Fprintf(stdout, "demo mode: the built-in IM emulator is the upstream (accounts user0…user999999). Try:\n\n  %s\n\n", p.CurlExample())
+		fmt.Fprintf(stdout, "demo mode: the built-in IM emulator is the upstream (accounts user0…user999999). Try:\n\n  %s\n\n  %s\n\n", p.CurlExample(), proxy.DemoCases)
 	}
 	return p.Run(ctx)
 }
