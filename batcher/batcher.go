@@ -13,10 +13,14 @@
 // DefaultTags; each lookup gets the whole fetched item and picks its tags.
 //
 // Outcomes are mapped per account: a found account or a per-account failure
-// is delivered as the upstream's item; a whole call failing with 40003 (one
-// bad account spoils the call) is split in halves and retried until the bad
-// account stands alone; throttled calls are retried after a backoff and
-// transient failures a few times, while their callers still wait.
+// is delivered as the upstream's item; a whole call refused because of what
+// one caller asked for (a tag that does not exist or may not be read, an
+// account that does not exist or cannot be read) is split until only the
+// callers who asked for it get the refusal (see isolate.go); an account
+// without data of one tag class (40807/40809) answers only the callers who
+// asked for a tag of that class, the others are asked again without it;
+// throttled calls are retried after a backoff and transient failures a few
+// times, while their callers still wait.
 //
 // The shared calls run detached from any caller's context: one caller giving
 // up never cancels others' work, and accounts whose every caller has left
@@ -115,6 +119,9 @@ type Config struct {
 	// Rate is the quota in calls per second, for Admit's estimate of the
 	// wait ahead. Zero disables the estimate.
 	Rate float64
+	// Tags, if set, learns the tags the upstream refuses (see isolate);
+	// known ones are left out of DefaultTags.
+	Tags TagLearner
 	// Metrics, if nil, go to a private registry.
 	Metrics *metrics.Metrics
 	// Now is the clock; nil means time.Now.
@@ -157,6 +164,7 @@ type outcome struct {
 
 type waiter struct {
 	ctx  context.Context
+	tags []string     // what this caller asked for (isolation splits by it)
 	done chan outcome // buffered 1: completed exactly once
 }
 
@@ -167,6 +175,7 @@ type entry struct {
 	queued    time.Time
 	attempts  int // calls made, transient failures
 	throttled int // calls answered "too frequent"
+	asked     int // calls asked again for callers a "no data of this class" item did not concern
 }
 
 func (e *entry) addTags(tags []string) {
@@ -215,7 +224,7 @@ type Batcher struct {
 	mu      sync.Mutex
 	pending map[string]*entry // queued and not yet dispatched, by account
 	queue   []*entry          // FIFO of pending
-	ready   [][]*entry        // formed batches to send first (retries, split halves)
+	ready   []formed          // formed batches to send first (retries, split halves)
 	queued  int               // accounts in queue and ready
 	closed  bool
 
@@ -287,7 +296,7 @@ func (b *Batcher) poke() {
 // shutdown, and otherwise the call's error when no per-account answer
 // could be had (an *upstream.Error, ErrMissing).
 func (b *Batcher) Load(ctx context.Context, account string, tags []string) (Result, error) {
-	w := &waiter{ctx: ctx, done: make(chan outcome, 1)}
+	w := &waiter{ctx: ctx, tags: tags, done: make(chan outcome, 1)}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -460,7 +469,7 @@ func (b *Batcher) dispatch(ctx context.Context) bool {
 	b.m.LimiterWait.Observe(now.Sub(start).Seconds())
 	b.contended.Store(permit.Scarce() || now.Sub(start) > time.Millisecond)
 	b.m.RateFactor.Set(b.factor())
-	batch := b.take()
+	batch, form := b.take()
 	if len(batch) == 0 {
 		permit.Cancel() // everyone left while we waited: the token goes back
 		return true
@@ -474,23 +483,23 @@ func (b *Batcher) dispatch(ctx context.Context) bool {
 	b.m.BatchWait.Observe(now.Sub(oldest).Seconds())
 	b.m.BatchAccounts.Observe(float64(len(batch)))
 	b.inflight.Add(1)
-	go b.send(batch, permit)
+	go b.send(batch, form, permit)
 	return true
 }
 
 // take removes the next batch: a ready one first, else up to MaxAccounts
 // queued accounts. Accounts whose callers all left are dropped.
-func (b *Batcher) take() []*entry {
+func (b *Batcher) take() ([]*entry, formed) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	defer func() { b.m.QueueAccounts.Set(float64(b.queued)) }()
 	for len(b.ready) > 0 {
-		batch := b.ready[0]
+		f := b.ready[0]
 		b.ready = b.ready[1:]
-		b.queued -= len(batch)
-		batch = slices.DeleteFunc(batch, func(e *entry) bool { return !e.live() })
+		b.queued -= len(f.entries)
+		batch := slices.DeleteFunc(f.entries, func(e *entry) bool { return !e.live() })
 		if len(batch) > 0 {
-			return batch
+			return batch, f
 		}
 	}
 	batch := make([]*entry, 0, b.cfg.MaxAccounts)
@@ -507,11 +516,17 @@ func (b *Batcher) take() []*entry {
 	clear(b.queue[:n])
 	b.queue = b.queue[n:]
 	b.queued -= n
-	return batch
+	return batch, formed{}
 }
 
-func (b *Batcher) tagsFor(batch []*entry) []string {
-	tags := slices.Clone(b.cfg.DefaultTags)
+// tagsFor is the TagList of a call for batch: its callers' tags, after
+// DefaultTags unless the batch is bare, leaving out default tags the
+// upstream is known to refuse.
+func (b *Batcher) tagsFor(batch []*entry, bare bool) []string {
+	var tags []string
+	if !bare {
+		tags = slices.DeleteFunc(slices.Clone(b.cfg.DefaultTags), b.refused)
+	}
 	for _, e := range batch {
 		for _, t := range e.tags {
 			if !slices.Contains(tags, t) {
@@ -524,13 +539,26 @@ func (b *Batcher) tagsFor(batch []*entry) []string {
 
 // send makes one call for batch and settles every entry: answered,
 // requeued for a retry, or failed.
-func (b *Batcher) send(batch []*entry, permit *limiter.Permit) {
+func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 	defer b.inflight.Done()
+	tags := b.tagsFor(batch, form.bare)
+	if len(tags) > upstream.MaxTagsPerCall {
+		// The callers' tags together are more than one call may carry: send
+		// them in parts (each caller's own list is within the limit).
+		permit.Cancel()
+		if !b.isolate(batch, form, nil, true, false) {
+			b.refuse(batch, &upstream.Error{Kind: upstream.KindRejected, Code: upstream.CodeBadRequest,
+				Info: fmt.Sprintf("TagList has more than %d tags", upstream.MaxTagsPerCall)}, true, false)
+		}
+		return
+	}
+	if form.cause != "" {
+		b.m.IsolationCalls.WithLabelValues(form.cause).Inc()
+	}
 	accounts := make([]string, len(batch))
 	for i, e := range batch {
 		accounts[i] = e.account
 	}
-	tags := b.tagsFor(batch)
 	// The upstream counted the call by the time its first answer byte is
 	// back: the permit ends there, before the body is read and decoded, so
 	// the limiter's window is not held open by our own processing.
@@ -542,7 +570,10 @@ func (b *Batcher) send(batch []*entry, permit *limiter.Permit) {
 	old := b.latency.Load()
 	b.latency.Store(old + (d-old)/5) // a moving average; a lost race only skips one sample
 	if err == nil {
-		b.deliver(batch, tags, resp, start)
+		if form.blamed != nil {
+			b.blameDefaults(form.blamed)
+		}
+		b.deliver(batch, form, tags, resp, start)
 		return
 	}
 	var ue *upstream.Error
@@ -553,28 +584,34 @@ func (b *Batcher) send(batch []*entry, permit *limiter.Permit) {
 			th.Throttled(upstream.ThrottlePause(err, b.cfg.ThrottleBackoff))
 			b.m.RateFactor.Set(b.factor())
 		}
-		b.retry(batch, err, "throttled")
+		b.retry(batch, form, err, "throttled")
 	case kind == upstream.KindNotFound && len(batch) > 1:
 		// One bad account failed the whole call: halve until it stands alone.
-		b.m.UpstreamRetries.WithLabelValues("split").Add(float64(len(batch)))
-		half := len(batch) / 2
-		b.requeueReady(batch[:half:half], batch[half:])
+		b.isolate(batch, form, ue, false, true)
 	case kind == upstream.KindNotFound:
+		// The account stands alone: its answer is the refusal, as an item.
 		e := batch[0]
-		e.complete(outcome{res: Result{Tags: tags, Sent: start, Item: upstream.UserProfile{
-			ToAccount: e.account, ProfileItem: []upstream.ProfileItem{}, ResultCode: ue.Code, ResultInfo: ue.Info}}})
+		b.deliver(batch, form, tags, &upstream.GetResponse{UserProfileItem: []upstream.UserProfile{{
+			ToAccount: e.account, ProfileItem: []upstream.ProfileItem{}, ResultCode: ue.Code, ResultInfo: ue.Info}}}, start)
+	case ue != nil && isolable(ue.Code):
+		// Something one caller asked for refused the whole call: split until
+		// only the callers who asked for it get the refusal.
+		byTags, byAccounts := blames(ue.Code)
+		if !b.isolate(batch, form, ue, byTags, byAccounts) {
+			b.refuse(batch, ue, byTags, byAccounts)
+		}
 	case kind == upstream.KindAuth || kind == upstream.KindRejected:
 		for _, e := range batch {
 			e.complete(outcome{err: err})
 		}
 	default: // transport, HTTP status, transient codes
-		b.retry(batch, err, "transient")
+		b.retry(batch, form, err, "transient")
 	}
 }
 
 // retry queues batch again as a formed batch, keeping the entries whose
 // callers still wait and who have attempts left; the rest get err.
-func (b *Batcher) retry(batch []*entry, err error, reason string) {
+func (b *Batcher) retry(batch []*entry, form formed, err error, reason string) {
 	var again []*entry
 	for _, e := range batch {
 		var left bool
@@ -593,15 +630,15 @@ func (b *Batcher) retry(batch []*entry, err error, reason string) {
 	}
 	if len(again) > 0 {
 		b.m.UpstreamRetries.WithLabelValues(reason).Add(float64(len(again)))
-		b.requeueReady(again)
+		b.requeueReady(formed{entries: again, bare: form.bare, cause: form.cause})
 	}
 }
 
 // requeueReady puts formed batches at the front of the ready list.
-func (b *Batcher) requeueReady(batches ...[]*entry) {
+func (b *Batcher) requeueReady(batches ...formed) {
 	b.mu.Lock()
 	for _, bt := range batches {
-		b.queued += len(bt)
+		b.queued += len(bt.entries)
 	}
 	b.ready = append(slices.Clone(batches), b.ready...)
 	b.m.QueueAccounts.Set(float64(b.queued))
@@ -611,7 +648,7 @@ func (b *Batcher) requeueReady(batches ...[]*entry) {
 
 // deliver hands each entry its item. A per-account transient failure is
 // queued again (it rides along with the next batch) while attempts remain.
-func (b *Batcher) deliver(batch []*entry, tags []string, resp *upstream.GetResponse, sent time.Time) {
+func (b *Batcher) deliver(batch []*entry, form formed, tags []string, resp *upstream.GetResponse, sent time.Time) {
 	items := resp.UserProfileItem
 	var byAccount map[string]int
 	find := func(i int, account string) (upstream.UserProfile, bool) {
@@ -631,6 +668,7 @@ func (b *Batcher) deliver(batch []*entry, tags []string, resp *upstream.GetRespo
 		return items[j], true
 	}
 	var again []*entry
+	var askStd, askCustom []*entry // callers an account's "no data" item does not concern
 	for i, e := range batch {
 		item, ok := find(i, e.account)
 		switch {
@@ -648,6 +686,18 @@ func (b *Batcher) deliver(batch []*entry, tags []string, resp *upstream.GetRespo
 			} else {
 				e.complete(outcome{res: Result{Item: item, Tags: tags, Sent: sent}})
 			}
+		case upstream.NoDataClass(item.ResultCode) != 0:
+			// "No standard (custom) data" answers the callers who asked for a
+			// tag of that class; the others are asked again without it.
+			cls := upstream.NoDataClass(item.ResultCode)
+			res := outcome{res: Result{Item: item, Tags: tags, Sent: sent}}
+			if other := b.unconcerned(e, cls, res); other != nil {
+				if cls == upstream.ClassStandard {
+					askCustom = append(askCustom, other)
+				} else {
+					askStd = append(askStd, other)
+				}
+			}
 		default:
 			e.complete(outcome{res: Result{Item: item, Tags: tags, Sent: sent}})
 		}
@@ -655,6 +705,11 @@ func (b *Batcher) deliver(batch []*entry, tags []string, resp *upstream.GetRespo
 	if len(again) > 0 {
 		b.m.UpstreamRetries.WithLabelValues("transient").Add(float64(len(again)))
 		b.requeueFront(again)
+	}
+	for _, ask := range [][]*entry{askStd, askCustom} {
+		if len(ask) > 0 {
+			b.requeueReady(formed{entries: ask, bare: true, cause: metrics.IsolateClass})
+		}
 	}
 }
 
@@ -685,7 +740,7 @@ func (b *Batcher) failAll(err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for _, bt := range b.ready {
-		for _, e := range bt {
+		for _, e := range bt.entries {
 			e.complete(outcome{err: err})
 		}
 	}

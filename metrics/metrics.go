@@ -39,7 +39,25 @@ type Metrics struct {
 	Callbacks          *prometheus.CounterVec // callbacks_total{result}
 	Changes            *prometheus.CounterVec // profile_changes_total{source,result}
 	FeedDelay          prometheus.Histogram   // change_feed_delay_seconds
+
+	// Isolation of whole-call refusals caused by one caller (issue 14).
+	IsolationCalls *prometheus.CounterVec // isolation_calls_total{cause}
+	RefusedTags    *prometheus.CounterVec // refused_tag_requests_total{source}
+	LearnedTags    prometheus.Gauge       // learned_bad_tags
 }
+
+// Causes of isolation_calls_total.
+const (
+	IsolateTag     = "tag"     // a whole call refused for a tag (40009, 40007, 40801): split by the callers' tag sets
+	IsolateAccount = "account" // a whole call refused for an account (40003, 60015, 40001): split in halves
+	IsolateClass   = "class"   // an account without data of one tag class (40807/40809): its other callers asked again
+)
+
+// Sources of refused_tag_requests_total.
+const (
+	RefusedLearned    = "learned"    // a tag the upstream refused before (this replica or another)
+	RefusedConfigured = "configured" // a custom tag outside -custom-tags
+)
 
 // Sources of profile_changes_total.
 const (
@@ -158,6 +176,18 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.RedisErrors.WithLabelValues("change")
 	m.RedisErrors.WithLabelValues("feed")
 	reg.MustRegister(m.SetRequests, m.Callbacks, m.Changes, m.FeedDelay)
+	m.IsolationCalls = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "isolation_calls_total",
+		Help: "Upstream calls made to isolate a whole-call refusal caused by one caller's request, by cause."}, []string{"cause"})
+	m.RefusedTags = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "refused_tag_requests_total",
+		Help: "Requests answered at once because they ask for a tag known to be refused, by source."}, []string{"source"})
+	m.LearnedTags = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "learned_bad_tags",
+		Help: "Tags this replica knows the upstream refuses (learned here or from other replicas)."})
+	for _, c := range []string{IsolateTag, IsolateAccount, IsolateClass} {
+		m.IsolationCalls.WithLabelValues(c)
+	}
+	m.RefusedTags.WithLabelValues(RefusedLearned)
+	m.RefusedTags.WithLabelValues(RefusedConfigured)
+	reg.MustRegister(m.IsolationCalls, m.RefusedTags, m.LearnedTags)
 	reg.MustRegister(m.BuildInfo, m.Quota, m.Shed, m.CrossReplica, m.LimiterFallback, m.RateFactor, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
 	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)

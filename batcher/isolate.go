@@ -1,0 +1,291 @@
+package batcher
+
+import (
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/portrait-proxy/portrait-proxy/metrics"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+)
+
+// Isolation. A call carries the union of its callers' tags for up to 100
+// accounts, so something one caller asked for can make the upstream refuse
+// the whole call: a tag that does not exist (40009) or may not be read
+// (40007), a tag name it rejects (40801), an account id it cannot read
+// (60015, 40001) or that does not exist (40003). Such a refusal is never
+// passed to the other callers of the call. The batch is sent again split:
+//
+//   - by the callers' tag sets first, for a refusal a tag causes: the
+//     callers whose tags are all standard go in one part, those asking for
+//     custom tags in the other (standard tags always exist); past that the
+//     tag sets are halved. A part with a single tag set that still fails
+//     is sent once more without DefaultTags (one of them may be the cause);
+//   - by halves of the accounts, for a refusal an account causes.
+//
+// A refusal that still comes back for a single tag set (or a single
+// account) belongs to the callers who asked for it: they get the upstream's
+// code, with their own tags (or account) named in ErrorInfo. Every part
+// is an ordinary call under the limiter. One offending tag set among g
+// costs at most 2·⌈log₂ g⌉ + 1 calls, one offending account among n at most
+// 2·⌈log₂ n⌉: logarithmic in the batch, never a call per caller. Each is
+// counted in isolation_calls_total.
+
+// formed is a batch formed before its turn: a retry, or a part of an
+// isolation split.
+type formed struct {
+	entries []*entry
+	bare    bool   // carries only its callers' tags, not DefaultTags
+	cause   string // non-empty: sent to isolate a refusal (isolation_calls_total{cause})
+	// blamed is a refusal that the same batch with DefaultTags got: if the
+	// bare call is answered, a default tag caused it.
+	blamed *upstream.Error
+}
+
+// TagLearner is told of tags the upstream refused, once isolation has
+// pinned a refusal on one tag, and says which tags are known to be refused
+// (they are left out of DefaultTags).
+type TagLearner interface {
+	Learn(tag string, code int, info string)
+	Refused(tag string) bool
+}
+
+// isolable reports whether a whole-call refusal with code may be caused by
+// one caller's request rather than by the app or the proxy.
+func isolable(code int) bool {
+	byTags, byAccounts := blames(code)
+	return byTags || byAccounts
+}
+
+// blames says what in a call a whole-call refusal with code can be caused
+// by: its tags, its accounts, or (40001, "could not unpack") either.
+func blames(code int) (byTags, byAccounts bool) {
+	switch code {
+	case upstream.CodeTagNotExist, upstream.CodeTagNoPermission, upstream.CodeInvalidTag, 40804, 40806:
+		return true, false
+	case upstream.CodeAccountType, upstream.CodeAccountNotFound, upstream.CodeNotImported:
+		return false, true
+	case upstream.CodeBadRequest:
+		return true, true
+	}
+	return false, false
+}
+
+func (b *Batcher) refused(tag string) bool {
+	return b.cfg.Tags != nil && b.cfg.Tags.Refused(tag)
+}
+
+// isolate queues batch again in two parts to find what caused a refusal:
+// by tag sets (byTags), else by accounts (byAccounts). It returns false
+// when the batch cannot be split further: the cause stands alone.
+func (b *Batcher) isolate(batch []*entry, form formed, ue *upstream.Error, byTags, byAccounts bool) bool {
+	if byTags {
+		if groups := groupByTags(batch); len(groups) > 1 {
+			left, right := halveGroups(groups)
+			b.m.UpstreamRetries.WithLabelValues("split").Add(float64(len(batch)))
+			b.requeueReady(formed{entries: left, bare: true, cause: metrics.IsolateTag},
+				formed{entries: right, bare: true, cause: metrics.IsolateTag})
+			return true
+		}
+		if !form.bare && len(b.cfg.DefaultTags) > 0 {
+			b.m.UpstreamRetries.WithLabelValues("split").Add(float64(len(batch)))
+			b.requeueReady(formed{entries: batch, bare: true, cause: metrics.IsolateTag, blamed: ue})
+			return true
+		}
+	}
+	if byAccounts && len(batch) > 1 {
+		b.m.UpstreamRetries.WithLabelValues("split").Add(float64(len(batch)))
+		half := len(batch) / 2
+		b.requeueReady(formed{entries: batch[:half:half], bare: form.bare, cause: metrics.IsolateAccount},
+			formed{entries: batch[half:], bare: form.bare, cause: metrics.IsolateAccount})
+		return true
+	}
+	return false
+}
+
+// tagGroup is the callers of a batch who asked for one tag set.
+type tagGroup struct {
+	tags    []string
+	custom  bool // some tag is custom
+	waiters map[*entry][]*waiter
+	order   []*entry
+}
+
+// groupByTags groups batch's callers by the tag set each asked for, in
+// order of first appearance.
+func groupByTags(batch []*entry) []*tagGroup {
+	var groups []*tagGroup
+	byKey := map[string]*tagGroup{}
+	for _, e := range batch {
+		for _, w := range e.waiters {
+			k := tagKey(w.tags)
+			g := byKey[k]
+			if g == nil {
+				g = &tagGroup{tags: w.tags, custom: upstream.ClassesOf(w.tags)&upstream.ClassCustom != 0, waiters: map[*entry][]*waiter{}}
+				byKey[k] = g
+				groups = append(groups, g)
+			}
+			if g.waiters[e] == nil {
+				g.order = append(g.order, e)
+			}
+			g.waiters[e] = append(g.waiters[e], w)
+		}
+	}
+	return groups
+}
+
+func tagKey(tags []string) string {
+	s := slices.Clone(tags)
+	slices.Sort(s)
+	return strings.Join(slices.Compact(s), "\x00")
+}
+
+// halveGroups splits groups in two parts, as entries (one per account and
+// part, holding that part's callers): the groups asking only for standard
+// tags against the others when both kinds are there, else halves.
+func halveGroups(groups []*tagGroup) (left, right []*entry) {
+	var std, custom []*tagGroup
+	for _, g := range groups {
+		if g.custom {
+			custom = append(custom, g)
+		} else {
+			std = append(std, g)
+		}
+	}
+	if len(std) == 0 || len(custom) == 0 {
+		std, custom = groups[:len(groups)/2], groups[len(groups)/2:]
+	}
+	return entriesOf(std), entriesOf(custom)
+}
+
+// entriesOf builds one entry per account for the callers of groups.
+func entriesOf(groups []*tagGroup) []*entry {
+	var out []*entry
+	byEntry := map[*entry]*entry{}
+	for _, g := range groups {
+		for _, e := range g.order {
+			ne := byEntry[e]
+			if ne == nil {
+				ne = &entry{account: e.account, queued: e.queued, attempts: e.attempts, throttled: e.throttled, asked: e.asked}
+				byEntry[e] = ne
+				out = append(out, ne)
+			}
+			ne.addTags(g.tags)
+			ne.waiters = append(ne.waiters, g.waiters[e]...)
+		}
+	}
+	return out
+}
+
+// refuse answers every caller of batch with the refusal ue, naming in
+// ErrorInfo the caller's own tags (byTags) or account (byAccounts, when the
+// account stands alone), and tells the TagLearner of a refused tag it can
+// pin down.
+func (b *Batcher) refuse(batch []*entry, ue *upstream.Error, byTags, byAccounts bool) {
+	learned := map[string]bool{}
+	for _, e := range batch {
+		for _, w := range e.waiters {
+			info := ue.Info
+			if byTags {
+				tag := culprit(ue, w.tags)
+				switch {
+				case tag != "" && !strings.Contains(info, tag):
+					info += " (tag " + tag + ")"
+				case tag == "" && !mentionsAny(info, w.tags):
+					info += " (TagList " + strings.Join(w.tags, ",") + ")"
+				}
+				if tag != "" && b.cfg.Tags != nil && !learned[tag] && ue.Code != upstream.CodeBadRequest {
+					learned[tag] = true
+					b.cfg.Tags.Learn(tag, ue.Code, info)
+				}
+			}
+			if byAccounts && len(batch) == 1 && !strings.Contains(info, e.account) {
+				info += " (To_Account " + strconv.Quote(e.account) + ")"
+			}
+			w.done <- outcome{err: &upstream.Error{Kind: ue.Kind, Code: ue.Code, Info: info}}
+		}
+		e.waiters = nil
+	}
+}
+
+// culprit returns the one tag of tags that the refusal ue is about, or ""
+// when it cannot tell: the single tag the upstream's ErrorInfo names, else
+// the single candidate (a tag that does not exist is never a standard one).
+func culprit(ue *upstream.Error, tags []string) string {
+	var named, candidates []string
+	for _, t := range tags {
+		if ue.Code == upstream.CodeTagNotExist && upstream.IsStandardTag(t) {
+			continue
+		}
+		candidates = append(candidates, t)
+		if containsWord(ue.Info, t) {
+			named = append(named, t)
+		}
+	}
+	switch {
+	case len(named) == 1:
+		return named[0]
+	case len(named) == 0 && len(candidates) == 1:
+		return candidates[0]
+	}
+	return ""
+}
+
+// containsWord reports whether s holds tag not followed by another letter
+// (Tag_Profile_Custom_A is not named by "Tag_Profile_Custom_Ab").
+func containsWord(s, tag string) bool {
+	for i := strings.Index(s, tag); i >= 0; {
+		end := i + len(tag)
+		if end == len(s) || !isLetter(s[end]) {
+			return true
+		}
+		j := strings.Index(s[end:], tag)
+		if j < 0 {
+			return false
+		}
+		i = end + j
+	}
+	return false
+}
+
+func isLetter(c byte) bool { return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' }
+
+func mentionsAny(s string, tags []string) bool {
+	return slices.ContainsFunc(tags, func(t string) bool { return containsWord(s, t) })
+}
+
+// blameDefaults learns the default tag that caused the refusal ue, when
+// the callers' own tags were answered without DefaultTags and a single
+// default tag can have caused it.
+func (b *Batcher) blameDefaults(ue *upstream.Error) {
+	if b.cfg.Tags == nil || ue.Code == upstream.CodeBadRequest {
+		return
+	}
+	if tag := culprit(ue, slices.DeleteFunc(slices.Clone(b.cfg.DefaultTags), b.refused)); tag != "" {
+		b.cfg.Tags.Learn(tag, ue.Code, ue.Info)
+	}
+}
+
+// unconcerned completes e's callers whom the "no data of class cls" answer
+// o concerns (they asked for a tag of that class) and returns an entry for
+// the others, to be asked again without that class — once: after that,
+// every caller gets the answer.
+func (b *Batcher) unconcerned(e *entry, cls upstream.TagClass, o outcome) *entry {
+	var other []*waiter
+	for _, w := range e.waiters {
+		if e.asked > 0 || upstream.ClassesOf(w.tags)&cls != 0 {
+			w.done <- o
+		} else {
+			other = append(other, w)
+		}
+	}
+	e.waiters = nil
+	if len(other) == 0 {
+		return nil
+	}
+	ne := &entry{account: e.account, queued: e.queued, attempts: e.attempts, throttled: e.throttled, asked: e.asked + 1, waiters: other}
+	for _, w := range other {
+		ne.addTags(w.tags)
+	}
+	return ne
+}
