@@ -37,6 +37,12 @@ type Lookup interface {
 	Get(ctx context.Context, accounts, tags []string) []cache.Answer
 }
 
+// TagChecker says whether a request's tags are known to be refused by the
+// upstream (*badtags.Set satisfies it): code and info are the refusal.
+type TagChecker interface {
+	Check(tags []string) (code int, info string, refused bool)
+}
+
 // Auth modes.
 const (
 	AuthUserSig = "usersig" // callers present an admin UserSig for this app
@@ -65,8 +71,11 @@ type Config struct {
 	Changer       Changer
 	CallbackPath  string
 	CallbackToken string
-	Metrics       *metrics.Metrics
-	Now           func() time.Time
+	// Tags, if set, answers a request naming a refused tag at once with
+	// the upstream's code, before any lookup.
+	Tags    TagChecker
+	Metrics *metrics.Metrics
+	Now     func() time.Time
 }
 
 // Handler serves the drop-in API. Create it with New.
@@ -239,6 +248,13 @@ func (h *Handler) serve(r *http.Request) *upstream.GetResponse {
 	accounts, tags, e := decode(raw, h.cfg.MaxAccounts)
 	if e != nil {
 		return e
+	}
+	if h.cfg.Tags != nil {
+		// The upstream refuses the whole call for such a tag: so do we,
+		// without spending a call on it.
+		if code, info, refused := h.cfg.Tags.Check(tags); refused {
+			return fail(code, info)
+		}
 	}
 	valid := make([]string, 0, len(accounts))
 	var invalid []string

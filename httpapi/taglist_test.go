@@ -87,3 +87,35 @@ func TestDedupTags(t *testing.T) {
 		}
 	}
 }
+
+type refusedTags map[string]int
+
+func (r refusedTags) Check(tags []string) (int, string, bool) {
+	for _, t := range tags {
+		if c, ok := r[t]; ok {
+			return c, "tag does not exist: " + t, true
+		}
+	}
+	return 0, "", false
+}
+
+// TestRefusedTagAnsweredAtOnce: a request naming a tag known to be refused
+// gets the upstream's code for the whole call and never reaches a lookup.
+func TestRefusedTagAnsweredAtOnce(t *testing.T) {
+	l := &tagLookup{}
+	h, err := New(Config{Lookup: l, SDKAppID: app, Key: key, Tags: refusedTags{"Tag_Profile_Custom_Nope": 40009}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, out, raw := do(t, h, http.MethodPost, query(), `{"To_Account":["u1"],"TagList":["Tag_Profile_IM_Nick","Tag_Profile_Custom_Nope"]}`)
+	if out.ErrorCode != 40009 || out.ActionStatus != "FAIL" || !strings.Contains(out.ErrorInfo, "Tag_Profile_Custom_Nope") {
+		t.Fatalf("answer %s", raw)
+	}
+	_, out, raw = do(t, h, http.MethodPost, query(), `{"To_Account":["u1"],"TagList":["Tag_Profile_IM_Nick"]}`)
+	if out.ErrorCode != 0 {
+		t.Fatalf("answer %s", raw)
+	}
+	if len(l.calls) != 1 {
+		t.Fatalf("lookups %v: the refused request must not reach one", l.calls)
+	}
+}

@@ -33,6 +33,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/portrait-proxy/portrait-proxy/badtags"
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/httpapi"
@@ -93,6 +94,14 @@ type Config struct {
 	// apart, for ordering cached values against changes; default 1s.
 	ClockSkew time.Duration
 
+	// CustomTags, when not nil, are the custom tags the app configured: a
+	// request for any other custom tag is answered 40009 without a call.
+	// Nil: tags the upstream refuses are learned (see badtags).
+	CustomTags []string
+	// BadTagTTL is how long a tag the upstream refused is refused without a
+	// call; default 10 minutes.
+	BadTagTTL time.Duration
+
 	// Demo runs the built-in emulator as the upstream (SDKAppID, identifier
 	// and key are then the emulator's). DemoLatency is its added latency.
 	Demo        bool
@@ -114,6 +123,7 @@ type Proxy struct {
 	batcher  *batcher.Batcher
 	cache    *cache.Cache
 	redis    *cache.Redis
+	badTags  *badtags.Set
 	rclient  redis.UniversalClient
 	api      *http.Server
 	admin    *http.Server
@@ -284,8 +294,13 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if p.badTags, err = badtags.New(badtags.Config{Custom: cfg.CustomTags, TTL: cfg.BadTagTTL, Client: p.rclient,
+		SDKAppID: cfg.SDKAppID, Metrics: p.m}); err != nil {
+		return nil, fmt.Errorf("proxy: -custom-tags: %w", err)
+	}
 	p.batcher, err = batcher.New(batcher.Config{Upstream: client, Limiter: lim, MaxAccounts: cfg.BatchMax, Rate: cfg.Rate, MaxQueue: cfg.MaxQueue,
-		Window: cfg.BatchWindow, FillHold: cfg.FillHold, DefaultTags: cfg.DefaultTags, DrainTimeout: cfg.DrainTimeout, Metrics: p.m})
+		Window: cfg.BatchWindow, FillHold: cfg.FillHold, DefaultTags: cfg.DefaultTags, DrainTimeout: cfg.DrainTimeout, Metrics: p.m,
+		Tags: p.badTags})
 	if err != nil {
 		return nil, err
 	}
@@ -303,7 +318,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 		callbackPath = ""
 	}
 	api, err := httpapi.New(httpapi.Config{Lookup: p.cache, SDKAppID: cfg.SDKAppID, Identifier: cfg.AdminIdentifier,
-		Key: cfg.SecretKey, Auth: cfg.Auth, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m,
+		Key: cfg.SecretKey, Auth: cfg.Auth, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m, Tags: p.badTags,
 		Setter: &setter{lim: setLim, client: setClient, backoff: time.Second}, Changer: p.cache,
 		CallbackPath: callbackPath, CallbackToken: cfg.CallbackToken})
 	if err != nil {
@@ -460,6 +475,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 			p.redis.Run(redisCtx)
 		}
 	}()
+	tagsDone := make(chan struct{})
+	go func() {
+		defer close(tagsDone)
+		p.badTags.Run(redisCtx)
+	}()
 	g.Go(func() error { return serve(p.api, p.apiLn) })
 	if p.admin != nil {
 		g.Go(func() error { return serve(p.admin, p.adminLn) })
@@ -486,6 +506,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	p.cache.Close()
 	stopRedis() // after the last write-back was queued: Run flushes it
 	<-redisDone
+	<-tagsDone
 	if p.rclient != nil {
 		p.rclient.Close()
 	}

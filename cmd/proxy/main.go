@@ -115,6 +115,8 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.StringVar(&cfg.CallbackPath, "callback-path", "/im/callback", "path on the API listener receiving the upstream's Profile.CallbackPortraitSet (\"-\" disables)")
 	fs.StringVar(&cfg.CallbackToken, "callback-token", "", "callback authentication token: callbacks must carry Sign = hex(SHA-256(token+RequestTime)) and their values are applied (without it, callbacks only drop the changed tags); prefer env PROXY_CALLBACK_TOKEN")
 	fs.DurationVar(&cfg.ClockSkew, "clock-skew", time.Second, "how far the upstream's and the replicas' clocks may be apart (orders cached values against changes)")
+	customTags := fs.String("custom-tags", "", "comma list of the custom tags the app configured: any other custom tag is answered 40009 without a call (empty: learn the tags the upstream refuses)")
+	fs.DurationVar(&cfg.BadTagTTL, "bad-tag-ttl", 10*time.Minute, "how long a tag the upstream refused (40009, 40007, 40801) is answered at once without a call")
 	fs.BoolVar(&cfg.Demo, "demo", false, "run the built-in IM emulator as the upstream (what make run uses)")
 	fs.DurationVar(&cfg.DemoLatency, "demo-latency", 20*time.Millisecond, "the demo emulator's added latency")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
@@ -149,6 +151,14 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	}
 	if *defaultTags != "" {
 		cfg.DefaultTags = strings.Split(*defaultTags, ",")
+	}
+	if *customTags != "" {
+		cfg.CustomTags = []string{}
+		for _, t := range strings.Split(*customTags, ",") {
+			if t = strings.TrimSpace(t); t != "" {
+				cfg.CustomTags = append(cfg.CustomTags, t)
+			}
+		}
 	}
 	return cfg, logLevel, logFormat, nil
 }

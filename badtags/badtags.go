@@ -1,0 +1,347 @@
+// Package badtags remembers, per app, the tags the upstream refuses, so a
+// request asking for one is answered at once with the upstream's code and
+// never costs a call.
+//
+// The upstream refuses a whole portrait_get call when one of its tags does
+// not exist (40009: a custom tag the app never configured), may not be read
+// (40007) or is not a valid name (40801). The batcher isolates such a
+// refusal to the callers who asked for the tag and tells a Set which tag it
+// was (Learn); from then on, for TTL, Check answers requests naming it
+// with the same code before they reach the cache path. A tag is learned
+// only from the upstream's own answer, so a tag the app configures later is
+// served again at the latest TTL after.
+//
+// With a Redis client, learned tags are shared: written to one hash per app
+// (pp:v2:<sdkappid>:badtags, field = tag, value = code, expiry and the
+// upstream's text) and announced on a channel of the same name, so every
+// replica learns at once; Run follows the channel and reads the whole hash
+// whenever it (re)subscribes. Everything read from Redis is checked as an
+// outside input: a malformed entry, a code that is not a tag refusal, a
+// name that is not a tag or an expiry past TTL from now is ignored or
+// clamped, and at most Max tags are held.
+//
+// Optionally the app's configured custom tags are given (Custom): then a
+// custom tag outside them is answered 40009 locally without learning.
+//
+// A Set is safe for concurrent use; Check is lock-free. The zero value is
+// not usable: create one with New.
+package badtags
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/portrait-proxy/portrait-proxy/metrics"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+)
+
+// Config configures a Set. Every field is optional.
+type Config struct {
+	// Custom, when not nil, lists the custom tags the app configured: any
+	// other custom tag is refused with 40009. Nil means learn from the
+	// upstream.
+	Custom []string
+	// TTL is how long a learned tag is refused. Zero means 10 minutes.
+	TTL time.Duration
+	// Max bounds the tags remembered. Zero means 1024.
+	Max int
+	// Client, if set, shares learned tags with every replica on it;
+	// SDKAppID is then required (it names the key).
+	Client   redis.UniversalClient
+	SDKAppID uint64
+	// Timeout bounds one Redis command. Zero means 250ms.
+	Timeout time.Duration
+	Metrics *metrics.Metrics
+	Now     func() time.Time
+}
+
+// Refusal is a tag's remembered refusal.
+type Refusal struct {
+	Code  int
+	Info  string
+	Until time.Time
+}
+
+// maxInfo caps the remembered text of a refusal.
+const maxInfo = 200
+
+// Set holds the refused tags of one app.
+type Set struct {
+	cfg    Config
+	m      *metrics.Metrics
+	custom map[string]bool // nil: learn
+	key    string
+
+	mu      sync.Mutex                         // serialises writers of learned
+	learned atomic.Pointer[map[string]Refusal] // immutable; replaced on change
+	out     chan string                        // tags to share, drained by Run
+}
+
+// New validates cfg and returns a Set.
+func New(cfg Config) (*Set, error) {
+	if cfg.TTL <= 0 {
+		cfg.TTL = 10 * time.Minute
+	}
+	if cfg.Max <= 0 {
+		cfg.Max = 1024
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 250 * time.Millisecond
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = metrics.New(prometheus.NewRegistry())
+	}
+	s := &Set{cfg: cfg, m: cfg.Metrics, out: make(chan string, 64)}
+	if cfg.Custom != nil {
+		s.custom = map[string]bool{}
+		for _, t := range cfg.Custom {
+			if !upstream.ValidTag(t) || upstream.IsStandardTag(t) {
+				return nil, fmt.Errorf("badtags: %q is not a custom tag name (Tag_Profile_Custom_ + 1-8 letters)", t)
+			}
+			s.custom[t] = true
+		}
+	}
+	if cfg.Client != nil {
+		if cfg.SDKAppID == 0 {
+			return nil, errors.New("badtags: Config.SDKAppID is required with a Redis client")
+		}
+		s.key = "pp:v2:" + strconv.FormatUint(cfg.SDKAppID, 10) + ":badtags"
+	}
+	s.learned.Store(&map[string]Refusal{})
+	return s, nil
+}
+
+// refusable reports whether code is a refusal of a tag that may be learned.
+func refusable(code int) bool {
+	switch code {
+	case upstream.CodeTagNotExist, upstream.CodeTagNoPermission, upstream.CodeInvalidTag:
+		return true
+	}
+	return false
+}
+
+// Check returns the refusal of the first tag of tags that is refused: a
+// custom tag outside Custom (40009), or a learned tag still within its TTL.
+// ok is false when every tag may be asked for.
+func (s *Set) Check(tags []string) (code int, info string, ok bool) {
+	learned := *s.learned.Load()
+	if s.custom == nil && len(learned) == 0 {
+		return 0, "", false
+	}
+	now := s.cfg.Now()
+	for _, t := range tags {
+		if s.custom != nil && !s.custom[t] && !upstream.IsStandardTag(t) {
+			s.m.RefusedTags.WithLabelValues(metrics.RefusedConfigured).Inc()
+			return upstream.CodeTagNotExist, "tag does not exist: " + t + " (not one of the app's custom tags, -custom-tags)", true
+		}
+		if r, found := learned[t]; found && now.Before(r.Until) {
+			s.m.RefusedTags.WithLabelValues(metrics.RefusedLearned).Inc()
+			return r.Code, "upstream: " + r.Info, true
+		}
+	}
+	return 0, "", false
+}
+
+// Refused reports whether tag is refused (configured or learned).
+func (s *Set) Refused(tag string) bool {
+	_, _, ok := s.Check([]string{tag})
+	return ok
+}
+
+// Learn remembers that the upstream refused tag with code and info, for
+// TTL, and shares it with the other replicas (through Run). Codes other
+// than tag refusals are ignored.
+func (s *Set) Learn(tag string, code int, info string) {
+	if !refusable(code) || !upstream.ValidTag(tag) {
+		return
+	}
+	if !s.add(tag, Refusal{Code: code, Info: clip(info), Until: s.cfg.Now().Add(s.cfg.TTL)}) {
+		return
+	}
+	if s.key != "" {
+		select {
+		case s.out <- tag:
+		default: // Redis is behind: the others learn from the upstream themselves
+		}
+	}
+}
+
+func clip(info string) string {
+	if len(info) > maxInfo {
+		info = info[:maxInfo]
+	}
+	return strings.ToValidUTF8(info, "")
+}
+
+// add stores r for tag unless an entry lasting as long is there or the set
+// is full; it reports whether it stored.
+func (s *Set) add(tag string, r Refusal) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := *s.learned.Load()
+	if cur, ok := old[tag]; ok && !cur.Until.Before(r.Until) {
+		return false
+	}
+	now := s.cfg.Now()
+	next := make(map[string]Refusal, len(old)+1)
+	for t, v := range old {
+		if now.Before(v.Until) {
+			next[t] = v
+		}
+	}
+	if _, ok := next[tag]; !ok && len(next) >= s.cfg.Max {
+		return false
+	}
+	next[tag] = r
+	s.learned.Store(&next)
+	s.m.LearnedTags.Set(float64(len(next)))
+	return true
+}
+
+// Learned returns the tags learned and still refused, sorted.
+func (s *Set) Learned() []string {
+	now := s.cfg.Now()
+	var out []string
+	for t, r := range *s.learned.Load() {
+		if now.Before(r.Until) {
+			out = append(out, t)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Shared-entry encoding: "<code>|<until, Unix ms>|<info>".
+func encode(r Refusal) string {
+	return strconv.Itoa(r.Code) + "|" + strconv.FormatInt(r.Until.UnixMilli(), 10) + "|" + r.Info
+}
+
+// decode checks an entry read from Redis; the expiry is clamped to TTL
+// from now (an entry from the future is not trusted for longer).
+func (s *Set) decode(tag, v string) (Refusal, bool) {
+	code, rest, ok1 := strings.Cut(v, "|")
+	until, info, ok2 := strings.Cut(rest, "|")
+	c, err1 := strconv.Atoi(code)
+	u, err2 := strconv.ParseInt(until, 10, 64)
+	if !ok1 || !ok2 || err1 != nil || err2 != nil || !refusable(c) || !upstream.ValidTag(tag) {
+		return Refusal{}, false
+	}
+	now := s.cfg.Now()
+	r := Refusal{Code: c, Info: clip(info), Until: time.UnixMilli(u)}
+	if lim := now.Add(s.cfg.TTL); r.Until.After(lim) {
+		r.Until = lim
+	}
+	if !now.Before(r.Until) {
+		return Refusal{}, false
+	}
+	return r, true
+}
+
+// Run shares learned tags through Redis until ctx ends: it writes and
+// announces what this replica learns, follows what others announce, and
+// reads the whole hash when it (re)subscribes. Without a client it returns
+// at once. Redis errors are retried; Run returns nil.
+func (s *Set) Run(ctx context.Context) error {
+	if s.key == "" {
+		return nil
+	}
+	ps := s.cfg.Client.Subscribe(ctx, s.key)
+	defer ps.Close()
+	msgs := make(chan *redis.Message)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			msg, err := ps.Receive(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				select { // the next Receive reconnects; do not spin while Redis is away
+				case <-ctx.Done():
+					return
+				case <-time.After(250 * time.Millisecond):
+				}
+				continue
+			}
+			switch m := msg.(type) {
+			case *redis.Subscription:
+				if m.Kind == "subscribe" {
+					s.reload(ctx)
+				}
+			case *redis.Message:
+				select {
+				case msgs <- m:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}
+	}()
+	defer wg.Wait()
+	for {
+		select {
+		case <-ctx.Done():
+			ps.Close()
+			return nil
+		case tag := <-s.out:
+			s.share(ctx, tag)
+		case m := <-msgs:
+			tag, v, _ := strings.Cut(m.Payload, "\x00")
+			if r, ok := s.decode(tag, v); ok {
+				s.add(tag, r)
+			}
+		}
+	}
+}
+
+// share writes tag's refusal to the hash and announces it, in one round trip.
+func (s *Set) share(ctx context.Context, tag string) {
+	r, ok := (*s.learned.Load())[tag]
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
+	defer cancel()
+	v := encode(r)
+	_, err := s.cfg.Client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.HSet(ctx, s.key, tag, v)
+		p.PExpire(ctx, s.key, s.cfg.TTL)
+		p.Publish(ctx, s.key, tag+"\x00"+v)
+		return nil
+	})
+	if err != nil {
+		s.m.RedisErrors.WithLabelValues("badtags").Inc()
+	}
+}
+
+// reload reads every shared entry (after a (re)subscription: announcements
+// may have been missed).
+func (s *Set) reload(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
+	defer cancel()
+	all, err := s.cfg.Client.HGetAll(ctx, s.key).Result()
+	if err != nil {
+		s.m.RedisErrors.WithLabelValues("badtags").Inc()
+		return
+	}
+	for tag, v := range all {
+		if r, ok := s.decode(tag, v); ok {
+			s.add(tag, r)
+		}
+	}
+}

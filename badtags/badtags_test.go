@@ -1,0 +1,157 @@
+package badtags
+
+import (
+	"context"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
+
+	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) Now() time.Time      { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) Add(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
+
+func TestConfiguredCustomTags(t *testing.T) {
+	s, err := New(Config{Custom: []string{"Tag_Profile_Custom_Test"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, bad := s.Check([]string{"Tag_Profile_IM_Nick", "Tag_Profile_Custom_Test"}); bad {
+		t.Fatal("configured and standard tags refused")
+	}
+	code, info, bad := s.Check([]string{"Tag_Profile_IM_Nick", "Tag_Profile_Custom_Nope"})
+	if !bad || code != upstream.CodeTagNotExist || !strings.Contains(info, "Tag_Profile_Custom_Nope") {
+		t.Fatalf("unconfigured custom tag: %d %q %v", code, info, bad)
+	}
+	if _, err := New(Config{Custom: []string{"Tag_Profile_IM_Nick"}}); err == nil {
+		t.Fatal("a standard tag accepted as a custom one")
+	}
+	if _, err := New(Config{Custom: []string{"Tag_Profile_Custom_Toolongname"}}); err == nil {
+		t.Fatal("an invalid custom tag accepted")
+	}
+}
+
+func TestLearnTTLAndBounds(t *testing.T) {
+	clk := &clock{t: time.Unix(1_700_000_000, 0)}
+	s, _ := New(Config{TTL: time.Minute, Max: 3, Now: clk.Now})
+	s.Learn("Tag_Profile_Custom_Nope", 40009, "tag does not exist: Tag_Profile_Custom_Nope")
+	s.Learn("Tag_Profile_Custom_Odd", upstream.CodeInternal, "not a tag refusal") // ignored
+	s.Learn("not a tag", 40009, "x")                                              // ignored
+	code, info, bad := s.Check([]string{"Tag_Profile_IM_Nick", "Tag_Profile_Custom_Nope"})
+	if !bad || code != 40009 || !strings.Contains(info, "Tag_Profile_Custom_Nope") {
+		t.Fatalf("learned tag: %d %q %v", code, info, bad)
+	}
+	if got := s.Learned(); len(got) != 1 {
+		t.Fatalf("learned %v", got)
+	}
+	for _, tag := range []string{"Tag_Profile_Custom_A", "Tag_Profile_Custom_B", "Tag_Profile_Custom_C"} {
+		s.Learn(tag, 40007, strings.Repeat("x", 10_000))
+	}
+	if got := s.Learned(); len(got) != 3 {
+		t.Fatalf("Max 3 not held: %v", got)
+	}
+	if _, info, _ := s.Check([]string{"Tag_Profile_Custom_A"}); len(info) > maxInfo+20 {
+		t.Fatalf("info not clipped: %d bytes", len(info))
+	}
+	clk.Add(time.Minute)
+	if _, _, bad := s.Check([]string{"Tag_Profile_Custom_Nope", "Tag_Profile_Custom_A"}); bad {
+		t.Fatal("refused past TTL")
+	}
+}
+
+func newClient(t *testing.T, srv *redistest.Server) redis.UniversalClient {
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func run(t *testing.T, s *Set) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
+// eventually polls cond until it holds (no timing claim: a bound for hangs).
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(2 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("never: %s", what)
+		}
+	}
+}
+
+// TestSharedThroughRedis: a tag learned on one replica is refused by
+// another at once (announced), and by a replica that starts later (read
+// from the hash).
+func TestSharedThroughRedis(t *testing.T) {
+	srv := redistest.Start(t)
+	a, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000})
+	b, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000})
+	other, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000001})
+	run(t, a)
+	run(t, b)
+	run(t, other)
+	eventually(t, "b subscribed", func() bool {
+		n, _ := newClient(t, srv).PubSubNumSub(context.Background(), "pp:v2:1400000000:badtags").Result()
+		return n["pp:v2:1400000000:badtags"] == 2
+	})
+	a.Learn("Tag_Profile_Custom_Nope", 40009, "tag does not exist: Tag_Profile_Custom_Nope")
+	eventually(t, "b learns", func() bool { return b.Refused("Tag_Profile_Custom_Nope") })
+	late, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000})
+	run(t, late)
+	eventually(t, "a replica started later learns", func() bool { return late.Refused("Tag_Profile_Custom_Nope") })
+	if other.Refused("Tag_Profile_Custom_Nope") {
+		t.Fatal("another app learned this app's tag")
+	}
+}
+
+// TestForgedRedisEntries: entries and announcements that do not decode,
+// carry a code that is not a tag refusal, name no tag, or claim to last
+// past TTL are ignored or clamped.
+func TestForgedRedisEntries(t *testing.T) {
+	srv := redistest.Start(t)
+	c := newClient(t, srv)
+	ctx := context.Background()
+	key := "pp:v2:1400000000:badtags"
+	future := strconv.FormatInt(time.Now().Add(1000*time.Hour).UnixMilli(), 10)
+	c.HSet(ctx, key,
+		"Tag_Profile_Custom_Ok", "40009|"+future+"|tag does not exist",
+		"Tag_Profile_Custom_Code", "40006|"+future+"|internal",
+		"Not_A_Tag", "40009|"+future+"|x",
+		"Tag_Profile_Custom_Junk", "garbage",
+		"Tag_Profile_Custom_Past", "40009|1|expired",
+		"Tag_Profile_Custom_Huge", "40007|"+future+"|"+strings.Repeat("y", 1<<20))
+	s, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, TTL: time.Minute})
+	run(t, s)
+	eventually(t, "the valid entry read", func() bool { return s.Refused("Tag_Profile_Custom_Ok") })
+	c.Publish(ctx, key, "Tag_Profile_Custom_Pub\x0040009|"+future+"|announced")
+	c.Publish(ctx, key, "no separator at all")
+	c.Publish(ctx, key, "Tag_Profile_Custom_Bad\x0070009|"+future+"|wrong code")
+	eventually(t, "the valid announcement read", func() bool { return s.Refused("Tag_Profile_Custom_Pub") })
+	got := s.Learned()
+	want := []string{"Tag_Profile_Custom_Huge", "Tag_Profile_Custom_Ok", "Tag_Profile_Custom_Pub"}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("learned %v, want %v", got, want)
+	}
+	for _, r := range *s.learned.Load() {
+		if r.Until.After(time.Now().Add(time.Minute+time.Second)) || len(r.Info) > maxInfo {
+			t.Fatalf("entry not clamped: %+v", r)
+		}
+	}
+}
