@@ -579,6 +579,10 @@ func (c *Cache) recordOf(res batcher.Result, now time.Time) *Record {
 	switch upstream.Classify(it.ResultCode) {
 	case upstream.KindOK:
 	case upstream.KindNotFound:
+		if cls := upstream.NoDataClass(it.ResultCode); cls != 0 {
+			// No data of one tag class: per class, never account-wide.
+			return noDataRecord(cls, it.ResultInfo, ver, now.Add(c.cfg.NegativeTTL))
+		}
 		return &Record{NotFoundCode: it.ResultCode, NotFoundInfo: it.ResultInfo, NotFoundUntil: now.Add(c.cfg.NegativeTTL), NotFoundVer: ver}
 	default:
 		return nil
@@ -629,6 +633,9 @@ func (c *Cache) failed(account string, tags []string, err error, known *Record) 
 func pick(account string, rec *Record, tags []string, now time.Time) upstream.UserProfile {
 	if rec.NotFoundCode != 0 && now.Before(rec.NotFoundUntil) {
 		return upstream.UserProfile{ToAccount: account, ProfileItem: []upstream.ProfileItem{}, ResultCode: rec.NotFoundCode, ResultInfo: rec.NotFoundInfo}
+	}
+	if it, ok := rec.noDataItem(account, tags, now); ok {
+		return it
 	}
 	items := make([]upstream.ProfileItem, 0, len(tags))
 	for _, t := range tags {

@@ -146,7 +146,17 @@ func (r *Record) state(tags []string, now time.Time) state {
 		return stateNotFound
 	}
 	st := stateFresh
+	var std, custom bool // a "no data" marker of the class applies (see nodata.go)
+	if r.hasMarker() {
+		_, std = r.noData(upstream.ClassStandard, now)
+		_, custom = r.noData(upstream.ClassCustom, now)
+	}
+	covered := false
 	for _, t := range tags {
+		if std && upstream.IsStandardTag(t) || custom && !upstream.IsStandardTag(t) {
+			covered = true
+			continue
+		}
 		v, ok := r.Tag(t)
 		switch {
 		case !ok || !now.Before(v.Stale):
@@ -155,7 +165,20 @@ func (r *Record) state(tags []string, now time.Time) state {
 			st = stateStale
 		}
 	}
+	if covered {
+		return stateNotFound // answered by the marker (pick)
+	}
 	return st
+}
+
+// hasMarker reports whether r holds a "no data" marker (nodata.go).
+func (r *Record) hasMarker() bool {
+	for i := range r.Tags {
+		if isMarker(r.Tags[i].Tag) {
+			return true
+		}
+	}
+	return false
 }
 
 // merge returns a new record: old's tags overlaid with those of upd's that

@@ -238,6 +238,7 @@ func (r *Redis) sendClaims(batch []*claim) {
 }
 
 func fieldsOf(tags []string) []string {
+	tags = readTags(tags)
 	fields := make([]string, 0, len(tags)+1)
 	for _, t := range tags {
 		fields = append(fields, fieldOf(t))
@@ -773,6 +774,7 @@ func decodeNeg(s string, rec *Record) bool {
 // nil when nothing usable came back. Entries that do not decode are
 // ignored (treated as misses), never served.
 func decodeRecord(tags []string, vals []any) *Record {
+	tags = readTags(tags)
 	var rec *Record
 	for i, t := range tags {
 		s, ok := vals[i].(string)

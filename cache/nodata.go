@@ -1,0 +1,103 @@
+package cache
+
+import (
+	"encoding/json"
+	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/upstream"
+)
+
+// "No data of this class" (issue 14). The upstream answers 40807 for an
+// account that holds no standard profile data and 40809 for one that holds
+// no custom data. That is a fact about one tag class of an account, not
+// about the account: it is cached as a marker entry next to the account's
+// tags — "!s" for standard, "!c" for custom — and never as the
+// account-wide negative entry (which only "no such account", 40003, is).
+//
+// A marker is an ordinary fetched, unset entry (so every tier orders it by
+// the rules of supersedes, the Redis script included, unchanged): its Ver is
+// the fetch's send time, its Fresh and Stale are when NegativeTTL ends, and
+// its Value is the upstream's ResultInfo as a JSON string. It answers a tag
+// of its class while it is live and no entry of that class in the record is
+// newer than it (a later value of the class means the account has data of
+// it again). Tags of the other class are never affected.
+
+// Marker entries of the two classes.
+const (
+	markerStd    = "!s"
+	markerCustom = "!c"
+)
+
+func isMarker(tag string) bool { return tag == markerStd || tag == markerCustom }
+
+func markerOf(cls upstream.TagClass) string {
+	if cls == upstream.ClassStandard {
+		return markerStd
+	}
+	return markerCustom
+}
+
+func classCode(cls upstream.TagClass) int {
+	if cls == upstream.ClassStandard {
+		return upstream.CodeNoStdData
+	}
+	return upstream.CodeNoCustomData
+}
+
+// readTags is what a tier reads for tags: tags and the markers of their
+// classes.
+func readTags(tags []string) []string {
+	cls := upstream.ClassesOf(tags)
+	out := make([]string, len(tags), len(tags)+2)
+	copy(out, tags)
+	if cls&upstream.ClassStandard != 0 {
+		out = append(out, markerStd)
+	}
+	if cls&upstream.ClassCustom != 0 {
+		out = append(out, markerCustom)
+	}
+	return out
+}
+
+// noDataRecord is the record of a fetch sent at ver answered "no data of
+// class cls" (code, info).
+func noDataRecord(cls upstream.TagClass, info string, ver int64, until time.Time) *Record {
+	v, _ := json.Marshal(info)
+	return &Record{Tags: []TagValue{{Tag: markerOf(cls), Value: v, Origin: FromFetch, Ver: ver, Fresh: until, Stale: until}}}
+}
+
+// noData returns the live marker of class cls that applies to r, if any.
+func (r *Record) noData(cls upstream.TagClass, now time.Time) (TagValue, bool) {
+	m, ok := r.Tag(markerOf(cls))
+	if !ok || !now.Before(m.Stale) {
+		return TagValue{}, false
+	}
+	for _, v := range r.Tags {
+		if !isMarker(v.Tag) && upstream.ClassOf(v.Tag) == cls && v.Ver > m.Ver {
+			return TagValue{}, false
+		}
+	}
+	return m, true
+}
+
+// noDataItem returns the item answering tags when a live marker covers one
+// of them: 40807 if a standard tag is covered (the upstream checks standard
+// data first), else 40809.
+func (r *Record) noDataItem(account string, tags []string, now time.Time) (upstream.UserProfile, bool) {
+	if r == nil {
+		return upstream.UserProfile{}, false
+	}
+	asked := upstream.ClassesOf(tags)
+	for _, cls := range []upstream.TagClass{upstream.ClassStandard, upstream.ClassCustom} {
+		if asked&cls == 0 {
+			continue
+		}
+		if m, ok := r.noData(cls, now); ok {
+			var info string
+			json.Unmarshal(m.Value, &info)
+			return upstream.UserProfile{ToAccount: account, ProfileItem: []upstream.ProfileItem{},
+				ResultCode: classCode(cls), ResultInfo: info}, true
+		}
+	}
+	return upstream.UserProfile{}, false
+}
