@@ -8,6 +8,7 @@
 //
 //	loadgen -scenario cold -callers 1000 -duration 10s
 //	loadgen -scenario lowload
+//	loadgen -scenario poisoned -duration 5s
 //	loadgen -scenario all
 package main
 
@@ -59,7 +60,7 @@ type options struct {
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
 	var o options
-	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot, replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas) or all")
+	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot, replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas), poisoned (one caller asking for unconfigured tags among 200 cold callers) or all")
 	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
@@ -138,6 +139,8 @@ func runScenario(o options, out io.Writer) error {
 		return hot(o, out)
 	case "direct":
 		return direct(o, out)
+	case "poisoned":
+		return poisoned(o, out)
 	case "replicas":
 		if err := coldReplicas(o, out, 1); err != nil {
 			return err
@@ -172,7 +175,10 @@ func runScenario(o options, out io.Writer) error {
 		if err := outage(o, out); err != nil {
 			return err
 		}
-		return fresh(o, out)
+		if err := fresh(o, out); err != nil {
+			return err
+		}
+		return poisoned(o, out)
 	}
 	return fmt.Errorf("unknown scenario %q", o.scenario)
 }
