@@ -185,6 +185,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	for _, c := range []string{IsolateTag, IsolateAccount, IsolateClass} {
 		m.IsolationCalls.WithLabelValues(c)
 	}
+	m.RedisErrors.WithLabelValues("badtags")
 	m.RefusedTags.WithLabelValues(RefusedLearned)
 	m.RefusedTags.WithLabelValues(RefusedConfigured)
 	reg.MustRegister(m.IsolationCalls, m.RefusedTags, m.LearnedTags)
