@@ -136,29 +136,39 @@ func refusable(code int) bool {
 // Check returns the refusal of the first tag of tags that is refused: a
 // custom tag outside Custom (40009), or a learned tag still within its TTL.
 // ok is false when every tag may be asked for.
+// Each refusal Check finds is counted in refused_tag_requests_total.
 func (s *Set) Check(tags []string) (code int, info string, ok bool) {
+	code, info, source := s.check(tags)
+	if source == "" {
+		return 0, "", false
+	}
+	s.m.RefusedTags.WithLabelValues(source).Inc()
+	return code, info, true
+}
+
+// check is Check without counting: source is "" when no tag is refused.
+func (s *Set) check(tags []string) (code int, info, source string) {
 	learned := *s.learned.Load()
 	if s.custom == nil && len(learned) == 0 {
-		return 0, "", false
+		return 0, "", ""
 	}
 	now := s.cfg.Now()
 	for _, t := range tags {
 		if s.custom != nil && !s.custom[t] && !upstream.IsStandardTag(t) {
-			s.m.RefusedTags.WithLabelValues(metrics.RefusedConfigured).Inc()
-			return upstream.CodeTagNotExist, "tag does not exist: " + t + " (not one of the app's custom tags, -custom-tags)", true
+			return upstream.CodeTagNotExist, "tag does not exist: " + t + " (not one of the app's custom tags, -custom-tags)", metrics.RefusedConfigured
 		}
 		if r, found := learned[t]; found && now.Before(r.Until) {
-			s.m.RefusedTags.WithLabelValues(metrics.RefusedLearned).Inc()
-			return r.Code, "upstream: " + r.Info, true
+			return r.Code, "upstream: " + r.Info, metrics.RefusedLearned
 		}
 	}
-	return 0, "", false
+	return 0, "", ""
 }
 
-// Refused reports whether tag is refused (configured or learned).
+// Refused reports whether tag is refused (configured or learned), without
+// counting a request.
 func (s *Set) Refused(tag string) bool {
-	_, _, ok := s.Check([]string{tag})
-	return ok
+	_, _, source := s.check([]string{tag})
+	return source != ""
 }
 
 // Learn remembers that the upstream refused tag with code and info, for

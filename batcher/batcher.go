@@ -630,7 +630,7 @@ func (b *Batcher) retry(batch []*entry, form formed, err error, reason string) {
 	}
 	if len(again) > 0 {
 		b.m.UpstreamRetries.WithLabelValues(reason).Add(float64(len(again)))
-		b.requeueReady(formed{entries: again, bare: form.bare, cause: form.cause})
+		b.requeueReady(formed{entries: again, bare: form.bare, cause: form.cause, blamed: form.blamed})
 	}
 }
 

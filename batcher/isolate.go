@@ -27,7 +27,8 @@ import (
 // account) belongs to the callers who asked for it: they get the upstream's
 // code, with their own tags (or account) named in ErrorInfo. Every part
 // is an ordinary call under the limiter. One offending tag set among g
-// costs at most 2·⌈log₂ g⌉ + 1 calls, one offending account among n at most
+// costs at most 2·⌈log₂ g⌉ + 2 calls after the refused one (one, without
+// DefaultTags, when g is 1), one offending account among n at most
 // 2·⌈log₂ n⌉: logarithmic in the batch, never a call per caller. Each is
 // counted in isolation_calls_total.
 

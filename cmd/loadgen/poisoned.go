@@ -184,7 +184,7 @@ func (r *report) writePoisoned(p func(string, ...any)) {
 	}
 	if len(r.poisoned) == 2 && r.poisoned[1].offenderRequests > 0 {
 		x := r.poisoned[1]
-		p("\nIsolation cost %.2f calls per refused tag (bound: 2·⌈log₂ tag sets⌉ + 1 per refused call), %.1f %% of the calls;\n",
+		p("\nIsolation cost %.2f calls per refused tag (bound: 2·⌈log₂ tag sets⌉ + 2 per refused call), %.1f %% of the calls;\n",
 			x.isolation/float64(x.offenderRequests), 100*x.isolation/float64(max(1, x.calls)))
 		p("good lookups/s with the poisoned caller are %.1f %% of those without.\n\n", 100*x.rate/max(1, r.poisoned[0].rate))
 	}
