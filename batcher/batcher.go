@@ -122,6 +122,11 @@ type Config struct {
 	// Tags, if set, learns the tags the upstream refuses (see isolate);
 	// known ones are left out of DefaultTags.
 	Tags TagLearner
+	// RejectTTL is how long an account the upstream refused a whole call
+	// for (60015, 40001, once isolated) is refused again at once for the
+	// same tags, so repeating the request does not cost the isolation
+	// again. Zero means 30s; negative means never.
+	RejectTTL time.Duration
 	// Metrics, if nil, go to a private registry.
 	Metrics *metrics.Metrics
 	// Now is the clock; nil means time.Now.
@@ -228,6 +233,8 @@ type Batcher struct {
 	queued  int               // accounts in queue and ready
 	closed  bool
 
+	rejected rejections
+
 	callCtx   context.Context
 	inflight  sync.WaitGroup
 	latency   atomic.Int64 // moving average of call duration, ns
@@ -269,6 +276,9 @@ func New(cfg Config) (*Batcher, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.RejectTTL == 0 {
+		cfg.RejectTTL = 30 * time.Second
+	}
 	m := cfg.Metrics
 	if m == nil {
 		m = metrics.New(prometheusRegistry())
@@ -296,6 +306,9 @@ func (b *Batcher) poke() {
 // shutdown, and otherwise the call's error when no per-account answer
 // could be had (an *upstream.Error, ErrMissing).
 func (b *Batcher) Load(ctx context.Context, account string, tags []string) (Result, error) {
+	if err := b.rejected.get(account, tags, b.now()); err != nil {
+		return Result{}, err
+	}
 	w := &waiter{ctx: ctx, tags: tags, done: make(chan outcome, 1)}
 	b.mu.Lock()
 	if b.closed {

@@ -4,6 +4,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
@@ -203,7 +205,11 @@ func (b *Batcher) refuse(batch []*entry, ue *upstream.Error, byTags, byAccounts 
 			if byAccounts && len(batch) == 1 && !strings.Contains(info, e.account) {
 				info += " (To_Account " + strconv.Quote(e.account) + ")"
 			}
-			w.done <- outcome{err: &upstream.Error{Kind: ue.Kind, Code: ue.Code, Info: info}}
+			err := &upstream.Error{Kind: ue.Kind, Code: ue.Code, Info: info}
+			if byAccounts && len(batch) == 1 && b.cfg.RejectTTL > 0 {
+				b.rejected.put(e.account, w.tags, err, b.now(), b.cfg.RejectTTL)
+			}
+			w.done <- outcome{err: err}
 		}
 		e.waiters = nil
 	}
@@ -289,4 +295,59 @@ func (b *Batcher) unconcerned(e *entry, cls upstream.TagClass, o outcome) *entry
 		ne.addTags(w.tags)
 	}
 	return ne
+}
+
+// rejections remembers, per account and tag set, the refusals isolation
+// pinned on an account, until their time. The zero value is ready.
+type rejections struct {
+	mu sync.Mutex
+	m  map[string]rejection
+}
+
+type rejection struct {
+	err   error
+	until time.Time
+}
+
+// maxRejections bounds the remembered refusals; when full, expired ones
+// are dropped, and if none is, all are.
+const maxRejections = 10_000
+
+func rejectionKey(account string, tags []string) string { return account + "\x01" + tagKey(tags) }
+
+func (r *rejections) get(account string, tags []string, now time.Time) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.m) == 0 {
+		return nil
+	}
+	k := rejectionKey(account, tags)
+	x, ok := r.m[k]
+	if !ok {
+		return nil
+	}
+	if !now.Before(x.until) {
+		delete(r.m, k)
+		return nil
+	}
+	return x.err
+}
+
+func (r *rejections) put(account string, tags []string, err error, now time.Time, ttl time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.m == nil {
+		r.m = map[string]rejection{}
+	}
+	if len(r.m) >= maxRejections {
+		for k, x := range r.m {
+			if !now.Before(x.until) {
+				delete(r.m, k)
+			}
+		}
+		if len(r.m) >= maxRejections {
+			clear(r.m)
+		}
+	}
+	r.m[rejectionKey(account, tags)] = rejection{err, now.Add(ttl)}
 }

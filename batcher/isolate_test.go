@@ -7,7 +7,9 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -293,5 +295,33 @@ func TestCulprit(t *testing.T) {
 		if got := culprit(&upstream.Error{Code: tc.code, Info: tc.info}, tc.tags); got != tc.want {
 			t.Errorf("culprit(%d %q, %v) = %q, want %q", tc.code, tc.info, tc.tags, got, tc.want)
 		}
+	}
+}
+
+// TestRejectedAccountRemembered: once isolation pinned a refusal on an
+// account, the same lookup is refused at once for RejectTTL, without a
+// call; other tags and, after RejectTTL, the same ones are asked again.
+func TestRejectedAccountRemembered(t *testing.T) {
+	up := &fakeUpstream{fn: picky(nil, "bad.id")}
+	var now atomic.Int64
+	now.Store(time.Unix(1_700_000_000, 0).UnixNano())
+	g := newGate()
+	h := start(t, Config{Upstream: up, Limiter: g, RejectTTL: time.Minute, Now: func() time.Time { return time.Unix(0, now.Load()) }})
+	feed(t, g)
+	for i := range 3 {
+		_, err := h.b.Load(context.Background(), "bad.id", []string{"Tag_Profile_IM_Nick"})
+		var ue *upstream.Error
+		if !errors.As(err, &ue) || ue.Code != 60015 || !strings.Contains(ue.Info, "bad.id") {
+			t.Fatalf("lookup %d: %v", i, err)
+		}
+	}
+	if n := len(up.Calls()); n != 1 {
+		t.Fatalf("%d calls: a remembered refusal must cost none", n)
+	}
+	h.b.Load(context.Background(), "bad.id", []string{"Tag_Profile_IM_Gender"})
+	now.Add(int64(time.Minute))
+	h.b.Load(context.Background(), "bad.id", []string{"Tag_Profile_IM_Nick"})
+	if n := len(up.Calls()); n != 3 {
+		t.Fatalf("%d calls, want 3 (other tags, then past RejectTTL)", n)
 	}
 }

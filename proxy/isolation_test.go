@@ -135,7 +135,7 @@ func TestPoisonedTagCallerIsolated(t *testing.T) {
 // TestRejectedAccountCallerIsolated: 200 good callers next to one naming
 // an account id the upstream refuses the whole call for (40001). No good
 // caller fails; the offender gets 40001 naming its account; isolation
-// costs calls logarithmic in the batch.
+// costs calls logarithmic in the batch, once.
 func TestRejectedAccountCallerIsolated(t *testing.T) {
 	r := start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: -1, RejectAccounts: []string{"bad.id"}}},
 		proxy.Config{BatchWindow: 5 * time.Millisecond})
@@ -156,8 +156,12 @@ func TestRejectedAccountCallerIsolated(t *testing.T) {
 			t.Fatalf("offender got %d %q", out.ErrorCode, out.ErrorInfo)
 		}
 	}
-	// Per refused call at most 2·⌈log2 100⌉ isolation calls.
+	// One isolation, at most 2·⌈log2 100⌉ calls; then the account is
+	// remembered (-negative-ttl) and the offender's repeats cost nothing.
 	st := sim(r).Stats()
+	if st.Rejected > 1+7 {
+		t.Fatalf("%d refused calls: a rejected account must be isolated once", st.Rejected)
+	}
 	t.Logf("upstream calls %d (refused %d), isolation calls %v, offender answers %d", st.Calls, st.Rejected, isolationCalls(r, metrics.IsolateAccount), len(offended))
 	if n := isolationCalls(r, metrics.IsolateAccount); n > float64(st.Rejected)*14 || len(offended) == 0 {
 		t.Fatalf("%v isolation calls for %d refused calls, %d offender answers", n, st.Rejected, len(offended))

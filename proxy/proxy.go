@@ -300,7 +300,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	}
 	p.batcher, err = batcher.New(batcher.Config{Upstream: client, Limiter: lim, MaxAccounts: cfg.BatchMax, Rate: cfg.Rate, MaxQueue: cfg.MaxQueue,
 		Window: cfg.BatchWindow, FillHold: cfg.FillHold, DefaultTags: cfg.DefaultTags, DrainTimeout: cfg.DrainTimeout, Metrics: p.m,
-		Tags: p.badTags})
+		Tags: p.badTags, RejectTTL: cfg.NegativeTTL})
 	if err != nil {
 		return nil, err
 	}
