@@ -9,9 +9,10 @@
 //
 // Three kinds of entry are kept: fresh values (TTL), values servable past
 // fresh (StaleTTL: served while one background refresh runs, and whenever
-// the upstream fails), and negative entries for accounts that do not exist
-// (NegativeTTL). Transient failures are never cached. A tag the upstream
-// did not return is cached as unset.
+// the upstream fails), and negative entries (NegativeTTL): account-wide for
+// accounts that do not exist, per tag class for accounts holding no data of
+// one class (40807/40809, see nodata.go). Transient failures are never
+// cached. A tag the upstream did not return is cached as unset.
 //
 // A Cache is safe for concurrent use. Background refreshes are owned by the
 // Cache: Close waits for them.
