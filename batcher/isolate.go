@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/metrics"
@@ -300,6 +301,7 @@ func (b *Batcher) unconcerned(e *entry, cls upstream.TagClass, o outcome) *entry
 // rejections remembers, per account and tag set, the refusals isolation
 // pinned on an account, until their time. The zero value is ready.
 type rejections struct {
+	n  atomic.Int64 // len(m), so the common case (none) takes no lock
 	mu sync.Mutex
 	m  map[string]rejection
 }
@@ -316,11 +318,11 @@ const maxRejections = 10_000
 func rejectionKey(account string, tags []string) string { return account + "\x01" + tagKey(tags) }
 
 func (r *rejections) get(account string, tags []string, now time.Time) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if len(r.m) == 0 {
+	if r.n.Load() == 0 {
 		return nil
 	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	k := rejectionKey(account, tags)
 	x, ok := r.m[k]
 	if !ok {
@@ -328,6 +330,7 @@ func (r *rejections) get(account string, tags []string, now time.Time) error {
 	}
 	if !now.Before(x.until) {
 		delete(r.m, k)
+		r.n.Store(int64(len(r.m)))
 		return nil
 	}
 	return x.err
@@ -350,4 +353,5 @@ func (r *rejections) put(account string, tags []string, err error, now time.Time
 		}
 	}
 	r.m[rejectionKey(account, tags)] = rejection{err, now.Add(ttl)}
+	r.n.Store(int64(len(r.m)))
 }
