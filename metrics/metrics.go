@@ -13,32 +13,64 @@ const namespace = "portrait_proxy"
 
 // Metrics holds every metric family of the proxy.
 type Metrics struct {
-	Requests           *prometheus.CounterVec // requests_total{result}
-	RequestDuration    prometheus.Histogram   // request_duration_seconds
-	Lookups            *prometheus.CounterVec // lookups_total{result}: accounts answered
-	CacheLookups       *prometheus.CounterVec // cache_lookups_total{tier,result}
-	SingleflightShared prometheus.Counter     // singleflight_shared_total
-	BatchAccounts      prometheus.Histogram   // batch_accounts
-	BatchWait          prometheus.Histogram   // batch_wait_seconds
-	LimiterWait        prometheus.Histogram   // limiter_wait_seconds
-	UpstreamCalls      *prometheus.CounterVec // upstream_calls_total{result}
-	UpstreamDuration   prometheus.Histogram   // upstream_call_duration_seconds
-	UpstreamRetries    *prometheus.CounterVec // upstream_retries_total{reason}
-	QueueAccounts      prometheus.Gauge       // queue_accounts
-	LimiterFallback    prometheus.Gauge       // limiter_fallback
-	RateFactor         prometheus.Gauge       // limiter_rate_factor
-	Shed               prometheus.Counter     // shed_lookups_total
-	BuildInfo          *prometheus.GaugeVec   // build_info{version,goversion}
-	Quota              prometheus.Gauge       // quota_calls_per_second
-	CrossReplica       *prometheus.CounterVec // cross_replica_fetches_total{result}
-	RedisUp            prometheus.Gauge       // redis_up
-	RedisErrors        *prometheus.CounterVec // redis_errors_total{op}
-	RedisDropped       prometheus.Counter     // redis_dropped_writes_total
-	RedisRoundTrips    prometheus.Counter     // redis_round_trips_total
-	SetRequests        *prometheus.CounterVec // set_requests_total{result}
-	Callbacks          *prometheus.CounterVec // callbacks_total{result}
-	Changes            *prometheus.CounterVec // profile_changes_total{source,result}
-	FeedDelay          prometheus.Histogram   // change_feed_delay_seconds
+	Requests           *prometheus.CounterVec   // requests_total{result}
+	RequestDuration    prometheus.Histogram     // request_duration_seconds
+	Lookups            *prometheus.CounterVec   // lookups_total{result}: accounts answered
+	CacheLookups       *prometheus.CounterVec   // cache_lookups_total{tier,result}
+	SingleflightShared prometheus.Counter       // singleflight_shared_total
+	BatchAccounts      prometheus.Histogram     // batch_accounts
+	BatchWait          prometheus.Histogram     // batch_wait_seconds
+	LimiterWait        prometheus.Histogram     // limiter_wait_seconds
+	UpstreamCalls      *prometheus.CounterVec   // upstream_calls_total{result}
+	UpstreamDuration   prometheus.Histogram     // upstream_call_duration_seconds
+	UpstreamRetries    *prometheus.CounterVec   // upstream_retries_total{reason}
+	QueueAccounts      prometheus.Gauge         // queue_accounts
+	LimiterFallback    prometheus.Gauge         // limiter_fallback
+	RateFactor         prometheus.Gauge         // limiter_rate_factor
+	Shed               prometheus.Counter       // shed_lookups_total
+	BuildInfo          *prometheus.GaugeVec     // build_info{version,goversion}
+	Quota              prometheus.Gauge         // quota_calls_per_second
+	CrossReplica       *prometheus.CounterVec   // cross_replica_fetches_total{result}
+	RedisUp            prometheus.Gauge         // redis_up
+	RedisErrors        *prometheus.CounterVec   // redis_errors_total{op}
+	RedisDropped       prometheus.Counter       // redis_dropped_writes_total
+	RedisRoundTrips    prometheus.Counter       // redis_round_trips_total
+	SetRequests        *prometheus.CounterVec   // set_requests_total{result}
+	Callbacks          *prometheus.CounterVec   // callbacks_total{result}
+	Changes            *prometheus.CounterVec   // profile_changes_total{source,result}
+	FeedDelay          prometheus.Histogram     // change_feed_delay_seconds
+	Forwarded          *prometheus.CounterVec   // forwarded_requests_total{service,result}
+	ForwardDuration    *prometheus.HistogramVec // forwarded_request_duration_seconds{service}
+	TLSReloads         *prometheus.CounterVec   // tls_certificate_reloads_total{result}
+	TLSNotAfter        prometheus.Gauge         // tls_certificate_not_after_seconds
+}
+
+// ForwardServices are the IM services forwarded_requests_total names; any
+// other service is counted as ServiceOther, so the label stays bounded
+// whatever paths callers send.
+var ForwardServices = []string{"im_open_login_svc", "openim", "group_open_http_svc", "sns", "profile", "all_member_push",
+	"openconfigsvr", "open_msg_svc", "ConfigSvc", "recentcontact"}
+
+// ServiceOther is the service label of every service not in ForwardServices.
+const ServiceOther = "other"
+
+// Results of forwarded_requests_total.
+const (
+	ForwardOK          = "ok"          // the upstream answered HTTP 2xx (the IM result is in the body, passed on)
+	ForwardHTTP        = "http"        // the upstream answered another HTTP status (passed on)
+	ForwardUnreachable = "unreachable" // no answer: connection refused, reset or closed (answered 200 + an IM error)
+	ForwardTimeout     = "timeout"     // no answer within the timeout (answered 200 + 70169)
+	ForwardRejected    = "rejected"    // refused by the proxy, never sent: not POST, bad path, body too large, bad sdkappid or UserSig
+)
+
+// ForwardService returns the service label of an IM service name.
+func ForwardService(service string) string {
+	for _, s := range ForwardServices {
+		if s == service {
+			return s
+		}
+	}
+	return ServiceOther
 }
 
 // Sources of profile_changes_total.
@@ -46,6 +78,7 @@ const (
 	ChangeSet      = "set"      // a portrait_set through this replica
 	ChangeCallback = "callback" // a change callback received by this replica
 	ChangeFeed     = "feed"     // announced by another replica
+	ChangeAccount  = "account"  // an account imported or deleted through this replica (a forwarded call)
 )
 
 // Results of profile_changes_total.
@@ -123,6 +156,22 @@ func New(reg prometheus.Registerer) *Metrics {
 		FeedDelay: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "change_feed_delay_seconds",
 			Help: "From a change learned on one replica to its arrival on this one (clocks of replicas assumed in sync).", Buckets: latency}),
 	}
+	m.Forwarded = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "forwarded_requests_total",
+		Help: "Calls to other IM APIs forwarded to the upstream (or refused before it), by IM service and result (ok, http, unreachable, timeout, rejected)."}, []string{"service", "result"})
+	m.ForwardDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: namespace, Name: "forwarded_request_duration_seconds",
+		Help: "Time from a forwarded call received to its answer passed on, by IM service.", Buckets: latency}, []string{"service"})
+	m.TLSReloads = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "tls_certificate_reloads_total",
+		Help: "Loads of the API listener's certificate after its files changed, by result (ok, error: the previous one is kept)."}, []string{"result"})
+	m.TLSNotAfter = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "tls_certificate_not_after_seconds",
+		Help: "Expiry (Unix seconds) of the certificate the API listener serves; 0 without TLS."})
+	for _, s := range append(ForwardServices, ServiceOther) {
+		for _, r := range []string{ForwardOK, ForwardHTTP, ForwardUnreachable, ForwardTimeout, ForwardRejected} {
+			m.Forwarded.WithLabelValues(s, r)
+		}
+	}
+	m.TLSReloads.WithLabelValues("ok")
+	m.TLSReloads.WithLabelValues("error")
+	reg.MustRegister(m.Forwarded, m.ForwardDuration, m.TLSReloads, m.TLSNotAfter)
 	// Every known label value starts at zero, so series exist (and rates
 	// work) before the first event.
 	for _, r := range []string{LookupFound, LookupFailed, LookupError, LookupStale, LookupInvalid, LookupNotFound} {
@@ -150,7 +199,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	for _, r := range []string{"ok", "rejected", "invalid", "ignored"} {
 		m.Callbacks.WithLabelValues(r)
 	}
-	for _, src := range []string{ChangeSet, ChangeCallback, ChangeFeed} {
+	for _, src := range []string{ChangeSet, ChangeCallback, ChangeFeed, ChangeAccount} {
 		for _, r := range []string{ChangeApplied, ChangeOld, ChangeUnshared} {
 			m.Changes.WithLabelValues(src, r)
 		}

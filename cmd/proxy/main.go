@@ -69,7 +69,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "portrait proxy on http://%s (admin http://%s)\n", p.Addr(), p.AdminAddr())
+	scheme := "http"
+	if cfg.TLSCert != "" {
+		scheme = "https"
+	}
+	fmt.Fprintf(stdout, "portrait proxy on %s://%s (admin http://%s)\n", scheme, p.Addr(), p.AdminAddr())
 	if cfg.Demo {
 		fmt.Fprintf(stdout, "demo mode: the built-in IM emulator is the upstream (accounts user0…user999999). Try:\n\n  %s\n\n", p.CurlExample())
 	}
@@ -115,6 +119,10 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.StringVar(&cfg.CallbackPath, "callback-path", "/im/callback", "path on the API listener receiving the upstream's Profile.CallbackPortraitSet (\"-\" disables)")
 	fs.StringVar(&cfg.CallbackToken, "callback-token", "", "callback authentication token: callbacks must carry Sign = hex(SHA-256(token+RequestTime)) and their values are applied (without it, callbacks only drop the changed tags); prefer env PROXY_CALLBACK_TOKEN")
 	fs.DurationVar(&cfg.ClockSkew, "clock-skew", time.Second, "how far the upstream's and the replicas' clocks may be apart (orders cached values against changes)")
+	forward := fs.Bool("forward", true, "forward every other /v4/... API to the upstream unchanged, with the caller's own identifier and UserSig (false: answer them 60002)")
+	fs.Int64Var(&cfg.ForwardMaxBody, "forward-max-body", 1<<20, "largest forwarded request body in bytes (larger: 40001, not sent)")
+	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "PEM certificate (chain) file: serve the API over TLS (HTTP/2 and HTTP/1.1); reloaded when it changes")
+	fs.StringVar(&cfg.TLSKey, "tls-key", "", "PEM private key file for -tls-cert")
 	fs.BoolVar(&cfg.Demo, "demo", false, "run the built-in IM emulator as the upstream (what make run uses)")
 	fs.DurationVar(&cfg.DemoLatency, "demo-latency", 20*time.Millisecond, "the demo emulator's added latency")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
@@ -147,6 +155,7 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	if envErr != nil {
 		return cfg, "", "", envErr
 	}
+	cfg.DisableForward = !*forward
 	if *defaultTags != "" {
 		cfg.DefaultTags = strings.Split(*defaultTags, ",")
 	}
