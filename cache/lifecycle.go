@@ -42,17 +42,18 @@ func (c *Cache) Imported(ctx context.Context, accounts []string, at time.Time) e
 // known false (the outcome is unknown: no answer, or one that could not be
 // read) the tags are only dropped, and the next lookup asks the upstream.
 //
-// The entry is versioned at+ClockSkew, so it wins over every value known
-// as of at (a set or callback answered up to ClockSkew earlier included,
-// as a fetch sent that late would), and a late answer to a fetch sent
-// before the deletion cannot bring the account back.
+// A known deletion is versioned at+ClockSkew, so it wins over every value
+// known as of at (a set or callback answered up to ClockSkew earlier
+// included, as a fetch sent that late would), and a late answer to a
+// fetch sent before the deletion cannot bring the account back. An
+// unknown outcome is versioned at: fetches sent after it are cached again
+// at once.
 func (c *Cache) Deleted(ctx context.Context, accounts []string, at time.Time, known bool) error {
 	now := c.now()
-	until := now
+	until, ver := now, at.UnixMilli()
 	if known {
-		until = now.Add(c.cfg.NegativeTTL)
+		until, ver = now.Add(c.cfg.NegativeTTL), at.Add(c.cfg.ClockSkew).UnixMilli()
 	}
-	ver := at.Add(c.cfg.ClockSkew).UnixMilli()
 	recs := make([]*Record, len(accounts))
 	for i := range accounts {
 		recs[i] = &Record{NotFoundCode: upstream.CodeAccountNotFound, NotFoundInfo: "account does not exist (deleted)",
