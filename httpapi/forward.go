@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/metrics"
@@ -124,6 +125,7 @@ func newForwarder(h *Handler, cfg ForwardConfig) (*forwarder, error) {
 			pr.Out.Header.Del("X-Idempotency-Key")
 		},
 		Transport:      cfg.Transport,
+		BufferPool:     copyBuffers{},
 		ModifyResponse: f.modifyResponse,
 		ErrorHandler:   f.errorHandler,
 		// The reverse proxy's own log lines could only repeat what the
@@ -132,6 +134,15 @@ func newForwarder(h *Handler, cfg ForwardConfig) (*forwarder, error) {
 	}
 	return f, nil
 }
+
+// copyBuffers lends the reverse proxy its 32 KiB copy buffers, which it
+// would otherwise allocate for every answer.
+type copyBuffers struct{}
+
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func (copyBuffers) Get() []byte  { return *copyBufPool.Get().(*[]byte) }
+func (copyBuffers) Put(b []byte) { copyBufPool.Put(&b) }
 
 // apiPath splits a canonical /v4/<service>/<command> path; ok is false
 // for any other shape. Names are what the IM API uses: letters, digits, _.

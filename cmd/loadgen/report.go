@@ -35,6 +35,7 @@ type report struct {
 	replicas  []replicaResult
 	fresh     *freshResult
 	outage    *outageResult
+	forward   *forwardResult
 	micro     string // go test -bench output
 	benchstat string // comparison with the previous run
 	plotExt   string // svg or png
@@ -507,6 +508,8 @@ func (r *report) write(path, plotDir string) error {
 		p("Mean feed delay reported by the replicas (`change_feed_delay_seconds`): %.2f ms. The replicas never refetched a\n", f.feedMean*1000)
 		p("changed account (%d upstream fetches of changed accounts after warm-up): the change itself travels.\n\n", f.fetchesPer)
 	}
+
+	r.writeForward(p)
 
 	if r.micro != "" {
 		p("## Go micro-benchmarks (`-benchmem`, medians of %d runs)\n\n", microRuns(r.micro))
