@@ -234,7 +234,7 @@ type statusWriter struct {
 }
 
 func (s *statusWriter) WriteHeader(code int) {
-	if s.status == 0 {
+	if s.status == 0 && code >= 200 { // not an informational 1xx passed on
 		s.status = code
 	}
 	s.ResponseWriter.WriteHeader(code)
@@ -264,7 +264,7 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 	if r.Context().Err() != nil && !errors.Is(r.Context().Err(), context.DeadlineExceeded) {
 		// The caller left; nobody reads the answer.
 		if sw != nil {
-			sw.result = metrics.ForwardUnreachable
+			sw.result = metrics.ForwardCanceled
 		}
 		f.unknownOutcome(r)
 		return

@@ -61,6 +61,7 @@ const (
 	ForwardUnreachable = "unreachable" // no answer: connection refused, reset or closed (answered 200 + an IM error)
 	ForwardTimeout     = "timeout"     // no answer within the timeout (answered 200 + 70169)
 	ForwardRejected    = "rejected"    // refused by the proxy, never sent: not POST, bad path, body too large, bad sdkappid or UserSig
+	ForwardCanceled    = "canceled"    // the caller left before the upstream answered
 )
 
 // ForwardService returns the service label of an IM service name.
@@ -157,7 +158,7 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "From a change learned on one replica to its arrival on this one (clocks of replicas assumed in sync).", Buckets: latency}),
 	}
 	m.Forwarded = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "forwarded_requests_total",
-		Help: "Calls to other IM APIs forwarded to the upstream (or refused before it), by IM service and result (ok, http, unreachable, timeout, rejected)."}, []string{"service", "result"})
+		Help: "Calls to other IM APIs forwarded to the upstream (or refused before it), by IM service and result (ok, http, unreachable, timeout, rejected, canceled)."}, []string{"service", "result"})
 	m.ForwardDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: namespace, Name: "forwarded_request_duration_seconds",
 		Help: "Time from a forwarded call received to its answer passed on, by IM service.", Buckets: latency}, []string{"service"})
 	m.TLSReloads = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "tls_certificate_reloads_total",
@@ -165,7 +166,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.TLSNotAfter = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "tls_certificate_not_after_seconds",
 		Help: "Expiry (Unix seconds) of the certificate the API listener serves; 0 without TLS."})
 	for _, s := range append(ForwardServices, ServiceOther) {
-		for _, r := range []string{ForwardOK, ForwardHTTP, ForwardUnreachable, ForwardTimeout, ForwardRejected} {
+		for _, r := range []string{ForwardOK, ForwardHTTP, ForwardUnreachable, ForwardTimeout, ForwardRejected, ForwardCanceled} {
 			m.Forwarded.WithLabelValues(s, r)
 		}
 	}

@@ -467,3 +467,39 @@ func TestDeleteUnknownOutcomeDropsProfiles(t *testing.T) {
 		t.Fatalf("user6 fetched %d times after the dropped deletion, want 1", sim.FetchCount("user6")-before)
 	}
 }
+
+// Shutdown waits for forwarded calls in flight: the caller gets the
+// upstream's answer, and Run returns cleanly.
+func TestShutdownWithForwardedCallInFlight(t *testing.T) {
+	r := start(t, imsim.Config{Faults: imsim.Faults{Latency: 300 * time.Millisecond}}, proxy.Config{})
+	type result struct {
+		status int
+		raw    []byte
+	}
+	got := make(chan result, 1)
+	go func() {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+r.p.Addr()+"/v4/openim/sendmsg?"+callerQuery(r.sim, r.sim.Identifier(), r.sim.Key()), strings.NewReader(`{}`))
+		resp, err := noRedirects.Do(req)
+		if err != nil {
+			got <- result{}
+			return
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		got <- result{resp.StatusCode, raw}
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for r.sim.Stats().Other == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the call never reached the upstream")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := r.stop(); err != nil {
+		t.Fatal(err)
+	}
+	res := <-got
+	if res.status != 200 || envelopeOf(t, res.raw).ErrorCode != 0 {
+		t.Fatalf("in-flight call answered %d %s", res.status, res.raw)
+	}
+}
