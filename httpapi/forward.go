@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -67,6 +68,10 @@ type ForwardConfig struct {
 	MaxBodyBytes int64
 	// Accounts, if set, is told of imports and deletions.
 	Accounts Accounts
+	// OnError, if set, is told of every forwarded call that got no answer:
+	// its service label, result (unreachable, timeout, canceled) and
+	// error, whose text never holds the query (it carries the UserSig).
+	OnError func(service, result string, err error)
 }
 
 // Paths of the account calls read for the cache's sake.
@@ -286,8 +291,24 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 	if sw != nil {
 		sw.result = result
 	}
+	if f.cfg.OnError != nil {
+		service, _, _ := apiPath(r.URL.Path)
+		f.cfg.OnError(metrics.ForwardService(service), result, redactQuery(err, r.URL.RawQuery))
+	}
 	f.unknownOutcome(r)
 	writeEnvelope(w, http.StatusOK, failEnvelope(code, info))
+}
+
+var usersigParam = regexp.MustCompile(`(?i)usersig=[^&\s"]*`)
+
+// redactQuery returns err's text without the request's query and without
+// any usersig parameter, wherever the HTTP stack may have put them.
+func redactQuery(err error, rawQuery string) error {
+	msg := err.Error()
+	if rawQuery != "" {
+		msg = strings.ReplaceAll(msg, rawQuery, "REDACTED")
+	}
+	return errors.New(usersigParam.ReplaceAllString(msg, "usersig=REDACTED"))
 }
 
 func isTimeout(err error) bool {

@@ -2,10 +2,12 @@ package proxy_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -501,5 +503,44 @@ func TestShutdownWithForwardedCallInFlight(t *testing.T) {
 	res := <-got
 	if res.status != 200 || envelopeOf(t, res.raw).ErrorCode != 0 {
 		t.Fatalf("in-flight call answered %d %s", res.status, res.raw)
+	}
+}
+
+// Forwarded calls that get no answer are logged (at most one line a second
+// per cause), and neither the caller's UserSig nor the query is in the
+// line.
+func TestForwardFailuresLoggedWithoutSecrets(t *testing.T) {
+	sim := imsim.New(imsim.Config{Key: "s3cr3t-app-key-0123456789abcdef", Faults: imsim.Faults{Drop: 1}})
+	srv := httptest.NewServer(sim)
+	defer srv.Close()
+	logs := &syncBuffer{}
+	p, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", AdminListen: "-", Upstream: srv.URL, SDKAppID: sim.SDKAppID(), SecretKey: sim.Key(),
+		Logger: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	q := callerQuery(sim, sim.Identifier(), sim.Key())
+	resp, err := http.Post("http://"+p.Addr()+"/v4/openim/sendmsg?"+q, "application/json", strings.NewReader(`{}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
+	if !strings.Contains(logs.String(), "forwarded openim call") {
+		t.Fatalf("the failure was not logged:\n%s", logs.String())
+	}
+	sig := usersigOf(q)
+	for _, text := range []string{logs.String(), string(raw)} {
+		if strings.Contains(text, sig) || strings.Contains(text, sim.Key()) || strings.Contains(text, "eJ") {
+			t.Fatalf("a secret in %s", text)
+		}
 	}
 }

@@ -320,7 +320,10 @@ func New(cfg Config) (_ *Proxy, err error) {
 	var forward *httpapi.ForwardConfig
 	if !cfg.DisableForward {
 		forward = &httpapi.ForwardConfig{Upstream: cfg.Upstream, Transport: transport, Timeout: cfg.UpstreamTimeout,
-			MaxBodyBytes: cfg.ForwardMaxBody, Accounts: p.cache}
+			MaxBodyBytes: cfg.ForwardMaxBody, Accounts: p.cache,
+			OnError: func(service, result string, err error) {
+				p.failLog.log(log, upstream.KindTransport, fmt.Errorf("forwarded %s call: %s: %w", service, result, err))
+			}}
 	}
 	api, err := httpapi.New(httpapi.Config{Lookup: p.cache, SDKAppID: cfg.SDKAppID, Identifier: cfg.AdminIdentifier,
 		Key: cfg.SecretKey, Auth: cfg.Auth, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m,
