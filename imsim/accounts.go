@@ -3,7 +3,6 @@ package imsim
 import (
 	"encoding/json"
 	"io"
-	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -125,7 +124,7 @@ func (s *Server) serveOther(w http.ResponseWriter, r *http.Request) {
 		// cannot know whether the call was applied.
 		if hj, ok := w.(http.Hijacker); ok {
 			if c, _, err := hj.Hijack(); err == nil {
-				c.(net.Conn).Close()
+				c.Close()
 				return
 			}
 		}
