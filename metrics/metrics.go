@@ -13,36 +13,38 @@ const namespace = "portrait_proxy"
 
 // Metrics holds every metric family of the proxy.
 type Metrics struct {
-	Requests           *prometheus.CounterVec   // requests_total{result}
-	RequestDuration    prometheus.Histogram     // request_duration_seconds
-	Lookups            *prometheus.CounterVec   // lookups_total{result}: accounts answered
-	CacheLookups       *prometheus.CounterVec   // cache_lookups_total{tier,result}
-	SingleflightShared prometheus.Counter       // singleflight_shared_total
-	BatchAccounts      prometheus.Histogram     // batch_accounts
-	BatchWait          prometheus.Histogram     // batch_wait_seconds
-	LimiterWait        prometheus.Histogram     // limiter_wait_seconds
-	UpstreamCalls      *prometheus.CounterVec   // upstream_calls_total{result}
-	UpstreamDuration   prometheus.Histogram     // upstream_call_duration_seconds
-	UpstreamRetries    *prometheus.CounterVec   // upstream_retries_total{reason}
-	QueueAccounts      prometheus.Gauge         // queue_accounts
-	LimiterFallback    prometheus.Gauge         // limiter_fallback
-	RateFactor         prometheus.Gauge         // limiter_rate_factor
-	Shed               prometheus.Counter       // shed_lookups_total
-	BuildInfo          *prometheus.GaugeVec     // build_info{version,goversion}
-	Quota              prometheus.Gauge         // quota_calls_per_second
-	CrossReplica       *prometheus.CounterVec   // cross_replica_fetches_total{result}
-	RedisUp            prometheus.Gauge         // redis_up
-	RedisErrors        *prometheus.CounterVec   // redis_errors_total{op}
-	RedisDropped       prometheus.Counter       // redis_dropped_writes_total
-	RedisRoundTrips    prometheus.Counter       // redis_round_trips_total
-	SetRequests        *prometheus.CounterVec   // set_requests_total{result}
-	Callbacks          *prometheus.CounterVec   // callbacks_total{result}
-	Changes            *prometheus.CounterVec   // profile_changes_total{source,result}
-	FeedDelay          prometheus.Histogram     // change_feed_delay_seconds
-	Forwarded          *prometheus.CounterVec   // forwarded_requests_total{service,result}
-	ForwardDuration    *prometheus.HistogramVec // forwarded_request_duration_seconds{service}
-	TLSReloads         *prometheus.CounterVec   // tls_certificate_reloads_total{result}
-	TLSNotAfter        prometheus.Gauge         // tls_certificate_not_after_seconds
+	Requests           *prometheus.CounterVec // requests_total{result}
+	RequestDuration    prometheus.Histogram   // request_duration_seconds
+	Lookups            *prometheus.CounterVec // lookups_total{result}: accounts answered
+	CacheLookups       *prometheus.CounterVec // cache_lookups_total{tier,result}
+	SingleflightShared prometheus.Counter     // singleflight_shared_total
+	BatchAccounts      prometheus.Histogram   // batch_accounts
+	BatchWait          prometheus.Histogram   // batch_wait_seconds
+	LimiterWait        prometheus.Histogram   // limiter_wait_seconds
+	UpstreamCalls      *prometheus.CounterVec // upstream_calls_total{result}
+	UpstreamDuration   prometheus.Histogram   // upstream_call_duration_seconds
+	UpstreamRetries    *prometheus.CounterVec // upstream_retries_total{reason}
+	QueueAccounts      prometheus.Gauge       // queue_accounts
+	LimiterFallback    prometheus.Gauge       // limiter_fallback
+	RateFactor         prometheus.Gauge       // limiter_rate_factor
+	Shed               prometheus.Counter     // shed_lookups_total
+	BuildInfo          *prometheus.GaugeVec   // build_info{version,goversion}
+	Quota              prometheus.Gauge       // quota_calls_per_second
+	CrossReplica       *prometheus.CounterVec // cross_replica_fetches_total{result}
+	RedisUp            prometheus.Gauge       // redis_up
+	RedisErrors        *prometheus.CounterVec // redis_errors_total{op}
+	RedisDropped       prometheus.Counter     // redis_dropped_writes_total
+	RedisRoundTrips    prometheus.Counter     // redis_round_trips_total
+	SetRequests        *prometheus.CounterVec // set_requests_total{result}
+	Callbacks          *prometheus.CounterVec // callbacks_total{result}
+	Changes            *prometheus.CounterVec // profile_changes_total{source,result}
+	FeedDelay          prometheus.Histogram   // change_feed_delay_seconds
+
+	// Forwarded calls and the API listener's TLS (issue 15).
+	Forwarded       *prometheus.CounterVec   // forwarded_requests_total{service,result}
+	ForwardDuration *prometheus.HistogramVec // forwarded_request_duration_seconds{service}
+	TLSReloads      *prometheus.CounterVec   // tls_certificate_reloads_total{result}
+	TLSNotAfter     prometheus.Gauge         // tls_certificate_not_after_seconds
 }
 
 // ForwardServices are the IM services forwarded_requests_total names; any
