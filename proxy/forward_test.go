@@ -447,8 +447,7 @@ func TestDeleteUnknownOutcomeDropsProfiles(t *testing.T) {
 	sim.SetFaults(imsim.Faults{})
 	// The emulator read the request, then dropped it, without deleting:
 	// the account is there, and every replica asks again instead of
-	// serving what it held (the first from the upstream, the others from
-	// what that fetch left in Redis).
+	// serving what its in-process tier held.
 	before := sim.FetchCount("user6")
 	deadline := time.Now().Add(2 * time.Second)
 	for _, r := range rigs {
@@ -465,8 +464,10 @@ func TestDeleteUnknownOutcomeDropsProfiles(t *testing.T) {
 			time.Sleep(time.Millisecond)
 		}
 	}
-	if sim.FetchCount("user6") != before+1 {
-		t.Fatalf("user6 fetched %d times after the dropped deletion, want 1", sim.FetchCount("user6")-before)
+	// The first replica fetched it; the others read that fetch from Redis
+	// or, when its write-back had not landed yet, fetched it themselves.
+	if n := sim.FetchCount("user6") - before; n < 1 || n > len(rigs) {
+		t.Fatalf("user6 fetched %d times after the dropped deletion, want 1 to %d", n, len(rigs))
 	}
 }
 
