@@ -25,15 +25,23 @@ type Feed interface {
 // Change writes rec (a change's tags) for account and publishes it on the
 // app's change channel, in one round trip.
 func (r *Redis) Change(ctx context.Context, account string, rec *Record) error {
+	return r.ChangeAll(ctx, []string{account}, []*Record{rec})
+}
+
+// ChangeAll is Change for several accounts (recs[i] for accounts[i]), all
+// in one round trip.
+func (r *Redis) ChangeAll(ctx context.Context, accounts []string, recs []*Record) error {
 	if !r.up.Load() {
 		return ErrRedisDown
 	}
 	ctx, cancel := context.WithTimeout(ctx, 4*r.cfg.Timeout)
 	defer cancel()
-	msg := encodeChange(r.cfg.Replica, time.Now(), account, rec)
+	now := time.Now()
 	err := r.exec(ctx, func(pipe redis.Pipeliner, load bool) {
-		r.queueWrite(ctx, pipe, account, rec, false, load)
-		pipe.Publish(ctx, r.feed, msg)
+		for i, account := range accounts {
+			r.queueWrite(ctx, pipe, account, recs[i], false, load)
+			pipe.Publish(ctx, r.feed, encodeChange(r.cfg.Replica, now, account, recs[i]))
+		}
 	})
 	if err != nil {
 		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
@@ -90,7 +98,8 @@ func (r *Redis) Follow(ctx context.Context, apply func(account string, rec *Reco
 
 // A change message: version byte 1, the length-prefixed replica, the send
 // time in Unix microseconds (uvarint), then length-prefixed account and
-// (tag, encoded field) pairs.
+// (tag, encoded field) pairs; a negative entry (an account_delete) is the
+// pair (negField, its encoded form).
 func encodeChange(replica string, sent time.Time, account string, rec *Record) string {
 	b := []byte{1}
 	b = appendLP(b, replica)
@@ -101,6 +110,10 @@ func encodeChange(replica string, sent time.Time, account string, rec *Record) s
 		b = appendLP(b, v.Tag)
 		field = encodeTag(field[:0], v)
 		b = appendLP(b, string(field))
+	}
+	if rec.NotFoundCode != 0 {
+		b = appendLP(b, negField)
+		b = appendLP(b, string(encodeNeg(nil, rec)))
 	}
 	return string(b)
 }
@@ -142,6 +155,12 @@ func decodeChange(s string) (replica string, sent time.Time, account string, rec
 		field, ok2 := next()
 		if !ok1 || !ok2 {
 			return "", time.Time{}, "", nil, false
+		}
+		if tag == negField {
+			if !decodeNeg(field, rec) {
+				return "", time.Time{}, "", nil, false
+			}
+			continue
 		}
 		v, ok3 := decodeTag(field)
 		if !ok3 {

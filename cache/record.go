@@ -183,8 +183,13 @@ func (r *Record) hasMarker() bool {
 
 // merge returns a new record: old's tags overlaid with those of upd's that
 // supersede them, and upd's negative entry if no tag of old is newer. A
-// tag that is written clears old's negative entry (the account exists).
-// When nothing of upd applies, merge returns old itself.
+// tag that is written clears old's negative entry (the account exists),
+// except a fetched one sent before that entry's version: the account was
+// known not to exist after that fetch was sent (a late answer from before
+// an account_delete cannot bring the account back). A negative entry that
+// is stored drops old's tags: all of them are older, and none may be
+// served once the entry has expired (a deleted account's profile). When
+// nothing of upd applies, merge returns old itself.
 func merge(old, upd *Record, skew int64) *Record {
 	if old == nil {
 		return upd
@@ -199,6 +204,9 @@ func merge(old, upd *Record, skew int64) *Record {
 	}
 	for i := range upd.Tags {
 		v := upd.Tags[i]
+		if v.Origin == FromFetch && old.NotFoundCode != 0 && v.Ver < old.NotFoundVer {
+			continue
+		}
 		if o, ok := old.Tag(v.Tag); ok {
 			if !supersedes(&v, &o, skew) {
 				continue
@@ -223,6 +231,7 @@ func merge(old, upd *Record, skew int64) *Record {
 		}
 		clone()
 		out.NotFoundCode, out.NotFoundInfo, out.NotFoundUntil, out.NotFoundVer = upd.NotFoundCode, upd.NotFoundInfo, upd.NotFoundUntil, upd.NotFoundVer
+		out.Tags = out.Tags[:0]
 	}
 	return orOld(out, old)
 }

@@ -600,8 +600,9 @@ func (r *Redis) queueWrite(ctx context.Context, pipe redis.Pipeliner, account st
 
 // writeScript writes one account's fields, each only if it supersedes the
 // field stored (the rules of supersedes, on the encoded form). A write
-// that stores a tag clears the negative entry; a negative entry is stored
-// only if no stored tag is newer. KEYS: the hash, the claim marker. ARGV:
+// that stores a tag clears the negative entry, unless it is a fetch sent
+// before that entry; a negative entry is stored only if no stored tag is
+// newer, and then replaces every tag (the rules of merge). KEYS: the hash, the claim marker. ARGV:
 // key TTL (ms), clock skew (ms), the negative entry or "", 1 to drop the
 // claim marker, then field/value pairs. Returns the number of fields
 // stored.
@@ -629,10 +630,14 @@ for i = 5, #ARGV, 2 do fields[#fields + 1] = ARGV[i] end
 local n = 0
 if #fields > 0 then
   local olds = redis.call('HMGET', KEYS[1], unpack(fields))
+  local negOld = redis.call('HGET', KEYS[1], '!')
+  local negVer = nil
+  if negOld and #negOld >= 6 then negVer = be48(negOld, 1) end
   local set = {}
   for j = 1, #fields do
     local u, o = ARGV[4 + 2 * j], olds[j]
-    if supersedes(u, o) then
+    local early = negVer and math.floor(string.byte(u, 1) / 2) == 0 and be48(u, 2) < negVer
+    if not early and supersedes(u, o) then
       if o and #o >= 13 and math.floor(string.byte(u, 1) / 2) ~= 2 and be48(o, 8) > be48(u, 8) then
         u = string.sub(u, 1, 7) .. string.sub(o, 8, 13) .. string.sub(u, 14) -- keep the newest EventTime seen
       end
@@ -653,9 +658,14 @@ if ARGV[3] ~= '' then
   if ok then
     local probe = string.char(0) .. string.sub(neg, 1, 6) .. string.rep(string.char(0), 6)
     local all = redis.call('HGETALL', KEYS[1])
+    local drop = {}
     for i = 1, #all, 2 do
-      if all[i] ~= '!' and not supersedes(probe, all[i + 1]) then ok = false break end
+      if all[i] ~= '!' then
+        if not supersedes(probe, all[i + 1]) then ok = false break end
+        drop[#drop + 1] = all[i]
+      end
     end
+    if ok and #drop > 0 then redis.call('HDEL', KEYS[1], unpack(drop)) end
   end
   if ok then
     redis.call('HSET', KEYS[1], '!', neg)

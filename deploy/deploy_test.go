@@ -251,7 +251,7 @@ func TestKubernetesManifests(t *testing.T) {
 }
 
 func TestComposeAndPrometheusConfigDecode(t *testing.T) {
-	for _, f := range []string{"docker-compose.yml", "prometheus/prometheus.yml", "grafana/provisioning/datasources/prometheus.yml",
+	for _, f := range []string{"docker-compose.yml", "docker-compose.tls.yml", "prometheus/prometheus.yml", "grafana/provisioning/datasources/prometheus.yml",
 		"grafana/provisioning/dashboards/dashboards.yml"} {
 		if docs := decodeStrict[map[string]any](t, f); len(docs) == 0 {
 			t.Errorf("%s is empty", f)
@@ -312,5 +312,47 @@ func TestRenderedManifests(t *testing.T) {
 	}
 	if cmName == "" || cmName != envFrom {
 		t.Fatalf("Deployment reads ConfigMap %q, kustomize generated %q", envFrom, cmName)
+	}
+}
+
+// TestTLSComponent decodes the TLS component strictly: the Secret is
+// mounted as a directory (a subPath mount would never see a renewal) at the
+// path the flags name.
+func TestTLSComponent(t *testing.T) {
+	type component struct {
+		APIVersion string   `yaml:"apiVersion"`
+		Kind       string   `yaml:"kind"`
+		Resources  []string `yaml:"resources"`
+		Patches    []struct {
+			Path string `yaml:"path"`
+		} `yaml:"patches"`
+		ConfigMapGenerator []struct {
+			Name     string   `yaml:"name"`
+			Behavior string   `yaml:"behavior"`
+			Literals []string `yaml:"literals"`
+		} `yaml:"configMapGenerator"`
+	}
+	c := decodeStrict[component](t, "kubernetes/tls/kustomization.yaml")[0]
+	if c.Kind != "Component" || len(c.Resources) != 1 || len(c.Patches) != 1 || c.ConfigMapGenerator[0].Behavior != "merge" {
+		t.Fatalf("component %+v", c)
+	}
+	for _, f := range append(c.Resources, c.Patches[0].Path) {
+		for _, o := range decodeStrict[object](t, filepath.Join("kubernetes/tls", f)) {
+			if o.APIVersion == "" || o.Kind == "" || o.Metadata["name"] == nil {
+				t.Errorf("%s: apiVersion, kind and metadata.name are required", f)
+			}
+		}
+	}
+	patch, err := os.ReadFile("kubernetes/tls/deployment-tls.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(patch, []byte("subPath")) || !bytes.Contains(patch, []byte("mountPath: /etc/portrait-proxy/tls")) {
+		t.Error("the certificate must be mounted as a directory at /etc/portrait-proxy/tls")
+	}
+	for _, lit := range c.ConfigMapGenerator[0].Literals {
+		if _, v, _ := strings.Cut(lit, "="); !strings.HasPrefix(v, "/etc/portrait-proxy/tls/") {
+			t.Errorf("%s: not under the mounted directory", lit)
+		}
 	}
 }

@@ -73,7 +73,10 @@ type Config struct {
 	CallbackToken string
 	// Tags, if set, answers a request naming a refused tag at once with
 	// the upstream's code, before any lookup.
-	Tags    TagChecker
+	Tags TagChecker
+	// Forward, if set, forwards every other /v4/<service>/<command> to
+	// the upstream unchanged (see forward.go); nil answers them 60002.
+	Forward *ForwardConfig
 	Metrics *metrics.Metrics
 	Now     func() time.Time
 }
@@ -86,6 +89,7 @@ type Handler struct {
 	requestsOK, lookupsFound prometheus.Counter
 	sigs                     sigCache
 	mux                      *http.ServeMux
+	fwd                      *forwarder
 }
 
 // New validates cfg and returns a Handler.
@@ -138,14 +142,82 @@ func New(cfg Config) (*Handler, error) {
 		}
 		h.mux.HandleFunc(cfg.CallbackPath, h.callback)
 	}
+	if cfg.Forward != nil {
+		fwd, err := newForwarder(h, *cfg.Forward)
+		if err != nil {
+			return nil, err
+		}
+		h.fwd = fwd
+	}
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		h.write(w, http.StatusNotFound, &upstream.GetResponse{ActionStatus: upstream.StatusFail,
-			ErrorCode: upstream.CodeHTTPParse, ErrorInfo: "no such API: " + r.URL.Path})
+		if h.fwd != nil && strings.HasPrefix(r.URL.Path, "/v4/") {
+			h.fwd.serve(w, r)
+			return
+		}
+		h.noSuchAPI(w, r.URL.Path)
 	})
 	return h, nil
 }
 
-func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
+// noSuchAPI answers a path the proxy neither serves nor forwards: HTTP 404
+// and 60002 (what the proxy answered before forwarding existed), or with
+// forwarding on HTTP 200, the IM convention on API paths.
+func (h *Handler) noSuchAPI(w http.ResponseWriter, path string) {
+	status := http.StatusNotFound
+	if h.fwd != nil && strings.HasPrefix(path, "/v4") {
+		status = http.StatusOK
+		h.m.Forwarded.WithLabelValues(metrics.ServiceOther, metrics.ForwardRejected).Inc()
+	}
+	h.write(w, status, &upstream.GetResponse{ActionStatus: upstream.StatusFail,
+		ErrorCode: upstream.CodeHTTPParse, ErrorInfo: "no such API: " + strconv.Quote(path)})
+}
+
+// ServeHTTP routes on the canonical path: doubled slashes are one and a
+// trailing slash is dropped, as the upstream's front reads them, so no
+// caller is ever redirected (some clients do not follow a 307 for POST).
+// A path with a "." or ".." segment is answered, never cleaned into
+// another API.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	p, ok := canonicalPath(r.URL.Path)
+	if !ok {
+		h.noSuchAPI(w, r.URL.Path)
+		return
+	}
+	if p != r.URL.Path {
+		u := *r.URL
+		u.Path, u.RawPath = p, ""
+		r2 := *r
+		r2.URL = &u
+		r = &r2
+	}
+	h.mux.ServeHTTP(w, r)
+}
+
+// canonicalPath collapses runs of slashes and drops a trailing one; ok is
+// false for a path that is not absolute or has a "." or ".." segment.
+func canonicalPath(p string) (string, bool) {
+	if !strings.HasPrefix(p, "/") {
+		return p, false
+	}
+	if !strings.Contains(p, "//") && !strings.Contains(p, "/.") && (len(p) == 1 || p[len(p)-1] != '/') {
+		return p, true // the common case, without allocating
+	}
+	var b strings.Builder
+	for _, seg := range strings.Split(p, "/") {
+		switch seg {
+		case "":
+			continue
+		case ".", "..":
+			return p, false
+		}
+		b.WriteByte('/')
+		b.WriteString(seg)
+	}
+	if b.Len() == 0 {
+		return "/", true
+	}
+	return b.String(), true
+}
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
 
@@ -354,6 +426,15 @@ func ErrorCode(err error) (int, string) {
 // authenticate checks the query as the upstream does: the app, the admin
 // identifier and (in AuthUserSig mode) the UserSig.
 func (h *Handler) authenticate(r *http.Request) *upstream.GetResponse {
+	return h.verifyQuery(r, true)
+}
+
+// verifyQuery checks the query's app and (in AuthUserSig mode) UserSig,
+// and with admin that the identifier is the proxy's admin. Without admin,
+// any identifier with a valid UserSig for this app passes: a forwarded
+// call's identifier is checked by the upstream (the app may have several
+// admins).
+func (h *Handler) verifyQuery(r *http.Request, admin bool) *upstream.GetResponse {
 	var app, identifier, sig string
 	for rest := r.URL.RawQuery; rest != ""; {
 		var kv string
@@ -388,7 +469,7 @@ func (h *Handler) authenticate(r *http.Request) *upstream.GetResponse {
 	if err := h.sigs.verify(sig, identifier, h.cfg.Key, h.cfg.SDKAppID, h.cfg.Now()); err != nil {
 		return fail(usersig.Code(err), err.Error())
 	}
-	if identifier != h.cfg.Identifier {
+	if admin && identifier != h.cfg.Identifier {
 		return fail(upstream.CodeNeedAdmin, "identifier is not the app admin")
 	}
 	return nil

@@ -1,5 +1,8 @@
 // Package imsim emulates the IM REST API's profile calls for tests, demos and
-// benchmarks: v4/profile/portrait_get and v4/profile/portrait_set.
+// benchmarks: v4/profile/portrait_get and v4/profile/portrait_set; the
+// account calls that change which accounts exist (account_import,
+// multiaccount_import, account_delete); and a generic OK answer for every
+// other v4 API, each checked and recorded (Seen) like the real service.
 //
 // The emulator checks the query and the admin UserSig as the real service
 // does, enforces the call quota over a sliding one-second window and the
@@ -77,6 +80,10 @@ type Behaviour struct {
 	// it cannot unpack.
 	RejectAccounts []string `json:"reject_accounts,omitempty"`
 	RejectCode     int      `json:"reject_code,omitempty"`
+	// APIQuota is the number of calls accepted in any sliding second by
+	// each of the other APIs (account_import, sendmsg, …), each its own.
+	// Default 100; negative means unlimited.
+	APIQuota int `json:"api_quota"`
 }
 
 // Faults are failures and delays injected on demand. Fractions are in [0,1].
@@ -88,6 +95,10 @@ type Faults struct {
 	TimeoutAfter  time.Duration `json:"timeout_after"`   // default 30s; the client usually gives up first
 	ItemInternal  float64       `json:"item_internal"`   // accounts whose item fails with 40006
 	CallErrorCode int           `json:"call_error_code"` // non-zero: every call fails with this code
+	// Drop is the part of calls to other APIs (not portrait_get or
+	// portrait_set) whose connection is closed after the request was read,
+	// without an answer: the caller cannot tell whether it was applied.
+	Drop float64 `json:"drop"`
 }
 
 // Stats is what the emulator saw. Times are since the last Reset.
@@ -110,6 +121,11 @@ type Stats struct {
 	ClientSets      int64 `json:"client_sets"`          // changes made by "client SDKs" (ClientSet)
 	CallbacksSent   int64 `json:"callbacks_sent"`       // change callbacks delivered (HTTP 200)
 	CallbackErrors  int64 `json:"callback_errors"`      // deliveries that failed or were refused
+	Other           int64 `json:"other"`                // calls to other APIs (see Seen)
+	OtherThrottled  int64 `json:"other_throttled"`      // of those, over their API's quota
+	Dropped         int64 `json:"dropped"`              // of those, connections dropped (Faults.Drop)
+	Imported        int64 `json:"imported"`             // accounts imported by account_import/multiaccount_import
+	Deleted         int64 `json:"deleted"`              // accounts deleted by account_delete
 }
 
 // AccountsPerCall is the mean number of accounts in served calls.
@@ -138,7 +154,10 @@ type Server struct {
 	behaviour Behaviour
 	faults    Faults
 	rng       *rand.Rand
-	overlay   map[string]map[string]json.RawMessage // writes from portrait_set / Put
+	overlay   map[string]map[string]json.RawMessage // writes from portrait_set / Put; imported accounts
+	deleted   map[string]bool                       // seeded accounts deleted by account_delete
+	apiCalls  map[string]*window                    // other APIs' quota windows, by path
+	seen      []Seen
 	stats     Stats
 	fetched   map[string]int
 	arrivals  window
@@ -167,10 +186,12 @@ func New(cfg Config) *Server {
 		cfg.Seed = 1
 	}
 	s := &Server{
-		cfg:     cfg,
-		rng:     rand.New(rand.NewPCG(cfg.Seed, cfg.Seed^0x9e3779b97f4a7c15)),
-		overlay: map[string]map[string]json.RawMessage{},
-		fetched: map[string]int{},
+		cfg:      cfg,
+		rng:      rand.New(rand.NewPCG(cfg.Seed, cfg.Seed^0x9e3779b97f4a7c15)),
+		overlay:  map[string]map[string]json.RawMessage{},
+		deleted:  map[string]bool{},
+		apiCalls: map[string]*window{},
+		fetched:  map[string]int{},
 	}
 	s.setBehaviour(cfg.Behaviour)
 	s.setFaults(cfg.Faults)
@@ -182,6 +203,7 @@ func New(cfg Config) *Server {
 	s.mux.HandleFunc("POST /imsim/reset", func(w http.ResponseWriter, r *http.Request) { s.Reset(); w.WriteHeader(http.StatusNoContent) })
 	s.mux.HandleFunc("POST /imsim/config", s.serveConfig)
 	s.mux.HandleFunc("POST /imsim/client_set", s.serveClientSet)
+	s.mux.HandleFunc("/v4/", s.serveOther)
 	return s
 }
 
@@ -210,6 +232,9 @@ func (s *Server) setBehaviour(b Behaviour) {
 	}
 	if b.RejectCode == 0 {
 		b.RejectCode = upstream.CodeBadRequest
+	}
+	if b.APIQuota == 0 {
+		b.APIQuota = 100
 	}
 	s.behaviour = b
 }
@@ -268,6 +293,8 @@ func (s *Server) Reset() {
 	s.sets = window{}
 	s.accepts = window{}
 	s.log = nil
+	s.seen = nil
+	clear(s.apiCalls)
 }
 
 // Put sets an account's tag to raw JSON as portrait_set would, without a
@@ -547,6 +574,9 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetRespon
 }
 
 func (s *Server) existsLocked(account string) bool {
+	if s.deleted[account] {
+		return false
+	}
 	if i := seededIndex(account); i >= 0 && i < s.cfg.Accounts {
 		return true
 	}

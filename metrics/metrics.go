@@ -44,6 +44,40 @@ type Metrics struct {
 	IsolationCalls *prometheus.CounterVec // isolation_calls_total{cause}
 	RefusedTags    *prometheus.CounterVec // refused_tag_requests_total{source}
 	LearnedTags    prometheus.Gauge       // learned_bad_tags
+	// Forwarded calls and the API listener's TLS (issue 15).
+	Forwarded       *prometheus.CounterVec   // forwarded_requests_total{service,result}
+	ForwardDuration *prometheus.HistogramVec // forwarded_request_duration_seconds{service}
+	TLSReloads      *prometheus.CounterVec   // tls_certificate_reloads_total{result}
+	TLSNotAfter     prometheus.Gauge         // tls_certificate_not_after_seconds
+}
+
+// ForwardServices are the IM services forwarded_requests_total names; any
+// other service is counted as ServiceOther, so the label stays bounded
+// whatever paths callers send.
+var ForwardServices = []string{"im_open_login_svc", "openim", "group_open_http_svc", "sns", "profile", "all_member_push",
+	"openconfigsvr", "open_msg_svc", "ConfigSvc", "recentcontact"}
+
+// ServiceOther is the service label of every service not in ForwardServices.
+const ServiceOther = "other"
+
+// Results of forwarded_requests_total.
+const (
+	ForwardOK          = "ok"          // the upstream answered HTTP 2xx (the IM result is in the body, passed on)
+	ForwardHTTP        = "http"        // the upstream answered another HTTP status (passed on)
+	ForwardUnreachable = "unreachable" // no answer: connection refused, reset or closed (answered 200 + an IM error)
+	ForwardTimeout     = "timeout"     // no answer within the timeout (answered 200 + 70169)
+	ForwardRejected    = "rejected"    // refused by the proxy, never sent: not POST, bad path, body too large, bad sdkappid or UserSig
+	ForwardCanceled    = "canceled"    // the caller left before the upstream answered
+)
+
+// ForwardService returns the service label of an IM service name.
+func ForwardService(service string) string {
+	for _, s := range ForwardServices {
+		if s == service {
+			return s
+		}
+	}
+	return ServiceOther
 }
 
 // Causes of isolation_calls_total.
@@ -64,6 +98,7 @@ const (
 	ChangeSet      = "set"      // a portrait_set through this replica
 	ChangeCallback = "callback" // a change callback received by this replica
 	ChangeFeed     = "feed"     // announced by another replica
+	ChangeAccount  = "account"  // an account imported or deleted through this replica (a forwarded call)
 )
 
 // Results of profile_changes_total.
@@ -141,6 +176,22 @@ func New(reg prometheus.Registerer) *Metrics {
 		FeedDelay: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "change_feed_delay_seconds",
 			Help: "From a change learned on one replica to its arrival on this one (clocks of replicas assumed in sync).", Buckets: latency}),
 	}
+	m.Forwarded = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "forwarded_requests_total",
+		Help: "Calls to other IM APIs forwarded to the upstream (or refused before it), by IM service and result (ok, http, unreachable, timeout, rejected, canceled)."}, []string{"service", "result"})
+	m.ForwardDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: namespace, Name: "forwarded_request_duration_seconds",
+		Help: "Time from a forwarded call received to its answer passed on, by IM service.", Buckets: latency}, []string{"service"})
+	m.TLSReloads = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "tls_certificate_reloads_total",
+		Help: "Loads of the API listener's certificate after its files changed, by result (ok, error: the previous one is kept)."}, []string{"result"})
+	m.TLSNotAfter = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "tls_certificate_not_after_seconds",
+		Help: "Expiry (Unix seconds) of the certificate the API listener serves; 0 without TLS."})
+	for _, s := range append(ForwardServices, ServiceOther) {
+		for _, r := range []string{ForwardOK, ForwardHTTP, ForwardUnreachable, ForwardTimeout, ForwardRejected, ForwardCanceled} {
+			m.Forwarded.WithLabelValues(s, r)
+		}
+	}
+	m.TLSReloads.WithLabelValues("ok")
+	m.TLSReloads.WithLabelValues("error")
+	reg.MustRegister(m.Forwarded, m.ForwardDuration, m.TLSReloads, m.TLSNotAfter)
 	// Every known label value starts at zero, so series exist (and rates
 	// work) before the first event.
 	for _, r := range []string{LookupFound, LookupFailed, LookupError, LookupStale, LookupInvalid, LookupNotFound} {
@@ -168,7 +219,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	for _, r := range []string{"ok", "rejected", "invalid", "ignored"} {
 		m.Callbacks.WithLabelValues(r)
 	}
-	for _, src := range []string{ChangeSet, ChangeCallback, ChangeFeed} {
+	for _, src := range []string{ChangeSet, ChangeCallback, ChangeFeed, ChangeAccount} {
 		for _, r := range []string{ChangeApplied, ChangeOld, ChangeUnshared} {
 			m.Changes.WithLabelValues(src, r)
 		}

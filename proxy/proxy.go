@@ -101,6 +101,17 @@ type Config struct {
 	// BadTagTTL is how long a tag the upstream refused is refused without a
 	// call; default 10 minutes.
 	BadTagTTL time.Duration
+	// DisableForward answers every other /v4 API 60002 (HTTP 404) instead
+	// of forwarding it to the upstream with the caller's own credentials
+	// (-forward=false). ForwardMaxBody caps a forwarded request body;
+	// default 1 MiB.
+	DisableForward bool
+	ForwardMaxBody int64
+	// TLSCert and TLSKey, both set, are PEM files: the API is then served
+	// over TLS (HTTP/2 and HTTP/1.1), and the files are checked every
+	// TLSReloadEvery (default 10s) and loaded again when they change.
+	TLSCert, TLSKey string
+	TLSReloadEvery  time.Duration
 
 	// Demo runs the built-in emulator as the upstream (SDKAppID, identifier
 	// and key are then the emulator's). DemoLatency is its added latency.
@@ -133,6 +144,7 @@ type Proxy struct {
 	ready    atomic.Bool
 	upstream string
 	failLog  failureLog
+	certs    *certReloader // nil without TLS
 }
 
 // failureLog writes one line per upstream failure, at most one a second
@@ -226,8 +238,11 @@ func New(cfg Config) (_ *Proxy, err error) {
 	}
 	p.upstream = cfg.Upstream
 	p.signer = usersig.NewSigner(cfg.SecretKey, cfg.SDKAppID, cfg.AdminIdentifier, 0, nil)
+	// One connection pool to the upstream for lookups, sets and forwarded
+	// calls.
+	transport := upstream.NewTransport()
 	client, err := upstream.New(upstream.Config{
-		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout,
+		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout, Transport: transport,
 		Observe: func(k upstream.Kind, d time.Duration, err error) {
 			p.m.UpstreamCalls.WithLabelValues(k.String()).Inc()
 			p.m.UpstreamDuration.Observe(d.Seconds())
@@ -284,7 +299,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	// portrait_set calls have their own client: they are not lookups and
 	// stay out of upstream_calls_total (the lookup quota's figure).
 	setClient, err := upstream.New(upstream.Config{
-		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout,
+		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout, Transport: transport,
 		Observe: func(k upstream.Kind, d time.Duration, err error) {
 			if err != nil {
 				p.failLog.log(log, k, err)
@@ -317,10 +332,18 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if callbackPath == "-" {
 		callbackPath = ""
 	}
+	var forward *httpapi.ForwardConfig
+	if !cfg.DisableForward {
+		forward = &httpapi.ForwardConfig{Upstream: cfg.Upstream, Transport: transport, Timeout: cfg.UpstreamTimeout,
+			MaxBodyBytes: cfg.ForwardMaxBody, Accounts: p.cache,
+			OnError: func(service, result string, err error) {
+				p.failLog.log(log, upstream.KindTransport, fmt.Errorf("forwarded %s call: %s: %w", service, result, err))
+			}}
+	}
 	api, err := httpapi.New(httpapi.Config{Lookup: p.cache, SDKAppID: cfg.SDKAppID, Identifier: cfg.AdminIdentifier,
 		Key: cfg.SecretKey, Auth: cfg.Auth, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m, Tags: p.badTags,
 		Setter: &setter{lim: setLim, client: setClient, backoff: time.Second}, Changer: p.cache,
-		CallbackPath: callbackPath, CallbackToken: cfg.CallbackToken})
+		CallbackPath: callbackPath, CallbackToken: cfg.CallbackToken, Forward: forward})
 	if err != nil {
 		return nil, err
 	}
@@ -333,6 +356,15 @@ func New(cfg Config) (_ *Proxy, err error) {
 	p.api = &http.Server{Handler: api, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
 		WriteTimeout: 60 * time.Second, IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10,
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	if (cfg.TLSCert == "") != (cfg.TLSKey == "") {
+		return nil, errors.New("proxy: -tls-cert and -tls-key go together")
+	}
+	if cfg.TLSCert != "" {
+		if p.certs, err = newCertReloader(cfg.TLSCert, cfg.TLSKey, cfg.TLSReloadEvery, log, p.m); err != nil {
+			return nil, err
+		}
+		p.api.TLSConfig = p.certs.tlsConfig()
+	}
 	if p.apiLn, err = net.Listen("tcp", cfg.Listen); err != nil {
 		return nil, fmt.Errorf("proxy: listen %s: %w", cfg.Listen, err)
 	}
@@ -480,13 +512,19 @@ func (p *Proxy) Run(ctx context.Context) error {
 		defer close(tagsDone)
 		p.badTags.Run(redisCtx)
 	}()
-	g.Go(func() error { return serve(p.api, p.apiLn) })
+	if p.certs != nil {
+		g.Go(func() error { p.certs.Run(gctx); return nil })
+		g.Go(func() error { return serveTLS(p.api, p.apiLn) })
+	} else {
+		g.Go(func() error { return serve(p.api, p.apiLn) })
+	}
 	if p.admin != nil {
 		g.Go(func() error { return serve(p.admin, p.adminLn) })
 	}
 	p.ready.Store(true)
 	p.log.Info("proxy serving", "api", p.Addr(), "admin", p.AdminAddr(), "upstream", p.upstream,
-		"sdkappid", p.cfg.SDKAppID, "rate", p.cfg.Rate, "auth", p.cfg.Auth, "redis", p.cfg.Redis != "")
+		"sdkappid", p.cfg.SDKAppID, "rate", p.cfg.Rate, "auth", p.cfg.Auth, "redis", p.cfg.Redis != "",
+		"tls", p.certs != nil, "forward", !p.cfg.DisableForward)
 
 	<-gctx.Done()
 	p.ready.Store(false)
@@ -534,6 +572,13 @@ func loopback(addr string) string {
 		return "127.0.0.1:" + port
 	}
 	return addr
+}
+
+func serveTLS(s *http.Server, ln net.Listener) error {
+	if err := s.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
 }
 
 func serve(s *http.Server, ln net.Listener) error {

@@ -52,6 +52,8 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	fs.Float64Var(&cfg.Faults.Timeout, "timeout", 0, "fraction of calls never answered")
 	fs.Float64Var(&cfg.Faults.ItemInternal, "item-internal", 0, "fraction of accounts failing with 40006")
 	fs.IntVar(&cfg.Behaviour.SetQuota, "set-quota", 200, "portrait_set calls accepted in any sliding second")
+	fs.IntVar(&cfg.Behaviour.APIQuota, "api-quota", 100, "calls accepted in any sliding second by each other API (account_import, sendmsg, …; negative: unlimited)")
+	fs.Float64Var(&cfg.Faults.Drop, "drop", 0, "fraction of calls to other APIs whose connection is closed after the request was read, without an answer")
 	fs.StringVar(&cfg.Callback.URL, "callback-url", "", "where to POST Profile.CallbackPortraitSet after each change (empty: no callbacks); token from env IMSIM_CALLBACK_TOKEN")
 	fs.DurationVar(&cfg.Callback.Jitter, "callback-jitter", 0, "uniform random delay of each callback (deliveries overtake each other)")
 	fs.Float64Var(&cfg.Callback.Duplicate, "callback-duplicate", 0, "fraction of callbacks delivered twice")

@@ -60,7 +60,7 @@ type options struct {
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
 	var o options
-	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot, replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas), poisoned (one caller asking for unconfigured tags among 200 cold callers) or all")
+	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot, replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas), poisoned (one caller asking for unconfigured tags among 200 cold callers), forward (forwarded calls against direct; TLS handshake per call) or all")
 	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
@@ -131,6 +131,8 @@ func runScenario(o options, out io.Writer) error {
 		return coldSteps(o, out)
 	case "fresh":
 		return fresh(o, out)
+	case "forward":
+		return forward(o, out)
 	case "outage":
 		return outage(o, out)
 	case "lowload":
@@ -176,6 +178,9 @@ func runScenario(o options, out io.Writer) error {
 			return err
 		}
 		if err := fresh(o, out); err != nil {
+			return err
+		}
+		if err := forward(o, out); err != nil {
 			return err
 		}
 		return poisoned(o, out)

@@ -27,7 +27,7 @@ type proc struct {
 	addrs []string
 }
 
-var addrRE = regexp.MustCompile(`http://([0-9.]+:[0-9]+)`)
+var addrRE = regexp.MustCompile(`https?://([0-9.]+:[0-9]+)`)
 
 // startProc runs bin with args and env and waits for a stdout line holding
 // at least n http:// addresses.

@@ -36,6 +36,7 @@ type report struct {
 	fresh     *freshResult
 	outage    *outageResult
 	poisoned  []poisonedResult
+	forward   *forwardResult
 	micro     string // go test -bench output
 	benchstat string // comparison with the previous run
 	plotExt   string // svg or png
@@ -510,6 +511,7 @@ func (r *report) write(path, plotDir string) error {
 	}
 
 	r.writePoisoned(p)
+	r.writeForward(p)
 
 	if r.micro != "" {
 		p("## Go micro-benchmarks (`-benchmem`, medians of %d runs)\n\n", microRuns(r.micro))

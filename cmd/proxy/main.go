@@ -69,7 +69,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "portrait proxy on http://%s (admin http://%s)\n", p.Addr(), p.AdminAddr())
+	scheme := "http"
+	if cfg.TLSCert != "" {
+		scheme = "https"
+	}
+	fmt.Fprintf(stdout, "portrait proxy on %s://%s (admin http://%s)\n", scheme, p.Addr(), p.AdminAddr())
 	if cfg.Demo {
 		fmt.Fprintf(stdout, "demo mode: the built-in IM emulator is the upstream (accounts user0…user999999). Try:\n\n  %s\n\n  %s\n\n", p.CurlExample(), proxy.DemoCases)
 	}
@@ -117,6 +121,10 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.DurationVar(&cfg.ClockSkew, "clock-skew", time.Second, "how far the upstream's and the replicas' clocks may be apart (orders cached values against changes)")
 	customTags := fs.String("custom-tags", "", "comma list of the custom tags the app configured: any other custom tag is answered 40009 without a call (empty: learn the tags the upstream refuses)")
 	fs.DurationVar(&cfg.BadTagTTL, "bad-tag-ttl", 10*time.Minute, "how long a tag the upstream refused (40009, 40007, 40801) is answered at once without a call")
+	forward := fs.Bool("forward", true, "forward every other /v4/... API to the upstream unchanged, with the caller's own identifier and UserSig (false: answer them 60002)")
+	fs.Int64Var(&cfg.ForwardMaxBody, "forward-max-body", 1<<20, "largest forwarded request body in bytes (larger: 40001, not sent)")
+	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "PEM certificate (chain) file: serve the API over TLS (HTTP/2 and HTTP/1.1); reloaded when it changes")
+	fs.StringVar(&cfg.TLSKey, "tls-key", "", "PEM private key file for -tls-cert")
 	fs.BoolVar(&cfg.Demo, "demo", false, "run the built-in IM emulator as the upstream (what make run uses)")
 	fs.DurationVar(&cfg.DemoLatency, "demo-latency", 20*time.Millisecond, "the demo emulator's added latency")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
@@ -149,6 +157,7 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	if envErr != nil {
 		return cfg, "", "", envErr
 	}
+	cfg.DisableForward = !*forward
 	if *defaultTags != "" {
 		cfg.DefaultTags = strings.Split(*defaultTags, ",")
 	}

@@ -156,3 +156,18 @@ func TestSIGTERMLosesNoLookup(t *testing.T) {
 	}
 	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
 }
+
+func TestParseForwardAndTLSFlags(t *testing.T) {
+	cfg, _, _, err := parse(nil, env(nil), io.Discard)
+	if err != nil || cfg.DisableForward || cfg.ForwardMaxBody != 1<<20 || cfg.TLSCert != "" {
+		t.Fatalf("defaults: %+v %v", cfg, err)
+	}
+	cfg, _, _, err = parse([]string{"-tls-key", "/k.pem"}, env(map[string]string{
+		"PROXY_FORWARD": "false", "PROXY_TLS_CERT": "/c.pem", "PROXY_TLS_KEY": "/other.pem", "PROXY_FORWARD_MAX_BODY": "4096"}), io.Discard)
+	if err != nil || !cfg.DisableForward || cfg.TLSCert != "/c.pem" || cfg.TLSKey != "/k.pem" || cfg.ForwardMaxBody != 4096 {
+		t.Fatalf("env: %+v %v", cfg, err)
+	}
+	if _, _, _, err := parse(nil, env(map[string]string{"PROXY_FORWARD": "maybe"}), io.Discard); err == nil {
+		t.Fatal("PROXY_FORWARD=maybe accepted")
+	}
+}
