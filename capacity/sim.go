@@ -243,7 +243,8 @@ type sim struct {
 	flight map[int64]flight
 	cum    []float64 // tag mix, cumulative weights
 	union  []string  // every tag the mix asks for
-	tick   []float64 // weighted fetch starts per replica in the current second
+	tick   []float64 // weighted fetch starts per replica since tickAt (counted ones only)
+	tickAt int64
 	c      Counts
 	events int
 }
@@ -514,6 +515,8 @@ func (s *sim) run() {
 			s.push(s.now+int64(time.Second), evTick, 0, 0)
 		}
 	}
+	s.now = s.end
+	s.batches() // the last, partial second
 }
 
 func (s *sim) counting() bool { return s.now >= s.warm }
@@ -728,18 +731,24 @@ func (s *sim) changed(i int) {
 	s.push(a.nextChange, evChange, i, 0)
 }
 
-// batches turns each replica's fetches of the last second into upstream
+// batches turns the replicas' fetches of the last second into upstream
 // calls with the batcher's rules (see Calls) and resets the counts.
 func (s *sim) batches() {
-	for j, m := range s.tick {
-		if m > 0 && s.now > s.warm {
-			calls, shed := Calls(m, s.w.Replicas, s.w.Quota, s.w.Hold, s.bc.Window, s.bc.MaxAccounts)
-			s.c.Calls += calls
-			s.c.CallAccounts += m - shed
-			s.c.ShedAccounts += shed
+	from := max(s.warm, s.tickAt)
+	if dt := float64(s.now-from) / 1e9; dt > 0 {
+		for j := range s.tick {
+			s.tick[j] /= dt
 		}
-		s.tick[j] = 0
+		calls, shed := Calls(s.tick, s.w.Quota, s.w.Hold, s.bc.Window, s.bc.MaxAccounts)
+		for _, m := range s.tick {
+			s.c.CallAccounts += m * dt
+		}
+		s.c.Calls += calls * dt
+		s.c.CallAccounts -= shed * dt
+		s.c.ShedAccounts += shed * dt
 	}
+	clear(s.tick)
+	s.tickAt = s.now
 }
 
 // measure counts what the tiers hold at the end.
@@ -773,33 +782,37 @@ func (s *sim) measure() {
 	}
 }
 
-// Calls is the batcher's call rate for one replica fetching m accounts a
-// second, Poisson, with n replicas sharing quota calls/s: a batch opens at
-// its first account and leaves after the window once a grant is free;
-// grants come at most every T = n·(1 s + hold)/quota apart per replica (the
-// shared limiter's window of calls in flight or answered within a second,
-// shared by n busy replicas). The gap between calls is max(X + window, T)
-// with X ~ Exp(m), whose mean is T + e^{-m(T-window)}/m (1/m + window when
-// the window is the longer). Accounts per call are m times the gap, at
-// most maxAccounts; what a replica's share of the quota cannot carry is
-// shed (answered at once with a stale value or 60007).
-func Calls(m float64, n int, quota float64, hold, window time.Duration, maxAccounts int) (calls, shed float64) {
-	if m <= 0 {
+// Calls is the upstream call rate of replicas fetching m[j] accounts a
+// second each (Poisson) with the batcher's rules, and the accounts a
+// second the quota cannot carry. A replica's batch opens at its first
+// account and is ready after the window: u = m/(1 + m·window) ready batches
+// a second (one replica alone, far from the quota, makes u calls). The
+// shared limiter grants calls of all replicas at most T = (1 s + hold)/quota
+// apart (a call holds its slot of the one-second window from sent until a
+// second after its answer), and a batch waiting for its grant keeps
+// filling. With U = Σu ready batches a second arriving at random, the gap
+// between calls is max(T, the wait for the next ready batch), whose mean
+// is T + e^{-U·T}/U. A call carries at most maxAccounts: past 1/T full calls
+// a second the rest is shed (answered at once with a stale value or 60007).
+func Calls(m []float64, quota float64, hold, window time.Duration, maxAccounts int) (calls, shed float64) {
+	u, total := 0.0, 0.0
+	for _, x := range m {
+		if x > 0 {
+			u += x / (1 + x*window.Seconds())
+			total += x
+		}
+	}
+	if u == 0 {
 		return 0, 0
 	}
-	t := float64(n) * (1 + hold.Seconds()) / quota
-	w := window.Seconds()
-	gap := 1/m + w
-	if t > w {
-		gap = t + math.Exp(-m*(t-w))/m
+	t := (1 + hold.Seconds()) / quota
+	calls = 1 / (t + math.Exp(-u*t)/u)
+	if total/calls > float64(maxAccounts) {
+		calls = total / float64(maxAccounts)
 	}
-	calls = 1 / gap
-	if m*gap > float64(maxAccounts) {
-		calls = m / float64(maxAccounts)
-	}
-	if limit := 1 / t; calls > limit {
-		shed = m - limit*float64(maxAccounts)
-		calls = limit
+	if calls > 1/t {
+		shed = total - float64(maxAccounts)/t
+		calls = 1 / t
 	}
 	return calls, max(0, shed)
 }

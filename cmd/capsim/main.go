@@ -36,13 +36,15 @@ import (
 )
 
 func main() {
-	if err := run(os.Args[1:], os.Stdout); err != nil {
+	if err := run(os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "capsim:", err)
 		os.Exit(2)
 	}
 }
 
-func run(args []string, out io.Writer) error {
+// run parses args, simulates and prints the figures on out; what varies
+// between identical runs (the wall time taken) goes to errOut.
+func run(args []string, out, errOut io.Writer) error {
 	fs := flag.NewFlagSet("capsim", flag.ContinueOnError)
 	fs.SetOutput(out)
 	var w capacity.Workload
@@ -114,7 +116,8 @@ func run(args []string, out io.Writer) error {
 		}{r, z})
 	}
 	capacity.Report(out, r, z, k)
-	fmt.Fprintf(out, "simulated %v in %v (%d steps)\n", sc.Warmup+sc.Duration, time.Since(start).Round(time.Millisecond), r.Events)
+	fmt.Fprintf(out, "simulated %v in %d steps\n", sc.Warmup+sc.Duration, r.Events)
+	fmt.Fprintf(errOut, "took %v\n", time.Since(start).Round(time.Millisecond))
 	return nil
 }
 
