@@ -44,7 +44,7 @@ type Constants struct {
 	// Memory.
 	HeapPerAccount  float64 // bytes of Go heap per account in the in-process tier, one tag
 	HeapPerTag      float64 // bytes per further tag
-	RedisPerAccount float64 // bytes (MEMORY USAGE) per account hash in Redis, one tag
+	RedisPerAccount float64 // bytes of Redis used_memory per account hash, one tag (keyspace overhead included)
 	RedisPerTag     float64 // bytes per further tag
 	// RedisTripsPerRead is pipelines per request that reads the Redis
 	// tier, under load (reads share pipelines).
@@ -62,10 +62,10 @@ var Measured = Constants{
 	CPULocalHit:       20 * time.Microsecond,
 	CPURedisHit:       26 * time.Microsecond,
 	CPUCold:           62 * time.Microsecond,
-	HeapPerAccount:    275,
-	HeapPerTag:        90,
-	RedisPerAccount:   136,
-	RedisPerTag:       22,
+	HeapPerAccount:    284,
+	HeapPerTag:        141,
+	RedisPerAccount:   217,
+	RedisPerTag:       49,
 	RedisTripsPerRead: 0.12,
 	LimiterOpsPerCall: 2,
 	CoreBudget:        0.6,
