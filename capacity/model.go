@@ -79,7 +79,9 @@ type Size struct {
 	Calls                    float64 // upstream calls per second
 	AccountsPerCall          float64
 	QuotaUse                 float64 // Calls / quota
-	Shed                     float64 // fetches per second the quota cannot carry
+	Shed                     float64 // missed lookups per second answered at once (60007): the quota could not serve them in time
+	ShedShare                float64 // Shed / Lookups
+	Dropped                  float64 // background refreshes per second given up (the value is served stale meanwhile)
 	// FetchCapacity is the most accounts a second the quota carries:
 	// quota/(1 s + hold) full calls.
 	FetchCapacity float64
@@ -120,7 +122,10 @@ func Sized(r *Result, k Constants) Size {
 		z.AccountsPerCall = c.CallAccounts / c.Calls
 	}
 	z.QuotaUse = z.Calls / w.Quota
-	z.Shed = c.ShedAccounts / sec
+	z.Shed, z.Dropped = c.Shed/sec, c.DroppedRefreshes/sec
+	if c.Lookups > 0 {
+		z.ShedShare = c.Shed / c.Lookups
+	}
 	z.FetchCapacity = float64(r.Batcher.MaxAccounts) * w.Quota / (1 + w.Hold.Seconds())
 	us := (c.LocalFresh+c.LocalStale+c.LocalNeg)*k.CPULocalHit.Seconds() + (c.RedisFresh+c.RedisStale+c.RedisNeg)*k.CPURedisHit.Seconds() +
 		c.RedisMiss*k.CPUCold.Seconds() + c.Refreshes*max(0, (k.CPUCold-k.CPULocalHit).Seconds())

@@ -23,8 +23,9 @@ func Report(out io.Writer, r *Result, z Size, k Constants) {
 	fmt.Fprintf(out, "upstream fetches   %12s accounts/s (%s for misses, %s background refreshes); capacity of the quota %s/s\n",
 		num(z.Fetches), num(c.Fetches/r.Seconds), num(c.Refreshes/r.Seconds), num(z.FetchCapacity))
 	fmt.Fprintf(out, "upstream calls     %12.1f /s  = %.1f%% of the quota (%g/s), %.1f accounts per call\n", z.Calls, 100*z.QuotaUse, w.Quota, z.AccountsPerCall)
-	if z.Shed > 0 {
-		fmt.Fprintf(out, "  QUOTA-BOUND: %s fetches/s more than the quota carries would be shed (stale or 60007)\n", num(z.Shed))
+	if z.Shed > 0 || z.Dropped > 0 {
+		fmt.Fprintf(out, "  QUOTA-BOUND: %s lookups/s shed (60007, %.2f%% of lookups), %s refreshes/s given up (served stale meanwhile)\n",
+			num(z.Shed), 100*z.ShedShare, num(z.Dropped))
 	}
 	if c.Changes > 0 {
 		fmt.Fprintf(out, "profile changes    %12s /s\n", num(c.Changes/r.Seconds))

@@ -60,6 +60,9 @@ type Workload struct {
 	Hold          time.Duration // one upstream call, sent to answered
 	Window        time.Duration // -batch-window
 	BatchMax      int           // -batch-max
+	// RequestTimeout is the callers' deadline (-request-timeout): a missed
+	// lookup the quota cannot serve within it is answered at once, shed.
+	RequestTimeout time.Duration
 }
 
 // SimConfig says how much of a workload is simulated.
@@ -74,6 +77,10 @@ type SimConfig struct {
 	// audience is represented by a systematic sample of ranks, each
 	// standing for 1/R accounts. Zero means 200,000.
 	Sample int
+	// Lookups bounds the lookups of sampled accounts simulated one by one
+	// (R is lowered until the sample's expected lookups fit). Zero means
+	// 5,000,000.
+	Lookups float64
 }
 
 // Counts are weighted event counts over the measured time.
@@ -88,6 +95,7 @@ type Counts struct {
 	RedisReads, RedisWrites, RedisChangeOps  float64 // commands
 	Changes                                  float64
 	Calls, CallAccounts, ShedAccounts        float64 // from the batching model
+	Shed, DroppedRefreshes                   float64 // lookups answered at once (60007): the quota could not serve them in time; refreshes given up
 	LocalHeld, LocalTagsHeld                 float64 // at the end, summed over replicas
 	RedisLive, RedisTagsLive, RedisSteadyAcc float64 // at the end; RedisSteadyAcc: after TTL+StaleTTL of this load
 }
@@ -134,6 +142,9 @@ func (w Workload) Defaults() Workload {
 	}
 	if w.ChangeMode == "" {
 		w.ChangeMode = ChangeApply
+	}
+	if w.RequestTimeout <= 0 {
+		w.RequestTimeout = 5 * time.Second
 	}
 	return w
 }
@@ -222,6 +233,7 @@ type event struct {
 type flight struct {
 	tags []string
 	sent int64
+	done int64 // when its answer is stored
 }
 
 type sim struct {
@@ -241,6 +253,12 @@ type sim struct {
 	redis  *cache.Local // the shared tier's records (the same merge rules as the Lua script)
 	apply  []func(string, *cache.Record, time.Time)
 	flight map[int64]flight
+	// The quota as a queue: fetches leave at most fcap accounts a second
+	// (full calls at the limiter's most), in order; vfin is when the
+	// fetches queued so far will have left.
+	fcap    float64
+	vfin    int64
+	backoff map[int64]int64 // replica+account → no refresh before (after one was given up)
 	cum    []float64 // tag mix, cumulative weights
 	union  []string  // every tag the mix asks for
 	tick   []float64 // weighted fetch starts per replica since tickAt (counted ones only)
@@ -269,12 +287,16 @@ func Simulate(w Workload, sc SimConfig) (*Result, error) {
 	if sc.Sample <= 0 {
 		sc.Sample = 200_000
 	}
+	if sc.Lookups <= 0 {
+		sc.Lookups = 5_000_000
+	}
 	if sc.Duration <= 0 {
 		return nil, errors.New("capacity: Duration must be positive")
 	}
 	s := &sim{w: w, sc: sc, bc: bc, rng: rand.New(rand.NewPCG(sc.Seed, sc.Seed^0x9e3779b97f4a7c15)),
 		base: time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC), warm: int64(sc.Warmup), end: int64(sc.Warmup + sc.Duration),
-		flight: map[int64]flight{}}
+		flight: map[int64]flight{}, backoff: map[int64]int64{}}
+	s.fcap = float64(bc.MaxAccounts) * w.Quota / (1 + w.Hold.Seconds())
 	res := &Result{Workload: w, Sim: sc, Batcher: bc}
 	s.plan(res)
 	if err := s.build(res); err != nil {
@@ -311,6 +333,11 @@ func (s *sim) plan(res *Result) {
 	r := 1.0
 	if tailN > 0 {
 		r = float64(nt) / float64(tailN)
+		if lookups := w.Rate * z.Mass(exact+1, w.Accounts) * (s.sc.Warmup + s.sc.Duration).Seconds(); lookups*r > s.sc.Lookups {
+			r = s.sc.Lookups / lookups
+			nt = max(1, int(r*float64(tailN)))
+			r = float64(nt) / float64(tailN)
+		}
 	}
 	add := func(rank int, weight float64) {
 		p := z.P(rank)
@@ -556,12 +583,16 @@ func (s *sim) arrival(i, rep int) {
 			s.c.LocalFresh += wt
 		}
 		if rep >= 0 {
-			s.skip(i, j, rec)
+			s.skip(i, j, rec, false)
 			return
 		}
 	case cache.StateStale:
 		s.c.LocalStale += wt
 		s.fetch(i, j, tags, true)
+		if rep >= 0 {
+			s.skip(i, j, rec, true)
+			return
+		}
 	default:
 		s.c.LocalMiss += wt
 		s.shared(i, j, tags, rec, wt)
@@ -606,25 +637,42 @@ func (s *sim) next(i, rep int) {
 	s.push(s.exp(r), evArrival, i, rep)
 }
 
-// skip follows a fresh hit on a hot account's stream: until the record's
-// first fresh deadline (or the account's next change) every lookup on this
-// replica is a hit as well, so they are counted at once (their expected
-// number) instead of one by one, and the record is marked used until then.
-func (s *sim) skip(i, j int, rec *cache.Record) {
+// skip follows a hit on a hot account's stream. Until the record's first
+// fresh deadline (or the account's next change) every lookup on this
+// replica is a fresh hit as well; after a stale hit, every lookup is a
+// stale hit that starts nothing until its refresh is answered or its
+// backoff ends (or a tag passes its stale time). So they are counted at
+// once (their expected number) instead of one by one, and the record is
+// marked used until then.
+func (s *sim) skip(i, j int, rec *cache.Record, stale bool) {
 	a := &s.accs[i]
 	now := s.at(s.now)
 	h := min(s.end, a.nextChange)
+	if stale {
+		key := int64(i)*int64(s.w.Replicas) + int64(j)
+		if f, ok := s.flight[key]; ok {
+			h = min(h, f.done)
+		} else if until, ok := s.backoff[key]; ok {
+			h = min(h, until)
+		} else {
+			h = s.now
+		}
+	}
 	switch {
-	case rec.NotFoundCode != 0 && now.Before(rec.NotFoundUntil):
+	case !stale && rec.NotFoundCode != 0 && now.Before(rec.NotFoundUntil):
 		h = min(h, rec.NotFoundUntil.Sub(s.base).Nanoseconds())
 	default:
 		for _, t := range s.union {
 			v, ok := rec.Tag(t)
-			if !ok || !now.Before(v.Fresh) {
+			until := v.Fresh
+			if stale {
+				until = v.Stale
+			}
+			if !ok || !now.Before(until) {
 				h = s.now
 				break
 			}
-			h = min(h, v.Fresh.Sub(s.base).Nanoseconds())
+			h = min(h, until.Sub(s.base).Nanoseconds())
 		}
 	}
 	r := a.rate / float64(s.w.Replicas)
@@ -635,9 +683,12 @@ func (s *sim) skip(i, j int, rec *cache.Record) {
 	if from := max(s.now, s.warm); h > from {
 		n := r * float64(h-from) / 1e9 * a.w
 		s.c.Lookups += n
-		if rec.NotFoundCode != 0 {
+		switch {
+		case stale:
+			s.c.LocalStale += n
+		case rec.NotFoundCode != 0:
 			s.c.LocalNeg += n
-		} else {
+		default:
 			s.c.LocalFresh += n
 		}
 	}
@@ -646,9 +697,14 @@ func (s *sim) skip(i, j int, rec *cache.Record) {
 }
 
 // fetch starts a fetch of account i on replica j unless one is in flight
-// there (singleflight): it goes with the next batch, sent one window
-// later, and is answered a call's hold after that.
+// there (singleflight). It waits its turn in the quota's queue, goes with
+// the next batch (one window later at the earliest) and is answered a
+// call's hold after it is sent. A lookup whose turn would come after its
+// deadline is shed at once, as the batcher's Admit does; a background
+// refresh is given up after the cache's RefreshTimeout, and not tried
+// again for its RefreshBackoff (cache's defaults: 10 s, 5 s).
 func (s *sim) fetch(i, j int, tags []string, background bool) {
+	const refreshTimeout, refreshBackoff = 10 * time.Second, 5 * time.Second
 	a := &s.accs[i]
 	key := int64(i)*int64(s.w.Replicas) + int64(j)
 	if _, ok := s.flight[key]; ok {
@@ -657,14 +713,36 @@ func (s *sim) fetch(i, j int, tags []string, background bool) {
 		}
 		return
 	}
+	wait := max(0, s.vfin-s.now)
+	if background {
+		if until, ok := s.backoff[key]; ok {
+			if s.now < until {
+				return
+			}
+			delete(s.backoff, key)
+		}
+		if wait > int64(refreshTimeout) {
+			s.backoff[key] = s.now + int64(refreshBackoff)
+			if s.counting() {
+				s.c.DroppedRefreshes += a.w
+			}
+			return
+		}
+	} else if wait > int64(s.w.RequestTimeout) {
+		if s.counting() {
+			s.c.Shed += a.w
+		}
+		return
+	}
+	s.vfin = max(s.vfin, s.now) + int64(a.w/s.fcap*1e9)
 	fetchTags := slices.Clone(s.bc.DefaultTags)
 	for _, t := range tags {
 		if !slices.Contains(fetchTags, t) {
 			fetchTags = append(fetchTags, t)
 		}
 	}
-	sent := s.now + int64(s.bc.Window)
-	s.flight[key] = flight{tags: fetchTags, sent: sent}
+	sent := max(s.now+int64(s.bc.Window), s.vfin)
+	s.flight[key] = flight{tags: fetchTags, sent: sent, done: sent + int64(s.w.Hold)}
 	s.push(sent+int64(s.w.Hold), evFetched, i, j)
 	if s.counting() {
 		if background {
