@@ -259,12 +259,12 @@ type sim struct {
 	fcap    float64
 	vfin    int64
 	backoff map[int64]int64 // replica+account → no refresh before (after one was given up)
-	cum    []float64 // tag mix, cumulative weights
-	union  []string  // every tag the mix asks for
-	tick   []float64 // weighted fetch starts per replica since tickAt (counted ones only)
-	tickAt int64
-	c      Counts
-	events int
+	cum     []float64       // tag mix, cumulative weights
+	union   []string        // every tag the mix asks for
+	tick    []float64       // weighted fetch starts per replica since tickAt (counted ones only)
+	tickAt  int64
+	c       Counts
+	events  int
 }
 
 // Simulate replays w in simulated time through the proxy's own cache rules
