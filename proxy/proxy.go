@@ -47,6 +47,10 @@ import (
 type Config struct {
 	Listen      string // API address; default ":8080"
 	AdminListen string // admin address; default ":9090"; "-" disables
+	// Pprof serves the profiling endpoints under /debug/pprof/ on the
+	// admin listener (never /debug/pprof/cmdline: the command line may
+	// hold secrets). Off by default: profiles reveal the process's memory.
+	Pprof bool
 
 	Upstream        string // IM REST API base URL
 	SDKAppID        uint64
@@ -325,7 +329,9 @@ func New(cfg Config) (_ *Proxy, err error) {
 		p.sim.SetCallback(imsim.Callback{URL: "http://" + loopback(p.Addr()) + callbackPath, Token: cfg.CallbackToken})
 	}
 	if cfg.AdminListen != "-" {
-		p.admin = &http.Server{Handler: p.adminMux(), ReadHeaderTimeout: 5 * time.Second}
+		p.admin = &http.Server{Handler: p.adminMux(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+			WriteTimeout: adminWriteTimeout, IdleTimeout: 60 * time.Second, MaxHeaderBytes: 16 << 10,
+			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 		if p.adminLn, err = net.Listen("tcp", cfg.AdminListen); err != nil {
 			return nil, fmt.Errorf("proxy: listen %s: %w", cfg.AdminListen, err)
 		}
@@ -386,6 +392,11 @@ func (p *Proxy) closeListeners() {
 	}
 }
 
+// adminWriteTimeout bounds an admin answer; a CPU profile or trace must
+// ask for less (pprof refuses a "seconds" beyond the server's write
+// timeout).
+const adminWriteTimeout = 35 * time.Second
+
 func (p *Proxy) adminMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(p.reg, promhttp.HandlerOpts{Registry: p.reg}))
@@ -397,11 +408,15 @@ func (p *Proxy) adminMux() *http.ServeMux {
 		}
 		w.Write([]byte("ready\n"))
 	})
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	if p.cfg.Pprof {
+		// Not /debug/pprof/cmdline: the command line may carry the secret
+		// key or a Redis password. Index answers that path "Unknown
+		// profile" (404).
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
 
