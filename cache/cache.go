@@ -502,7 +502,7 @@ func (c *Cache) Change(ctx context.Context, account string, items []upstream.Pro
 	if origin == FromCallback {
 		source = metrics.ChangeCallback
 	}
-	return c.change(ctx, account, rec, source, now)
+	return c.change(ctx, account, rec, source, now, false)
 }
 
 // Invalidate drops account's tags from every tier (and every replica's
@@ -512,25 +512,58 @@ func (c *Cache) Change(ctx context.Context, account string, items []upstream.Pro
 // sent before at can no longer store them.
 func (c *Cache) Invalidate(ctx context.Context, account string, tags []string, cause Origin, at time.Time) error {
 	now := c.now()
-	rec := &Record{Tags: make([]TagValue, 0, len(tags))}
-	for _, t := range tags {
-		// An unset, already expired entry as of at: a miss for lookups.
-		rec.put(TagValue{Tag: intern(t), Origin: FromInvalidate, Ver: at.UnixMilli(), Fresh: now, Stale: now})
-	}
 	source := metrics.ChangeSet
 	if cause == FromCallback {
 		source = metrics.ChangeCallback
 	}
-	return c.change(ctx, account, rec, source, now)
+	return c.change(ctx, account, tombstones(tags, at, now), source, now, false)
 }
 
-func (c *Cache) change(ctx context.Context, account string, rec *Record, source string, now time.Time) error {
-	applied := c.local.Merge(account, rec, now) || !c.local.Enabled()
+// Drop is Invalidate for a change nothing authenticates (an unsigned
+// callback): only tags already cached are dropped, in every tier and on
+// every replica, and nothing is created: no Redis key, no field, no
+// in-process entry, no longer key life. A forged Drop costs at most a
+// refetch of a tag that was cached.
+func (c *Cache) Drop(ctx context.Context, account string, tags []string, at time.Time) error {
+	now := c.now()
+	return c.change(ctx, account, tombstones(tags, at, now), metrics.ChangeCallback, now, true)
+}
+
+// tombstones is the record of an invalidation at at: each tag unset and
+// already expired (a miss for lookups), versioned at.
+func tombstones(tags []string, at, now time.Time) *Record {
+	rec := &Record{Tags: make([]TagValue, 0, len(tags))}
+	for _, t := range tags {
+		rec.put(TagValue{Tag: intern(t), Origin: FromInvalidate, Ver: at.UnixMilli(), Fresh: now, Stale: now})
+	}
+	return rec
+}
+
+// isTombstones reports whether rec only drops tags (an invalidation).
+func isTombstones(rec *Record) bool {
+	for _, v := range rec.Tags {
+		if v.Origin != FromInvalidate {
+			return false
+		}
+	}
+	return rec.NotFoundCode == 0
+}
+
+func (c *Cache) change(ctx context.Context, account string, rec *Record, source string, now time.Time, existing bool) error {
+	var applied bool
+	if existing || isTombstones(rec) {
+		// A tombstone needs no entry where nothing is cached.
+		applied = c.local.MergeExisting(account, rec, now)
+	} else {
+		applied = c.local.Merge(account, rec, now) || !c.local.Enabled()
+	}
 	var err error
 	if c.cfg.Remote != nil {
-		if f, ok := c.cfg.Remote.(Feed); ok {
-			err = f.Change(ctx, account, rec)
-		} else {
+		f, ok := c.cfg.Remote.(Feed)
+		switch {
+		case ok:
+			err = f.Change(ctx, account, rec, existing)
+		case !existing:
 			err = c.cfg.Remote.Put(ctx, []string{account}, []*Record{rec})
 		}
 	}
@@ -549,7 +582,13 @@ func (c *Cache) change(ctx context.Context, account string, rec *Record, source 
 func (c *Cache) fromFeed(account string, rec *Record, sent time.Time) {
 	now := c.now()
 	c.m.FeedDelay.Observe(max(0, time.Since(sent).Seconds()))
-	if c.local.Merge(account, rec, now) {
+	var applied bool
+	if isTombstones(rec) {
+		applied = c.local.MergeExisting(account, rec, now)
+	} else {
+		applied = c.local.Merge(account, rec, now)
+	}
+	if applied {
 		c.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied).Inc()
 	} else {
 		c.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeOld).Inc()

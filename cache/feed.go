@@ -14,8 +14,9 @@ import (
 type Feed interface {
 	// Change writes account's changed tags to the tier (versioned: never
 	// over newer values) and announces them to every replica, before it
-	// returns.
-	Change(ctx context.Context, account string, rec *Record) error
+	// returns. With existing, only fields the tier already holds are
+	// written, and no key is created or kept longer.
+	Change(ctx context.Context, account string, rec *Record, existing bool) error
 	// Follow calls apply for each change another replica announces, and
 	// lost when changes may have been missed (the feed was cut and is
 	// back). It returns when ctx ends.
@@ -23,8 +24,9 @@ type Feed interface {
 }
 
 // Change writes rec (a change's tags) for account and publishes it on the
-// app's change channel, in one round trip.
-func (r *Redis) Change(ctx context.Context, account string, rec *Record) error {
+// app's change channel, in one round trip. With existing, only fields
+// already in account's hash are written (see writeScript).
+func (r *Redis) Change(ctx context.Context, account string, rec *Record, existing bool) error {
 	if !r.up.Load() {
 		return ErrRedisDown
 	}
@@ -32,7 +34,11 @@ func (r *Redis) Change(ctx context.Context, account string, rec *Record) error {
 	defer cancel()
 	msg := encodeChange(r.cfg.Replica, time.Now(), account, rec)
 	err := r.exec(ctx, func(pipe redis.Pipeliner, load bool) {
-		r.queueWrite(ctx, pipe, account, rec, false, load)
+		mode := writeMerge
+		if existing {
+			mode = writeExisting
+		}
+		r.queueWrite(ctx, pipe, account, rec, mode, load)
 		pipe.Publish(ctx, r.feed, msg)
 	})
 	if err != nil {

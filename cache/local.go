@@ -96,6 +96,36 @@ func (l *Local) Merge(account string, upd *Record, now time.Time) bool {
 	return true
 }
 
+// MergeExisting is Merge limited to what account's record already holds:
+// tags of upd that the record lacks are left out, and an account without a
+// record is left alone. It never creates anything (for changes nothing
+// authenticates, and for tombstones, which need no entry to drop).
+func (l *Local) MergeExisting(account string, upd *Record, now time.Time) bool {
+	if l.perShard == 0 {
+		return false
+	}
+	s := l.shard(account)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.m[account]
+	if e == nil {
+		return false
+	}
+	old := e.rec.Load()
+	held := &Record{Tags: make([]TagValue, 0, len(upd.Tags))}
+	for _, v := range upd.Tags {
+		if _, ok := old.Tag(v.Tag); ok {
+			held.Tags = append(held.Tags, v)
+		}
+	}
+	if len(held.Tags) == 0 {
+		return false
+	}
+	rec := merge(old, held, l.skew.Load())
+	e.rec.Store(rec)
+	return rec != old
+}
+
 // Enabled reports whether the tier holds anything at all.
 func (l *Local) Enabled() bool { return l.perShard > 0 }
 

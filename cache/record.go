@@ -54,9 +54,10 @@ const (
 //     earlier.
 //   - A callback with EventTime E replaces a callback's value when E is
 //     not older than that one's EventTime (a repeat is harmless), and a
-//     fetched or set value unless the fetch or set was sent more than skew
-//     after E (then it already reflects the change). Whatever wrote last,
-//     E must not be older than the newest EventTime the tag has seen.
+//     fetched, set or dropped value when E is newer than every EventTime
+//     the tag has seen (so a repeat of a callback already applied never
+//     undoes what was written after it) and the fetch or set was not sent
+//     more than skew after E (then it already reflects the change).
 //   - An invalidation at R (a change whose value is unknown or not
 //     trusted) replaces any value known as of R or earlier, like a set; a
 //     fetch sent at or after R replaces it (it is not a known value that a
@@ -71,7 +72,10 @@ func supersedes(upd, old *TagValue, skew int64) bool {
 	case FromSet, FromInvalidate:
 		return upd.Ver >= old.Ver
 	default:
-		return upd.Event >= old.Event && (old.Origin == FromCallback || upd.Event+skew > old.Ver)
+		if old.Origin == FromCallback {
+			return upd.Event >= old.Event
+		}
+		return upd.Event > old.Event && upd.Event+skew > old.Ver
 	}
 }
 

@@ -544,7 +544,7 @@ func (r *Redis) flush(batch []write) {
 	defer cancel()
 	err := r.exec(ctx, func(pipe redis.Pipeliner, load bool) {
 		for _, w := range batch {
-			r.queueWrite(ctx, pipe, w.account, w.rec, true, load)
+			r.queueWrite(ctx, pipe, w.account, w.rec, writeRelease, load)
 		}
 	})
 	if err != nil {
@@ -574,15 +574,19 @@ func (r *Redis) exec(ctx context.Context, fill func(pipe redis.Pipeliner, load b
 	return nil
 }
 
+// Modes of writeScript (its ARGV[4]).
+const (
+	writeMerge    = "0" // merge the fields, keep the key TTL-long
+	writeRelease  = "1" // the same, and drop the claim marker (a fetch's write-back)
+	writeExisting = "2" // only fields the hash holds; no negative entry, no new key, TTL untouched
+)
+
 // queueWrite adds account's versioned write to pipe (see writeScript).
-func (r *Redis) queueWrite(ctx context.Context, pipe redis.Pipeliner, account string, rec *Record, release, load bool) {
+func (r *Redis) queueWrite(ctx context.Context, pipe redis.Pipeliner, account string, rec *Record, mode string, load bool) {
 	args := make([]any, 4, 4+2*len(rec.Tags))
-	args[0], args[1], args[2], args[3] = r.cfg.KeyTTL.Milliseconds(), r.skew, "", 0
-	if rec.NotFoundCode != 0 {
+	args[0], args[1], args[2], args[3] = r.cfg.KeyTTL.Milliseconds(), r.skew, "", mode
+	if rec.NotFoundCode != 0 && mode != writeExisting {
 		args[2] = string(encodeNeg(nil, rec))
-	}
-	if release {
-		args[3] = 1
 	}
 	var buf []byte
 	for _, v := range rec.Tags {
@@ -601,9 +605,10 @@ func (r *Redis) queueWrite(ctx context.Context, pipe redis.Pipeliner, account st
 // field stored (the rules of supersedes, on the encoded form). A write
 // that stores a tag clears the negative entry; a negative entry is stored
 // only if no stored tag is newer. KEYS: the hash, the claim marker. ARGV:
-// key TTL (ms), clock skew (ms), the negative entry or "", 1 to drop the
-// claim marker, then field/value pairs. Returns the number of fields
-// stored.
+// key TTL (ms), clock skew (ms), the negative entry or "", the mode (0:
+// merge; 1: merge and drop the claim marker; 2: only fields the hash
+// already holds, the key's TTL left as it is: it creates nothing), then
+// field/value pairs. Returns the number of fields stored.
 var writeScript = redis.NewScript(`
 local function be48(s, i)
   local v = 0
@@ -611,6 +616,7 @@ local function be48(s, i)
   return v
 end
 local skew = tonumber(ARGV[2])
+local existing = ARGV[4] == '2'
 local function supersedes(u, o)
   if not o or #o < 13 then return true end
   local uo, oo = math.floor(string.byte(u, 1) / 2), math.floor(string.byte(o, 1) / 2)
@@ -621,7 +627,9 @@ local function supersedes(u, o)
   elseif uo == 1 or uo == 3 then
     return uv >= ov
   end
-  return be48(u, 8) >= be48(o, 8) and (oo == 2 or be48(u, 8) + skew > ov)
+  local ue, oe = be48(u, 8), be48(o, 8)
+  if oo == 2 then return ue >= oe end
+  return ue > oe and ue + skew > ov
 end
 local fields = {}
 for i = 5, #ARGV, 2 do fields[#fields + 1] = ARGV[i] end
@@ -631,7 +639,7 @@ if #fields > 0 then
   local set = {}
   for j = 1, #fields do
     local u, o = ARGV[4 + 2 * j], olds[j]
-    if supersedes(u, o) then
+    if (o or not existing) and supersedes(u, o) then
       if o and #o >= 13 and math.floor(string.byte(u, 1) / 2) ~= 2 and be48(o, 8) > be48(u, 8) then
         u = string.sub(u, 1, 7) .. string.sub(o, 8, 13) .. string.sub(u, 14) -- keep the newest EventTime seen
       end
@@ -661,7 +669,7 @@ if ARGV[3] ~= '' then
     n = n + 1
   end
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if not existing then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
 return n
 `)

@@ -117,7 +117,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		SetRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "set_requests_total",
 			Help: "portrait_set requests answered, by result (ok or the IM error code class)."}, []string{"result"}),
 		Callbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "callbacks_total",
-			Help: "Change callbacks received, by result (ok, rejected: wrong app or signature, invalid: bad body, ignored: another command)."}, []string{"result"}),
+			Help: "Change callbacks received, by result (ok, rejected: wrong app or signature, invalid: bad body or EventTime in the future, ignored: another command, repeat: a signed callback seen before, limited: unsigned callbacks over their rate)."}, []string{"result"}),
 		Changes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "profile_changes_total",
 			Help: "Profile changes applied to the cache, by source (set, callback, feed) and result (applied, old, unshared)."}, []string{"source", "result"}),
 		FeedDelay: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "change_feed_delay_seconds",
@@ -147,7 +147,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	}
 	m.Requests.WithLabelValues("ok")
 	m.SetRequests.WithLabelValues("ok")
-	for _, r := range []string{"ok", "rejected", "invalid", "ignored"} {
+	for _, r := range []string{"ok", "rejected", "invalid", "ignored", "repeat", "limited"} {
 		m.Callbacks.WithLabelValues(r)
 	}
 	for _, src := range []string{ChangeSet, ChangeCallback, ChangeFeed} {

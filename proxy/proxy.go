@@ -91,7 +91,12 @@ type Config struct {
 	CallbackPath string
 	// CallbackToken, when set, is the callback authentication token: a
 	// callback must carry Sign = hex(SHA-256(token + RequestTime)).
-	CallbackToken string
+	// Without it the receiver is not mounted unless CallbackUnsigned says
+	// so; unsigned callbacks then only drop tags already cached, at most
+	// CallbackUnsignedRate a second (default 100).
+	CallbackToken        string
+	CallbackUnsigned     bool
+	CallbackUnsignedRate float64
 	// ClockSkew is how far the upstream's and the replicas' clocks may be
 	// apart, for ordering cached values against changes; default 1s.
 	ClockSkew time.Duration
@@ -305,15 +310,20 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if callbackPath == "-" {
 		callbackPath = ""
 	}
+	if callbackPath != "" && cfg.CallbackToken == "" && !cfg.CallbackUnsigned {
+		log.Warn("change callbacks are not received: no -callback-token (set the IM console's callback token), and -callback-unsigned not given", "callback_path", callbackPath)
+		callbackPath = ""
+	}
 	api, err := httpapi.New(httpapi.Config{Lookup: p.cache, SDKAppID: cfg.SDKAppID, Identifier: cfg.AdminIdentifier,
 		Key: cfg.SecretKey, Auth: cfg.Auth, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m,
 		Setter: &setter{lim: setLim, client: setClient, backoff: time.Second}, Changer: p.cache,
-		CallbackPath: callbackPath, CallbackToken: cfg.CallbackToken})
+		CallbackPath: callbackPath, CallbackToken: cfg.CallbackToken, CallbackUnsigned: cfg.CallbackUnsigned,
+		CallbackUnsignedRate: cfg.CallbackUnsignedRate, ClockSkew: cfg.ClockSkew})
 	if err != nil {
 		return nil, err
 	}
 	if callbackPath != "" && cfg.CallbackToken == "" {
-		log.Warn("no -callback-token: change callbacks only drop the changed tags from the cache (their values are not trusted); set the IM console's callback token to apply them directly", "callback_path", callbackPath)
+		log.Warn("-callback-unsigned: anyone who reaches the API port can send change callbacks; they only drop tags already cached (their values are not trusted), rate-bounded; set the IM console's callback token to have them checked and applied", "callback_path", callbackPath)
 	}
 	if cfg.Auth == httpapi.AuthNone {
 		log.Warn("caller authentication is OFF (-auth none): anyone who reaches the API port can read profiles with the app's admin rights")
