@@ -78,8 +78,8 @@ type Config struct {
 	// proxy's: a callback's EventTime beyond now + ClockSkew is refused.
 	// Zero means 1s.
 	ClockSkew time.Duration
-	Metrics       *metrics.Metrics
-	Now           func() time.Time
+	Metrics   *metrics.Metrics
+	Now       func() time.Time
 }
 
 // Handler serves the drop-in API. Create it with New.
