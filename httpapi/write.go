@@ -21,10 +21,16 @@ import (
 // Setter forwards a portrait_set to the upstream under the set quota. It
 // returns nil when the upstream applied the change, an *upstream.Error
 // with the upstream's code when it refused it, or another error when the
-// outcome is unknown (no answer).
+// outcome is unknown (no answer). An error that also matches
+// ErrMaybeApplied says some attempt's outcome is unknown even though the
+// last one was refused (a timeout, then throttling).
 type Setter interface {
 	PortraitSet(ctx context.Context, req upstream.SetRequest) error
 }
+
+// ErrMaybeApplied marks a Setter error after which the upstream may hold
+// the new value: an earlier attempt got no answer.
+var ErrMaybeApplied = errors.New("httpapi: an attempt of portrait_set got no answer; it may have been applied")
 
 // Changer applies profile changes to the cache; *cache.Cache satisfies it.
 // Drop is Invalidate for a change nothing authenticates: it only drops
@@ -141,6 +147,11 @@ func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
 	if r.Method != http.MethodPost {
 		return failEnvelope(upstream.CodeHTTPParse, "portrait_set takes POST, not "+r.Method)
 	}
+	if h.cfg.Auth == AuthNone && !h.cfg.AuthNoneWrites {
+		// No caller is authenticated: changing profiles with the app's
+		// admin rights needs an explicit -auth-none-writes.
+		return failEnvelope(upstream.CodeNeedAdmin, "portrait_set is off: this proxy authenticates no caller (-auth none); -auth-none-writes turns it on")
+	}
 	if e := h.authenticate(r); e != nil {
 		return failEnvelope(e.ErrorCode, e.ErrorInfo)
 	}
@@ -165,10 +176,10 @@ func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
 	}
 	var ue *upstream.Error
 	refused := errors.As(err, &ue) && ue.Code != 0
-	if !refused || upstream.Classify(ue.Code) == upstream.KindTransient {
-		// No answer, or an internal error: the change may or may not have
-		// happened. The cached tags are dropped, so the next lookup asks
-		// the upstream.
+	if !refused || upstream.Classify(ue.Code) == upstream.KindTransient || errors.Is(err, ErrMaybeApplied) {
+		// No answer, or an internal error, in any attempt: the change may
+		// or may not have happened. The cached tags are dropped, so the
+		// next lookup asks the upstream.
 		h.cfg.Changer.Invalidate(cctx, req.FromAccount, tagsOf(req.ProfileItem), cache.FromSet, h.cfg.Now())
 	}
 	if refused {

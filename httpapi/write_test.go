@@ -2,6 +2,8 @@ package httpapi
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -265,5 +267,79 @@ func TestUnsignedCallbacksRateBounded(t *testing.T) {
 		strings.NewReader(nickCallback("u1", now.UnixMilli(), "x"))))
 	if w.Code != 200 {
 		t.Fatalf("after a second: HTTP %d", w.Code)
+	}
+}
+
+// fakeSetter answers portrait_set with err and counts its calls.
+type fakeSetter struct {
+	calls int
+	err   error
+}
+
+func (f *fakeSetter) PortraitSet(ctx context.Context, req upstream.SetRequest) error {
+	f.calls++
+	return f.err
+}
+
+func setBody() string {
+	return `{"From_Account":"u1","ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"x"}]}`
+}
+
+func doSet(t *testing.T, h http.Handler, q string) upstream.Envelope {
+	t.Helper()
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, httptest.NewRequest("POST", upstream.PathSet+"?"+q, strings.NewReader(setBody())))
+	var e upstream.Envelope
+	if w.Code != 200 || json.Unmarshal(w.Body.Bytes(), &e) != nil {
+		t.Fatalf("HTTP %d: %s", w.Code, w.Body)
+	}
+	return e
+}
+
+// -auth none opens reads only: portrait_set needs -auth-none-writes too.
+func TestAuthNoneKeepsWritesOff(t *testing.T) {
+	for _, writes := range []bool{false, true} {
+		st, ch := &fakeSetter{}, &fakeChanger{}
+		h, err := New(Config{Lookup: &fakeLookup{}, SDKAppID: app, Auth: AuthNone, AuthNoneWrites: writes, Setter: st, Changer: ch})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := doSet(t, h, "")
+		if !writes && (e.ErrorCode != upstream.CodeNeedAdmin || st.calls != 0 || len(ch.changes) != 0) {
+			t.Fatalf("-auth none: %+v, %d upstream calls, changes %q", e, st.calls, ch.changes)
+		}
+		if writes && (e.ErrorCode != 0 || st.calls != 1 || len(ch.changes) != 1) {
+			t.Fatalf("-auth none -auth-none-writes: %+v, %d upstream calls", e, st.calls)
+		}
+	}
+}
+
+// A set refused in its last attempt after an earlier attempt got no answer
+// may have been applied: the cached tags are dropped, and the caller gets
+// the last refusal.
+func TestSetMaybeAppliedInvalidates(t *testing.T) {
+	throttled := &upstream.Error{Code: upstream.CodeFreqLimit, Info: "throttled"}
+	for _, c := range []struct {
+		name       string
+		err        error
+		code       int
+		invalidate bool
+	}{
+		{"refused", throttled, upstream.CodeFreqLimit, false},
+		{"no answer, then refused", errors.Join(ErrMaybeApplied, throttled), upstream.CodeFreqLimit, true},
+		{"no answer", context.DeadlineExceeded, 0, true},
+	} {
+		ch := &fakeChanger{}
+		h, err := New(Config{Lookup: &fakeLookup{}, SDKAppID: app, Key: key, Setter: &fakeSetter{err: c.err}, Changer: ch})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := doSet(t, h, query().Encode())
+		if c.code != 0 && e.ErrorCode != c.code {
+			t.Errorf("%s: %+v, want code %d", c.name, e, c.code)
+		}
+		if got := len(ch.changes) == 1 && strings.Contains(ch.changes[0], "/invalidate/"); got != c.invalidate {
+			t.Errorf("%s: changes %q, want invalidation %v", c.name, ch.changes, c.invalidate)
+		}
 	}
 }

@@ -76,8 +76,11 @@ type Config struct {
 	// CrossReplica coalesces misses across replicas: with Redis, an
 	// account missed on several replicas at once is fetched by one of them,
 	// at the cost of a claim round trip per miss.
-	CrossReplica   bool
-	Auth           string
+	CrossReplica bool
+	Auth         string
+	// AuthNoneWrites lets portrait_set through when Auth is "none" (no
+	// caller authenticated); without it such a proxy only reads.
+	AuthNoneWrites bool
 	MaxAccounts    int
 	MaxQueue       int // accounts waiting for the quota at most; default 50,000
 	RequestTimeout time.Duration
@@ -315,7 +318,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 		callbackPath = ""
 	}
 	api, err := httpapi.New(httpapi.Config{Lookup: p.cache, SDKAppID: cfg.SDKAppID, Identifier: cfg.AdminIdentifier,
-		Key: cfg.SecretKey, Auth: cfg.Auth, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m,
+		Key: cfg.SecretKey, Auth: cfg.Auth, AuthNoneWrites: cfg.AuthNoneWrites, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m,
 		Setter: &setter{lim: setLim, client: setClient, backoff: time.Second}, Changer: p.cache,
 		CallbackPath: callbackPath, CallbackToken: cfg.CallbackToken, CallbackUnsigned: cfg.CallbackUnsigned,
 		CallbackUnsignedRate: cfg.CallbackUnsignedRate, ClockSkew: cfg.ClockSkew})
@@ -326,7 +329,11 @@ func New(cfg Config) (_ *Proxy, err error) {
 		log.Warn("-callback-unsigned: anyone who reaches the API port can send change callbacks; they only drop tags already cached (their values are not trusted), rate-bounded; set the IM console's callback token to have them checked and applied", "callback_path", callbackPath)
 	}
 	if cfg.Auth == httpapi.AuthNone {
-		log.Warn("caller authentication is OFF (-auth none): anyone who reaches the API port can read profiles with the app's admin rights")
+		if cfg.AuthNoneWrites {
+			log.Warn("caller authentication is OFF (-auth none, -auth-none-writes): anyone who reaches the API port can read every profile AND change any profile (portrait_set) with the app's admin rights")
+		} else {
+			log.Warn("caller authentication is OFF (-auth none): anyone who reaches the API port can read every profile with the app's admin rights (portrait_get); portrait_set is refused (-auth-none-writes would open it)")
+		}
 	}
 	p.api = &http.Server{Handler: api, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
 		WriteTimeout: 60 * time.Second, IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10,
