@@ -299,7 +299,7 @@ func (c *Cache) getRemote(ctx context.Context, accounts, tags []string, miss []i
 	}
 	still := miss[:0]
 	for k, i := range miss {
-		rec := got[k]
+		rec := c.bounded(got[k], now)
 		if rec == nil {
 			c.m.CacheLookups.WithLabelValues("redis", "miss").Inc()
 			still = append(still, i)
@@ -392,6 +392,7 @@ func (c *Cache) fromOtherReplica(ctx context.Context, account string, tags []str
 		return batcher.Result{}, false
 	}
 	now := c.now()
+	rec = c.bounded(rec, now)
 	if st := rec.state(tags, now); st == stateFresh || st == stateNotFound {
 		// Another replica's result landed between our tier read and the claim.
 		if owned {
@@ -418,6 +419,7 @@ func (c *Cache) fromOtherReplica(ctx context.Context, account string, tags []str
 			return batcher.Result{}, false
 		}
 		now := c.now()
+		rec = c.bounded(rec, now)
 		switch rec.state(tags, now) {
 		case stateFresh, stateStale, stateNotFound:
 			c.m.CrossReplica.WithLabelValues("waited").Inc()
@@ -581,6 +583,7 @@ func (c *Cache) change(ctx context.Context, account string, rec *Record, source 
 // fromFeed applies a change another replica announced.
 func (c *Cache) fromFeed(account string, rec *Record, sent time.Time) {
 	now := c.now()
+	rec = c.bounded(rec, now)
 	c.m.FeedDelay.Observe(max(0, time.Since(sent).Seconds()))
 	var applied bool
 	if isTombstones(rec) {
@@ -593,6 +596,47 @@ func (c *Cache) fromFeed(account string, rec *Record, sent time.Time) {
 	} else {
 		c.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeOld).Inc()
 	}
+}
+
+// bounded returns rec limited to what this replica could have learned by
+// now: fresh and stale deadlines to its TTLs, versions and EventTimes to
+// now + the clock skew, a negative entry to NegativeTTL. A record that
+// came from elsewhere (the change feed, Redis) can claim anything; bounded,
+// it outranks later changes at most within the skew, and expires when a
+// local one would. rec itself is returned when it claims nothing more.
+func (c *Cache) bounded(rec *Record, now time.Time) *Record {
+	if rec == nil {
+		return nil
+	}
+	fresh, stale := c.deadlines(now)
+	neg := now.Add(c.cfg.NegativeTTL)
+	maxVer := now.Add(c.cfg.ClockSkew).UnixMilli()
+	over := func(v *TagValue) bool {
+		return v.Fresh.After(fresh) || v.Stale.After(stale) || v.Ver > maxVer || v.Event > maxVer
+	}
+	clamp := rec.NotFoundUntil.After(neg) || rec.NotFoundVer > maxVer
+	for i := range rec.Tags {
+		clamp = clamp || over(&rec.Tags[i])
+	}
+	if !clamp {
+		return rec
+	}
+	out := &Record{NotFoundCode: rec.NotFoundCode, NotFoundInfo: rec.NotFoundInfo, NotFoundUntil: rec.NotFoundUntil,
+		NotFoundVer: min(rec.NotFoundVer, maxVer), Tags: slices.Clone(rec.Tags)}
+	if out.NotFoundUntil.After(neg) {
+		out.NotFoundUntil = neg
+	}
+	for i := range out.Tags {
+		v := &out.Tags[i]
+		if v.Fresh.After(fresh) {
+			v.Fresh = fresh
+		}
+		if v.Stale.After(stale) {
+			v.Stale = stale
+		}
+		v.Ver, v.Event = min(v.Ver, maxVer), min(v.Event, maxVer)
+	}
+	return out
 }
 
 // store writes a loaded result to both tiers.

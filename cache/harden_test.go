@@ -118,3 +118,40 @@ func TestDropCreatesNothing(t *testing.T) {
 		t.Fatal("the dropped tag was not fetched again")
 	}
 }
+
+// One PUBLISH with a far-future version, EventTime and freshness cannot
+// make a replica serve its value past a later change or past the local
+// TTLs: what a feed message claims is bounded on arrival.
+func TestFeedClaimsBounded(t *testing.T) {
+	srv := redistest.Start(t)
+	tr := startTier(t, srv.URL(), 1400000000)
+	clk := &clock{now: time.Now()}
+	local := NewLocal(0)
+	var up fakeUpstream
+	c, err := New(Config{Loader: &up, Local: local, Remote: tr.r, Metrics: tr.m, Now: clk.Now, TTL: time.Minute, StaleTTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	waitSubscribed(t, tr, 1)
+	far := clk.Now().AddDate(10, 0, 0)
+	poison := &Record{Tags: []TagValue{{Tag: nick, Value: raw("poison"), Set: true, Origin: FromCallback,
+		Ver: far.UnixMilli(), Event: far.UnixMilli(), Fresh: far, Stale: far}}}
+	if err := tr.client.Publish(context.Background(), tr.r.feed, encodeChange("attacker", clk.Now(), "u7", poison)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	waitFeed(t, tr, 1)
+	now := clk.Now()
+	v, ok := local.Get("u7", now).Tag(nick)
+	if !ok || v.Ver > now.Add(time.Second).UnixMilli() || v.Event > now.Add(time.Second).UnixMilli() ||
+		v.Fresh.After(now.Add(time.Minute)) || v.Stale.After(now.Add(time.Minute+time.Hour)) {
+		t.Fatalf("the feed's claims were kept: %+v", v)
+	}
+	clk.Add(2 * time.Second) // past the clock skew: a real change wins
+	if err := c.Change(context.Background(), "u7", []upstream.ProfileItem{{Tag: nick, Value: raw("real")}}, FromSet, 0, clk.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if got := nickOf(t, c, "u7"); got != "real" {
+		t.Fatalf("after a portrait_set the replica serves %q", got)
+	}
+}

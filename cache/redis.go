@@ -2,11 +2,15 @@ package cache
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -80,35 +84,123 @@ type write struct {
 	rec     *Record
 }
 
-// NewRedisClient returns a client for the proxy's -redis flag: a
-// redis:// or rediss:// URL is one server; a comma list of host:port is a
-// Redis Cluster (its seed nodes). Timeouts are short and retries off: a
-// slow Redis must not slow lookups down.
-func NewRedisClient(spec string) (redis.UniversalClient, error) {
+// RedisClientOptions are the Redis settings beyond the address.
+type RedisClientOptions struct {
+	// Password, when set, replaces the URL's password (so it can come
+	// from a secret rather than the URL); the user stays the URL's
+	// ("default" when the URL names none).
+	Password string
+	// CAFile is a PEM file of the roots that verify the servers' TLS
+	// certificates (rediss://); empty means the system's roots.
+	CAFile string
+}
+
+// NewRedisClient returns a client for the proxy's -redis flag:
+//
+//   - redis://[user:password@]host:port/db, or rediss:// for TLS: one server;
+//   - redis://[user:password@]host:port,host:port,…, or rediss://…: a Redis
+//     Cluster (its seed nodes) with AUTH and TLS, every node verified under
+//     its own host name;
+//   - host:port,host:port,…: a Redis Cluster without AUTH or TLS.
+//
+// Timeouts are short and retries off: a slow Redis must not slow lookups
+// down. Errors never repeat the spec (it may hold a password).
+func NewRedisClient(spec string, o RedisClientOptions) (redis.UniversalClient, error) {
 	const timeout = 250 * time.Millisecond
-	if strings.Contains(spec, "://") {
-		opt, err := redis.ParseURL(spec)
+	var tlsConf **tls.Config
+	var client func() redis.UniversalClient
+	if scheme, rest, ok := strings.Cut(spec, "://"); ok {
+		authority := rest
+		if i := strings.IndexAny(authority, "/?"); i >= 0 {
+			authority = authority[:i]
+		}
+		at := strings.LastIndexByte(authority, '@') + 1 // hosts start here
+		hosts := authority[at:]
+		if nodes := strings.Split(hosts, ","); len(nodes) > 1 {
+			// ParseClusterURL takes the first node in the URL and the others
+			// as addr parameters.
+			u := scheme + "://" + rest[:at] + nodes[0] + rest[at+len(hosts):]
+			sep := "?"
+			if strings.Contains(u, "?") {
+				sep = "&"
+			}
+			for _, n := range nodes[1:] {
+				u += sep + "addr=" + url.QueryEscape(strings.TrimSpace(n))
+				sep = "&"
+			}
+			opt, err := redis.ParseClusterURL(u)
+			if err != nil {
+				return nil, fmt.Errorf("cache: -redis is not a valid cluster URL: %w", redactURLError(err))
+			}
+			if opt.TLSConfig != nil {
+				opt.TLSConfig.ServerName = "" // each node is verified under its own name
+			}
+			opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+			opt.MaxRetries, opt.DialerRetries, opt.ContextTimeoutEnabled = -1, 1, true
+			if o.Password != "" {
+				opt.Password = o.Password
+			}
+			tlsConf = &opt.TLSConfig
+			client = func() redis.UniversalClient { return redis.NewClusterClient(opt) }
+		} else {
+			opt, err := redis.ParseURL(spec)
+			if err != nil {
+				return nil, fmt.Errorf("cache: -redis is not a valid URL: %w", redactURLError(err))
+			}
+			opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+			opt.MaxRetries = -1
+			opt.DialerRetries = 1 // one dial per attempt: no retry loop on the request path
+			opt.ContextTimeoutEnabled = true
+			if o.Password != "" {
+				opt.Password = o.Password
+			}
+			tlsConf = &opt.TLSConfig
+			client = func() redis.UniversalClient { return redis.NewClient(opt) }
+		}
+	} else {
+		var addrs []string
+		for _, a := range strings.Split(spec, ",") {
+			if a = strings.TrimSpace(a); a != "" {
+				addrs = append(addrs, a)
+			}
+		}
+		if len(addrs) == 0 {
+			return nil, errors.New("cache: empty redis address list")
+		}
+		opt := &redis.ClusterOptions{Addrs: addrs, Password: o.Password,
+			DialTimeout: timeout, ReadTimeout: timeout, WriteTimeout: timeout, PoolTimeout: timeout,
+			MaxRetries: -1, DialerRetries: 1, ContextTimeoutEnabled: true}
+		tlsConf = &opt.TLSConfig
+		client = func() redis.UniversalClient { return redis.NewClusterClient(opt) }
+	}
+	if *tlsConf != nil {
+		(*tlsConf).MinVersion = tls.VersionTLS12
+	}
+	if o.CAFile != "" {
+		if *tlsConf == nil {
+			return nil, errors.New("cache: a Redis CA file needs TLS: use a rediss:// URL")
+		}
+		pem, err := os.ReadFile(o.CAFile)
 		if err != nil {
-			return nil, fmt.Errorf("cache: redis URL: %w", err)
+			return nil, fmt.Errorf("cache: Redis CA file: %w", err)
 		}
-		opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
-		opt.MaxRetries = -1
-		opt.DialerRetries = 1 // one dial per attempt: no retry loop on the request path
-		opt.ContextTimeoutEnabled = true
-		return redis.NewClient(opt), nil
-	}
-	var addrs []string
-	for _, a := range strings.Split(spec, ",") {
-		if a = strings.TrimSpace(a); a != "" {
-			addrs = append(addrs, a)
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("cache: Redis CA file %s holds no PEM certificate", o.CAFile)
 		}
+		(*tlsConf).RootCAs = pool
 	}
-	if len(addrs) == 0 {
-		return nil, errors.New("cache: empty redis address list")
+	return client(), nil
+}
+
+// redactURLError keeps a URL parse error's cause but not the URL, which
+// may hold a password.
+func redactURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
 	}
-	return redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs,
-		DialTimeout: timeout, ReadTimeout: timeout, WriteTimeout: timeout, PoolTimeout: timeout,
-		MaxRetries: -1, DialerRetries: 1, ContextTimeoutEnabled: true}), nil
+	return err
 }
 
 // ErrRedisDown is returned by Get while the tier is skipped.

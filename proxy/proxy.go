@@ -72,7 +72,11 @@ type Config struct {
 	StaleTTL      time.Duration
 	NegativeTTL   time.Duration
 	LocalAccounts int    // in-process tier size in accounts
-	Redis         string // shared tier: redis://host:port/db, or a comma list of cluster nodes; empty: none
+	Redis         string // shared tier: see cache.NewRedisClient; empty: none
+	// RedisPassword replaces the password of the Redis URL (AUTH/ACL);
+	// RedisCA is a PEM file of roots for rediss:// (default: the system's).
+	RedisPassword string
+	RedisCA       string
 	// CrossReplica coalesces misses across replicas: with Redis, an
 	// account missed on several replicas at once is fetched by one of them,
 	// at the cost of a claim round trip per miss.
@@ -242,7 +246,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	}
 	var remote cache.Remote
 	if cfg.Redis != "" {
-		if p.rclient, err = cache.NewRedisClient(cfg.Redis); err != nil {
+		if p.rclient, err = cache.NewRedisClient(cfg.Redis, cache.RedisClientOptions{Password: cfg.RedisPassword, CAFile: cfg.RedisCA}); err != nil {
 			return nil, err
 		}
 		rc := p.rclient
