@@ -144,6 +144,61 @@ type Cache struct {
 	bgCtx      context.Context
 	bgCancel   context.CancelFunc
 	refreshing sync.Map // account+tags → time.Time before which no refresh starts
+	sweeper    sync.WaitGroup
+	changed    changeMemo
+}
+
+// changeMemo remembers when accounts last changed (newest change version,
+// ms), so a fetch sent before a change cannot put the old value back into
+// the in-process tier after the account's record left it (evicted, or the
+// whole tier cleared after a feed cut). floor stands for every account: it
+// is raised to the clear time on a clear, and to the newest version
+// forgotten when the memo is emptied to stay within maxChanged accounts
+// (forgetting is safe: the floor then covers those accounts, and only
+// fetches sent before it are kept out of the tier; Redis still takes them,
+// versioned).
+type changeMemo struct {
+	mu            sync.Mutex
+	ver           map[string]int64
+	newest, floor int64
+}
+
+const maxChanged = 65_536
+
+func (m *changeMemo) note(account string, ver int64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.ver) >= maxChanged {
+		m.floor, m.ver = max(m.floor, m.newest), nil
+	}
+	if m.ver == nil {
+		m.ver = map[string]int64{}
+	}
+	if ver > m.ver[account] {
+		m.ver[account] = ver
+	}
+	m.newest = max(m.newest, ver)
+}
+
+func (m *changeMemo) raise(ver int64) {
+	m.mu.Lock()
+	m.floor = max(m.floor, ver)
+	m.mu.Unlock()
+}
+
+// since returns the newest change version that may concern account.
+func (m *changeMemo) since(account string) int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return max(m.floor, m.ver[account])
+}
+
+func newestVer(rec *Record) int64 {
+	v := rec.NotFoundVer
+	for i := range rec.Tags {
+		v = max(v, rec.Tags[i].Ver)
+	}
+	return v
 }
 
 // flight counts the callers waiting on one singleflight call, so the call's
@@ -204,16 +259,47 @@ func New(cfg Config) (*Cache, error) {
 		c.bg.Add(1)
 		go func() {
 			defer c.bg.Done()
-			f.Follow(ctx, c.fromFeed, c.local.Clear)
+			f.Follow(ctx, c.fromFeed, c.feedLost)
 		}()
 	}
+	c.sweeper.Go(func() { c.sweepRefreshing(ctx) })
 	return c, nil
+}
+
+// feedLost drops the in-process tier after a feed cut (changes may have
+// been missed), and keeps fetches sent before now out of it.
+func (c *Cache) feedLost() {
+	c.changed.raise(c.now().UnixMilli())
+	c.local.Clear()
+}
+
+// sweepRefreshing forgets, every RefreshBackoff until ctx ends, the
+// refresh marks whose time has passed (failed refreshes leave one each),
+// so the map holds only refreshes running or backing off.
+func (c *Cache) sweepRefreshing(ctx context.Context) {
+	t := time.NewTicker(c.cfg.RefreshBackoff)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := c.now()
+		c.refreshing.Range(func(k, v any) bool {
+			if !now.Before(v.(time.Time)) {
+				c.refreshing.CompareAndDelete(k, v)
+			}
+			return true
+		})
+	}
 }
 
 // Close stops background refreshes and waits for them.
 func (c *Cache) Close() {
 	c.bgCancel()
 	c.bg.Wait()
+	c.sweeper.Wait()
 }
 
 // Get answers every account for tags, in order. It returns when every
@@ -305,14 +391,21 @@ func (c *Cache) getRemote(ctx context.Context, accounts, tags []string, miss []i
 			still = append(still, i)
 			continue
 		}
-		switch rec.state(tags, now) {
+		// The answer comes from what this replica holds once the Redis
+		// record is merged in: this replica may know of a newer value
+		// (from the feed, or a change whose Redis write failed).
+		st := merge(recs[i], rec, c.local.skew.Load()).state(tags, now)
+		if st != stateMiss {
+			if held, _ := c.local.MergeHeld(accounts[i], rec, now); held != nil {
+				rec, st = held, held.state(tags, now)
+			}
+		}
+		switch st {
 		case stateFresh, stateNotFound:
 			c.m.CacheLookups.WithLabelValues("redis", "hit").Inc()
-			c.local.Merge(accounts[i], rec, now)
 			answers[i] = Answer{Item: pick(accounts[i], rec, tags, now), Source: SourceRemote}
 		case stateStale:
 			c.m.CacheLookups.WithLabelValues("redis", "stale").Inc()
-			c.local.Merge(accounts[i], rec, now)
 			answers[i] = Answer{Item: pick(accounts[i], rec, tags, now), Source: SourceRemote}
 			c.refresh(accounts[i], tags)
 		default:
@@ -552,6 +645,7 @@ func isTombstones(rec *Record) bool {
 }
 
 func (c *Cache) change(ctx context.Context, account string, rec *Record, source string, now time.Time, existing bool) error {
+	c.changed.note(account, newestVer(rec))
 	var applied bool
 	if existing || isTombstones(rec) {
 		// A tombstone needs no entry where nothing is cached.
@@ -584,6 +678,7 @@ func (c *Cache) change(ctx context.Context, account string, rec *Record, source 
 func (c *Cache) fromFeed(account string, rec *Record, sent time.Time) {
 	now := c.now()
 	rec = c.bounded(rec, now)
+	c.changed.note(account, newestVer(rec))
 	c.m.FeedDelay.Observe(max(0, time.Since(sent).Seconds()))
 	var applied bool
 	if isTombstones(rec) {
@@ -646,7 +741,13 @@ func (c *Cache) store(account string, res batcher.Result) {
 	if rec == nil {
 		return
 	}
-	c.local.Merge(account, rec, now)
+	// A record held here outranks an older fetch tag by tag (supersedes).
+	// One that is gone (evicted, or the tier cleared) cannot: then a fetch
+	// sent before a recent change (or within the skew of it) must not bring
+	// the old value back.
+	if c.local.Get(account, now) != nil || res.Sent.UnixMilli()-c.cfg.ClockSkew.Milliseconds() >= c.changed.since(account) {
+		c.local.Merge(account, rec, now)
+	}
 	if c.cfg.Remote != nil {
 		// Best effort and off the callers' path: the tier queues the write
 		// and reports its own health.

@@ -53,7 +53,8 @@ func TestSupersedes(t *testing.T) {
 		{"newer callback over a set that followed the last one", cb(10_001, 10_300), TagValue{Origin: FromSet, Ver: 10_200, Event: 10_000}, true},
 		{"invalidation over a set answered before it", TagValue{Origin: FromInvalidate, Ver: 10_500}, set(10_000), true},
 		{"invalidation over a callback that arrived after it", TagValue{Origin: FromInvalidate, Ver: 10_500}, cb(9_000, 11_000), false},
-		{"fetch sent just after an invalidation", fetch(10_501), TagValue{Origin: FromInvalidate, Ver: 10_500}, true},
+		{"fetch sent just after an invalidation (within skew)", fetch(10_501), TagValue{Origin: FromInvalidate, Ver: 10_500}, false},
+		{"fetch sent well after an invalidation", fetch(11_500), TagValue{Origin: FromInvalidate, Ver: 10_500}, true},
 		{"fetch sent before an invalidation", fetch(10_499), TagValue{Origin: FromInvalidate, Ver: 10_500}, false},
 	}
 	for _, c := range cases {

@@ -155,3 +155,174 @@ func TestFeedClaimsBounded(t *testing.T) {
 		t.Fatalf("after a portrait_set the replica serves %q", got)
 	}
 }
+
+// A Redis-tier answer is never older than what the replica holds: the
+// replica knows a newer Nick (its Redis write failed), the request also
+// asks a tag only Redis has, and the answer carries the newer Nick.
+func TestRedisAnswerFromMergedRecord(t *testing.T) {
+	srv := redistest.Start(t)
+	var up fakeUpstream
+	c, local, tr := newReplica(t, &up, srv.URL())
+	now := time.Now()
+	level := "Tag_Profile_IM_Level"
+	older := &Record{Tags: []TagValue{
+		{Tag: nick, Value: raw("old"), Set: true, Origin: FromFetch, Ver: now.Add(-time.Minute).UnixMilli(), Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
+		{Tag: level, Value: raw("7"), Set: true, Origin: FromFetch, Ver: now.Add(-time.Minute).UnixMilli(), Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
+	}}
+	tr.r.flush([]write{{"u8", older}})
+	local.Merge("u8", &Record{Tags: []TagValue{{Tag: nick, Value: raw("new"), Set: true, Origin: FromSet, Ver: now.UnixMilli(),
+		Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)}}}, now)
+	a := c.Get(context.Background(), []string{"u8"}, []string{nick, level})[0]
+	if a.Err != nil || a.Source != SourceRemote {
+		t.Fatalf("answer %+v", a)
+	}
+	if got := values(a.Item); len(got) != 2 || got[0] != nick+"=new" || got[1] != level+"=7" {
+		t.Fatalf("answered %v, want the replica's newer Nick and Redis's Level", got)
+	}
+	if up.calls.Load() != 0 {
+		t.Fatalf("%d upstream calls", up.calls.Load())
+	}
+}
+
+// A key of another type at a record's name (any Redis client can SET one)
+// is a miss for that account only: the tier stays up, other accounts are
+// served from it, writes to that key are skipped.
+func TestWrongTypeKeyIsAMissForThatKeyOnly(t *testing.T) {
+	srv := redistest.Start(t)
+	var up fakeUpstream
+	c, _, tr := newReplica(t, &up, srv.URL())
+	nickOf(t, c, "good") // fetched, written back
+	waitWritten(t, tr, "good")
+	if _, err := srv.Do("SET", tr.r.Key("bad"), "not a hash"); err != nil {
+		t.Fatal(err)
+	}
+	other, _, _ := newReplica(t, &up, srv.URL()) // an empty in-process tier
+	before := up.calls.Load()
+	for i := range 3 {
+		as := other.Get(context.Background(), []string{"good", "bad"}, []string{nick})
+		if as[0].Err != nil || as[1].Err != nil || (i == 0 && (as[0].Source != SourceRemote || as[1].Source != SourceUpstream)) {
+			t.Fatalf("answers %+v", as)
+		}
+		tr.r.flush([]write{{"bad", testRecord("bad", time.Now())}, {"good2", testRecord("good2", time.Now())}})
+	}
+	if !tr.r.Up() {
+		t.Fatal("one key of another type took the Redis tier down")
+	}
+	if n := up.calls.Load() - before; n != 1 { // "bad" once; then the replica holds it
+		t.Fatalf("%d upstream calls, want 1", n)
+	}
+	if n := testutil.ToFloat64(tr.m.RedisErrors.WithLabelValues("wrongtype")); n == 0 {
+		t.Fatal("not counted")
+	}
+	if got, _ := tr.r.Get(context.Background(), []string{"good2"}, []string{nick}); got[0] == nil {
+		t.Fatal("a write in the same pipeline as the bad key was lost")
+	}
+	// Claims too.
+	owned, _, err := tr.r.Claim(context.Background(), "bad", []string{nick})
+	if err != nil || !owned || !tr.r.Up() {
+		t.Fatalf("claim on the bad key: owned %v, %v, up %v", owned, err, tr.r.Up())
+	}
+}
+
+// A failed background refresh leaves a backoff mark; once the backoff is
+// over the mark is forgotten, so the map does not grow with every account
+// that ever failed.
+func TestFailedRefreshMarksExpire(t *testing.T) {
+	up := &fakeUpstream{}
+	clk := newClock()
+	c, err := New(Config{Loader: up, TTL: time.Minute, StaleTTL: time.Hour, RefreshBackoff: 20 * time.Millisecond, Now: clk.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	tags := []string{nick}
+	var accounts []string
+	for i := range 50 {
+		accounts = append(accounts, "r"+strings.Repeat("x", i))
+	}
+	c.Get(context.Background(), accounts, tags)
+	fail := error(&upstream.Error{Kind: upstream.KindHTTP, Status: 502})
+	up.fail.Store(&fail)
+	clk.Add(2 * time.Minute) // stale: every lookup starts a refresh, which fails
+	c.Get(context.Background(), accounts, tags)
+	c.bg.Wait()
+	marks := func() int {
+		n := 0
+		c.refreshing.Range(func(k, v any) bool { n++; return true })
+		return n
+	}
+	if n := marks(); n != len(accounts) {
+		t.Fatalf("%d backoff marks, want %d", n, len(accounts))
+	}
+	clk.Add(time.Second) // the backoff is over
+	deadline := time.Now().Add(5 * time.Second)
+	for marks() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d marks kept after their backoff", marks())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// A fetch sent before a change and answered after the account's record
+// left the in-process tier (evicted) does not put the old value back.
+func TestLateFetchAfterEvictionNotReinstated(t *testing.T) {
+	g := &gate{started: make(chan struct{}), release: make(chan string)}
+	local := NewLocal(0)
+	c, err := New(Config{Loader: g, Local: local})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	done := make(chan string)
+	go func() { done <- nickOf(t, c, "u1") }()
+	<-g.started
+	if err := c.Change(context.Background(), "u1", []upstream.ProfileItem{{Tag: nick, Value: raw("new")}}, FromSet, 0, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	local.Delete("u1") // evicted
+	g.release <- "old"
+	<-done
+	if rec := local.Get("u1", time.Now()); rec != nil {
+		v, _ := rec.Tag(nick)
+		t.Fatalf("the late fetch put %s back", v.Value)
+	}
+	// A fetch sent after the change (and the skew) is stored again.
+	time.Sleep(1100 * time.Millisecond)
+	go func() { done <- nickOf(t, c, "u1") }()
+	<-g.started
+	g.release <- "new"
+	<-done
+	if local.Get("u1", time.Now()) == nil {
+		t.Fatal("a fetch sent after the change was not stored")
+	}
+}
+
+// After a feed cut the in-process tier is cleared (changes may have been
+// missed); a fetch sent before the cut and answered after the clear does
+// not put its value back.
+func TestLateFetchAfterFeedClearNotReinstated(t *testing.T) {
+	srv := redistest.Start(t)
+	g := &gate{started: make(chan struct{}), release: make(chan string)}
+	c, local, tr := newReplica(t, g, srv.URL())
+	waitSubscribed(t, tr, 1)
+	local.Merge("marker", testRecord("marker", time.Now()), time.Now())
+	done := make(chan string)
+	go func() { done <- nickOf(t, c, "u1") }()
+	<-g.started
+	srv.Kill() // a change made now is missed
+	srv.Restart()
+	deadline := time.Now().Add(10 * time.Second)
+	for local.Len() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the in-process tier was not cleared after the feed cut")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	g.release <- "old"
+	<-done
+	if rec := local.Get("u1", time.Now()); rec != nil {
+		v, _ := rec.Tag(nick)
+		t.Fatalf("a fetch sent before the feed cut put %s into the cleared tier", v.Value)
+	}
+}

@@ -74,8 +74,15 @@ func (l *Local) Get(account string, now time.Time) *Record {
 // the shard is full. It reports whether anything of upd was stored (false
 // when every part of it was older than what is held).
 func (l *Local) Merge(account string, upd *Record, now time.Time) bool {
+	_, applied := l.MergeHeld(account, upd, now)
+	return applied
+}
+
+// MergeHeld is Merge that also returns the record account now has: the
+// merged one, or upd itself when the tier holds nothing.
+func (l *Local) MergeHeld(account string, upd *Record, now time.Time) (*Record, bool) {
 	if l.perShard == 0 {
-		return false
+		return upd, false
 	}
 	s := l.shard(account)
 	s.mu.Lock()
@@ -84,7 +91,7 @@ func (l *Local) Merge(account string, upd *Record, now time.Time) bool {
 		old := e.rec.Load()
 		rec := merge(old, upd, l.skew.Load())
 		e.rec.Store(rec)
-		return rec != old
+		return rec, rec != old
 	}
 	if len(s.m) >= l.perShard {
 		s.evictOne()
@@ -93,7 +100,7 @@ func (l *Local) Merge(account string, upd *Record, now time.Time) bool {
 	e.rec.Store(upd)
 	e.used.Store(now.UnixNano())
 	s.m[account] = e
-	return true
+	return upd, true
 }
 
 // MergeExisting is Merge limited to what account's record already holds:

@@ -60,12 +60,12 @@ const (
 //     more than skew after E (then it already reflects the change).
 //   - An invalidation at R (a change whose value is unknown or not
 //     trusted) replaces any value known as of R or earlier, like a set; a
-//     fetch sent at or after R replaces it (it is not a known value that a
-//     fetch might be too early for).
+//     fetch replaces it only when sent more than skew after R, like a set
+//     (R and the send time may be on two replicas' clocks).
 func supersedes(upd, old *TagValue, skew int64) bool {
 	switch upd.Origin {
 	case FromFetch:
-		if old.Origin == FromFetch || old.Origin == FromInvalidate {
+		if old.Origin == FromFetch {
 			return upd.Ver >= old.Ver
 		}
 		return upd.Ver-skew >= old.Ver

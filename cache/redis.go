@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -315,14 +316,20 @@ func (r *Redis) sendClaims(batch []*claim) {
 		gets[i] = pipe.HMGet(ctx, r.Key(c.account), fieldsOf(c.tags)...)
 	}
 	r.m.RedisRoundTrips.Inc()
-	_, err := pipe.Exec(ctx)
-	if err != nil && !errors.Is(err, redis.Nil) {
+	cmds, err := pipe.Exec(ctx)
+	if err != nil && (errors.Is(err, redis.Nil) || onlyKeyErrors(r.m, cmds)) {
+		err = nil
+	}
+	if err != nil {
 		r.down("claim", err)
 	}
 	for i, c := range batch {
-		if err != nil && !errors.Is(err, redis.Nil) {
+		switch {
+		case err != nil:
 			c.owned, c.err = true, err
-		} else {
+		case sets[i].Err() != nil || gets[i].Err() != nil:
+			c.owned = true // a key of another type: fetch here, as if unclaimed
+		default:
 			c.owned, c.rec = sets[i].Val(), decodeRecord(c.tags, gets[i].Val())
 		}
 		close(c.done)
@@ -530,7 +537,7 @@ func (r *Redis) readBatch(ctx context.Context, batch []*read) {
 		}
 	}
 	r.m.RedisRoundTrips.Inc()
-	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) && !onlyKeyErrors(r.m, cmds) {
 		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			r.down("get", err) // not the caller leaving: Redis failed or was too slow
 		}
@@ -542,10 +549,34 @@ func (r *Redis) readBatch(ctx context.Context, batch []*read) {
 	for _, q := range batch {
 		q.recs = make([]*Record, len(q.accounts))
 		for k := range q.recs {
-			q.recs[k] = decodeRecord(q.tags, cmds[k].Val())
+			if cmds[k].Err() == nil {
+				q.recs[k] = decodeRecord(q.tags, cmds[k].Val())
+			} // else a key of another type: a miss for that account only
 		}
 		cmds = cmds[len(q.accounts):]
 	}
+}
+
+// keyError reports whether err is one key's, not the tier's: a key of
+// another type where a record or claim should be (WRONGTYPE), which only
+// a foreign Redis client can have put there.
+func keyError(err error) bool { return redis.HasErrorPrefix(err, "WRONGTYPE") }
+
+// onlyKeyErrors reports whether every failed command of a pipeline failed
+// with a key's error (see keyError); it counts them. Those keys are misses
+// and their writes are skipped; the tier stays up for every other key.
+func onlyKeyErrors[C redis.Cmder](m *metrics.Metrics, cmds []C) bool {
+	n := 0
+	for _, c := range cmds {
+		if err := c.Err(); err != nil && !errors.Is(err, redis.Nil) {
+			if !keyError(err) {
+				return false
+			}
+			n++
+		}
+	}
+	m.RedisErrors.WithLabelValues("wrongtype").Add(float64(n))
+	return true
 }
 
 // Put queues write-backs; Run sends them. When the queue is full or the
@@ -654,12 +685,15 @@ func (r *Redis) exec(ctx context.Context, fill func(pipe redis.Pipeliner, load b
 		pipe := r.cfg.Client.Pipeline()
 		fill(pipe, load)
 		r.m.RedisRoundTrips.Inc()
-		_, err := pipe.Exec(ctx)
+		cmds, err := pipe.Exec(ctx)
 		if err == nil || errors.Is(err, redis.Nil) {
 			return nil
 		}
-		if !load && redis.HasErrorPrefix(err, "NOSCRIPT") {
+		if !load && slices.ContainsFunc(cmds, func(c redis.Cmder) bool { return redis.HasErrorPrefix(c.Err(), "NOSCRIPT") }) {
 			continue
+		}
+		if onlyKeyErrors(r.m, cmds) {
+			return nil // the writes to keys of another type are skipped
 		}
 		return err
 	}
@@ -714,7 +748,7 @@ local function supersedes(u, o)
   local uo, oo = math.floor(string.byte(u, 1) / 2), math.floor(string.byte(o, 1) / 2)
   local uv, ov = be48(u, 2), be48(o, 2)
   if uo == 0 then
-    if oo == 0 or oo == 3 then return uv >= ov end
+    if oo == 0 then return uv >= ov end
     return uv - skew >= ov
   elseif uo == 1 or uo == 3 then
     return uv >= ov

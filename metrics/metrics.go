@@ -109,7 +109,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		RedisUp: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "redis_up",
 			Help: "1 while the Redis tier is in use, 0 while it is skipped after an error (or not configured)."}),
 		RedisErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "redis_errors_total",
-			Help: "Failed Redis operations, by op (get, put, probe)."}, []string{"op"}),
+			Help: "Failed Redis operations, by op (get, put, claim, release, probe, change, feed; wrongtype: a key of another type at a record's name, a miss for that key only)."}, []string{"op"}),
 		RedisDropped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_dropped_writes_total",
 			Help: "Cache write-backs not sent to Redis (Redis down or the write queue full)."}),
 		RedisRoundTrips: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
@@ -142,7 +142,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	for _, r := range []string{"claimed", "waited", "taken_over"} {
 		m.CrossReplica.WithLabelValues(r)
 	}
-	for _, op := range []string{"get", "put", "claim", "release", "probe"} {
+	for _, op := range []string{"get", "put", "claim", "release", "probe", "wrongtype"} {
 		m.RedisErrors.WithLabelValues(op)
 	}
 	m.Requests.WithLabelValues("ok")
