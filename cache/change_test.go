@@ -79,6 +79,9 @@ func randomWrite(rng *rand.Rand, now time.Time, i int) *Record {
 	var event int64
 	if origin == FromCallback {
 		event = int64(1_700_000_000_000 + rng.IntN(3_000))
+		if rng.IntN(2) == 0 { // one of a few: exact repeats of a callback happen often
+			event = int64(1_700_000_000_000 + 1_000*rng.IntN(3))
+		}
 	}
 	for _, tag := range []string{nick, "Tag_Profile_IM_Level"} {
 		if rng.IntN(3) == 0 {
