@@ -129,6 +129,35 @@ func TestWriteScriptMatchesMerge(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 9))
 	now := time.Now()
 	tags := []string{nick, "Tag_Profile_IM_Level"}
+	// Sequences that random draws rarely make: a callback, a later write of
+	// another origin within the skew, the same callback again.
+	fresh, stale := now.Add(time.Minute).Truncate(time.Millisecond), now.Add(time.Hour).Truncate(time.Millisecond)
+	tv := func(o Origin, ver, event int64, v string) *Record {
+		return &Record{Tags: []TagValue{{Tag: nick, Value: raw(v), Set: true, Origin: o, Ver: ver, Event: event, Fresh: fresh, Stale: stale}}}
+	}
+	const e = 1_700_000_000_000
+	scripted := [][]*Record{
+		{tv(FromCallback, e+100, e, "A"), tv(FromSet, e+200, 0, "B"), tv(FromCallback, e+300, e, "A")},
+		{tv(FromCallback, e+100, e, "A"), tv(FromFetch, e+1200, 0, "B"), tv(FromCallback, e+1300, e, "A")},
+		{tv(FromCallback, e+100, e, "A"), tv(FromInvalidate, e+200, 0, ""), tv(FromCallback, e+300, e, "A")},
+		{tv(FromInvalidate, e+200, 0, ""), tv(FromFetch, e+700, 0, "B"), tv(FromFetch, e+1300, 0, "C")},
+		{tv(FromCallback, e+100, e, "A"), tv(FromSet, e+200, 0, "B"), tv(FromCallback, e+300, e+1, "C")},
+	}
+	for k, seq := range scripted {
+		account := fmt.Sprint("scripted", k)
+		var mem *Record
+		for _, upd := range seq {
+			mem = merge(mem, upd, tr.r.skew)
+			tr.r.flush([]write{{account, upd}})
+		}
+		got, err := tr.r.Get(context.Background(), []string{account}, tags)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := sameRecord(mem, got[0], tags); d != "" {
+			t.Fatalf("scripted %d: %s", k, d)
+		}
+	}
 	for trial := range 300 {
 		account := fmt.Sprint("acct", trial)
 		var mem *Record
