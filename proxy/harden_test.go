@@ -1,7 +1,9 @@
 package proxy_test
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"io"
 	"net/http"
 	"os/exec"
@@ -71,4 +73,32 @@ func TestRedisACLUserDocumented(t *testing.T) {
 	if n, _ := srv.Do("DBSIZE"); n == "0" {
 		t.Fatal("nothing written to Redis")
 	}
+}
+
+// The -auth none warning says what is open: reads always, writes only with
+// -auth-none-writes.
+func TestAuthNoneWarningSaysWhatIsOpen(t *testing.T) {
+	sim, simSrv := startSim(t, imsim.Config{})
+	for _, writes := range []bool{false, true} {
+		logs := &syncBuffer{}
+		p, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", AdminListen: "-", Upstream: simSrv.URL, SDKAppID: sim.SDKAppID(),
+			SecretKey: sim.Key(), Auth: "none", AuthNoneWrites: writes, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Run(canceled())
+		out := logs.String()
+		if !strings.Contains(out, "read every profile") {
+			t.Errorf("writes %v: the warning does not say reads are open: %s", writes, out)
+		}
+		if opened := strings.Contains(out, "change any profile"); opened != writes {
+			t.Errorf("writes %v: the warning says writes are open: %v: %s", writes, opened, out)
+		}
+	}
+}
+
+func canceled() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
 }
