@@ -3,8 +3,8 @@ package proxy_test
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"io"
+	"log/slog"
 	"net/http"
 	"os/exec"
 	"strconv"
