@@ -649,7 +649,7 @@ func (c *Cache) change(ctx context.Context, account string, rec *Record, source 
 	var applied bool
 	if existing || isTombstones(rec) {
 		// A tombstone needs no entry where nothing is cached.
-		applied = c.local.MergeExisting(account, rec, now)
+		applied = c.local.MergeExisting(account, rec, now) || !c.local.Enabled()
 	} else {
 		applied = c.local.Merge(account, rec, now) || !c.local.Enabled()
 	}
