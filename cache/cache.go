@@ -145,6 +145,61 @@ type Cache struct {
 	bgCtx      context.Context
 	bgCancel   context.CancelFunc
 	refreshing sync.Map // account+tags → time.Time before which no refresh starts
+	sweeper    sync.WaitGroup
+	changed    changeMemo
+}
+
+// changeMemo remembers when accounts last changed (newest change version,
+// ms), so a fetch sent before a change cannot put the old value back into
+// the in-process tier after the account's record left it (evicted, or the
+// whole tier cleared after a feed cut). floor stands for every account: it
+// is raised to the clear time on a clear, and to the newest version
+// forgotten when the memo is emptied to stay within maxChanged accounts
+// (forgetting is safe: the floor then covers those accounts, and only
+// fetches sent before it are kept out of the tier; Redis still takes them,
+// versioned).
+type changeMemo struct {
+	mu            sync.Mutex
+	ver           map[string]int64
+	newest, floor int64
+}
+
+const maxChanged = 65_536
+
+func (m *changeMemo) note(account string, ver int64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.ver) >= maxChanged {
+		m.floor, m.ver = max(m.floor, m.newest), nil
+	}
+	if m.ver == nil {
+		m.ver = map[string]int64{}
+	}
+	if ver > m.ver[account] {
+		m.ver[account] = ver
+	}
+	m.newest = max(m.newest, ver)
+}
+
+func (m *changeMemo) raise(ver int64) {
+	m.mu.Lock()
+	m.floor = max(m.floor, ver)
+	m.mu.Unlock()
+}
+
+// since returns the newest change version that may concern account.
+func (m *changeMemo) since(account string) int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return max(m.floor, m.ver[account])
+}
+
+func newestVer(rec *Record) int64 {
+	v := rec.NotFoundVer
+	for i := range rec.Tags {
+		v = max(v, rec.Tags[i].Ver)
+	}
+	return v
 }
 
 // flight counts the callers waiting on one singleflight call, so the call's
@@ -205,16 +260,47 @@ func New(cfg Config) (*Cache, error) {
 		c.bg.Add(1)
 		go func() {
 			defer c.bg.Done()
-			f.Follow(ctx, c.fromFeed, c.local.Clear)
+			f.Follow(ctx, c.fromFeed, c.feedLost)
 		}()
 	}
+	c.sweeper.Go(func() { c.sweepRefreshing(ctx) })
 	return c, nil
+}
+
+// feedLost drops the in-process tier after a feed cut (changes may have
+// been missed), and keeps fetches sent before now out of it.
+func (c *Cache) feedLost() {
+	c.changed.raise(c.now().UnixMilli())
+	c.local.Clear()
+}
+
+// sweepRefreshing forgets, every RefreshBackoff until ctx ends, the
+// refresh marks whose time has passed (failed refreshes leave one each),
+// so the map holds only refreshes running or backing off.
+func (c *Cache) sweepRefreshing(ctx context.Context) {
+	t := time.NewTicker(c.cfg.RefreshBackoff)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := c.now()
+		c.refreshing.Range(func(k, v any) bool {
+			if !now.Before(v.(time.Time)) {
+				c.refreshing.CompareAndDelete(k, v)
+			}
+			return true
+		})
+	}
 }
 
 // Close stops background refreshes and waits for them.
 func (c *Cache) Close() {
 	c.bgCancel()
 	c.bg.Wait()
+	c.sweeper.Wait()
 }
 
 // Get answers every account for tags, in order. It returns when every
@@ -300,20 +386,27 @@ func (c *Cache) getRemote(ctx context.Context, accounts, tags []string, miss []i
 	}
 	still := miss[:0]
 	for k, i := range miss {
-		rec := got[k]
+		rec := c.bounded(got[k], now)
 		if rec == nil {
 			c.m.CacheLookups.WithLabelValues("redis", "miss").Inc()
 			still = append(still, i)
 			continue
 		}
-		switch rec.state(tags, now) {
+		// The answer comes from what this replica holds once the Redis
+		// record is merged in: this replica may know of a newer value
+		// (from the feed, or a change whose Redis write failed).
+		st := merge(recs[i], rec, c.local.skew.Load()).state(tags, now)
+		if st != stateMiss {
+			if held, _ := c.local.MergeHeld(accounts[i], rec, now); held != nil {
+				rec, st = held, held.state(tags, now)
+			}
+		}
+		switch st {
 		case stateFresh, stateNotFound:
 			c.m.CacheLookups.WithLabelValues("redis", "hit").Inc()
-			c.local.Merge(accounts[i], rec, now)
 			answers[i] = Answer{Item: pick(accounts[i], rec, tags, now), Source: SourceRemote}
 		case stateStale:
 			c.m.CacheLookups.WithLabelValues("redis", "stale").Inc()
-			c.local.Merge(accounts[i], rec, now)
 			answers[i] = Answer{Item: pick(accounts[i], rec, tags, now), Source: SourceRemote}
 			c.refresh(accounts[i], tags)
 		default:
@@ -393,6 +486,7 @@ func (c *Cache) fromOtherReplica(ctx context.Context, account string, tags []str
 		return batcher.Result{}, false
 	}
 	now := c.now()
+	rec = c.bounded(rec, now)
 	if st := rec.state(tags, now); st == stateFresh || st == stateNotFound {
 		// Another replica's result landed between our tier read and the claim.
 		if owned {
@@ -419,6 +513,7 @@ func (c *Cache) fromOtherReplica(ctx context.Context, account string, tags []str
 			return batcher.Result{}, false
 		}
 		now := c.now()
+		rec = c.bounded(rec, now)
 		switch rec.state(tags, now) {
 		case stateFresh, stateStale, stateNotFound:
 			c.m.CrossReplica.WithLabelValues("waited").Inc()
@@ -503,7 +598,7 @@ func (c *Cache) Change(ctx context.Context, account string, items []upstream.Pro
 	if origin == FromCallback {
 		source = metrics.ChangeCallback
 	}
-	return c.change(ctx, account, rec, source, now)
+	return c.change(ctx, account, rec, source, now, false)
 }
 
 // Invalidate drops account's tags from every tier (and every replica's
@@ -513,25 +608,59 @@ func (c *Cache) Change(ctx context.Context, account string, items []upstream.Pro
 // sent before at can no longer store them.
 func (c *Cache) Invalidate(ctx context.Context, account string, tags []string, cause Origin, at time.Time) error {
 	now := c.now()
-	rec := &Record{Tags: make([]TagValue, 0, len(tags))}
-	for _, t := range tags {
-		// An unset, already expired entry as of at: a miss for lookups.
-		rec.put(TagValue{Tag: intern(t), Origin: FromInvalidate, Ver: at.UnixMilli(), Fresh: now, Stale: now})
-	}
 	source := metrics.ChangeSet
 	if cause == FromCallback {
 		source = metrics.ChangeCallback
 	}
-	return c.change(ctx, account, rec, source, now)
+	return c.change(ctx, account, tombstones(tags, at, now), source, now, false)
 }
 
-func (c *Cache) change(ctx context.Context, account string, rec *Record, source string, now time.Time) error {
-	applied := c.local.Merge(account, rec, now) || !c.local.Enabled()
+// Drop is Invalidate for a change nothing authenticates (an unsigned
+// callback): only tags already cached are dropped, in every tier and on
+// every replica, and nothing is created: no Redis key, no field, no
+// in-process entry, no longer key life. A forged Drop costs at most a
+// refetch of a tag that was cached.
+func (c *Cache) Drop(ctx context.Context, account string, tags []string, at time.Time) error {
+	now := c.now()
+	return c.change(ctx, account, tombstones(tags, at, now), metrics.ChangeCallback, now, true)
+}
+
+// tombstones is the record of an invalidation at at: each tag unset and
+// already expired (a miss for lookups), versioned at.
+func tombstones(tags []string, at, now time.Time) *Record {
+	rec := &Record{Tags: make([]TagValue, 0, len(tags))}
+	for _, t := range tags {
+		rec.put(TagValue{Tag: intern(t), Origin: FromInvalidate, Ver: at.UnixMilli(), Fresh: now, Stale: now})
+	}
+	return rec
+}
+
+// isTombstones reports whether rec only drops tags (an invalidation).
+func isTombstones(rec *Record) bool {
+	for _, v := range rec.Tags {
+		if v.Origin != FromInvalidate {
+			return false
+		}
+	}
+	return rec.NotFoundCode == 0
+}
+
+func (c *Cache) change(ctx context.Context, account string, rec *Record, source string, now time.Time, existing bool) error {
+	c.changed.note(account, newestVer(rec))
+	var applied bool
+	if existing || isTombstones(rec) {
+		// A tombstone needs no entry where nothing is cached.
+		applied = c.local.MergeExisting(account, rec, now) || !c.local.Enabled()
+	} else {
+		applied = c.local.Merge(account, rec, now) || !c.local.Enabled()
+	}
 	var err error
 	if c.cfg.Remote != nil {
-		if f, ok := c.cfg.Remote.(Feed); ok {
-			err = f.Change(ctx, account, rec)
-		} else {
+		f, ok := c.cfg.Remote.(Feed)
+		switch {
+		case ok:
+			err = f.Change(ctx, account, rec, existing)
+		case !existing:
 			err = c.cfg.Remote.Put(ctx, []string{account}, []*Record{rec})
 		}
 	}
@@ -549,12 +678,61 @@ func (c *Cache) change(ctx context.Context, account string, rec *Record, source 
 // fromFeed applies a change another replica announced.
 func (c *Cache) fromFeed(account string, rec *Record, sent time.Time) {
 	now := c.now()
+	rec = c.bounded(rec, now)
+	c.changed.note(account, newestVer(rec))
 	c.m.FeedDelay.Observe(max(0, time.Since(sent).Seconds()))
-	if c.local.Merge(account, rec, now) {
+	var applied bool
+	if isTombstones(rec) {
+		applied = c.local.MergeExisting(account, rec, now)
+	} else {
+		applied = c.local.Merge(account, rec, now)
+	}
+	if applied {
 		c.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied).Inc()
 	} else {
 		c.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeOld).Inc()
 	}
+}
+
+// bounded returns rec limited to what this replica could have learned by
+// now: fresh and stale deadlines to its TTLs, versions and EventTimes to
+// now + the clock skew, a negative entry to NegativeTTL. A record that
+// came from elsewhere (the change feed, Redis) can claim anything; bounded,
+// it outranks later changes at most within the skew, and expires when a
+// local one would. rec itself is returned when it claims nothing more.
+func (c *Cache) bounded(rec *Record, now time.Time) *Record {
+	if rec == nil {
+		return nil
+	}
+	fresh, stale := c.deadlines(now)
+	neg := now.Add(c.cfg.NegativeTTL)
+	maxVer := now.Add(c.cfg.ClockSkew).UnixMilli()
+	over := func(v *TagValue) bool {
+		return v.Fresh.After(fresh) || v.Stale.After(stale) || v.Ver > maxVer || v.Event > maxVer
+	}
+	clamp := rec.NotFoundUntil.After(neg) || rec.NotFoundVer > maxVer
+	for i := range rec.Tags {
+		clamp = clamp || over(&rec.Tags[i])
+	}
+	if !clamp {
+		return rec
+	}
+	out := &Record{NotFoundCode: rec.NotFoundCode, NotFoundInfo: rec.NotFoundInfo, NotFoundUntil: rec.NotFoundUntil,
+		NotFoundVer: min(rec.NotFoundVer, maxVer), Tags: slices.Clone(rec.Tags)}
+	if out.NotFoundUntil.After(neg) {
+		out.NotFoundUntil = neg
+	}
+	for i := range out.Tags {
+		v := &out.Tags[i]
+		if v.Fresh.After(fresh) {
+			v.Fresh = fresh
+		}
+		if v.Stale.After(stale) {
+			v.Stale = stale
+		}
+		v.Ver, v.Event = min(v.Ver, maxVer), min(v.Event, maxVer)
+	}
+	return out
 }
 
 // store writes a loaded result to both tiers.
@@ -564,7 +742,13 @@ func (c *Cache) store(account string, res batcher.Result) {
 	if rec == nil {
 		return
 	}
-	c.local.Merge(account, rec, now)
+	// A record held here outranks an older fetch tag by tag (supersedes).
+	// One that is gone (evicted, or the tier cleared) cannot: then a fetch
+	// sent before a recent change (or within the skew of it) must not bring
+	// the old value back.
+	if c.local.Get(account, now) != nil || res.Sent.UnixMilli()-c.cfg.ClockSkew.Milliseconds() >= c.changed.since(account) {
+		c.local.Merge(account, rec, now)
+	}
 	if c.cfg.Remote != nil {
 		// Best effort and off the callers' path: the tier queues the write
 		// and reports its own health.

@@ -47,9 +47,14 @@ func TestSupersedes(t *testing.T) {
 		{"callback long before a fetch", cb(5_000, 12_000), fetch(10_000), false},
 		{"callback older than the tag's newest event", cb(100, 12_000), TagValue{Origin: FromFetch, Ver: 0, Event: 200}, false},
 		{"callback long before a set", cb(5_000, 12_000), set(10_000), false},
+		{"repeat of a callback over a set that followed it", cb(10_000, 10_300), TagValue{Origin: FromSet, Ver: 10_200, Event: 10_000}, false},
+		{"repeat of a callback over a fetch that followed it", cb(10_000, 10_300), TagValue{Origin: FromFetch, Ver: 10_100, Event: 10_000}, false},
+		{"repeat of a callback over an invalidation", cb(10_000, 10_300), TagValue{Origin: FromInvalidate, Ver: 10_200, Event: 10_000}, false},
+		{"newer callback over a set that followed the last one", cb(10_001, 10_300), TagValue{Origin: FromSet, Ver: 10_200, Event: 10_000}, true},
 		{"invalidation over a set answered before it", TagValue{Origin: FromInvalidate, Ver: 10_500}, set(10_000), true},
 		{"invalidation over a callback that arrived after it", TagValue{Origin: FromInvalidate, Ver: 10_500}, cb(9_000, 11_000), false},
-		{"fetch sent just after an invalidation", fetch(10_501), TagValue{Origin: FromInvalidate, Ver: 10_500}, true},
+		{"fetch sent just after an invalidation (within skew)", fetch(10_501), TagValue{Origin: FromInvalidate, Ver: 10_500}, false},
+		{"fetch sent well after an invalidation", fetch(11_500), TagValue{Origin: FromInvalidate, Ver: 10_500}, true},
 		{"fetch sent before an invalidation", fetch(10_499), TagValue{Origin: FromInvalidate, Ver: 10_500}, false},
 	}
 	for _, c := range cases {
@@ -74,6 +79,9 @@ func randomWrite(rng *rand.Rand, now time.Time, i int) *Record {
 	var event int64
 	if origin == FromCallback {
 		event = int64(1_700_000_000_000 + rng.IntN(3_000))
+		if rng.IntN(2) == 0 { // one of a few: exact repeats of a callback happen often
+			event = int64(1_700_000_000_000 + 1_000*rng.IntN(3))
+		}
 	}
 	for _, tag := range []string{nick, "Tag_Profile_IM_Level"} {
 		if rng.IntN(3) == 0 {
@@ -121,6 +129,35 @@ func TestWriteScriptMatchesMerge(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 9))
 	now := time.Now()
 	tags := []string{nick, "Tag_Profile_IM_Level"}
+	// Sequences that random draws rarely make: a callback, a later write of
+	// another origin within the skew, the same callback again.
+	fresh, stale := now.Add(time.Minute).Truncate(time.Millisecond), now.Add(time.Hour).Truncate(time.Millisecond)
+	tv := func(o Origin, ver, event int64, v string) *Record {
+		return &Record{Tags: []TagValue{{Tag: nick, Value: raw(v), Set: true, Origin: o, Ver: ver, Event: event, Fresh: fresh, Stale: stale}}}
+	}
+	const e = 1_700_000_000_000
+	scripted := [][]*Record{
+		{tv(FromCallback, e+100, e, "A"), tv(FromSet, e+200, 0, "B"), tv(FromCallback, e+300, e, "A")},
+		{tv(FromCallback, e+100, e, "A"), tv(FromFetch, e+1200, 0, "B"), tv(FromCallback, e+1300, e, "A")},
+		{tv(FromCallback, e+100, e, "A"), tv(FromInvalidate, e+200, 0, ""), tv(FromCallback, e+300, e, "A")},
+		{tv(FromInvalidate, e+200, 0, ""), tv(FromFetch, e+700, 0, "B"), tv(FromFetch, e+1300, 0, "C")},
+		{tv(FromCallback, e+100, e, "A"), tv(FromSet, e+200, 0, "B"), tv(FromCallback, e+300, e+1, "C")},
+	}
+	for k, seq := range scripted {
+		account := fmt.Sprint("scripted", k)
+		var mem *Record
+		for _, upd := range seq {
+			mem = merge(mem, upd, tr.r.skew)
+			tr.r.flush([]write{{account, upd}})
+		}
+		got, err := tr.r.Get(context.Background(), []string{account}, tags)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := sameRecord(mem, got[0], tags); d != "" {
+			t.Fatalf("scripted %d: %s", k, d)
+		}
+	}
 	for trial := range 300 {
 		account := fmt.Sprint("acct", trial)
 		var mem *Record

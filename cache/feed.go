@@ -14,8 +14,9 @@ import (
 type Feed interface {
 	// Change writes account's changed tags to the tier (versioned: never
 	// over newer values) and announces them to every replica, before it
-	// returns.
-	Change(ctx context.Context, account string, rec *Record) error
+	// returns. With existing, only fields the tier already holds are
+	// written, and no key is created or kept longer.
+	Change(ctx context.Context, account string, rec *Record, existing bool) error
 	// Follow calls apply for each change another replica announces, and
 	// lost when changes may have been missed (the feed was cut and is
 	// back). It returns when ctx ends.
@@ -23,14 +24,15 @@ type Feed interface {
 }
 
 // Change writes rec (a change's tags) for account and publishes it on the
-// app's change channel, in one round trip.
-func (r *Redis) Change(ctx context.Context, account string, rec *Record) error {
-	return r.ChangeAll(ctx, []string{account}, []*Record{rec})
+// app's change channel, in one round trip. With existing, only fields
+// already in account's hash are written (see writeScript).
+func (r *Redis) Change(ctx context.Context, account string, rec *Record, existing bool) error {
+	return r.ChangeAll(ctx, []string{account}, []*Record{rec}, existing)
 }
 
 // ChangeAll is Change for several accounts (recs[i] for accounts[i]), all
 // in one round trip.
-func (r *Redis) ChangeAll(ctx context.Context, accounts []string, recs []*Record) error {
+func (r *Redis) ChangeAll(ctx context.Context, accounts []string, recs []*Record, existing bool) error {
 	if !r.up.Load() {
 		return ErrRedisDown
 	}
@@ -38,8 +40,12 @@ func (r *Redis) ChangeAll(ctx context.Context, accounts []string, recs []*Record
 	defer cancel()
 	now := time.Now()
 	err := r.exec(ctx, func(pipe redis.Pipeliner, load bool) {
+		mode := writeMerge
+		if existing {
+			mode = writeExisting
+		}
 		for i, account := range accounts {
-			r.queueWrite(ctx, pipe, account, recs[i], false, load)
+			r.queueWrite(ctx, pipe, account, recs[i], mode, load)
 			pipe.Publish(ctx, r.feed, encodeChange(r.cfg.Replica, now, account, recs[i]))
 		}
 	})

@@ -14,7 +14,7 @@ var importTags = []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Image"}
 // allFeed is the optional part of a Feed that changes several accounts in
 // one round trip; *Redis has it.
 type allFeed interface {
-	ChangeAll(ctx context.Context, accounts []string, recs []*Record) error
+	ChangeAll(ctx context.Context, accounts []string, recs []*Record, existing bool) error
 }
 
 // Imported tells every tier and every replica that accounts exist as of
@@ -73,7 +73,7 @@ func (c *Cache) changeAll(ctx context.Context, accounts []string, recs []*Record
 	if !ok {
 		var first error
 		for i, a := range accounts {
-			if err := c.change(ctx, a, recs[i], metrics.ChangeAccount, now); err != nil && first == nil {
+			if err := c.change(ctx, a, recs[i], metrics.ChangeAccount, now, false); err != nil && first == nil {
 				first = err
 			}
 		}
@@ -85,7 +85,7 @@ func (c *Cache) changeAll(ctx context.Context, accounts []string, recs []*Record
 			applied++
 		}
 	}
-	if err := f.ChangeAll(ctx, accounts, recs); err != nil {
+	if err := f.ChangeAll(ctx, accounts, recs, false); err != nil {
 		c.m.Changes.WithLabelValues(metrics.ChangeAccount, metrics.ChangeUnshared).Add(float64(len(accounts)))
 		return err
 	}

@@ -74,8 +74,15 @@ func (l *Local) Get(account string, now time.Time) *Record {
 // the shard is full. It reports whether anything of upd was stored (false
 // when every part of it was older than what is held).
 func (l *Local) Merge(account string, upd *Record, now time.Time) bool {
+	_, applied := l.MergeHeld(account, upd, now)
+	return applied
+}
+
+// MergeHeld is Merge that also returns the record account now has: the
+// merged one, or upd itself when the tier holds nothing.
+func (l *Local) MergeHeld(account string, upd *Record, now time.Time) (*Record, bool) {
 	if l.perShard == 0 {
-		return false
+		return upd, false
 	}
 	s := l.shard(account)
 	s.mu.Lock()
@@ -84,7 +91,7 @@ func (l *Local) Merge(account string, upd *Record, now time.Time) bool {
 		old := e.rec.Load()
 		rec := merge(old, upd, l.skew.Load())
 		e.rec.Store(rec)
-		return rec != old
+		return rec, rec != old
 	}
 	if len(s.m) >= l.perShard {
 		s.evictOne()
@@ -93,7 +100,41 @@ func (l *Local) Merge(account string, upd *Record, now time.Time) bool {
 	e.rec.Store(upd)
 	e.used.Store(now.UnixNano())
 	s.m[account] = e
-	return true
+	return upd, true
+}
+
+// MergeExisting is Merge limited to what account's record already holds:
+// tags of upd that the record lacks are left out, and an account without a
+// record is left alone; a tombstone in upd drops a cached "not found". It never creates an entry (for changes nothing
+// authenticates, and for tombstones, which need no entry to drop).
+func (l *Local) MergeExisting(account string, upd *Record, now time.Time) bool {
+	if l.perShard == 0 {
+		return false
+	}
+	s := l.shard(account)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.m[account]
+	if e == nil {
+		return false
+	}
+	old := e.rec.Load()
+	held := &Record{Tags: make([]TagValue, 0, len(upd.Tags))}
+	for _, v := range upd.Tags {
+		// A tombstone drops a cached "not found" too, as in merge (an
+		// account import announced by another replica): it only removes
+		// what is cached, and the entry exists already.
+		dropsNotFound := old.NotFoundCode != 0 && v.Origin == FromInvalidate
+		if _, ok := old.Tag(v.Tag); ok || dropsNotFound {
+			held.Tags = append(held.Tags, v)
+		}
+	}
+	if len(held.Tags) == 0 {
+		return false
+	}
+	rec := merge(old, held, l.skew.Load())
+	e.rec.Store(rec)
+	return rec != old
 }
 
 // Enabled reports whether the tier holds anything at all.

@@ -54,24 +54,28 @@ const (
 //     earlier.
 //   - A callback with EventTime E replaces a callback's value when E is
 //     not older than that one's EventTime (a repeat is harmless), and a
-//     fetched or set value unless the fetch or set was sent more than skew
-//     after E (then it already reflects the change). Whatever wrote last,
-//     E must not be older than the newest EventTime the tag has seen.
+//     fetched, set or dropped value when E is newer than every EventTime
+//     the tag has seen (so a repeat of a callback already applied never
+//     undoes what was written after it) and the fetch or set was not sent
+//     more than skew after E (then it already reflects the change).
 //   - An invalidation at R (a change whose value is unknown or not
 //     trusted) replaces any value known as of R or earlier, like a set; a
-//     fetch sent at or after R replaces it (it is not a known value that a
-//     fetch might be too early for).
+//     fetch replaces it only when sent more than skew after R, like a set
+//     (R and the send time may be on two replicas' clocks).
 func supersedes(upd, old *TagValue, skew int64) bool {
 	switch upd.Origin {
 	case FromFetch:
-		if old.Origin == FromFetch || old.Origin == FromInvalidate {
+		if old.Origin == FromFetch {
 			return upd.Ver >= old.Ver
 		}
 		return upd.Ver-skew >= old.Ver
 	case FromSet, FromInvalidate:
 		return upd.Ver >= old.Ver
 	default:
-		return upd.Event >= old.Event && (old.Origin == FromCallback || upd.Event+skew > old.Ver)
+		if old.Origin == FromCallback {
+			return upd.Event >= old.Event
+		}
+		return upd.Event > old.Event && upd.Event+skew > old.Ver
 	}
 }
 

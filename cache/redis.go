@@ -2,11 +2,16 @@ package cache
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/url"
+	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -80,35 +85,123 @@ type write struct {
 	rec     *Record
 }
 
-// NewRedisClient returns a client for the proxy's -redis flag: a
-// redis:// or rediss:// URL is one server; a comma list of host:port is a
-// Redis Cluster (its seed nodes). Timeouts are short and retries off: a
-// slow Redis must not slow lookups down.
-func NewRedisClient(spec string) (redis.UniversalClient, error) {
+// RedisClientOptions are the Redis settings beyond the address.
+type RedisClientOptions struct {
+	// Password, when set, replaces the URL's password (so it can come
+	// from a secret rather than the URL); the user stays the URL's
+	// ("default" when the URL names none).
+	Password string
+	// CAFile is a PEM file of the roots that verify the servers' TLS
+	// certificates (rediss://); empty means the system's roots.
+	CAFile string
+}
+
+// NewRedisClient returns a client for the proxy's -redis flag:
+//
+//   - redis://[user:password@]host:port/db, or rediss:// for TLS: one server;
+//   - redis://[user:password@]host:port,host:port,…, or rediss://…: a Redis
+//     Cluster (its seed nodes) with AUTH and TLS, every node verified under
+//     its own host name;
+//   - host:port,host:port,…: a Redis Cluster without AUTH or TLS.
+//
+// Timeouts are short and retries off: a slow Redis must not slow lookups
+// down. Errors never repeat the spec (it may hold a password).
+func NewRedisClient(spec string, o RedisClientOptions) (redis.UniversalClient, error) {
 	const timeout = 250 * time.Millisecond
-	if strings.Contains(spec, "://") {
-		opt, err := redis.ParseURL(spec)
+	var tlsConf **tls.Config
+	var client func() redis.UniversalClient
+	if scheme, rest, ok := strings.Cut(spec, "://"); ok {
+		authority := rest
+		if i := strings.IndexAny(authority, "/?"); i >= 0 {
+			authority = authority[:i]
+		}
+		at := strings.LastIndexByte(authority, '@') + 1 // hosts start here
+		hosts := authority[at:]
+		if nodes := strings.Split(hosts, ","); len(nodes) > 1 {
+			// ParseClusterURL takes the first node in the URL and the others
+			// as addr parameters.
+			u := scheme + "://" + rest[:at] + nodes[0] + rest[at+len(hosts):]
+			sep := "?"
+			if strings.Contains(u, "?") {
+				sep = "&"
+			}
+			for _, n := range nodes[1:] {
+				u += sep + "addr=" + url.QueryEscape(strings.TrimSpace(n))
+				sep = "&"
+			}
+			opt, err := redis.ParseClusterURL(u)
+			if err != nil {
+				return nil, fmt.Errorf("cache: -redis is not a valid cluster URL: %w", redactURLError(err))
+			}
+			if opt.TLSConfig != nil {
+				opt.TLSConfig.ServerName = "" // each node is verified under its own name
+			}
+			opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+			opt.MaxRetries, opt.DialerRetries, opt.ContextTimeoutEnabled = -1, 1, true
+			if o.Password != "" {
+				opt.Password = o.Password
+			}
+			tlsConf = &opt.TLSConfig
+			client = func() redis.UniversalClient { return redis.NewClusterClient(opt) }
+		} else {
+			opt, err := redis.ParseURL(spec)
+			if err != nil {
+				return nil, fmt.Errorf("cache: -redis is not a valid URL: %w", redactURLError(err))
+			}
+			opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+			opt.MaxRetries = -1
+			opt.DialerRetries = 1 // one dial per attempt: no retry loop on the request path
+			opt.ContextTimeoutEnabled = true
+			if o.Password != "" {
+				opt.Password = o.Password
+			}
+			tlsConf = &opt.TLSConfig
+			client = func() redis.UniversalClient { return redis.NewClient(opt) }
+		}
+	} else {
+		var addrs []string
+		for _, a := range strings.Split(spec, ",") {
+			if a = strings.TrimSpace(a); a != "" {
+				addrs = append(addrs, a)
+			}
+		}
+		if len(addrs) == 0 {
+			return nil, errors.New("cache: empty redis address list")
+		}
+		opt := &redis.ClusterOptions{Addrs: addrs, Password: o.Password,
+			DialTimeout: timeout, ReadTimeout: timeout, WriteTimeout: timeout, PoolTimeout: timeout,
+			MaxRetries: -1, DialerRetries: 1, ContextTimeoutEnabled: true}
+		tlsConf = &opt.TLSConfig
+		client = func() redis.UniversalClient { return redis.NewClusterClient(opt) }
+	}
+	if *tlsConf != nil {
+		(*tlsConf).MinVersion = tls.VersionTLS12
+	}
+	if o.CAFile != "" {
+		if *tlsConf == nil {
+			return nil, errors.New("cache: a Redis CA file needs TLS: use a rediss:// URL")
+		}
+		pem, err := os.ReadFile(o.CAFile)
 		if err != nil {
-			return nil, fmt.Errorf("cache: redis URL: %w", err)
+			return nil, fmt.Errorf("cache: Redis CA file: %w", err)
 		}
-		opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
-		opt.MaxRetries = -1
-		opt.DialerRetries = 1 // one dial per attempt: no retry loop on the request path
-		opt.ContextTimeoutEnabled = true
-		return redis.NewClient(opt), nil
-	}
-	var addrs []string
-	for _, a := range strings.Split(spec, ",") {
-		if a = strings.TrimSpace(a); a != "" {
-			addrs = append(addrs, a)
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("cache: Redis CA file %s holds no PEM certificate", o.CAFile)
 		}
+		(*tlsConf).RootCAs = pool
 	}
-	if len(addrs) == 0 {
-		return nil, errors.New("cache: empty redis address list")
+	return client(), nil
+}
+
+// redactURLError keeps a URL parse error's cause but not the URL, which
+// may hold a password.
+func redactURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
 	}
-	return redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs,
-		DialTimeout: timeout, ReadTimeout: timeout, WriteTimeout: timeout, PoolTimeout: timeout,
-		MaxRetries: -1, DialerRetries: 1, ContextTimeoutEnabled: true}), nil
+	return err
 }
 
 // ErrRedisDown is returned by Get while the tier is skipped.
@@ -223,14 +316,20 @@ func (r *Redis) sendClaims(batch []*claim) {
 		gets[i] = pipe.HMGet(ctx, r.Key(c.account), fieldsOf(c.tags)...)
 	}
 	r.m.RedisRoundTrips.Inc()
-	_, err := pipe.Exec(ctx)
-	if err != nil && !errors.Is(err, redis.Nil) {
+	cmds, err := pipe.Exec(ctx)
+	if err != nil && (errors.Is(err, redis.Nil) || onlyKeyErrors(r.m, cmds)) {
+		err = nil
+	}
+	if err != nil {
 		r.down("claim", err)
 	}
 	for i, c := range batch {
-		if err != nil && !errors.Is(err, redis.Nil) {
+		switch {
+		case err != nil:
 			c.owned, c.err = true, err
-		} else {
+		case sets[i].Err() != nil || gets[i].Err() != nil:
+			c.owned = true // a key of another type: fetch here, as if unclaimed
+		default:
 			c.owned, c.rec = sets[i].Val(), decodeRecord(c.tags, gets[i].Val())
 		}
 		close(c.done)
@@ -439,7 +538,7 @@ func (r *Redis) readBatch(ctx context.Context, batch []*read) {
 		}
 	}
 	r.m.RedisRoundTrips.Inc()
-	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) && !onlyKeyErrors(r.m, cmds) {
 		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			r.down("get", err) // not the caller leaving: Redis failed or was too slow
 		}
@@ -451,10 +550,34 @@ func (r *Redis) readBatch(ctx context.Context, batch []*read) {
 	for _, q := range batch {
 		q.recs = make([]*Record, len(q.accounts))
 		for k := range q.recs {
-			q.recs[k] = decodeRecord(q.tags, cmds[k].Val())
+			if cmds[k].Err() == nil {
+				q.recs[k] = decodeRecord(q.tags, cmds[k].Val())
+			} // else a key of another type: a miss for that account only
 		}
 		cmds = cmds[len(q.accounts):]
 	}
+}
+
+// keyError reports whether err is one key's, not the tier's: a key of
+// another type where a record or claim should be (WRONGTYPE), which only
+// a foreign Redis client can have put there.
+func keyError(err error) bool { return redis.HasErrorPrefix(err, "WRONGTYPE") }
+
+// onlyKeyErrors reports whether every failed command of a pipeline failed
+// with a key's error (see keyError); it counts them. Those keys are misses
+// and their writes are skipped; the tier stays up for every other key.
+func onlyKeyErrors[C redis.Cmder](m *metrics.Metrics, cmds []C) bool {
+	n := 0
+	for _, c := range cmds {
+		if err := c.Err(); err != nil && !errors.Is(err, redis.Nil) {
+			if !keyError(err) {
+				return false
+			}
+			n++
+		}
+	}
+	m.RedisErrors.WithLabelValues("wrongtype").Add(float64(n))
+	return true
 }
 
 // Put queues write-backs; Run sends them. When the queue is full or the
@@ -545,7 +668,7 @@ func (r *Redis) flush(batch []write) {
 	defer cancel()
 	err := r.exec(ctx, func(pipe redis.Pipeliner, load bool) {
 		for _, w := range batch {
-			r.queueWrite(ctx, pipe, w.account, w.rec, true, load)
+			r.queueWrite(ctx, pipe, w.account, w.rec, writeRelease, load)
 		}
 	})
 	if err != nil {
@@ -563,27 +686,34 @@ func (r *Redis) exec(ctx context.Context, fill func(pipe redis.Pipeliner, load b
 		pipe := r.cfg.Client.Pipeline()
 		fill(pipe, load)
 		r.m.RedisRoundTrips.Inc()
-		_, err := pipe.Exec(ctx)
+		cmds, err := pipe.Exec(ctx)
 		if err == nil || errors.Is(err, redis.Nil) {
 			return nil
 		}
-		if !load && redis.HasErrorPrefix(err, "NOSCRIPT") {
+		if !load && slices.ContainsFunc(cmds, func(c redis.Cmder) bool { return redis.HasErrorPrefix(c.Err(), "NOSCRIPT") }) {
 			continue
+		}
+		if onlyKeyErrors(r.m, cmds) {
+			return nil // the writes to keys of another type are skipped
 		}
 		return err
 	}
 	return nil
 }
 
+// Modes of writeScript (its ARGV[4]).
+const (
+	writeMerge    = "0" // merge the fields, keep the key TTL-long
+	writeRelease  = "1" // the same, and drop the claim marker (a fetch's write-back)
+	writeExisting = "2" // only fields the hash holds; no negative entry, no new key, TTL untouched
+)
+
 // queueWrite adds account's versioned write to pipe (see writeScript).
-func (r *Redis) queueWrite(ctx context.Context, pipe redis.Pipeliner, account string, rec *Record, release, load bool) {
+func (r *Redis) queueWrite(ctx context.Context, pipe redis.Pipeliner, account string, rec *Record, mode string, load bool) {
 	args := make([]any, 4, 4+2*len(rec.Tags))
-	args[0], args[1], args[2], args[3] = r.cfg.KeyTTL.Milliseconds(), r.skew, "", 0
-	if rec.NotFoundCode != 0 {
+	args[0], args[1], args[2], args[3] = r.cfg.KeyTTL.Milliseconds(), r.skew, "", mode
+	if rec.NotFoundCode != 0 && mode != writeExisting {
 		args[2] = string(encodeNeg(nil, rec))
-	}
-	if release {
-		args[3] = 1
 	}
 	var buf []byte
 	for _, v := range rec.Tags {
@@ -602,10 +732,11 @@ func (r *Redis) queueWrite(ctx context.Context, pipe redis.Pipeliner, account st
 // field stored (the rules of supersedes, on the encoded form). A write
 // that stores a tag clears the negative entry, unless it is a fetch sent
 // before that entry; a negative entry is stored only if no stored tag is
-// newer, and then replaces every tag (the rules of merge). KEYS: the hash, the claim marker. ARGV:
-// key TTL (ms), clock skew (ms), the negative entry or "", 1 to drop the
-// claim marker, then field/value pairs. Returns the number of fields
-// stored.
+// newer, and then replaces every tag (the rules of merge). KEYS: the hash,
+// the claim marker. ARGV: key TTL (ms), clock skew (ms), the negative entry
+// or "", the mode (0: merge; 1: merge and drop the claim marker; 2: only
+// fields the hash already holds, the key's TTL left as it is: it creates
+// nothing), then field/value pairs. Returns the number of fields stored.
 var writeScript = redis.NewScript(`
 local function be48(s, i)
   local v = 0
@@ -613,17 +744,20 @@ local function be48(s, i)
   return v
 end
 local skew = tonumber(ARGV[2])
+local existing = ARGV[4] == '2'
 local function supersedes(u, o)
   if not o or #o < 13 then return true end
   local uo, oo = math.floor(string.byte(u, 1) / 2), math.floor(string.byte(o, 1) / 2)
   local uv, ov = be48(u, 2), be48(o, 2)
   if uo == 0 then
-    if oo == 0 or oo == 3 then return uv >= ov end
+    if oo == 0 then return uv >= ov end
     return uv - skew >= ov
   elseif uo == 1 or uo == 3 then
     return uv >= ov
   end
-  return be48(u, 8) >= be48(o, 8) and (oo == 2 or be48(u, 8) + skew > ov)
+  local ue, oe = be48(u, 8), be48(o, 8)
+  if oo == 2 then return ue >= oe end
+  return ue > oe and ue + skew > ov
 end
 local fields = {}
 for i = 5, #ARGV, 2 do fields[#fields + 1] = ARGV[i] end
@@ -637,7 +771,7 @@ if #fields > 0 then
   for j = 1, #fields do
     local u, o = ARGV[4 + 2 * j], olds[j]
     local early = negVer and math.floor(string.byte(u, 1) / 2) == 0 and be48(u, 2) < negVer
-    if not early and supersedes(u, o) then
+    if not early and (o or not existing) and supersedes(u, o) then
       if o and #o >= 13 and math.floor(string.byte(u, 1) / 2) ~= 2 and be48(o, 8) > be48(u, 8) then
         u = string.sub(u, 1, 7) .. string.sub(o, 8, 13) .. string.sub(u, 14) -- keep the newest EventTime seen
       end
@@ -672,7 +806,7 @@ if ARGV[3] ~= '' then
     n = n + 1
   end
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if not existing then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
 return n
 `)

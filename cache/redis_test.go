@@ -36,7 +36,7 @@ type tier struct {
 
 func startTier(t *testing.T, spec string, app uint64) *tier {
 	t.Helper()
-	client, err := NewRedisClient(spec)
+	client, err := NewRedisClient(spec, RedisClientOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

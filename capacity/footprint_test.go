@@ -101,7 +101,7 @@ func redisFootprint(b *testing.B, srv *redistest.Server, c *cache.Cache, n int, 
 		b.Fatal("no used_memory in INFO")
 		return 0
 	}
-	client, err := cache.NewRedisClient(srv.URL())
+	client, err := cache.NewRedisClient(srv.URL(), cache.RedisClientOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -356,3 +356,28 @@ func TestTLSComponent(t *testing.T) {
 		}
 	}
 }
+
+// The admin port (metrics, probes, pprof when enabled) is not behind the
+// Service, and the pod binds it to its own address, not every interface.
+func TestAdminPortNotExposed(t *testing.T) {
+	svc, err := os.ReadFile("kubernetes/service.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range decodeStrict[object](t, "kubernetes/service.yaml") {
+		raw, _ := yaml.Marshal(o.Spec)
+		if strings.Contains(string(raw), "9090") || strings.Contains(string(raw), "admin") {
+			t.Fatalf("the Service exposes the admin port:\n%s", svc)
+		}
+	}
+	dep, err := os.ReadFile("kubernetes/deployment.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(dep), `"-admin-listen", "$(POD_IP):9090"`) || !strings.Contains(string(dep), "status.podIP") {
+		t.Fatal("the Deployment does not bind the admin listener to the pod's address")
+	}
+	if strings.Contains(string(dep), `"-pprof"`) {
+		t.Fatal("the Deployment turns pprof on")
+	}
+}

@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
@@ -65,12 +66,24 @@ type Config struct {
 	// deadline. Zero means 5s.
 	RequestTimeout time.Duration
 	// Setter and Changer, when both set, enable portrait_set through the
-	// proxy; Changer and CallbackPath enable the change-callback receiver
-	// (checked against CallbackToken when that is set).
-	Setter        Setter
-	Changer       Changer
-	CallbackPath  string
-	CallbackToken string
+	// proxy (with AuthNone only if AuthNoneWrites says so); Changer and
+	// CallbackPath enable the change-callback receiver, which needs either
+	// CallbackToken (callbacks are checked against it and their values
+	// applied) or CallbackUnsigned (nothing is checked: a callback only
+	// drops tags already cached, at most CallbackUnsignedRate a second).
+	Setter           Setter
+	Changer          Changer
+	AuthNoneWrites   bool
+	CallbackPath     string
+	CallbackToken    string
+	CallbackUnsigned bool
+	// CallbackUnsignedRate bounds unsigned callbacks per second (burst:
+	// one second's worth); more are answered HTTP 429. Zero means 100.
+	CallbackUnsignedRate float64
+	// ClockSkew is how far the upstream's clock may be ahead of this
+	// proxy's: a callback's EventTime beyond now + ClockSkew is refused.
+	// Zero means 1s.
+	ClockSkew time.Duration
 	// Tags, if set, answers a request naming a refused tag at once with
 	// the upstream's code, before any lookup.
 	Tags TagChecker
@@ -90,6 +103,8 @@ type Handler struct {
 	sigs                     sigCache
 	mux                      *http.ServeMux
 	fwd                      *forwarder
+	replays                  replayMemo
+	unsigned                 *rate.Limiter // unsigned callbacks' bound
 }
 
 // New validates cfg and returns a Handler.
@@ -125,12 +140,22 @@ func New(cfg Config) (*Handler, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.ClockSkew <= 0 {
+		cfg.ClockSkew = time.Second
+	}
+	if cfg.CallbackUnsignedRate <= 0 {
+		cfg.CallbackUnsignedRate = 100
+	}
+	if cfg.Changer != nil && cfg.CallbackPath != "" && cfg.CallbackToken == "" && !cfg.CallbackUnsigned {
+		return nil, errors.New("httpapi: a callback receiver needs CallbackToken, or CallbackUnsigned to accept callbacks nothing authenticates")
+	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
 	h := &Handler{cfg: cfg, m: cfg.Metrics, sigs: sigCache{m: map[string]verified{}},
 		requestsOK:   cfg.Metrics.Requests.WithLabelValues("ok"),
-		lookupsFound: cfg.Metrics.Lookups.WithLabelValues(metrics.LookupFound)}
+		lookupsFound: cfg.Metrics.Lookups.WithLabelValues(metrics.LookupFound),
+		unsigned:     rate.NewLimiter(rate.Limit(cfg.CallbackUnsignedRate), max(1, int(cfg.CallbackUnsignedRate)))}
 	h.mux = http.NewServeMux()
 	h.mux.HandleFunc(upstream.PathGet, h.portraitGet)
 	if cfg.Setter != nil && cfg.Changer != nil {

@@ -3,6 +3,7 @@ package httpapi
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -10,6 +11,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/cache"
@@ -19,15 +21,24 @@ import (
 // Setter forwards a portrait_set to the upstream under the set quota. It
 // returns nil when the upstream applied the change, an *upstream.Error
 // with the upstream's code when it refused it, or another error when the
-// outcome is unknown (no answer).
+// outcome is unknown (no answer). An error that also matches
+// ErrMaybeApplied says some attempt's outcome is unknown even though the
+// last one was refused (a timeout, then throttling).
 type Setter interface {
 	PortraitSet(ctx context.Context, req upstream.SetRequest) error
 }
 
+// ErrMaybeApplied marks a Setter error after which the upstream may hold
+// the new value: an earlier attempt got no answer.
+var ErrMaybeApplied = errors.New("httpapi: an attempt of portrait_set got no answer; it may have been applied")
+
 // Changer applies profile changes to the cache; *cache.Cache satisfies it.
+// Drop is Invalidate for a change nothing authenticates: it only drops
+// tags already cached and creates no entry anywhere.
 type Changer interface {
 	Change(ctx context.Context, account string, items []upstream.ProfileItem, origin cache.Origin, event int64, at time.Time) error
 	Invalidate(ctx context.Context, account string, tags []string, cause cache.Origin, at time.Time) error
+	Drop(ctx context.Context, account string, tags []string, at time.Time) error
 }
 
 // MaxSetItems caps ProfileItem in one portrait_set or callback.
@@ -136,6 +147,11 @@ func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
 	if r.Method != http.MethodPost {
 		return failEnvelope(upstream.CodeHTTPParse, "portrait_set takes POST, not "+r.Method)
 	}
+	if h.cfg.Auth == AuthNone && !h.cfg.AuthNoneWrites {
+		// No caller is authenticated: changing profiles with the app's
+		// admin rights needs an explicit -auth-none-writes.
+		return failEnvelope(upstream.CodeNeedAdmin, "portrait_set is off: this proxy authenticates no caller (-auth none); -auth-none-writes turns it on")
+	}
 	if e := h.authenticate(r); e != nil {
 		return failEnvelope(e.ErrorCode, e.ErrorInfo)
 	}
@@ -160,10 +176,10 @@ func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
 	}
 	var ue *upstream.Error
 	refused := errors.As(err, &ue) && ue.Code != 0
-	if !refused || upstream.Classify(ue.Code) == upstream.KindTransient {
-		// No answer, or an internal error: the change may or may not have
-		// happened. The cached tags are dropped, so the next lookup asks
-		// the upstream.
+	if !refused || upstream.Classify(ue.Code) == upstream.KindTransient || errors.Is(err, ErrMaybeApplied) {
+		// No answer, or an internal error, in any attempt: the change may
+		// or may not have happened. The cached tags are dropped, so the
+		// next lookup asks the upstream.
 		h.cfg.Changer.Invalidate(cctx, req.FromAccount, tagsOf(req.ProfileItem), cache.FromSet, h.cfg.Now())
 	}
 	if refused {
@@ -176,9 +192,12 @@ func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
 // callback receives the upstream's change callbacks. It answers the OK
 // envelope for every well-formed callback of this app (other commands are
 // acknowledged and ignored), HTTP 403 for a wrong app or signature and 400
-// for a body that is not a callback. With a CallbackToken, a signed
-// callback's values are applied; without one, the changed tags are only
-// dropped from the cache (refetched on the next lookup).
+// for a body that is not a callback or whose EventTime is in the future.
+// With a CallbackToken, a signed callback's values are applied, once: an
+// exact repeat (same RequestTime, Sign and body within the signature's
+// window) is acknowledged and not applied again. Unsigned (only with
+// CallbackUnsigned), a callback only drops the changed tags where they are
+// cached, at most CallbackUnsignedRate a second (HTTP 429 beyond).
 func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodPost {
 		h.m.Callbacks.WithLabelValues("invalid").Inc()
@@ -191,12 +210,18 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		writeEnvelope(w, http.StatusForbidden, failEnvelope(upstream.CodeSDKAppIDInvalid, "SdkAppid is not this proxy's app"))
 		return
 	}
-	if h.cfg.CallbackToken != "" {
-		if err := checkCallbackSign(h.cfg.CallbackToken, q.Get("RequestTime"), q.Get("Sign"), h.cfg.Now()); err != nil {
+	now := h.cfg.Now()
+	signed := h.cfg.CallbackToken != ""
+	if signed {
+		if err := checkCallbackSign(h.cfg.CallbackToken, q.Get("RequestTime"), q.Get("Sign"), now); err != nil {
 			h.m.Callbacks.WithLabelValues("rejected").Inc()
 			writeEnvelope(w, http.StatusForbidden, failEnvelope(upstream.CodeSigMismatch, err.Error()))
 			return
 		}
+	} else if !h.unsigned.AllowN(now, 1) {
+		h.m.Callbacks.WithLabelValues("limited").Inc()
+		writeEnvelope(w, http.StatusTooManyRequests, failEnvelope(upstream.CodeFreqLimit, "too many unsigned callbacks; try again later"))
+		return
 	}
 	raw, e := h.readBody(r)
 	if e != nil {
@@ -218,20 +243,32 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		bad := failEnvelope(upstream.CodeBadRequest, "EventTime is missing")
 		e = &bad
 	}
+	if e == nil && ev.EventTime > now.Add(h.cfg.ClockSkew).UnixMilli() {
+		// A change from the future would outrank every later one.
+		bad := failEnvelope(upstream.CodeBadRequest, "EventTime is in the future")
+		e = &bad
+	}
 	if e != nil {
 		h.m.Callbacks.WithLabelValues("invalid").Inc()
 		writeEnvelope(w, http.StatusBadRequest, *e)
 		return
 	}
+	if signed && h.replays.seen(replayKey(q.Get("RequestTime"), q.Get("Sign"), raw), now) {
+		h.m.Callbacks.WithLabelValues("repeat").Inc()
+		writeEnvelope(w, http.StatusOK, upstream.Envelope{ActionStatus: upstream.StatusOK})
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Second)
 	defer cancel()
-	if h.cfg.CallbackToken == "" {
-		// Nothing proves the callback comes from the upstream: its values
-		// are not served, the tags are only dropped (a forged callback can
-		// cause a refetch, never a wrong answer).
-		h.cfg.Changer.Invalidate(ctx, ev.FromAccount, tagsOf(ev.ProfileItem), cache.FromCallback, h.cfg.Now())
+	if signed {
+		h.cfg.Changer.Change(ctx, ev.FromAccount, ev.ProfileItem, cache.FromCallback, ev.EventTime, now)
 	} else {
-		h.cfg.Changer.Change(ctx, ev.FromAccount, ev.ProfileItem, cache.FromCallback, ev.EventTime, h.cfg.Now())
+		// Nothing proves the callback comes from the upstream: its values
+		// are not served, and it creates nothing (no key, no entry): the
+		// tags are only dropped where they are cached, so a forged callback
+		// can cause a refetch of a cached tag, never a wrong answer nor
+		// memory growth.
+		h.cfg.Changer.Drop(ctx, ev.FromAccount, tagsOf(ev.ProfileItem), now)
 	}
 	h.m.Callbacks.WithLabelValues("ok").Inc()
 	writeEnvelope(w, http.StatusOK, upstream.Envelope{ActionStatus: upstream.StatusOK})
@@ -260,4 +297,49 @@ func tagsOf(items []upstream.ProfileItem) []string {
 		tags[i] = it.Tag
 	}
 	return tags
+}
+
+// replayMemo remembers the signed callbacks applied while their signature
+// can be valid (RequestTime ± CallbackClockWindow), so an exact repeat is
+// not applied again. It keeps two generations of twice that window, each
+// at most maxReplays keys: a key is known for at least two windows, and the memo never holds more than 2*maxReplays
+// keys (a full generation starts the next one early; what falls out is
+// still ordered by the supersedes rules, which never let an exact repeat
+// replace a newer value). The zero value is ready.
+type replayMemo struct {
+	mu        sync.Mutex
+	cur, prev map[[sha256.Size]byte]struct{}
+	started   time.Time
+}
+
+const maxReplays = 50_000
+
+func replayKey(requestTime, sign string, body []byte) [sha256.Size]byte {
+	bh := sha256.Sum256(body)
+	h := sha256.New()
+	h.Write([]byte(requestTime))
+	h.Write([]byte{0})
+	h.Write([]byte(sign))
+	h.Write([]byte{0})
+	h.Write(bh[:])
+	var k [sha256.Size]byte
+	h.Sum(k[:0])
+	return k
+}
+
+// seen reports whether k was seen before, and remembers it.
+func (m *replayMemo) seen(k [sha256.Size]byte, now time.Time) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.cur == nil || now.Sub(m.started) >= 2*CallbackClockWindow || len(m.cur) >= maxReplays {
+		m.prev, m.cur, m.started = m.cur, make(map[[sha256.Size]byte]struct{}), now
+	}
+	if _, ok := m.cur[k]; ok {
+		return true
+	}
+	if _, ok := m.prev[k]; ok {
+		return true
+	}
+	m.cur[k] = struct{}{}
+	return false
 }

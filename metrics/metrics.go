@@ -162,7 +162,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		RedisUp: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "redis_up",
 			Help: "1 while the Redis tier is in use, 0 while it is skipped after an error (or not configured)."}),
 		RedisErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "redis_errors_total",
-			Help: "Failed Redis operations, by op (get, put, probe)."}, []string{"op"}),
+			Help: "Failed Redis operations, by op (get, put, claim, release, probe, change, feed; wrongtype: a key of another type at a record's name, a miss for that key only)."}, []string{"op"}),
 		RedisDropped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_dropped_writes_total",
 			Help: "Cache write-backs not sent to Redis (Redis down or the write queue full)."}),
 		RedisRoundTrips: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
@@ -170,7 +170,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		SetRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "set_requests_total",
 			Help: "portrait_set requests answered, by result (ok or the IM error code class)."}, []string{"result"}),
 		Callbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "callbacks_total",
-			Help: "Change callbacks received, by result (ok, rejected: wrong app or signature, invalid: bad body, ignored: another command)."}, []string{"result"}),
+			Help: "Change callbacks received, by result (ok, rejected: wrong app or signature, invalid: bad body or EventTime in the future, ignored: another command, repeat: a signed callback seen before, limited: unsigned callbacks over their rate)."}, []string{"result"}),
 		Changes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "profile_changes_total",
 			Help: "Profile changes applied to the cache, by source (set, callback, feed) and result (applied, old, unshared)."}, []string{"source", "result"}),
 		FeedDelay: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "change_feed_delay_seconds",
@@ -211,12 +211,12 @@ func New(reg prometheus.Registerer) *Metrics {
 	for _, r := range []string{"claimed", "waited", "taken_over"} {
 		m.CrossReplica.WithLabelValues(r)
 	}
-	for _, op := range []string{"get", "put", "claim", "release", "probe"} {
+	for _, op := range []string{"get", "put", "claim", "release", "probe", "wrongtype"} {
 		m.RedisErrors.WithLabelValues(op)
 	}
 	m.Requests.WithLabelValues("ok")
 	m.SetRequests.WithLabelValues("ok")
-	for _, r := range []string{"ok", "rejected", "invalid", "ignored"} {
+	for _, r := range []string{"ok", "rejected", "invalid", "ignored", "repeat", "limited"} {
 		m.Callbacks.WithLabelValues(r)
 	}
 	for _, src := range []string{ChangeSet, ChangeCallback, ChangeFeed, ChangeAccount} {

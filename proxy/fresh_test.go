@@ -223,12 +223,15 @@ func TestCallbacksDuplicatedAndReordered(t *testing.T) {
 	if got := nickOn(t, fresh, acc); got != last {
 		t.Fatalf("the shared tier holds %q, want %q", got, last)
 	}
+	// An exact repeat is caught by the replay memo; a late one by the
+	// versions.
 	old := testutil.ToFloat64(rigs[2].p.Metrics().Changes.WithLabelValues(metrics.ChangeCallback, metrics.ChangeOld))
-	if old < changes {
-		t.Fatalf("only %v of %d repeated callbacks were recognised as old", old, 2*changes)
+	repeat := testutil.ToFloat64(rigs[2].p.Metrics().Callbacks.WithLabelValues("repeat"))
+	if old+repeat < changes {
+		t.Fatalf("only %v+%v of %d repeated callbacks were recognised as old", old, repeat, 2*changes)
 	}
-	t.Logf("%d callbacks: %v applied, %v recognised as old", 2*changes,
-		testutil.ToFloat64(rigs[2].p.Metrics().Changes.WithLabelValues(metrics.ChangeCallback, metrics.ChangeApplied)), old)
+	t.Logf("%d callbacks: %v applied, %v recognised as old, %v as repeats", 2*changes,
+		testutil.ToFloat64(rigs[2].p.Metrics().Changes.WithLabelValues(metrics.ChangeCallback, metrics.ChangeApplied)), old, repeat)
 }
 
 // Without a callback token, a callback only drops the changed tags: every
@@ -237,7 +240,7 @@ func TestCallbacksDuplicatedAndReordered(t *testing.T) {
 func TestUnsignedCallbackInvalidates(t *testing.T) {
 	sim, srv := startSim(t, imsim.Config{})
 	t.Cleanup(sim.Close)
-	rigs := threeReplicas(t, singleRedis(t), sim, srv.URL, proxy.Config{})
+	rigs := threeReplicas(t, singleRedis(t), sim, srv.URL, proxy.Config{CallbackUnsigned: true})
 	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback"})
 	const acc = "user13"
 	for _, r := range rigs {
@@ -251,7 +254,7 @@ func TestUnsignedCallbackInvalidates(t *testing.T) {
 		waitNick(t, r, acc, "real change", changed)
 	}
 	forged := `{"CallbackCommand":"Profile.CallbackPortraitSet","From_Account":"` + acc + `","EventTime":` +
-		fmt.Sprint(time.Now().Add(time.Hour).UnixMilli()) + `,"ProfileItem":[{"Tag":"` + nickTag + `","Value":"forged"}]}`
+		fmt.Sprint(time.Now().UnixMilli()) + `,"ProfileItem":[{"Tag":"` + nickTag + `","Value":"forged"}]}`
 	resp, err := http.Post("http://"+rigs[2].p.Addr()+"/im/callback?SdkAppid="+fmt.Sprint(sim.SDKAppID())+"&CallbackCommand=Profile.CallbackPortraitSet",
 		"application/json", strings.NewReader(forged))
 	if err != nil {

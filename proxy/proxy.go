@@ -49,6 +49,10 @@ import (
 type Config struct {
 	Listen      string // API address; default ":8080"
 	AdminListen string // admin address; default ":9090"; "-" disables
+	// Pprof serves the profiling endpoints under /debug/pprof/ on the
+	// admin listener (never /debug/pprof/cmdline: the command line may
+	// hold secrets). Off by default: profiles reveal the process's memory.
+	Pprof bool
 
 	Upstream        string // IM REST API base URL
 	SDKAppID        uint64
@@ -70,12 +74,19 @@ type Config struct {
 	StaleTTL      time.Duration
 	NegativeTTL   time.Duration
 	LocalAccounts int    // in-process tier size in accounts
-	Redis         string // shared tier: redis://host:port/db, or a comma list of cluster nodes; empty: none
+	Redis         string // shared tier: see cache.NewRedisClient; empty: none
+	// RedisPassword replaces the password of the Redis URL (AUTH/ACL);
+	// RedisCA is a PEM file of roots for rediss:// (default: the system's).
+	RedisPassword string
+	RedisCA       string
 	// CrossReplica coalesces misses across replicas: with Redis, an
 	// account missed on several replicas at once is fetched by one of them,
 	// at the cost of a claim round trip per miss.
-	CrossReplica   bool
-	Auth           string
+	CrossReplica bool
+	Auth         string
+	// AuthNoneWrites lets portrait_set through when Auth is "none" (no
+	// caller authenticated); without it such a proxy only reads.
+	AuthNoneWrites bool
 	MaxAccounts    int
 	MaxQueue       int // accounts waiting for the quota at most; default 50,000
 	RequestTimeout time.Duration
@@ -89,7 +100,12 @@ type Config struct {
 	CallbackPath string
 	// CallbackToken, when set, is the callback authentication token: a
 	// callback must carry Sign = hex(SHA-256(token + RequestTime)).
-	CallbackToken string
+	// Without it the receiver is not mounted unless CallbackUnsigned says
+	// so; unsigned callbacks then only drop tags already cached, at most
+	// CallbackUnsignedRate a second (default 100).
+	CallbackToken        string
+	CallbackUnsigned     bool
+	CallbackUnsignedRate float64
 	// ClockSkew is how far the upstream's and the replicas' clocks may be
 	// apart, for ordering cached values against changes; default 1s.
 	ClockSkew time.Duration
@@ -256,7 +272,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	}
 	var remote cache.Remote
 	if cfg.Redis != "" {
-		if p.rclient, err = cache.NewRedisClient(cfg.Redis); err != nil {
+		if p.rclient, err = cache.NewRedisClient(cfg.Redis, cache.RedisClientOptions{Password: cfg.RedisPassword, CAFile: cfg.RedisCA}); err != nil {
 			return nil, err
 		}
 		rc := p.rclient
@@ -340,18 +356,28 @@ func New(cfg Config) (_ *Proxy, err error) {
 				p.failLog.log(log, upstream.KindTransport, fmt.Errorf("forwarded %s call: %s: %w", service, result, err))
 			}}
 	}
+	if callbackPath != "" && cfg.CallbackToken == "" && !cfg.CallbackUnsigned {
+		log.Warn("change callbacks are not received: no -callback-token (set the IM console's callback token), and -callback-unsigned not given", "callback_path", callbackPath)
+		callbackPath = ""
+	}
 	api, err := httpapi.New(httpapi.Config{Lookup: p.cache, SDKAppID: cfg.SDKAppID, Identifier: cfg.AdminIdentifier,
-		Key: cfg.SecretKey, Auth: cfg.Auth, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout, Metrics: p.m, Tags: p.badTags,
+		Key: cfg.SecretKey, Auth: cfg.Auth, AuthNoneWrites: cfg.AuthNoneWrites, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout,
+		Metrics: p.m, Tags: p.badTags, Forward: forward,
 		Setter: &setter{lim: setLim, client: setClient, backoff: time.Second}, Changer: p.cache,
-		CallbackPath: callbackPath, CallbackToken: cfg.CallbackToken, Forward: forward})
+		CallbackPath: callbackPath, CallbackToken: cfg.CallbackToken, CallbackUnsigned: cfg.CallbackUnsigned,
+		CallbackUnsignedRate: cfg.CallbackUnsignedRate, ClockSkew: cfg.ClockSkew})
 	if err != nil {
 		return nil, err
 	}
 	if callbackPath != "" && cfg.CallbackToken == "" {
-		log.Warn("no -callback-token: change callbacks only drop the changed tags from the cache (their values are not trusted); set the IM console's callback token to apply them directly", "callback_path", callbackPath)
+		log.Warn("-callback-unsigned: anyone who reaches the API port can send change callbacks; they only drop tags already cached (their values are not trusted), rate-bounded; set the IM console's callback token to have them checked and applied", "callback_path", callbackPath)
 	}
 	if cfg.Auth == httpapi.AuthNone {
-		log.Warn("caller authentication is OFF (-auth none): anyone who reaches the API port can read profiles with the app's admin rights")
+		if cfg.AuthNoneWrites {
+			log.Warn("caller authentication is OFF (-auth none, -auth-none-writes): anyone who reaches the API port can read every profile AND change any profile (portrait_set) with the app's admin rights")
+		} else {
+			log.Warn("caller authentication is OFF (-auth none): anyone who reaches the API port can read every profile with the app's admin rights (portrait_get); portrait_set is refused (-auth-none-writes would open it)")
+		}
 	}
 	p.api = &http.Server{Handler: api, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
 		WriteTimeout: 60 * time.Second, IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10,
@@ -373,7 +399,9 @@ func New(cfg Config) (_ *Proxy, err error) {
 		p.sim.SetCallback(imsim.Callback{URL: "http://" + loopback(p.Addr()) + callbackPath, Token: cfg.CallbackToken})
 	}
 	if cfg.AdminListen != "-" {
-		p.admin = &http.Server{Handler: p.adminMux(), ReadHeaderTimeout: 5 * time.Second}
+		p.admin = &http.Server{Handler: p.adminMux(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+			WriteTimeout: adminWriteTimeout, IdleTimeout: 60 * time.Second, MaxHeaderBytes: 16 << 10,
+			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 		if p.adminLn, err = net.Listen("tcp", cfg.AdminListen); err != nil {
 			return nil, fmt.Errorf("proxy: listen %s: %w", cfg.AdminListen, err)
 		}
@@ -438,6 +466,11 @@ func (p *Proxy) closeListeners() {
 	}
 }
 
+// adminWriteTimeout bounds an admin answer; a CPU profile or trace must
+// ask for less (pprof refuses a "seconds" beyond the server's write
+// timeout).
+const adminWriteTimeout = 35 * time.Second
+
 func (p *Proxy) adminMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(p.reg, promhttp.HandlerOpts{Registry: p.reg}))
@@ -449,11 +482,15 @@ func (p *Proxy) adminMux() *http.ServeMux {
 		}
 		w.Write([]byte("ready\n"))
 	})
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	if p.cfg.Pprof {
+		// Not /debug/pprof/cmdline: the command line may carry the secret
+		// key or a Redis password. Index answers that path "Unknown
+		// profile" (404).
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
 

@@ -2,8 +2,10 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/httpapi"
 	"github.com/portrait-proxy/portrait-proxy/limiter"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
@@ -12,15 +14,22 @@ import (
 // own, shared across replicas through Redis like the lookup quota). A
 // throttled or unanswered call is tried again, up to three attempts while
 // the caller's deadline allows: portrait_set writes values, so a repeat
-// is harmless.
+// is harmless. When an attempt got no answer and a later one was refused,
+// the error also matches httpapi.ErrMaybeApplied: the first may have been
+// applied.
 type setter struct {
 	lim     limiter.Limiter
 	client  *upstream.Client
 	backoff time.Duration // after a throttling answer; default 1s
 }
 
-func (s *setter) PortraitSet(ctx context.Context, req upstream.SetRequest) error {
-	var err error
+func (s *setter) PortraitSet(ctx context.Context, req upstream.SetRequest) (err error) {
+	unsure := false // some attempt may have been applied
+	defer func() {
+		if unsure && err != nil && !errors.Is(err, httpapi.ErrMaybeApplied) {
+			err = errors.Join(httpapi.ErrMaybeApplied, err)
+		}
+	}()
 	for attempt := range 3 {
 		if attempt > 0 {
 			wait := 50 * time.Millisecond << attempt
@@ -50,6 +59,7 @@ func (s *setter) PortraitSet(ctx context.Context, req upstream.SetRequest) error
 				th.Throttled(upstream.ThrottlePause(err, s.backoff))
 			}
 		case upstream.KindTransport, upstream.KindHTTP, upstream.KindTransient:
+			unsure = true
 		default:
 			return err
 		}

@@ -171,3 +171,25 @@ func TestParseForwardAndTLSFlags(t *testing.T) {
 		t.Fatal("PROXY_FORWARD=maybe accepted")
 	}
 }
+
+// Every hardening flag has its env twin, and the defaults are the closed
+// ones.
+func TestSecurityFlagsAndEnv(t *testing.T) {
+	cfg, _, _, err := parse(nil, env(nil), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Pprof || cfg.CallbackUnsigned || cfg.AuthNoneWrites || cfg.CallbackUnsignedRate != 100 || cfg.RedisPassword != "" || cfg.RedisCA != "" {
+		t.Fatalf("defaults %+v", cfg)
+	}
+	cfg, _, _, err = parse(nil, env(map[string]string{
+		"PROXY_PPROF": "true", "PROXY_CALLBACK_UNSIGNED": "true", "PROXY_CALLBACK_UNSIGNED_RATE": "7",
+		"PROXY_AUTH_NONE_WRITES": "true", "PROXY_REDIS_PASSWORD": "pw", "PROXY_REDIS_CA": "/ca.pem",
+	}), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.Pprof || !cfg.CallbackUnsigned || !cfg.AuthNoneWrites || cfg.CallbackUnsignedRate != 7 || cfg.RedisPassword != "pw" || cfg.RedisCA != "/ca.pem" {
+		t.Fatalf("from env %+v", cfg)
+	}
+}

@@ -22,9 +22,12 @@ import (
 type Server struct {
 	t    testing.TB
 	Port int
-	dir  string
-	args []string
-	cmd  *exec.Cmd
+	// Password is the default user's (from a --requirepass argument); Do
+	// authenticates with it.
+	Password string
+	dir      string
+	args     []string
+	cmd      *exec.Cmd
 }
 
 // Addr is host:port.
@@ -56,6 +59,11 @@ func Start(t testing.TB, extra ...string) *Server {
 	t.Helper()
 	need(t)
 	s := &Server{t: t, dir: t.TempDir()}
+	for i, a := range extra {
+		if a == "--requirepass" && i+1 < len(extra) {
+			s.Password = extra[i+1]
+		}
+	}
 	s.args = append([]string{"--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", s.dir,
 		"--protected-mode", "no"}, extra...)
 	for attempt := 0; ; attempt++ {
@@ -136,14 +144,25 @@ func (s *Server) Do(args ...string) (string, error) {
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(5 * time.Second))
 	var b strings.Builder
-	fmt.Fprintf(&b, "*%d\r\n", len(args))
-	for _, a := range args {
-		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
+	command := func(args ...string) {
+		fmt.Fprintf(&b, "*%d\r\n", len(args))
+		for _, a := range args {
+			fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
+		}
 	}
+	if s.Password != "" {
+		command("AUTH", s.Password)
+	}
+	command(args...)
 	if _, err := conn.Write([]byte(b.String())); err != nil {
 		return "", err
 	}
 	r := bufio.NewReader(conn)
+	if s.Password != "" {
+		if line, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(line, "+OK") {
+			return "", fmt.Errorf("redis: AUTH: %q %v", line, err)
+		}
+	}
 	line, err := r.ReadString('\n')
 	if err != nil {
 		return "", err
@@ -182,19 +201,23 @@ func (c *Cluster) Addrs() string {
 	return strings.Join(a, ",")
 }
 
-// StartCluster starts n masters with cluster mode on, joins them with
-// redis-cli --cluster create, and waits until the cluster is ok.
-func StartCluster(t testing.TB, n int) *Cluster {
+// StartCluster starts n masters with cluster mode on (and extra config
+// arguments, e.g. "--requirepass", "pw"), joins them with redis-cli
+// --cluster create, and waits until the cluster is ok.
+func StartCluster(t testing.TB, n int, extra ...string) *Cluster {
 	t.Helper()
 	if _, err := exec.LookPath("redis-cli"); err != nil {
 		t.Fatal("redis-cli is not installed; install it: apt-get install -y redis-tools")
 	}
 	c := &Cluster{}
 	for range n {
-		c.Servers = append(c.Servers, Start(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-			"--cluster-node-timeout", "2000"))
+		c.Servers = append(c.Servers, Start(t, append([]string{"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+			"--cluster-node-timeout", "2000"}, extra...)...))
 	}
 	args := []string{"--cluster", "create"}
+	if pw := c.Servers[0].Password; pw != "" {
+		args = append([]string{"--no-auth-warning", "-a", pw}, args...)
+	}
 	for _, s := range c.Servers {
 		args = append(args, s.Addr())
 	}
