@@ -42,6 +42,11 @@ type Loader interface {
 	Load(ctx context.Context, account string, tags []string) (batcher.Result, error)
 }
 
+// promoter is the optional part of a Loader that queues background
+// refreshes apart (see batcher.WithBackground) and can move one to the
+// foreground when a foreground caller joins its flight.
+type promoter interface{ Promote(account string) }
+
 // admitter is the optional part of a Loader that refuses lookups it cannot
 // serve before their deadline (the batcher has it).
 type admitter interface {
@@ -157,6 +162,7 @@ type flight struct {
 	refs     int
 	deadline time.Time // the latest caller deadline; zero: some caller has none
 	bounded  bool      // every caller so far had a deadline
+	bg       bool      // every caller so far is a background refresh
 }
 
 // New validates cfg and returns a Cache.
@@ -270,7 +276,7 @@ func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 		}
 	}
 	for _, i := range miss {
-		f, ch := c.load(ctx, accounts[i], tags, tagKey)
+		f, ch := c.load(ctx, accounts[i], tags, tagKey, false)
 		waits = append(waits, pending{i, ch, f})
 	}
 	for _, w := range waits {
@@ -336,23 +342,36 @@ func keyOf(tags []string) string {
 	return strings.Join(slices.Compact(s), "\x00")
 }
 
-// load joins (or starts) the flight for account and tags.
-func (c *Cache) load(caller context.Context, account string, tags []string, tagKey string) (*flight, <-chan singleflight.Result) {
+// load joins (or starts) the flight for account and tags; bg says the
+// caller is a background refresh. A flight only refreshes have joined is
+// loaded as a background lookup (batcher.WithBackground), and promoted when
+// a foreground caller joins it.
+func (c *Cache) load(caller context.Context, account string, tags []string, tagKey string, bg bool) (*flight, <-chan singleflight.Result) {
 	k := account + "\x01" + tagKey
 	dl, hasDL := caller.Deadline()
+	promote := false
 	c.fmu.Lock()
 	f := c.flight[k]
 	if f == nil {
 		ctx, cancel := context.WithCancel(context.Background())
-		f = &flight{key: k + "\x01" + strconv.FormatUint(c.gen.Add(1), 36), cancel: cancel, bounded: true}
+		f = &flight{key: k + "\x01" + strconv.FormatUint(c.gen.Add(1), 36), cancel: cancel, bounded: true, bg: bg}
 		f.ctx = batcher.WithDeadlineHint(ctx, func() (time.Time, bool) {
 			c.fmu.Lock()
 			defer c.fmu.Unlock()
 			return f.deadline, f.bounded
 		})
+		if bg {
+			f.ctx = batcher.WithBackground(f.ctx, func() bool {
+				c.fmu.Lock()
+				defer c.fmu.Unlock()
+				return f.bg
+			})
+		}
 		c.flight[k] = f
 	} else {
 		c.m.SingleflightShared.Inc()
+		promote = f.bg && !bg
+		f.bg = f.bg && bg
 	}
 	f.refs++
 	if !hasDL {
@@ -361,6 +380,9 @@ func (c *Cache) load(caller context.Context, account string, tags []string, tagK
 		f.deadline = dl
 	}
 	c.fmu.Unlock()
+	if p, ok := c.cfg.Loader.(promoter); ok && promote {
+		p.Promote(account)
+	}
 	ch := c.sf.DoChan(f.key, func() (any, error) {
 		if c.cfg.Coordinator != nil {
 			if res, ok := c.fromOtherReplica(f.ctx, account, tags); ok {
@@ -467,7 +489,7 @@ func (c *Cache) refresh(account string, tags []string) {
 		defer c.bg.Done()
 		ctx, cancel := context.WithTimeout(c.bgCtx, c.cfg.RefreshTimeout)
 		defer cancel()
-		f, ch := c.load(ctx, account, tags, tagKey)
+		f, ch := c.load(ctx, account, tags, tagKey, true)
 		ok := false
 		select {
 		case r := <-ch:
