@@ -262,6 +262,8 @@ type Batcher struct {
 	queued  int               // accounts in queue and ready
 	bgQueue []*entry          // FIFO of pending background refreshes (and promoted leftovers)
 	bgN     int               // entries in bgQueue still background
+	// reserved: places Reserve holds for accounts not queued yet
+	reserved int
 	closed  bool
 	granted time.Time // when the last grant came
 
@@ -348,12 +350,16 @@ func (b *Batcher) Load(ctx context.Context, account string, tags []string) (Resu
 		return Result{}, ErrClosed
 	}
 	bg := backgroundOf(ctx)
+	reserved := false
+	if r, ok := ctx.Value(reservationKey{}).(*Reservation); ok && !bg {
+		reserved = r.take()
+	}
 	e := b.pending[account]
 	if e != nil && e.bg && !bg {
 		b.promote(e)
 	}
 	if e == nil {
-		if err := b.room(bg); err != nil {
+		if err := b.room(bg, reserved); err != nil {
 			b.mu.Unlock()
 			if bg {
 				b.m.RefreshShed.Inc()
@@ -383,14 +389,15 @@ func (b *Batcher) Load(ctx context.Context, account string, tags []string) (Resu
 	}
 }
 
-// room makes a place for a new entry (bg: a background refresh) within
-// MaxQueue, shedding the oldest background refreshes for a foreground one;
-// ErrOverloaded when there is none. b.mu is held.
-func (b *Batcher) room(bg bool) error {
-	if b.queued >= b.cfg.MaxQueue {
+// room makes a place for a new entry (bg: a background refresh; reserved:
+// its place was held by Reserve) within MaxQueue, shedding the oldest
+// background refreshes for a foreground one; ErrOverloaded when there is
+// none. b.mu is held.
+func (b *Batcher) room(bg, reserved bool) error {
+	if !reserved && b.queued+b.reserved >= b.cfg.MaxQueue {
 		return ErrOverloaded
 	}
-	for b.queued+b.bgN >= b.cfg.MaxQueue {
+	for b.queued+b.reserved+b.bgN >= b.cfg.MaxQueue {
 		i := slices.IndexFunc(b.bgQueue, func(e *entry) bool { return e.bg })
 		if i < 0 {
 			break
@@ -442,26 +449,91 @@ func (b *Batcher) Promote(account string) {
 // queueing a lookup to die.
 func (b *Batcher) Admit(deadline time.Time, ok bool) error {
 	b.mu.Lock()
-	queued := b.queued
-	b.mu.Unlock()
-	if queued >= b.cfg.MaxQueue {
+	defer b.mu.Unlock()
+	return b.admit(1, deadline, ok)
+}
+
+// admit is Admit for n accounts, b.mu held: the last of them must be
+// answered by deadline behind every account queued or reserved ahead.
+func (b *Batcher) admit(n int, deadline time.Time, ok bool) error {
+	ahead := b.queued + b.reserved
+	if ahead+n > b.cfg.MaxQueue {
 		return ErrOverloaded
 	}
 	if !ok || b.cfg.Rate <= 0 {
 		return nil
 	}
-	// Calls ahead, at the rate the window allows: Rate per (1s + latency),
-	// cut after throttling, behind a pause in force.
+	// Calls until the last of the n has left, at the rate the window
+	// allows: Rate per (1s + latency), cut after throttling, behind a pause
+	// in force; its answer comes a latency later.
 	lat := time.Duration(b.latency.Load())
-	calls := float64(queued/b.cfg.MaxAccounts + 1)
+	calls := float64((ahead + n + b.cfg.MaxAccounts - 1) / b.cfg.MaxAccounts)
 	eta := time.Duration(calls/(b.cfg.Rate*b.factor())*float64(time.Second+lat)) + lat
 	if p, ok := b.cfg.Limiter.(pauser); ok {
 		eta += p.Paused()
 	}
+	// An eighth more: calls' latency varies and the answer must still be
+	// written; a request admitted at the edge would be answered in part.
+	eta += eta / 8
 	if b.now().Add(eta).After(deadline) {
 		return ErrWouldMiss
 	}
 	return nil
+}
+
+// Reservation holds places in the queue for the accounts of one request,
+// admitted whole by Reserve. A Load whose context carries it
+// (WithReservation) takes one place; Release gives back the places not
+// taken. A Reservation is safe for concurrent use.
+type Reservation struct {
+	b    *Batcher
+	left int // guarded by b.mu
+}
+
+type reservationKey struct{}
+
+// WithReservation returns ctx carrying r, for the Loads of r's accounts.
+func WithReservation(ctx context.Context, r *Reservation) context.Context {
+	return context.WithValue(ctx, reservationKey{}, r)
+}
+
+// take uses one of r's places, if any is left; b.mu is held.
+func (r *Reservation) take() bool {
+	if r.left == 0 {
+		return false
+	}
+	r.left--
+	r.b.reserved--
+	return true
+}
+
+// Release gives back the places not taken (an account that needed no Load
+// of its own, a request that ended). Later calls do nothing.
+func (r *Reservation) Release() {
+	r.b.mu.Lock()
+	r.b.reserved -= r.left
+	r.left = 0
+	r.b.mu.Unlock()
+}
+
+// Reserve admits a request's n missed accounts whole or refuses them whole,
+// on arrival: with the accounts queued and reserved ahead, the last of the
+// n must be answered by deadline (ErrWouldMiss otherwise) and fit within
+// MaxQueue (ErrOverloaded). Admitted, the n places are held, so requests
+// admitted at the same time do not each count on the same quota, until
+// their Loads (with WithReservation) take them or Release. A refused
+// request's accounts never enter a batch.
+func (b *Batcher) Reserve(n int, deadline time.Time, ok bool) (*Reservation, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil, ErrClosed
+	}
+	if err := b.admit(n, deadline, ok); err != nil {
+		return nil, err
+	}
+	b.reserved += n
+	return &Reservation{b: b, left: n}, nil
 }
 
 // Run dispatches batches until ctx ends, then flushes what is queued (within

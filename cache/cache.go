@@ -47,6 +47,13 @@ type Loader interface {
 // foreground when a foreground caller joins its flight.
 type promoter interface{ Promote(account string) }
 
+// reserver is the optional part of a Loader that admits a request's
+// missed accounts whole or refuses them whole (the batcher has it); the
+// Loads of admitted accounts carry the reservation in their context.
+type reserver interface {
+	Reserve(n int, deadline time.Time, ok bool) (*batcher.Reservation, error)
+}
+
 // admitter is the optional part of a Loader that refuses lookups it cannot
 // serve before their deadline (the batcher has it).
 type admitter interface {
@@ -264,19 +271,29 @@ func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 	}
 	waits := make([]pending, 0, len(miss))
 	tagKey := keyOf(tags)
-	if ad, ok := c.cfg.Loader.(admitter); ok {
-		// Refuse at once what the quota cannot serve in time: a stale value
-		// if there is one, else the error, instead of queueing to die.
-		if err := ad.Admit(ctx.Deadline()); err != nil {
-			c.m.Shed.Add(float64(len(miss)))
-			for _, i := range miss {
-				answers[i] = c.failed(accounts[i], tags, err, recs[i])
-			}
-			return answers
+	// Refuse at once what the quota cannot serve in time — every missed
+	// account of the request, or none: a stale value if there is one, else
+	// the error, instead of queueing to die or answering the request in part.
+	var res *batcher.Reservation
+	err := error(nil)
+	if rs, ok := c.cfg.Loader.(reserver); ok {
+		dl, hasDL := ctx.Deadline()
+		res, err = rs.Reserve(len(miss), dl, hasDL)
+	} else if ad, ok := c.cfg.Loader.(admitter); ok {
+		err = ad.Admit(ctx.Deadline())
+	}
+	if err != nil {
+		c.m.Shed.Add(float64(len(miss)))
+		for _, i := range miss {
+			answers[i] = c.failed(accounts[i], tags, err, recs[i])
 		}
+		return answers
+	}
+	if res != nil {
+		defer res.Release()
 	}
 	for _, i := range miss {
-		f, ch := c.load(ctx, accounts[i], tags, tagKey, false)
+		f, ch := c.load(ctx, accounts[i], tags, tagKey, false, res)
 		waits = append(waits, pending{i, ch, f})
 	}
 	for _, w := range waits {
@@ -346,7 +363,10 @@ func keyOf(tags []string) string {
 // caller is a background refresh. A flight only refreshes have joined is
 // loaded as a background lookup (batcher.WithBackground), and promoted when
 // a foreground caller joins it.
-func (c *Cache) load(caller context.Context, account string, tags []string, tagKey string, bg bool) (*flight, <-chan singleflight.Result) {
+//
+// res, if set, holds the caller's place in the batcher's queue: a flight
+// this caller starts loads with it.
+func (c *Cache) load(caller context.Context, account string, tags []string, tagKey string, bg bool, res *batcher.Reservation) (*flight, <-chan singleflight.Result) {
 	k := account + "\x01" + tagKey
 	dl, hasDL := caller.Deadline()
 	promote := false
@@ -360,6 +380,9 @@ func (c *Cache) load(caller context.Context, account string, tags []string, tagK
 			defer c.fmu.Unlock()
 			return f.deadline, f.bounded
 		})
+		if res != nil {
+			f.ctx = batcher.WithReservation(f.ctx, res)
+		}
 		if bg {
 			f.ctx = batcher.WithBackground(f.ctx, func() bool {
 				c.fmu.Lock()
@@ -489,7 +512,7 @@ func (c *Cache) refresh(account string, tags []string) {
 		defer c.bg.Done()
 		ctx, cancel := context.WithTimeout(c.bgCtx, c.cfg.RefreshTimeout)
 		defer cancel()
-		f, ch := c.load(ctx, account, tags, tagKey, true)
+		f, ch := c.load(ctx, account, tags, tagKey, true, nil)
 		ok := false
 		select {
 		case r := <-ch:
