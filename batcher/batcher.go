@@ -264,8 +264,8 @@ type Batcher struct {
 	bgN     int               // entries in bgQueue still background
 	// reserved: places Reserve holds for accounts not queued yet
 	reserved int
-	closed  bool
-	granted time.Time // when the last grant came
+	closed   bool
+	granted  time.Time // when the last grant came
 
 	rejected rejections
 
