@@ -22,6 +22,13 @@
 // throttled calls are retried after a backoff and transient failures a few
 // times, while their callers still wait.
 //
+// Background refreshes (see WithBackground) ride only in the space the
+// foreground lookups leave: they wait in a queue of their own, fill a call
+// the foreground accounts do not fill, are not counted by Admit, are the
+// first shed when the queue is at MaxQueue, and go alone in a call only
+// while the quota is not the limit. A foreground lookup of an account
+// queued for a refresh takes the refresh's place at the front (Promote).
+//
 // The shared calls run detached from any caller's context: one caller giving
 // up never cancels others' work, and accounts whose every caller has left
 // before dispatch are dropped from the batch. A Batcher is safe for
@@ -144,6 +151,25 @@ func WithDeadlineHint(ctx context.Context, hint func() (time.Time, bool)) contex
 	return context.WithValue(ctx, deadlineKey{}, hint)
 }
 
+type backgroundKey struct{}
+
+// WithBackground returns ctx marking a lookup as a background refresh for
+// as long as still says so (nil: always): such a lookup never takes a
+// grant or a queue place a foreground lookup needs (see Batcher). still is
+// asked when the lookup is queued, under the batcher's lock; a lookup that
+// stops being background after that is moved with Promote.
+func WithBackground(ctx context.Context, still func() bool) context.Context {
+	if still == nil {
+		still = func() bool { return true }
+	}
+	return context.WithValue(ctx, backgroundKey{}, still)
+}
+
+func backgroundOf(ctx context.Context) bool {
+	still, ok := ctx.Value(backgroundKey{}).(func() bool)
+	return ok && still()
+}
+
 func deadlineOf(ctx context.Context) (time.Time, bool) {
 	if hint, ok := ctx.Value(deadlineKey{}).(func() (time.Time, bool)); ok {
 		return hint()
@@ -181,6 +207,9 @@ type entry struct {
 	attempts  int // calls made, transient failures
 	throttled int // calls answered "too frequent"
 	asked     int // calls asked again for callers a "no data of this class" item did not concern
+	// bg: queued for background refreshes only, in bgQueue. An entry in
+	// bgQueue with bg false was promoted to the foreground queue: skipped.
+	bg bool
 }
 
 func (e *entry) addTags(tags []string) {
@@ -228,10 +257,15 @@ type Batcher struct {
 
 	mu      sync.Mutex
 	pending map[string]*entry // queued and not yet dispatched, by account
-	queue   []*entry          // FIFO of pending
+	queue   []*entry          // FIFO of pending foreground accounts
 	ready   []formed          // formed batches to send first (retries, split halves)
 	queued  int               // accounts in queue and ready
-	closed  bool
+	bgQueue []*entry          // FIFO of pending background refreshes (and promoted leftovers)
+	bgN     int               // entries in bgQueue still background
+	// reserved: places Reserve holds for accounts not queued yet
+	reserved int
+	closed   bool
+	granted  time.Time // when the last grant came
 
 	rejected rejections
 
@@ -315,17 +349,33 @@ func (b *Batcher) Load(ctx context.Context, account string, tags []string) (Resu
 		b.mu.Unlock()
 		return Result{}, ErrClosed
 	}
+	bg := backgroundOf(ctx)
+	reserved := false
+	if r, ok := ctx.Value(reservationKey{}).(*Reservation); ok && !bg {
+		reserved = r.take()
+	}
 	e := b.pending[account]
+	if e != nil && e.bg && !bg {
+		b.promote(e)
+	}
 	if e == nil {
-		if b.queued >= b.cfg.MaxQueue {
+		if err := b.room(bg, reserved); err != nil {
 			b.mu.Unlock()
-			return Result{}, ErrOverloaded
+			if bg {
+				b.m.RefreshShed.Inc()
+			}
+			return Result{}, err
 		}
-		e = &entry{account: account, queued: b.now()}
+		e = &entry{account: account, queued: b.now(), bg: bg}
 		b.pending[account] = e
-		b.queue = append(b.queue, e)
-		b.queued++
-		b.m.QueueAccounts.Set(float64(b.queued))
+		if bg {
+			b.bgQueue = append(b.bgQueue, e)
+			b.bgN++
+		} else {
+			b.queue = append(b.queue, e)
+			b.queued++
+		}
+		b.m.QueueAccounts.Set(float64(b.queued + b.bgN))
 	}
 	e.addTags(tags)
 	e.waiters = append(e.waiters, w)
@@ -339,34 +389,151 @@ func (b *Batcher) Load(ctx context.Context, account string, tags []string) (Resu
 	}
 }
 
+// room makes a place for a new entry (bg: a background refresh; reserved:
+// its place was held by Reserve) within MaxQueue, shedding the oldest
+// background refreshes for a foreground one; ErrOverloaded when there is
+// none. b.mu is held.
+func (b *Batcher) room(bg, reserved bool) error {
+	if !reserved && b.queued+b.reserved >= b.cfg.MaxQueue {
+		return ErrOverloaded
+	}
+	for b.queued+b.reserved+b.bgN >= b.cfg.MaxQueue {
+		i := slices.IndexFunc(b.bgQueue, func(e *entry) bool { return e.bg })
+		if i < 0 {
+			break
+		}
+		e := b.bgQueue[i]
+		if bg && e.live() {
+			return ErrOverloaded // refreshes wait their turn; misses shed them
+		}
+		clear(b.bgQueue[:i+1])
+		b.bgQueue = b.bgQueue[i+1:]
+		b.bgN--
+		delete(b.pending, e.account)
+		if len(e.waiters) > 0 {
+			b.m.RefreshShed.Inc()
+		}
+		e.complete(outcome{err: ErrOverloaded})
+	}
+	return nil
+}
+
+// promote moves a background entry to the back of the foreground queue; it
+// stays in bgQueue as a skipped leftover. b.mu is held.
+func (b *Batcher) promote(e *entry) {
+	e.bg = false
+	b.bgN--
+	b.queue = append(b.queue, e)
+	b.queued++
+	b.m.QueueAccounts.Set(float64(b.queued + b.bgN))
+}
+
+// Promote makes account's queued lookup, if it is waiting as a background
+// refresh, a foreground one: for a foreground caller who joined it without
+// a Load of its own (the cache's singleflight).
+func (b *Batcher) Promote(account string) {
+	b.mu.Lock()
+	if e := b.pending[account]; e != nil && e.bg {
+		b.promote(e)
+	}
+	b.mu.Unlock()
+	b.poke()
+}
+
 // Admit says whether a new lookup with this deadline can be served in
 // time, given the accounts queued ahead, the quota and the recent call
-// latency: ErrOverloaded when the queue is full, ErrWouldMiss when the
+// latency (background refreshes are not counted: they only fill calls):
+// ErrOverloaded when the queue is full, ErrWouldMiss when the
 // estimate passes the deadline, nil otherwise (or when no deadline is set).
 // It lets callers answer at once (with a stale value, say) instead of
 // queueing a lookup to die.
 func (b *Batcher) Admit(deadline time.Time, ok bool) error {
 	b.mu.Lock()
-	queued := b.queued
-	b.mu.Unlock()
-	if queued >= b.cfg.MaxQueue {
+	defer b.mu.Unlock()
+	return b.admit(1, deadline, ok)
+}
+
+// admit is Admit for n accounts, b.mu held: the last of them must be
+// answered by deadline behind every account queued or reserved ahead.
+func (b *Batcher) admit(n int, deadline time.Time, ok bool) error {
+	ahead := b.queued + b.reserved
+	if ahead+n > b.cfg.MaxQueue {
 		return ErrOverloaded
 	}
 	if !ok || b.cfg.Rate <= 0 {
 		return nil
 	}
-	// Calls ahead, at the rate the window allows: Rate per (1s + latency),
-	// cut after throttling, behind a pause in force.
+	// Calls until the last of the n has left, at the rate the window
+	// allows: Rate per (1s + latency), cut after throttling, behind a pause
+	// in force; its answer comes a latency later.
 	lat := time.Duration(b.latency.Load())
-	calls := float64(queued/b.cfg.MaxAccounts + 1)
+	calls := float64((ahead + n + b.cfg.MaxAccounts - 1) / b.cfg.MaxAccounts)
 	eta := time.Duration(calls/(b.cfg.Rate*b.factor())*float64(time.Second+lat)) + lat
 	if p, ok := b.cfg.Limiter.(pauser); ok {
 		eta += p.Paused()
 	}
+	// An eighth more: calls' latency varies and the answer must still be
+	// written; a request admitted at the edge would be answered in part.
+	eta += eta / 8
 	if b.now().Add(eta).After(deadline) {
 		return ErrWouldMiss
 	}
 	return nil
+}
+
+// Reservation holds places in the queue for the accounts of one request,
+// admitted whole by Reserve. A Load whose context carries it
+// (WithReservation) takes one place; Release gives back the places not
+// taken. A Reservation is safe for concurrent use.
+type Reservation struct {
+	b    *Batcher
+	left int // guarded by b.mu
+}
+
+type reservationKey struct{}
+
+// WithReservation returns ctx carrying r, for the Loads of r's accounts.
+func WithReservation(ctx context.Context, r *Reservation) context.Context {
+	return context.WithValue(ctx, reservationKey{}, r)
+}
+
+// take uses one of r's places, if any is left; b.mu is held.
+func (r *Reservation) take() bool {
+	if r.left == 0 {
+		return false
+	}
+	r.left--
+	r.b.reserved--
+	return true
+}
+
+// Release gives back the places not taken (an account that needed no Load
+// of its own, a request that ended). Later calls do nothing.
+func (r *Reservation) Release() {
+	r.b.mu.Lock()
+	r.b.reserved -= r.left
+	r.left = 0
+	r.b.mu.Unlock()
+}
+
+// Reserve admits a request's n missed accounts whole or refuses them whole,
+// on arrival: with the accounts queued and reserved ahead, the last of the
+// n must be answered by deadline (ErrWouldMiss otherwise) and fit within
+// MaxQueue (ErrOverloaded). Admitted, the n places are held, so requests
+// admitted at the same time do not each count on the same quota, until
+// their Loads (with WithReservation) take them or Release. A refused
+// request's accounts never enter a batch.
+func (b *Batcher) Reserve(n int, deadline time.Time, ok bool) (*Reservation, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil, ErrClosed
+	}
+	if err := b.admit(n, deadline, ok); err != nil {
+		return nil, err
+	}
+	b.reserved += n
+	return &Reservation{b: b, left: n}, nil
 }
 
 // Run dispatches batches until ctx ends, then flushes what is queued (within
@@ -402,7 +569,7 @@ func (b *Batcher) Run(ctx context.Context) error {
 func (b *Batcher) hasWork() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.queued > 0
+	return b.queued+b.bgN > 0
 }
 
 // waitWork blocks until something is queued; false when ctx ends first.
@@ -419,12 +586,20 @@ func (b *Batcher) waitWork(ctx context.Context) bool {
 	}
 }
 
+// bgAloneAfter is how long after a contended grant a batch of background
+// refreshes alone may ask for one: a quota's window (one second) with no
+// foreground grant means the quota has room again.
+const bgAloneAfter = time.Second
+
 // waitWindow blocks until a batch should try for a token: a ready batch or
-// a full queue go at once; otherwise the oldest account's window must pass.
+// a full queue go at once; otherwise the oldest foreground account's window
+// must pass. Background refreshes fill a batch but start one alone only
+// while the quota is not the limit.
 func (b *Batcher) waitWindow(ctx context.Context) {
 	for {
 		b.mu.Lock()
-		if len(b.ready) > 0 || len(b.queue) >= b.cfg.MaxAccounts || len(b.queue) == 0 {
+		n := len(b.queue) + b.bgN
+		if len(b.ready) > 0 || n >= b.cfg.MaxAccounts || n == 0 {
 			b.mu.Unlock()
 			return
 		}
@@ -433,9 +608,18 @@ func (b *Batcher) waitWindow(ctx context.Context) {
 		// the window (at most 1ms): Window is the longest wait, not the
 		// shortest.
 		now := b.now()
-		left := b.queue[0].queued.Add(b.cfg.Window - min(b.cfg.Window/2, time.Millisecond)).Sub(now)
-		if b.contended.Load() {
-			left = max(left, fillWait(now.Sub(b.queue[0].queued), len(b.queue), b.cfg.MaxAccounts, b.cfg.FillHold))
+		var left time.Duration
+		if len(b.queue) > 0 {
+			left = b.queue[0].queued.Add(b.cfg.Window - min(b.cfg.Window/2, time.Millisecond)).Sub(now)
+			if b.contended.Load() {
+				left = max(left, fillWait(now.Sub(b.queue[0].queued), n, b.cfg.MaxAccounts, b.cfg.FillHold))
+			}
+		} else {
+			first := b.bgQueue[slices.IndexFunc(b.bgQueue, func(e *entry) bool { return e.bg })]
+			left = first.queued.Add(b.cfg.Window - min(b.cfg.Window/2, time.Millisecond)).Sub(now)
+			if b.contended.Load() {
+				left = max(left, b.granted.Add(bgAloneAfter).Sub(now))
+			}
 		}
 		b.mu.Unlock()
 		if left <= 0 {
@@ -481,6 +665,9 @@ func (b *Batcher) dispatch(ctx context.Context) bool {
 	now := b.now()
 	b.m.LimiterWait.Observe(now.Sub(start).Seconds())
 	b.contended.Store(permit.Scarce() || now.Sub(start) > time.Millisecond)
+	b.mu.Lock()
+	b.granted = now
+	b.mu.Unlock()
 	b.m.RateFactor.Set(b.factor())
 	batch, form := b.take()
 	if len(batch) == 0 {
@@ -501,11 +688,12 @@ func (b *Batcher) dispatch(ctx context.Context) bool {
 }
 
 // take removes the next batch: a ready one first, else up to MaxAccounts
-// queued accounts. Accounts whose callers all left are dropped.
+// queued foreground accounts, filled up with background ones. Accounts
+// whose callers all left are dropped.
 func (b *Batcher) take() ([]*entry, formed) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	defer func() { b.m.QueueAccounts.Set(float64(b.queued)) }()
+	defer func() { b.m.QueueAccounts.Set(float64(b.queued + b.bgN)) }()
 	for len(b.ready) > 0 {
 		f := b.ready[0]
 		b.ready = b.ready[1:]
@@ -529,6 +717,22 @@ func (b *Batcher) take() ([]*entry, formed) {
 	clear(b.queue[:n])
 	b.queue = b.queue[n:]
 	b.queued -= n
+	n = 0
+	for n < len(b.bgQueue) && len(batch) < b.cfg.MaxAccounts {
+		e := b.bgQueue[n]
+		n++
+		if !e.bg {
+			continue // promoted: taken from the foreground queue
+		}
+		e.bg = false // leaves the queue: answers like any other entry
+		b.bgN--
+		delete(b.pending, e.account)
+		if e.live() && !e.hopeless(now, lat) {
+			batch = append(batch, e)
+		}
+	}
+	clear(b.bgQueue[:n])
+	b.bgQueue = b.bgQueue[n:]
 	return batch, formed{}
 }
 
@@ -654,7 +858,7 @@ func (b *Batcher) requeueReady(batches ...formed) {
 		b.queued += len(bt.entries)
 	}
 	b.ready = append(slices.Clone(batches), b.ready...)
-	b.m.QueueAccounts.Set(float64(b.queued))
+	b.m.QueueAccounts.Set(float64(b.queued + b.bgN))
 	b.mu.Unlock()
 	b.poke()
 }
@@ -743,7 +947,7 @@ func (b *Batcher) requeueFront(entries []*entry) {
 	}
 	b.queue = append(front, b.queue...)
 	b.queued += len(front)
-	b.m.QueueAccounts.Set(float64(b.queued))
+	b.m.QueueAccounts.Set(float64(b.queued + b.bgN))
 	b.mu.Unlock()
 	b.poke()
 }
@@ -760,7 +964,12 @@ func (b *Batcher) failAll(err error) {
 	for _, e := range b.queue {
 		e.complete(outcome{err: err})
 	}
-	b.ready, b.queue, b.queued = nil, nil, 0
+	for _, e := range b.bgQueue {
+		if e.bg { // the others were promoted: answered through the foreground queue
+			e.complete(outcome{err: err})
+		}
+	}
+	b.ready, b.queue, b.queued, b.bgQueue, b.bgN = nil, nil, 0, nil, 0
 	clear(b.pending)
 	b.m.QueueAccounts.Set(0)
 }

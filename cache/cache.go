@@ -42,6 +42,18 @@ type Loader interface {
 	Load(ctx context.Context, account string, tags []string) (batcher.Result, error)
 }
 
+// promoter is the optional part of a Loader that queues background
+// refreshes apart (see batcher.WithBackground) and can move one to the
+// foreground when a foreground caller joins its flight.
+type promoter interface{ Promote(account string) }
+
+// reserver is the optional part of a Loader that admits a request's
+// missed accounts whole or refuses them whole (the batcher has it); the
+// Loads of admitted accounts carry the reservation in their context.
+type reserver interface {
+	Reserve(n int, deadline time.Time, ok bool) (*batcher.Reservation, error)
+}
+
 // admitter is the optional part of a Loader that refuses lookups it cannot
 // serve before their deadline (the batcher has it).
 type admitter interface {
@@ -212,6 +224,7 @@ type flight struct {
 	refs     int
 	deadline time.Time // the latest caller deadline; zero: some caller has none
 	bounded  bool      // every caller so far had a deadline
+	bg       bool      // every caller so far is a background refresh
 }
 
 // New validates cfg and returns a Cache.
@@ -344,19 +357,29 @@ func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 	}
 	waits := make([]pending, 0, len(miss))
 	tagKey := keyOf(tags)
-	if ad, ok := c.cfg.Loader.(admitter); ok {
-		// Refuse at once what the quota cannot serve in time: a stale value
-		// if there is one, else the error, instead of queueing to die.
-		if err := ad.Admit(ctx.Deadline()); err != nil {
-			c.m.Shed.Add(float64(len(miss)))
-			for _, i := range miss {
-				answers[i] = c.failed(accounts[i], tags, err, recs[i])
-			}
-			return answers
+	// Refuse at once what the quota cannot serve in time — every missed
+	// account of the request, or none: a stale value if there is one, else
+	// the error, instead of queueing to die or answering the request in part.
+	var res *batcher.Reservation
+	err := error(nil)
+	if rs, ok := c.cfg.Loader.(reserver); ok {
+		dl, hasDL := ctx.Deadline()
+		res, err = rs.Reserve(len(miss), dl, hasDL)
+	} else if ad, ok := c.cfg.Loader.(admitter); ok {
+		err = ad.Admit(ctx.Deadline())
+	}
+	if err != nil {
+		c.m.Shed.Add(float64(len(miss)))
+		for _, i := range miss {
+			answers[i] = c.failed(accounts[i], tags, err, recs[i])
 		}
+		return answers
+	}
+	if res != nil {
+		defer res.Release()
 	}
 	for _, i := range miss {
-		f, ch := c.load(ctx, accounts[i], tags, tagKey)
+		f, ch := c.load(ctx, accounts[i], tags, tagKey, false, res)
 		waits = append(waits, pending{i, ch, f})
 	}
 	for _, w := range waits {
@@ -429,23 +452,42 @@ func keyOf(tags []string) string {
 	return strings.Join(slices.Compact(s), "\x00")
 }
 
-// load joins (or starts) the flight for account and tags.
-func (c *Cache) load(caller context.Context, account string, tags []string, tagKey string) (*flight, <-chan singleflight.Result) {
+// load joins (or starts) the flight for account and tags; bg says the
+// caller is a background refresh. A flight only refreshes have joined is
+// loaded as a background lookup (batcher.WithBackground), and promoted when
+// a foreground caller joins it.
+//
+// res, if set, holds the caller's place in the batcher's queue: a flight
+// this caller starts loads with it.
+func (c *Cache) load(caller context.Context, account string, tags []string, tagKey string, bg bool, res *batcher.Reservation) (*flight, <-chan singleflight.Result) {
 	k := account + "\x01" + tagKey
 	dl, hasDL := caller.Deadline()
+	promote := false
 	c.fmu.Lock()
 	f := c.flight[k]
 	if f == nil {
 		ctx, cancel := context.WithCancel(context.Background())
-		f = &flight{key: k + "\x01" + strconv.FormatUint(c.gen.Add(1), 36), cancel: cancel, bounded: true}
+		f = &flight{key: k + "\x01" + strconv.FormatUint(c.gen.Add(1), 36), cancel: cancel, bounded: true, bg: bg}
 		f.ctx = batcher.WithDeadlineHint(ctx, func() (time.Time, bool) {
 			c.fmu.Lock()
 			defer c.fmu.Unlock()
 			return f.deadline, f.bounded
 		})
+		if res != nil {
+			f.ctx = batcher.WithReservation(f.ctx, res)
+		}
+		if bg {
+			f.ctx = batcher.WithBackground(f.ctx, func() bool {
+				c.fmu.Lock()
+				defer c.fmu.Unlock()
+				return f.bg
+			})
+		}
 		c.flight[k] = f
 	} else {
 		c.m.SingleflightShared.Inc()
+		promote = f.bg && !bg
+		f.bg = f.bg && bg
 	}
 	f.refs++
 	if !hasDL {
@@ -454,6 +496,9 @@ func (c *Cache) load(caller context.Context, account string, tags []string, tagK
 		f.deadline = dl
 	}
 	c.fmu.Unlock()
+	if p, ok := c.cfg.Loader.(promoter); ok && promote {
+		p.Promote(account)
+	}
 	ch := c.sf.DoChan(f.key, func() (any, error) {
 		if c.cfg.Coordinator != nil {
 			if res, ok := c.fromOtherReplica(f.ctx, account, tags); ok {
@@ -562,7 +607,7 @@ func (c *Cache) refresh(account string, tags []string) {
 		defer c.bg.Done()
 		ctx, cancel := context.WithTimeout(c.bgCtx, c.cfg.RefreshTimeout)
 		defer cancel()
-		f, ch := c.load(ctx, account, tags, tagKey)
+		f, ch := c.load(ctx, account, tags, tagKey, true, nil)
 		ok := false
 		select {
 		case r := <-ch:

@@ -28,6 +28,7 @@ type Metrics struct {
 	LimiterFallback    prometheus.Gauge       // limiter_fallback
 	RateFactor         prometheus.Gauge       // limiter_rate_factor
 	Shed               prometheus.Counter     // shed_lookups_total
+	RefreshShed        prometheus.Counter     // refresh_shed_total
 	BuildInfo          *prometheus.GaugeVec   // build_info{version,goversion}
 	Quota              prometheus.Gauge       // quota_calls_per_second
 	CrossReplica       *prometheus.CounterVec // cross_replica_fetches_total{result}
@@ -155,6 +156,8 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "The app's upstream quota (-rate), for dashboards to draw calls/s against."}),
 		Shed: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "shed_lookups_total",
 			Help: "Missed lookups answered at once (stale, or a throttling error) because the quota could not serve them before their deadline."}),
+		RefreshShed: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "refresh_shed_total",
+			Help: "Background refreshes dropped from the batcher's queue, or not queued, to leave the queue to foreground misses."}),
 		LimiterFallback: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_fallback",
 			Help: "1 while the shared (Redis) limiter is unreachable and this replica uses its fallback share of the rate."}),
 		RateFactor: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_rate_factor",
@@ -240,7 +243,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.RefusedTags.WithLabelValues(RefusedLearned)
 	m.RefusedTags.WithLabelValues(RefusedConfigured)
 	reg.MustRegister(m.IsolationCalls, m.RefusedTags, m.LearnedTags)
-	reg.MustRegister(m.BuildInfo, m.Quota, m.Shed, m.CrossReplica, m.LimiterFallback, m.RateFactor, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
+	reg.MustRegister(m.BuildInfo, m.Quota, m.Shed, m.RefreshShed, m.CrossReplica, m.LimiterFallback, m.RateFactor, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
 	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)
 	return m

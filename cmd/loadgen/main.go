@@ -60,7 +60,7 @@ type options struct {
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
 	var o options
-	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot, replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas), poisoned (one caller asking for unconfigured tags among 200 cold callers), forward (forwarded calls against direct; TLS handshake per call), capsim (a Zipf run beside the capacity simulator's figures for it; not in all) or all")
+	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot, replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas), poisoned (one caller asking for unconfigured tags among 200 cold callers), forward (forwarded calls against direct; TLS handshake per call), capsim (a Zipf run beside the capacity simulator's figures for it; not in all), tagmix (cold callers asking random subsets of four tags against one tag list; not in all), overload (requests of 10 new accounts just past the quota and at 3× it; not in all) or all")
 	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
@@ -145,6 +145,10 @@ func runScenario(o options, out io.Writer) error {
 		return poisoned(o, out)
 	case "capsim":
 		return capsimCheck(o, out)
+	case "tagmix":
+		return tagMix(o, out)
+	case "overload":
+		return overload(o, out)
 	case "replicas":
 		if err := coldReplicas(o, out, 1); err != nil {
 			return err

@@ -24,6 +24,9 @@ type rawConn struct {
 	r    *bufio.Reader
 	req  []byte
 	body []byte
+	// timeout bounds one request and its answer (zero: 30s); a request
+	// that runs out of it is not sent again.
+	timeout time.Duration
 }
 
 func newRawConn(rawURL string) (*rawConn, error) {
@@ -43,6 +46,10 @@ func (c *rawConn) post(body string) ([]byte, error) {
 		if err == nil || attempt == 1 {
 			return out, err
 		}
+		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+			c.close() // its answer may still come: the connection is spent
+			return nil, err
+		}
 		c.close() // the server may have closed an idle connection: redial once
 	}
 }
@@ -55,7 +62,11 @@ func (c *rawConn) try(body string) ([]byte, error) {
 		}
 		c.conn, c.r = conn, bufio.NewReaderSize(conn, 8192)
 	}
-	c.conn.SetDeadline(time.Now().Add(30 * time.Second))
+	timeout := c.timeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	c.conn.SetDeadline(time.Now().Add(timeout))
 	c.req = append(c.req[:0], "POST "...)
 	c.req = append(c.req, c.path...)
 	c.req = append(c.req, " HTTP/1.1\r\nHost: "...)

@@ -36,6 +36,8 @@ type report struct {
 	fresh     *freshResult
 	outage    *outageResult
 	poisoned  []poisonedResult
+	tagMix    []tagMixResult
+	overload  []overloadResult
 	forward   *forwardResult
 	micro     string // go test -bench output
 	benchstat string // comparison with the previous run
