@@ -118,10 +118,11 @@ func (s *Server) serveOther(w http.ResponseWriter, r *http.Request) {
 		s.stats.Dropped++
 	}
 	s.mu.Unlock()
-	defer func() { s.recordSeen(seen) }()
 	if drop {
 		// The request was read and then the connection dies: the client
-		// cannot know whether the call was applied.
+		// cannot know whether the call was applied. Recorded before the
+		// connection closes, so a caller that sees the error sees the record.
+		s.recordSeen(seen)
 		if hj, ok := w.(http.Hijacker); ok {
 			if c, _, err := hj.Hijack(); err == nil {
 				c.Close()
@@ -130,6 +131,7 @@ func (s *Server) serveOther(w http.ResponseWriter, r *http.Request) {
 		}
 		panic(http.ErrAbortHandler)
 	}
+	defer func() { s.recordSeen(seen) }()
 	if d > 0 {
 		t := time.NewTimer(d)
 		select {
