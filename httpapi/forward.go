@@ -101,6 +101,9 @@ type lifecycleKey struct{}
 type lifecycle struct {
 	path     string
 	accounts []string
+	// admin: the proxy itself verified the caller as the app admin, so an
+	// outcome it could not read may be acted on (see apply).
+	admin bool
 }
 
 func newForwarder(h *Handler, cfg ForwardConfig) (*forwarder, error) {
@@ -128,6 +131,12 @@ func newForwarder(h *Handler, cfg ForwardConfig) (*forwarder, error) {
 			// nothing to the IM API.
 			pr.Out.Header.Del("Idempotency-Key")
 			pr.Out.Header.Del("X-Idempotency-Key")
+			if pr.Out.Context().Value(lifecycleKey{}) != nil {
+				// An account call's answer is read here: without the
+				// caller's Accept-Encoding, Go's transport asks for gzip
+				// itself and hands back the answer decoded.
+				pr.Out.Header.Del("Accept-Encoding")
+			}
 		},
 		Transport:      cfg.Transport,
 		BufferPool:     copyBuffers{},
@@ -207,12 +216,21 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), f.cfg.Timeout)
-	defer cancel()
+	parent := r.Context()
+	var lc *lifecycle
 	if f.cfg.Accounts != nil {
-		if lc := readLifecycle(r.URL.Path, raw); lc != nil {
-			ctx = context.WithValue(ctx, lifecycleKey{}, lc)
+		if lc = readLifecycle(r.URL.Path, raw); lc != nil {
+			// The answer decides what the cache drops, so it is read even
+			// when the caller hangs up: a caller cannot make a refused
+			// call's outcome unknown by leaving.
+			parent = context.WithoutCancel(parent)
+			lc.admin = f.h.cfg.Auth != AuthNone && f.h.verifyQuery(r, true) == nil
 		}
+	}
+	ctx, cancel := context.WithTimeout(parent, f.cfg.Timeout)
+	defer cancel()
+	if lc != nil {
+		ctx = context.WithValue(ctx, lifecycleKey{}, lc)
 	}
 	out := r.WithContext(ctx)
 	out.Body, out.ContentLength, out.TransferEncoding = io.NopCloser(bytes.NewReader(raw)), int64(len(raw)), nil
@@ -435,11 +453,15 @@ func (f *forwarder) unknownOutcome(r *http.Request) {
 }
 
 // apply tells the cache what an account call changed. answer is nil when
-// the outcome is unknown: imports then still drop "not found" (harmless
-// if the import failed), deletions drop the profiles without asserting
-// "not found". A call the upstream refused (ErrorCode not 0) changed
-// nothing. Only accounts the request named are touched, whatever the
-// answer lists.
+// the outcome is unknown (no answer, a non-200 status, an answer too long
+// to read): only when the proxy itself verified the caller as the app
+// admin (AuthUserSig) can the call have been applied, and then imports
+// still drop "not found" (harmless if the import failed) and deletions
+// drop the profiles without asserting "not found"; any other caller's
+// unknown outcome changes nothing (the upstream refuses non-admins, and
+// anyone could otherwise make every replica drop accounts at will). A call
+// the upstream refused (ErrorCode not 0) changed nothing. Only accounts
+// the request named are touched, whatever the answer lists.
 func (f *forwarder) apply(r *http.Request, lc *lifecycle, answer []byte, at time.Time) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Second)
 	defer cancel()
@@ -452,7 +474,7 @@ func (f *forwarder) apply(r *http.Request, lc *lifecycle, answer []byte, at time
 		}
 	}
 	known := answer != nil && json.Unmarshal(answer, &ans) == nil && ans.ErrorCode != nil
-	if known && *ans.ErrorCode != 0 {
+	if known && *ans.ErrorCode != 0 || !known && !lc.admin {
 		return
 	}
 	switch lc.path {
