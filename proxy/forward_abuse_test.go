@@ -17,6 +17,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
 // Any caller whose UserSig is valid for ANY identifier of the app
@@ -122,5 +123,60 @@ func TestAccountCallReadWhenCallerAcceptsGzip(t *testing.T) {
 	}
 	if n := r.sim.FetchCount("user5") - before; n != 0 {
 		t.Fatalf("a compressed OK answer to account_delete was taken as unknown: %d fetches after it", n)
+	}
+}
+
+// The proxy must check the very copy of sdkappid/identifier/usersig the
+// upstream reads (the emulator, like Go's url.Query().Get, reads the
+// FIRST), decoding keys as it does: a query that repeats one is refused
+// the IM way, on forwarded calls and on portrait_get alike. A forged UserSig therefore reaches the upstream behind a valid one,
+// against the promise "a forged one never reaches the upstream, where
+// failures count against the whole app's sig-failure limit (70050)".
+func TestDuplicateQueryKeysNeverReachUpstream(t *testing.T) {
+	r := start(t, imsim.Config{}, proxy.Config{})
+	forged := usersig.Sign("not-the-key", r.sim.SDKAppID(), r.sim.Identifier(), time.Now(), time.Hour)
+	for i, prefix := range []string{
+		"identifier=" + r.sim.Identifier() + "&usersig=" + forged + "&",
+		"identifier=" + r.sim.Identifier() + "&user%73ig=" + forged + "&",
+		"sdkappid=1234&", // another app's calls relayed: the upstream sees sdkappid=1234
+		"contenttype=xml&",
+		"identifier=" + r.sim.Identifier() + ";usersig=" + forged + "&",
+	} {
+		q := prefix + callerQuery(r.sim, "user1", r.sim.Key())
+		status, body := r.call(t, http.MethodPost, "/v4/openim/sendmsg", q, "application/json", []byte(`{}`))
+		var env struct {
+			ActionStatus string
+			ErrorCode    int
+		}
+		if err := json.Unmarshal(body, &env); err != nil || status != http.StatusOK || env.ActionStatus != "FAIL" || env.ErrorCode != upstream.CodeHTTPParse {
+			t.Errorf("case %d: answer HTTP %d %s, want 200 FAIL %d", i, status, body, upstream.CodeHTTPParse)
+		}
+		seen := r.sim.Seen()
+		if len(seen) != 0 {
+			t.Errorf("case %d: a query the proxy did not verify reached the upstream: it saw %q (usersig forged: %v), auth failures %d",
+				i, seen[len(seen)-1].RawQuery[:40], seen[len(seen)-1].UserSig == forged, r.sim.Stats().AuthFailures)
+			r.sim.Reset()
+		}
+	}
+}
+
+func TestDuplicateQueryKeysRefusedOnPortraitGet(t *testing.T) {
+	r := start(t, imsim.Config{}, proxy.Config{})
+	forged := usersig.Sign("not-the-key", r.sim.SDKAppID(), r.sim.Identifier(), time.Now(), time.Hour)
+	base := r.url
+	for i, prefix := range []string{"usersig=" + forged + "&", "user%73ig=" + forged + "&", "sdkappid=1234&"} {
+		u, _, _ := strings.Cut(base, "?")
+		r.url = u + "?" + prefix + base[len(u)+1:]
+		got := r.get(t, []string{"user1"}, nickTag)
+		if got.ActionStatus != "FAIL" || got.ErrorCode != upstream.CodeHTTPParse {
+			t.Errorf("case %d: %+v, want FAIL %d", i, got, upstream.CodeHTTPParse)
+		}
+	}
+	r.url = base
+	if n := r.sim.FetchCount("user1"); n != 0 {
+		t.Errorf("upstream asked %d times", n)
+	}
+	if got := r.get(t, []string{"user1"}, nickTag); got.ActionStatus != "OK" {
+		t.Errorf("well-formed query: %+v", got)
 	}
 }
