@@ -33,9 +33,10 @@ import (
 //     forged one never reaches the upstream, where failures count against
 //     the whole app's sig-failure limit (70050).
 //   - A call is never retried: most commands (sendmsg, imports) are not
-//     idempotent. The body is read first (bounded) and sent from memory,
-//     so Go's transport treats the request as not replayable and re-sends
-//     it only when nothing of it was written.
+//     idempotent. The body streams through (bounded by MaxBodyBytes) with
+//     no GetBody, so Go's transport never sends it again; the account
+//     calls' bodies (at most 64 KiB) are read first and sent from memory,
+//     re-sent only when nothing of them was written.
 //   - Throttling answers come back as the upstream gave them.
 //   - No answer (refused, reset, timeout) is answered the IM way: HTTP 200,
 //     ActionStatus FAIL, an IM code and an ErrorInfo that says whether the
@@ -80,6 +81,14 @@ const (
 	pathMultiAccountImport = "/v4/im_open_login_svc/multiaccount_import"
 	pathAccountDelete      = "/v4/im_open_login_svc/account_delete"
 )
+
+// maxAccountBody bounds an account call's body, which is read whole (100
+// accounts with their nicknames and face URLs take a few KiB).
+const maxAccountBody = 64 << 10
+
+func isAccountPath(p string) bool {
+	return p == pathAccountImport || p == pathMultiAccountImport || p == pathAccountDelete
+}
 
 // maxLifecycleAccounts bounds the accounts read from one account call (the
 // upstream takes at most 100); maxLifecycleAnswer bounds its answer read.
@@ -206,19 +215,32 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 		reject(e.ErrorCode, e.ErrorInfo)
 		return
 	}
-	raw, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, f.cfg.MaxBodyBytes))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			reject(upstream.CodeBadRequest, "request body larger than "+strconv.FormatInt(f.cfg.MaxBodyBytes, 10)+" bytes")
-		} else {
-			reject(upstream.CodeHTTPParse, "reading request body failed")
-		}
+	if r.ContentLength > f.cfg.MaxBodyBytes {
+		reject(upstream.CodeBadRequest, "request body larger than "+strconv.FormatInt(f.cfg.MaxBodyBytes, 10)+" bytes")
 		return
+	}
+	// Only the account calls are read here (their bodies are small); every
+	// other body streams through, so callers that stall mid-body hold no
+	// more than a copy buffer each.
+	body := http.MaxBytesReader(w, r.Body, f.cfg.MaxBodyBytes)
+	var raw []byte
+	account := f.cfg.Accounts != nil && isAccountPath(r.URL.Path)
+	if account {
+		var err error
+		raw, err = io.ReadAll(http.MaxBytesReader(nil, r.Body, min(f.cfg.MaxBodyBytes, maxAccountBody)))
+		if err != nil {
+			var tooBig *http.MaxBytesError
+			if errors.As(err, &tooBig) {
+				reject(upstream.CodeBadRequest, "account call body larger than "+strconv.FormatInt(tooBig.Limit, 10)+" bytes")
+			} else {
+				reject(upstream.CodeHTTPParse, "reading request body failed")
+			}
+			return
+		}
 	}
 	parent := r.Context()
 	var lc *lifecycle
-	if f.cfg.Accounts != nil {
+	if account {
 		if lc = readLifecycle(r.URL.Path, raw); lc != nil {
 			// The answer decides what the cache drops, so it is read even
 			// when the caller hangs up: a caller cannot make a refused
@@ -233,8 +255,12 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 		ctx = context.WithValue(ctx, lifecycleKey{}, lc)
 	}
 	out := r.WithContext(ctx)
-	out.Body, out.ContentLength, out.TransferEncoding = io.NopCloser(bytes.NewReader(raw)), int64(len(raw)), nil
-	out.Header.Del("Expect") // the body is here already
+	if account {
+		out.Body, out.ContentLength, out.TransferEncoding = io.NopCloser(bytes.NewReader(raw)), int64(len(raw)), nil
+	} else {
+		out.Body = body // no GetBody: Go's transport never sends it again
+	}
+	out.Header.Del("Expect") // the body is read (or streamed) without waiting for the upstream's 100
 	sw := &statusWriter{ResponseWriter: w}
 	f.rp.ServeHTTP(sw, out)
 	result := metrics.ForwardOK
@@ -295,7 +321,11 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 	var code int
 	var info, result string
 	var op *net.OpError
+	var tooBig *http.MaxBytesError
 	switch {
+	case errors.As(err, &tooBig):
+		code, info, result = upstream.CodeBadRequest,
+			"request body larger than "+strconv.FormatInt(tooBig.Limit, 10)+" bytes: the call was cut off and not completed", metrics.ForwardRejected
 	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
 		code, info, result = upstream.CodeInternalTimeout,
 			"upstream did not answer within "+f.cfg.Timeout.String()+"; the call was not retried and may have been applied", metrics.ForwardTimeout
