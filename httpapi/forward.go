@@ -262,16 +262,26 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	out.Header.Del("Expect") // the body is read (or streamed) without waiting for the upstream's 100
 	sw := &statusWriter{ResponseWriter: w}
+	// Counted in a defer: when the caller leaves mid-answer the reverse
+	// proxy panics with http.ErrAbortHandler (passed on to the server).
+	defer func() {
+		p := recover()
+		result := metrics.ForwardOK
+		switch {
+		case p != nil:
+			result = metrics.ForwardCanceled
+		case sw.result != "":
+			result = sw.result
+		case sw.status < 200 || sw.status > 299:
+			result = metrics.ForwardHTTP
+		}
+		f.h.m.Forwarded.WithLabelValues(label, result).Inc()
+		f.h.m.ForwardDuration.WithLabelValues(label).Observe(time.Since(start).Seconds())
+		if p != nil {
+			panic(p)
+		}
+	}()
 	f.rp.ServeHTTP(sw, out)
-	result := metrics.ForwardOK
-	switch {
-	case sw.result != "":
-		result = sw.result
-	case sw.status < 200 || sw.status > 299:
-		result = metrics.ForwardHTTP
-	}
-	f.h.m.Forwarded.WithLabelValues(label, result).Inc()
-	f.h.m.ForwardDuration.WithLabelValues(label).Observe(time.Since(start).Seconds())
 }
 
 // statusWriter remembers the status written and the result errorHandler

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
@@ -87,5 +88,35 @@ func TestForwardBodyLimitWhenStreamed(t *testing.T) {
 		if len(s.Body) > 64<<10 || s.Path != "/v4/openim/sendmsg" {
 			t.Errorf("upstream saw %s with %d body bytes: more than the limit, or an account call refused unsent", s.Path, len(s.Body))
 		}
+	}
+}
+
+// A caller that leaves mid-answer is still counted (the reverse proxy
+// aborts the handler with a panic there).
+func TestForwardCountedWhenCallerLeavesMidAnswer(t *testing.T) {
+	sim, _ := startSim(t, imsim.Config{})
+	sent := make(chan struct{}, 1)
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte(`{"ActionStatus":"OK",`))
+		w.(http.Flusher).Flush()
+		sent <- struct{}{}
+		<-r.Context().Done() // the rest never comes
+	}))
+	t.Cleanup(slow.Close)
+	r := startProxy(t, sim, slow.URL, proxy.Config{})
+	c, err := net.Dial("tcp", r.p.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "POST /v4/openim/sendmsg?%s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", callerQuery(r.sim, "user1", r.sim.Key()))
+	<-sent
+	c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for forwarded(r, "openim", metrics.ForwardCanceled) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("a call whose caller left mid-answer was not counted: ok %v, canceled %v",
+				forwarded(r, "openim", metrics.ForwardOK), forwarded(r, "openim", metrics.ForwardCanceled))
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
