@@ -135,6 +135,9 @@ func TestWriteScriptMatchesMerge(t *testing.T) {
 	tv := func(o Origin, ver, event int64, v string) *Record {
 		return &Record{Tags: []TagValue{{Tag: nick, Value: raw(v), Set: true, Origin: o, Ver: ver, Event: event, Fresh: fresh, Stale: stale}}}
 	}
+	neg := func(ver int64) *Record {
+		return &Record{NotFoundCode: 40003, NotFoundInfo: "gone", NotFoundUntil: fresh, NotFoundVer: ver}
+	}
 	const e = 1_700_000_000_000
 	scripted := [][]*Record{
 		{tv(FromCallback, e+100, e, "A"), tv(FromSet, e+200, 0, "B"), tv(FromCallback, e+300, e, "A")},
@@ -142,6 +145,13 @@ func TestWriteScriptMatchesMerge(t *testing.T) {
 		{tv(FromCallback, e+100, e, "A"), tv(FromInvalidate, e+200, 0, ""), tv(FromCallback, e+300, e, "A")},
 		{tv(FromInvalidate, e+200, 0, ""), tv(FromFetch, e+700, 0, "B"), tv(FromFetch, e+1300, 0, "C")},
 		{tv(FromCallback, e+100, e, "A"), tv(FromSet, e+200, 0, "B"), tv(FromCallback, e+300, e+1, "C")},
+		// A deletion (negative entry) and changes from before it arriving
+		// late: a callback (by EventTime), a set; then ones from after it,
+		// and an import (invalidation) from before it.
+		{tv(FromFetch, e, 0, "A"), neg(e + 1000), tv(FromCallback, e+1500, e+500, "B"), tv(FromSet, e+900, 0, "C")},
+		{neg(e + 1000), tv(FromCallback, e+1500, e+1000, "B")},
+		{neg(e + 1000), tv(FromSet, e+1100, 0, "C")},
+		{neg(e + 1000), tv(FromInvalidate, e+500, 0, "")},
 	}
 	for k, seq := range scripted {
 		account := fmt.Sprint("scripted", k)

@@ -188,9 +188,11 @@ func (r *Record) hasMarker() bool {
 // merge returns a new record: old's tags overlaid with those of upd's that
 // supersede them, and upd's negative entry if no tag of old is newer. A
 // tag that is written clears old's negative entry (the account exists),
-// except a fetched one sent before that entry's version: the account was
-// known not to exist after that fetch was sent (a late answer from before
-// an account_delete cannot bring the account back). A negative entry that
+// except one known as of a time before that entry's version (see
+// changedAt): the account was known not to exist after it (a late fetch
+// answer, a change callback or a portrait_set from before an
+// account_delete cannot bring the account back). An invalidation (an
+// import) always clears it. A negative entry that
 // is stored drops old's tags: all of them are older, and none may be
 // served once the entry has expired (a deleted account's profile). When
 // nothing of upd applies, merge returns old itself.
@@ -208,7 +210,7 @@ func merge(old, upd *Record, skew int64) *Record {
 	}
 	for i := range upd.Tags {
 		v := upd.Tags[i]
-		if v.Origin == FromFetch && old.NotFoundCode != 0 && v.Ver < old.NotFoundVer {
+		if v.Origin != FromInvalidate && old.NotFoundCode != 0 && v.changedAt() < old.NotFoundVer {
 			continue
 		}
 		if o, ok := old.Tag(v.Tag); ok {
@@ -238,6 +240,15 @@ func merge(old, upd *Record, skew int64) *Record {
 		out.Tags = out.Tags[:0]
 	}
 	return orOld(out, old)
+}
+
+// changedAt is when v was known to hold, as compared with a negative
+// entry's version: the upstream's EventTime for a callback, Ver otherwise.
+func (v *TagValue) changedAt() int64 {
+	if v.Origin == FromCallback {
+		return v.Event
+	}
+	return v.Ver
 }
 
 func orOld(out, old *Record) *Record {

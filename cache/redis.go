@@ -730,8 +730,8 @@ func (r *Redis) queueWrite(ctx context.Context, pipe redis.Pipeliner, account st
 
 // writeScript writes one account's fields, each only if it supersedes the
 // field stored (the rules of supersedes, on the encoded form). A write
-// that stores a tag clears the negative entry, unless it is a fetch sent
-// before that entry; a negative entry is stored only if no stored tag is
+// that stores a tag clears the negative entry, unless it is known as of a
+// time before that entry (changedAt; an invalidation always clears); a negative entry is stored only if no stored tag is
 // newer, and then replaces every tag (the rules of merge). KEYS: the hash,
 // the claim marker. ARGV: key TTL (ms), clock skew (ms), the negative entry
 // or "", the mode (0: merge; 1: merge and drop the claim marker; 2: only
@@ -770,7 +770,8 @@ if #fields > 0 then
   local set = {}
   for j = 1, #fields do
     local u, o = ARGV[4 + 2 * j], olds[j]
-    local early = negVer and math.floor(string.byte(u, 1) / 2) == 0 and be48(u, 2) < negVer
+    local uo = math.floor(string.byte(u, 1) / 2)
+    local early = negVer and uo ~= 3 and (uo == 2 and be48(u, 8) or be48(u, 2)) < negVer -- changedAt
     if not early and (o or not existing) and supersedes(u, o) then
       if o and #o >= 13 and math.floor(string.byte(u, 1) / 2) ~= 2 and be48(o, 8) > be48(u, 8) then
         u = string.sub(u, 1, 7) .. string.sub(o, 8, 13) .. string.sub(u, 14) -- keep the newest EventTime seen

@@ -33,9 +33,10 @@ import (
 //     forged one never reaches the upstream, where failures count against
 //     the whole app's sig-failure limit (70050).
 //   - A call is never retried: most commands (sendmsg, imports) are not
-//     idempotent. The body is read first (bounded) and sent from memory,
-//     so Go's transport treats the request as not replayable and re-sends
-//     it only when nothing of it was written.
+//     idempotent. The body streams through (bounded by MaxBodyBytes) with
+//     no GetBody, so Go's transport never sends it again; the account
+//     calls' bodies (at most 64 KiB) are read first and sent from memory,
+//     re-sent only when nothing of them was written.
 //   - Throttling answers come back as the upstream gave them.
 //   - No answer (refused, reset, timeout) is answered the IM way: HTTP 200,
 //     ActionStatus FAIL, an IM code and an ErrorInfo that says whether the
@@ -81,6 +82,14 @@ const (
 	pathAccountDelete      = "/v4/im_open_login_svc/account_delete"
 )
 
+// maxAccountBody bounds an account call's body, which is read whole (100
+// accounts with their nicknames and face URLs take a few KiB).
+const maxAccountBody = 64 << 10
+
+func isAccountPath(p string) bool {
+	return p == pathAccountImport || p == pathMultiAccountImport || p == pathAccountDelete
+}
+
 // maxLifecycleAccounts bounds the accounts read from one account call (the
 // upstream takes at most 100); maxLifecycleAnswer bounds its answer read.
 const (
@@ -101,6 +110,9 @@ type lifecycleKey struct{}
 type lifecycle struct {
 	path     string
 	accounts []string
+	// admin: the proxy itself verified the caller as the app admin, so an
+	// outcome it could not read may be acted on (see apply).
+	admin bool
 }
 
 func newForwarder(h *Handler, cfg ForwardConfig) (*forwarder, error) {
@@ -128,6 +140,12 @@ func newForwarder(h *Handler, cfg ForwardConfig) (*forwarder, error) {
 			// nothing to the IM API.
 			pr.Out.Header.Del("Idempotency-Key")
 			pr.Out.Header.Del("X-Idempotency-Key")
+			if pr.Out.Context().Value(lifecycleKey{}) != nil {
+				// An account call's answer is read here: without the
+				// caller's Accept-Encoding, Go's transport asks for gzip
+				// itself and hands back the answer decoded.
+				pr.Out.Header.Del("Accept-Encoding")
+			}
 		},
 		Transport:      cfg.Transport,
 		BufferPool:     copyBuffers{},
@@ -197,37 +215,73 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 		reject(e.ErrorCode, e.ErrorInfo)
 		return
 	}
-	raw, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, f.cfg.MaxBodyBytes))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			reject(upstream.CodeBadRequest, "request body larger than "+strconv.FormatInt(f.cfg.MaxBodyBytes, 10)+" bytes")
-		} else {
-			reject(upstream.CodeHTTPParse, "reading request body failed")
-		}
+	if r.ContentLength > f.cfg.MaxBodyBytes {
+		reject(upstream.CodeBadRequest, "request body larger than "+strconv.FormatInt(f.cfg.MaxBodyBytes, 10)+" bytes")
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), f.cfg.Timeout)
-	defer cancel()
-	if f.cfg.Accounts != nil {
-		if lc := readLifecycle(r.URL.Path, raw); lc != nil {
-			ctx = context.WithValue(ctx, lifecycleKey{}, lc)
+	// Only the account calls are read here (their bodies are small); every
+	// other body streams through, so callers that stall mid-body hold no
+	// more than a copy buffer each.
+	body := http.MaxBytesReader(w, r.Body, f.cfg.MaxBodyBytes)
+	var raw []byte
+	account := f.cfg.Accounts != nil && isAccountPath(r.URL.Path)
+	if account {
+		var err error
+		raw, err = io.ReadAll(http.MaxBytesReader(nil, r.Body, min(f.cfg.MaxBodyBytes, maxAccountBody)))
+		if err != nil {
+			var tooBig *http.MaxBytesError
+			if errors.As(err, &tooBig) {
+				reject(upstream.CodeBadRequest, "account call body larger than "+strconv.FormatInt(tooBig.Limit, 10)+" bytes")
+			} else {
+				reject(upstream.CodeHTTPParse, "reading request body failed")
+			}
+			return
 		}
 	}
-	out := r.WithContext(ctx)
-	out.Body, out.ContentLength, out.TransferEncoding = io.NopCloser(bytes.NewReader(raw)), int64(len(raw)), nil
-	out.Header.Del("Expect") // the body is here already
-	sw := &statusWriter{ResponseWriter: w}
-	f.rp.ServeHTTP(sw, out)
-	result := metrics.ForwardOK
-	switch {
-	case sw.result != "":
-		result = sw.result
-	case sw.status < 200 || sw.status > 299:
-		result = metrics.ForwardHTTP
+	parent := r.Context()
+	var lc *lifecycle
+	if account {
+		if lc = readLifecycle(r.URL.Path, raw); lc != nil {
+			// The answer decides what the cache drops, so it is read even
+			// when the caller hangs up: a caller cannot make a refused
+			// call's outcome unknown by leaving.
+			parent = context.WithoutCancel(parent)
+			lc.admin = f.h.cfg.Auth != AuthNone && f.h.verifyQuery(r, true) == nil
+		}
 	}
-	f.h.m.Forwarded.WithLabelValues(label, result).Inc()
-	f.h.m.ForwardDuration.WithLabelValues(label).Observe(time.Since(start).Seconds())
+	ctx, cancel := context.WithTimeout(parent, f.cfg.Timeout)
+	defer cancel()
+	if lc != nil {
+		ctx = context.WithValue(ctx, lifecycleKey{}, lc)
+	}
+	out := r.WithContext(ctx)
+	if account {
+		out.Body, out.ContentLength, out.TransferEncoding = io.NopCloser(bytes.NewReader(raw)), int64(len(raw)), nil
+	} else {
+		out.Body = body // no GetBody: Go's transport never sends it again
+	}
+	out.Header.Del("Expect") // the body is read (or streamed) without waiting for the upstream's 100
+	sw := &statusWriter{ResponseWriter: w}
+	// Counted in a defer: when the caller leaves mid-answer the reverse
+	// proxy panics with http.ErrAbortHandler (passed on to the server).
+	defer func() {
+		p := recover()
+		result := metrics.ForwardOK
+		switch {
+		case p != nil:
+			result = metrics.ForwardCanceled
+		case sw.result != "":
+			result = sw.result
+		case sw.status < 200 || sw.status > 299:
+			result = metrics.ForwardHTTP
+		}
+		f.h.m.Forwarded.WithLabelValues(label, result).Inc()
+		f.h.m.ForwardDuration.WithLabelValues(label).Observe(time.Since(start).Seconds())
+		if p != nil {
+			panic(p)
+		}
+	}()
+	f.rp.ServeHTTP(sw, out)
 }
 
 // statusWriter remembers the status written and the result errorHandler
@@ -277,7 +331,11 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 	var code int
 	var info, result string
 	var op *net.OpError
+	var tooBig *http.MaxBytesError
 	switch {
+	case errors.As(err, &tooBig):
+		code, info, result = upstream.CodeBadRequest,
+			"request body larger than "+strconv.FormatInt(tooBig.Limit, 10)+" bytes: the call was cut off and not completed", metrics.ForwardRejected
 	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
 		code, info, result = upstream.CodeInternalTimeout,
 			"upstream did not answer within "+f.cfg.Timeout.String()+"; the call was not retried and may have been applied", metrics.ForwardTimeout
@@ -435,11 +493,15 @@ func (f *forwarder) unknownOutcome(r *http.Request) {
 }
 
 // apply tells the cache what an account call changed. answer is nil when
-// the outcome is unknown: imports then still drop "not found" (harmless
-// if the import failed), deletions drop the profiles without asserting
-// "not found". A call the upstream refused (ErrorCode not 0) changed
-// nothing. Only accounts the request named are touched, whatever the
-// answer lists.
+// the outcome is unknown (no answer, a non-200 status, an answer too long
+// to read): only when the proxy itself verified the caller as the app
+// admin (AuthUserSig) can the call have been applied, and then imports
+// still drop "not found" (harmless if the import failed) and deletions
+// drop the profiles without asserting "not found"; any other caller's
+// unknown outcome changes nothing (the upstream refuses non-admins, and
+// anyone could otherwise make every replica drop accounts at will). A call
+// the upstream refused (ErrorCode not 0) changed nothing. Only accounts
+// the request named are touched, whatever the answer lists.
 func (f *forwarder) apply(r *http.Request, lc *lifecycle, answer []byte, at time.Time) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Second)
 	defer cancel()
@@ -452,7 +514,7 @@ func (f *forwarder) apply(r *http.Request, lc *lifecycle, answer []byte, at time
 		}
 	}
 	known := answer != nil && json.Unmarshal(answer, &ans) == nil && ans.ErrorCode != nil
-	if known && *ans.ErrorCode != 0 {
+	if known && *ans.ErrorCode != 0 || !known && !lc.admin {
 		return
 	}
 	switch lc.path {

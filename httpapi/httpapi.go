@@ -18,6 +18,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -461,21 +462,43 @@ func (h *Handler) authenticate(r *http.Request) *upstream.GetResponse {
 // admins).
 func (h *Handler) verifyQuery(r *http.Request, admin bool) *upstream.GetResponse {
 	var app, identifier, sig string
+	var seen [4]bool // sdkappid, identifier, usersig, contenttype
 	for rest := r.URL.RawQuery; rest != ""; {
 		var kv string
 		kv, rest, _ = strings.Cut(rest, "&")
+		if strings.Contains(kv, ";") {
+			// url.ParseQuery refuses it; an upstream may split on it.
+			return fail(upstream.CodeHTTPParse, "query holds a ';'")
+		}
 		k, v, _ := strings.Cut(kv, "=")
-		if strings.ContainsAny(v, "%+") {
-			if u, err := url.QueryUnescape(v); err == nil {
-				v = u
+		var err error
+		if strings.ContainsAny(k, "%+") {
+			if k, err = url.QueryUnescape(k); err != nil {
+				return fail(upstream.CodeHTTPParse, "query is not well-formed")
 			}
 		}
-		switch k {
-		case "sdkappid":
+		if strings.ContainsAny(v, "%+") {
+			if v, err = url.QueryUnescape(v); err != nil {
+				return fail(upstream.CodeHTTPParse, "query is not well-formed")
+			}
+		}
+		i := slices.Index(authParams[:], k)
+		if i < 0 {
+			continue
+		}
+		if seen[i] {
+			// The upstream may read another copy than the one checked
+			// here: a forged UserSig, or another app's sdkappid, behind a
+			// valid one.
+			return fail(upstream.CodeHTTPParse, "query repeats "+k)
+		}
+		seen[i] = true
+		switch i {
+		case 0:
 			app = v
-		case "identifier":
+		case 1:
 			identifier = v
-		case "usersig":
+		case 2:
 			sig = v
 		}
 	}
@@ -499,6 +522,10 @@ func (h *Handler) verifyQuery(r *http.Request, admin bool) *upstream.GetResponse
 	}
 	return nil
 }
+
+// authParams are the query parameters the upstream authenticates and reads
+// a call's format from; each may appear once.
+var authParams = [...]string{"sdkappid", "identifier", "usersig", "contenttype"}
 
 // sigCache remembers verified sigs briefly, so the hit path does not pay an
 // inflate and an HMAC per request. Entries last at most sigCacheTTL and never
