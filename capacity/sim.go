@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
@@ -237,12 +238,15 @@ type flight struct {
 }
 
 type sim struct {
-	w      Workload
-	sc     SimConfig
-	bc     batcher.Config
-	rng    *rand.Rand
-	base   time.Time
-	now    int64
+	w    Workload
+	sc   SimConfig
+	bc   batcher.Config
+	rng  *rand.Rand
+	base time.Time
+	now  int64
+	// clock is now for the caches' Now, which their background goroutines
+	// (the refresh-mark sweeper) read too.
+	clock  atomic.Int64
 	warm   int64
 	end    int64
 	seq    uint64
@@ -377,7 +381,7 @@ func (s *sim) build(res *Result) error {
 	w := s.w
 	s.redis = cache.NewLocal(64 * (len(s.accs) + 64)) // never full: Redis has no eviction here
 	s.apply = make([]func(string, *cache.Record, time.Time), w.Replicas)
-	clock := func() time.Time { return s.at(s.now) }
+	clock := func() time.Time { return s.at(s.clock.Load()) }
 	following := make(chan struct{}, w.Replicas)
 	for j := range w.Replicas {
 		l := cache.NewLocal(res.LocalSim)
@@ -447,9 +451,17 @@ func (t *tier) Put(_ context.Context, accounts []string, recs []*cache.Record) e
 	return nil
 }
 
-func (t *tier) Change(_ context.Context, account string, rec *cache.Record) error {
+// The simulated tier must stay a cache.Feed, or the caches would neither
+// follow nor announce changes.
+var _ cache.Feed = (*tier)(nil)
+
+func (t *tier) Change(_ context.Context, account string, rec *cache.Record, existing bool) error {
 	now := t.s.at(t.s.now)
-	t.s.redis.Merge(account, rec, now)
+	if existing {
+		t.s.redis.MergeExisting(account, rec, now)
+	} else {
+		t.s.redis.Merge(account, rec, now)
+	}
 	for j, apply := range t.s.apply {
 		if j != t.rep && apply != nil {
 			apply(account, rec, time.Now()) // sent: the feed-delay metric is of no interest here
@@ -529,6 +541,7 @@ func (s *sim) run() {
 	for len(s.heap) > 0 {
 		e := s.pop()
 		s.now = e.t
+		s.clock.Store(s.now)
 		s.events++
 		switch e.kind {
 		case evArrival:
@@ -543,6 +556,7 @@ func (s *sim) run() {
 		}
 	}
 	s.now = s.end
+	s.clock.Store(s.now)
 	s.batches() // the last, partial second
 }
 
