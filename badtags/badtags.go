@@ -17,8 +17,10 @@
 // replica learns at once; Run follows the channel and reads the whole hash
 // whenever it (re)subscribes. Everything read from Redis is checked as an
 // outside input: a malformed entry, a code that is not a tag refusal, a
-// name that is not a tag or an expiry past TTL from now is ignored or
-// clamped, and at most Max tags are held.
+// refusal the upstream cannot give (40009 or 40801 for a standard tag,
+// 40009 for a configured custom tag), a name that is not a tag or an
+// expiry past TTL + Skew from now is ignored, and at most Max tags are
+// held.
 //
 // Optionally the app's configured custom tags are given (Custom): then a
 // custom tag outside them is answered 40009 locally without learning.
@@ -61,6 +63,10 @@ type Config struct {
 	SDKAppID uint64
 	// Timeout bounds one Redis command. Zero means 250ms.
 	Timeout time.Duration
+	// Skew is how far replicas' clocks may be apart: a shared entry whose
+	// expiry is more than TTL + Skew from now is dropped as forged. Zero
+	// means 1s.
+	Skew    time.Duration
 	Metrics *metrics.Metrics
 	Now     func() time.Time
 }
@@ -101,6 +107,9 @@ func New(cfg Config) (*Set, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.Skew <= 0 {
+		cfg.Skew = time.Second
+	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
@@ -131,6 +140,21 @@ func refusable(code int) bool {
 		return true
 	}
 	return false
+}
+
+// acceptable reports whether a refusal of tag with code is one the
+// upstream can give, and so may be learned (from the upstream or from
+// Redis): a tag refusal of a valid tag name, never "does not exist" or
+// "invalid name" for a standard tag, and never "does not exist" for a
+// custom tag the app configured (Custom).
+func (s *Set) acceptable(tag string, code int) bool {
+	if !refusable(code) || !upstream.ValidTag(tag) {
+		return false
+	}
+	if code == upstream.CodeTagNotExist || code == upstream.CodeInvalidTag {
+		return !upstream.IsStandardTag(tag) && !(code == upstream.CodeTagNotExist && s.custom[tag])
+	}
+	return true
 }
 
 // Check returns the refusal of the first tag of tags that is refused: a
@@ -175,7 +199,7 @@ func (s *Set) Refused(tag string) bool {
 // TTL, and shares it with the other replicas (through Run). Codes other
 // than tag refusals are ignored.
 func (s *Set) Learn(tag string, code int, info string) {
-	if !refusable(code) || !upstream.ValidTag(tag) {
+	if !s.acceptable(tag, code) {
 		return
 	}
 	if !s.add(tag, Refusal{Code: code, Info: clip(info), Until: s.cfg.Now().Add(s.cfg.TTL)}) {
@@ -239,22 +263,20 @@ func encode(r Refusal) string {
 	return strconv.Itoa(r.Code) + "|" + strconv.FormatInt(r.Until.UnixMilli(), 10) + "|" + r.Info
 }
 
-// decode checks an entry read from Redis; the expiry is clamped to TTL
-// from now (an entry from the future is not trusted for longer).
+// decode checks an entry read from Redis: a refusal the upstream cannot
+// give (acceptable) or one expiring later than TTL + Skew from now (no
+// replica writes one: forged) is dropped.
 func (s *Set) decode(tag, v string) (Refusal, bool) {
 	code, rest, ok1 := strings.Cut(v, "|")
 	until, info, ok2 := strings.Cut(rest, "|")
 	c, err1 := strconv.Atoi(code)
 	u, err2 := strconv.ParseInt(until, 10, 64)
-	if !ok1 || !ok2 || err1 != nil || err2 != nil || !refusable(c) || !upstream.ValidTag(tag) {
+	if !ok1 || !ok2 || err1 != nil || err2 != nil || !s.acceptable(tag, c) {
 		return Refusal{}, false
 	}
 	now := s.cfg.Now()
 	r := Refusal{Code: c, Info: clip(info), Until: time.UnixMilli(u)}
-	if lim := now.Add(s.cfg.TTL); r.Until.After(lim) {
-		r.Until = lim
-	}
-	if !now.Before(r.Until) {
+	if !now.Before(r.Until) || r.Until.After(now.Add(s.cfg.TTL+s.cfg.Skew)) {
 		return Refusal{}, false
 	}
 	return r, true

@@ -123,26 +123,29 @@ func TestSharedThroughRedis(t *testing.T) {
 
 // TestForgedRedisEntries: entries and announcements that do not decode,
 // carry a code that is not a tag refusal, name no tag, or claim to last
-// past TTL are ignored or clamped.
+// past TTL + skew are ignored.
 func TestForgedRedisEntries(t *testing.T) {
 	srv := redistest.Start(t)
 	c := newClient(t, srv)
 	ctx := context.Background()
 	key := "pp:v2:1400000000:badtags"
 	future := strconv.FormatInt(time.Now().Add(1000*time.Hour).UnixMilli(), 10)
+	soon := strconv.FormatInt(time.Now().Add(30*time.Second).UnixMilli(), 10)
 	c.HSet(ctx, key,
-		"Tag_Profile_Custom_Ok", "40009|"+future+"|tag does not exist",
+		"Tag_Profile_Custom_Ok", "40009|"+soon+"|tag does not exist",
+		"Tag_Profile_Custom_Far", "40009|"+future+"|from the future",
 		"Tag_Profile_Custom_Code", "40006|"+future+"|internal",
 		"Not_A_Tag", "40009|"+future+"|x",
 		"Tag_Profile_Custom_Junk", "garbage",
 		"Tag_Profile_Custom_Past", "40009|1|expired",
-		"Tag_Profile_Custom_Huge", "40007|"+future+"|"+strings.Repeat("y", 1<<20))
+		"Tag_Profile_Custom_Huge", "40007|"+soon+"|"+strings.Repeat("y", 1<<20))
 	s, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, TTL: time.Minute})
 	run(t, s)
 	eventually(t, "the valid entry read", func() bool { return s.Refused("Tag_Profile_Custom_Ok") })
-	c.Publish(ctx, key, "Tag_Profile_Custom_Pub\x0040009|"+future+"|announced")
+	c.Publish(ctx, key, "Tag_Profile_Custom_FarPub\x0040009|"+future+"|announced")
 	c.Publish(ctx, key, "no separator at all")
 	c.Publish(ctx, key, "Tag_Profile_Custom_Bad\x0070009|"+future+"|wrong code")
+	c.Publish(ctx, key, "Tag_Profile_Custom_Pub\x0040009|"+soon+"|announced") // last: read after the others
 	eventually(t, "the valid announcement read", func() bool { return s.Refused("Tag_Profile_Custom_Pub") })
 	got := s.Learned()
 	want := []string{"Tag_Profile_Custom_Huge", "Tag_Profile_Custom_Ok", "Tag_Profile_Custom_Pub"}
@@ -151,7 +154,41 @@ func TestForgedRedisEntries(t *testing.T) {
 	}
 	for _, r := range *s.learned.Load() {
 		if r.Until.After(time.Now().Add(time.Minute+time.Second)) || len(r.Info) > maxInfo {
-			t.Fatalf("entry not clamped: %+v", r)
+			t.Fatalf("entry past TTL or info not clipped: %+v", r)
 		}
+	}
+}
+
+// TestForgedSharedEntriesIgnored: entries an attacker writes to the shared
+// hash that the upstream could never have sent (40009 for a standard tag,
+// 40009 for a configured custom tag) or that last past TTL + skew are
+// ignored; a plausible entry written with them is learned (the hash was
+// read). Learn ignores the same refusals.
+func TestForgedSharedEntriesIgnored(t *testing.T) {
+	srv := redistest.Start(t)
+	c := newClient(t, srv)
+	key := "pp:v2:1400000000:badtags"
+	ms := func(d time.Duration) string { return strconv.FormatInt(time.Now().Add(d).UnixMilli(), 10) }
+	c.HSet(context.Background(), key,
+		"Tag_Profile_IM_Nick", "40009|"+ms(time.Minute)+"|forged",
+		"Tag_Profile_IM_Gender", "40801|"+ms(time.Minute)+"|forged",
+		"Tag_Profile_Custom_Test", "40009|"+ms(time.Minute)+"|forged",
+		"Tag_Profile_Custom_Far", "40007|"+ms(1000*time.Hour)+"|forged",
+		"Tag_Profile_Custom_Real", "40007|"+ms(time.Minute)+"|no permission")
+	s, err := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, Custom: []string{"Tag_Profile_Custom_Test", "Tag_Profile_Custom_Far", "Tag_Profile_Custom_Real"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, s)
+	eventually(t, "the plausible entry learned", func() bool { return s.Refused("Tag_Profile_Custom_Real") })
+	for _, tag := range []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Gender", "Tag_Profile_Custom_Test", "Tag_Profile_Custom_Far"} {
+		if code, info, bad := s.Check([]string{tag}); bad {
+			t.Errorf("forged entry refuses %s: %d %q", tag, code, info)
+		}
+	}
+	s.Learn("Tag_Profile_IM_Nick", 40009, "x")
+	s.Learn("Tag_Profile_Custom_Test", 40009, "x")
+	if got := s.Learned(); len(got) != 1 {
+		t.Errorf("learned %v, want only Tag_Profile_Custom_Real", got)
 	}
 }
