@@ -514,6 +514,10 @@ func (b *Batcher) take() ([]*entry, formed) {
 		if len(batch) > 0 {
 			return batch, f
 		}
+		if len(f.rest) > 0 { // a probe whose callers left: its rest is asked
+			b.ready = append([]formed{{entries: f.rest, bare: f.bare, cause: metrics.IsolateAccount, budget: f.budget}}, b.ready...)
+			b.queued += len(f.rest)
+		}
 	}
 	batch := make([]*entry, 0, b.cfg.MaxAccounts)
 	n := 0
@@ -587,6 +591,7 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 			b.blameDefaults(form.blamed)
 		}
 		b.deliver(batch, form, tags, resp, start)
+		b.probed(form)
 		return
 	}
 	var ue *upstream.Error
@@ -606,6 +611,10 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 		e := batch[0]
 		b.deliver(batch, form, tags, &upstream.GetResponse{UserProfileItem: []upstream.UserProfile{{
 			ToAccount: e.account, ProfileItem: []upstream.ProfileItem{}, ResultCode: ue.Code, ResultInfo: ue.Info}}}, start)
+		b.probed(form)
+	case ue != nil && isolable(ue.Code) && len(form.rest) > 0 && ue.Code == upstream.CodeBadRequest:
+		// A probe refused alone as its whole batch was: the tags are the cause.
+		b.refuse(slices.Concat(batch, form.rest), ue, true, false)
 	case ue != nil && isolable(ue.Code):
 		// Something one caller asked for refused the whole call: split until
 		// only the callers who asked for it get the refusal.
@@ -613,8 +622,9 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 		if !b.isolate(batch, form, ue, byTags, byAccounts) {
 			b.refuse(batch, ue, byTags, byAccounts)
 		}
+		b.probed(form)
 	case kind == upstream.KindAuth || kind == upstream.KindRejected:
-		for _, e := range batch {
+		for _, e := range slices.Concat(batch, form.rest) {
 			e.complete(outcome{err: err})
 		}
 	default: // transport, HTTP status, transient codes
@@ -641,10 +651,14 @@ func (b *Batcher) retry(batch []*entry, form formed, err error, reason string) {
 			e.complete(outcome{err: err})
 		}
 	}
-	if len(again) > 0 {
-		b.m.UpstreamRetries.WithLabelValues(reason).Add(float64(len(again)))
-		b.requeueReady(formed{entries: again, bare: form.bare, cause: form.cause, blamed: form.blamed})
+	if len(again) == 0 {
+		b.probed(form)
+		return
 	}
+	b.m.UpstreamRetries.WithLabelValues(reason).Add(float64(len(again)))
+	f := form
+	f.entries = again
+	b.requeueReady(f)
 }
 
 // requeueReady puts formed batches at the front of the ready list.
@@ -753,7 +767,7 @@ func (b *Batcher) failAll(err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for _, bt := range b.ready {
-		for _, e := range bt.entries {
+		for _, e := range slices.Concat(bt.entries, bt.rest) {
 			e.complete(outcome{err: err})
 		}
 	}
