@@ -138,6 +138,21 @@ func (b *Batcher) isolate(batch []*entry, form formed, ue *upstream.Error, byTag
 		return true
 	}
 	var groups []*tagGroup
+	if byTags && !form.bare && ue != nil {
+		if tag := b.namedDefault(batch, ue); tag != "" {
+			// The upstream named a default tag: learn it now and send the
+			// callers' own tags once more, whatever their tag sets.
+			if !b.spend(batch, &form, 1, byTags) {
+				return giveUp()
+			}
+			if b.cfg.Tags != nil {
+				b.cfg.Tags.Learn(tag, ue.Code, ue.Info)
+			}
+			b.m.UpstreamRetries.WithLabelValues("split").Add(float64(len(batch)))
+			b.requeueReady(formed{entries: batch, bare: true, cause: metrics.IsolateTag, budget: form.budget})
+			return true
+		}
+	}
 	if byTags {
 		if groups = groupByTags(batch); len(groups) > 1 {
 			if !b.spend(batch, &form, 2, byTags) {
@@ -343,6 +358,37 @@ func isLetter(c byte) bool { return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z'
 
 func mentionsAny(s string, tags []string) bool {
 	return slices.ContainsFunc(tags, func(t string) bool { return containsWord(s, t) })
+}
+
+// namedDefault returns the default tag that the refusal ue names, when it
+// names exactly one tag of the call and that one is a default tag no
+// caller asked for; else "". Not for 40001, which names no tag.
+func (b *Batcher) namedDefault(batch []*entry, ue *upstream.Error) string {
+	if ue.Code == upstream.CodeBadRequest || len(b.cfg.DefaultTags) == 0 {
+		return ""
+	}
+	named := map[string]bool{}
+	for _, t := range b.cfg.DefaultTags {
+		if !b.refused(t) && containsWord(ue.Info, t) {
+			named[t] = true
+		}
+	}
+	if len(named) != 1 {
+		return ""
+	}
+	for _, e := range batch {
+		for _, w := range e.waiters {
+			for _, t := range w.tags {
+				if containsWord(ue.Info, t) {
+					return "" // a caller's own tag is named (or it asked for the default tag)
+				}
+			}
+		}
+	}
+	for t := range named {
+		return t
+	}
+	return ""
 }
 
 // blameDefaults learns the default tag that caused the refusal ue, when

@@ -425,3 +425,45 @@ func TestAccountCaused40001ProbeThenHalves(t *testing.T) {
 		t.Fatalf("%d calls", n)
 	}
 }
+
+// TestNamedBadDefaultTagLearnedWithTwoTagSets: a default tag the upstream
+// refuses by name is learned at the first refusal even when the batch
+// holds two tag sets, and costs nothing after: 2 calls in the first round,
+// 1 in each later one.
+func TestNamedBadDefaultTagLearnedWithTwoTagSets(t *testing.T) {
+	up := &fakeUpstream{fn: picky(nil)}
+	g := newGate()
+	tl := &learner{}
+	h := start(t, Config{Upstream: up, Limiter: g, Tags: tl, DefaultTags: []string{"Tag_Profile_Custom_Gone"}})
+	for round := range 3 {
+		a := loadAsync(h.b, context.Background(), fmt.Sprintf("a%d", round), "Tag_Profile_IM_Nick")
+		b := loadAsync(h.b, context.Background(), fmt.Sprintf("b%d", round), "Tag_Profile_IM_Gender")
+		h.waitQueued(t, 2)
+		before := len(up.Calls())
+		stop := make(chan struct{})
+		go func() {
+			for {
+				select {
+				case g.ch <- struct{}{}:
+				case <-stop:
+					return
+				}
+			}
+		}()
+		la, lb := <-a, <-b
+		close(stop)
+		if la.err != nil || lb.err != nil {
+			t.Fatal(la.err, lb.err)
+		}
+		want := 1
+		if round == 0 {
+			want = 2
+		}
+		if n := len(up.Calls()) - before; n != want {
+			t.Fatalf("round %d: %d calls, want %d", round, n, want)
+		}
+	}
+	if !tl.Refused("Tag_Profile_Custom_Gone") {
+		t.Fatal("bad default tag never learned")
+	}
+}
