@@ -192,3 +192,82 @@ func TestForgedSharedEntriesIgnored(t *testing.T) {
 		t.Errorf("learned %v, want only Tag_Profile_Custom_Real", got)
 	}
 }
+
+// TestSharedHashPruned: refusals that expired are removed from the shared
+// hash (by the next share of the replica that saw them expire), so the
+// hash holds no more fields than live refusals.
+func TestSharedHashPruned(t *testing.T) {
+	srv := redistest.Start(t)
+	s, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, TTL: 300 * time.Millisecond})
+	run(t, s)
+	c := newClient(t, srv)
+	key := "pp:v2:1400000000:badtags"
+	for i, tag := range []string{"Tag_Profile_Custom_A", "Tag_Profile_Custom_B", "Tag_Profile_Custom_C", "Tag_Profile_Custom_D"} {
+		s.Learn(tag, 40009, "x")
+		eventually(t, "shared", func() bool { return c.HExists(context.Background(), key, tag).Val() })
+		if i < 3 {
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	eventually(t, "expired fields removed", func() bool {
+		return c.HLen(context.Background(), key).Val() <= int64(len(s.Learned()))
+	})
+	if c.HExists(context.Background(), key, "Tag_Profile_Custom_A").Val() {
+		t.Fatal("the first, expired refusal is still shared")
+	}
+}
+
+// TestReloadPrunesAndStopsAtMax: a reload keeps at most Max valid entries
+// and removes expired and undecodable fields from the hash; a field
+// rewritten since is kept.
+func TestReloadPrunesAndStopsAtMax(t *testing.T) {
+	srv := redistest.Start(t)
+	c := newClient(t, srv)
+	ctx := context.Background()
+	key := "pp:v2:1400000000:badtags"
+	soon := strconv.FormatInt(time.Now().Add(time.Minute).UnixMilli(), 10)
+	c.HSet(ctx, key, "Tag_Profile_Custom_Old", "40009|1|expired", "Tag_Profile_Custom_Junk", "garbage", "Not_A_Tag", "40009|"+soon+"|x")
+	for _, x := range "ABCDEFGHIJ" {
+		c.HSet(ctx, key, "Tag_Profile_Custom_"+string(x), "40009|"+soon+"|x")
+	}
+	s, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, Max: 4})
+	s.reload(ctx)
+	if n := len(s.Learned()); n != 4 {
+		t.Fatalf("learned %d entries, want Max 4", n)
+	}
+	for _, f := range []string{"Tag_Profile_Custom_Old", "Tag_Profile_Custom_Junk", "Not_A_Tag"} {
+		if c.HExists(ctx, key, f).Val() {
+			t.Errorf("%s not removed from the hash", f)
+		}
+	}
+	if n := c.HLen(ctx, key).Val(); n != 10 {
+		t.Fatalf("hash holds %d fields, want the 10 valid ones", n)
+	}
+}
+
+// BenchmarkReload50k: a reload of a hash holding 50,000 valid-looking
+// entries (an attacker's) on a fresh Set: bounded by Max, not by the hash.
+func BenchmarkReload50k(b *testing.B) {
+	srv := redistest.Start(b)
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer c.Close()
+	ctx := context.Background()
+	key := "pp:v2:1400000000:badtags"
+	until := strconv.FormatInt(time.Now().Add(5*time.Minute).UnixMilli(), 10)
+	args := make([]any, 0, 2000)
+	for i := range 50_000 {
+		name := "Tag_Profile_Custom_" + string(rune('A'+i%26)) + string(rune('A'+i/26%26)) + string(rune('A'+i/676%26)) + string(rune('A'+i/17576%26))
+		args = append(args, name, "40009|"+until+"|forged")
+		if len(args) == cap(args) {
+			c.HSet(ctx, key, args...)
+			args = args[:0]
+		}
+	}
+	for b.Loop() {
+		s, _ := New(Config{Client: c, SDKAppID: 1400000000})
+		s.reload(ctx)
+		if n := len(s.Learned()); n != 1024 {
+			b.Fatalf("learned %d", n)
+		}
+	}
+}
