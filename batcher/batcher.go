@@ -514,9 +514,10 @@ func (b *Batcher) take() ([]*entry, formed) {
 		if len(batch) > 0 {
 			return batch, f
 		}
-		if len(f.rest) > 0 { // a probe whose callers left: its rest is asked
-			b.ready = append([]formed{{entries: f.rest, bare: f.bare, cause: metrics.IsolateAccount, budget: f.budget}}, b.ready...)
-			b.queued += len(f.rest)
+		if len(f.rest)+len(f.suspect) > 0 { // a probe whose callers left: the others are asked
+			o := b.orphaned(f)
+			b.ready = append([]formed{o}, b.ready...)
+			b.queued += len(o.entries)
 		}
 	}
 	batch := make([]*entry, 0, b.cfg.MaxAccounts)
@@ -612,9 +613,16 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 		b.deliver(batch, form, tags, &upstream.GetResponse{UserProfileItem: []upstream.UserProfile{{
 			ToAccount: e.account, ProfileItem: []upstream.ProfileItem{}, ResultCode: ue.Code, ResultInfo: ue.Info}}}, start)
 		b.probed(form)
-	case ue != nil && isolable(ue.Code) && len(form.rest) > 0 && ue.Code == upstream.CodeBadRequest:
-		// A probe refused alone as its whole batch was: the tags are the cause.
-		b.refuse(slices.Concat(batch, form.rest), ue, true, false)
+	case ue != nil && ue.Code == upstream.CodeBadRequest && len(form.rest) > 0 && form.suspect == nil && b.spend(batch, &form, 1, true):
+		// A probe refused alone as its whole batch was: the account or the
+		// tags. Another account alone tells.
+		b.m.UpstreamRetries.WithLabelValues("split").Add(1)
+		b.requeueReady(formed{entries: form.rest[:1:1], rest: form.rest[1:], suspect: batch, suspectErr: ue,
+			bare: form.bare, cause: metrics.IsolateAccount, budget: form.budget})
+	case ue != nil && ue.Code == upstream.CodeBadRequest && (len(form.rest) > 0 || len(form.suspect) > 0):
+		// Two accounts refused alone as their whole batch was: the tags are
+		// the cause.
+		b.refuse(slices.Concat(form.suspect, batch, form.rest), ue, true, false)
 	case ue != nil && isolable(ue.Code):
 		// Something one caller asked for refused the whole call: split until
 		// only the callers who asked for it get the refusal.
@@ -624,7 +632,7 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 		}
 		b.probed(form)
 	case kind == upstream.KindAuth || kind == upstream.KindRejected:
-		for _, e := range slices.Concat(batch, form.rest) {
+		for _, e := range slices.Concat(form.suspect, batch, form.rest) {
 			e.complete(outcome{err: err})
 		}
 	default: // transport, HTTP status, transient codes
@@ -652,7 +660,9 @@ func (b *Batcher) retry(batch []*entry, form formed, err error, reason string) {
 		}
 	}
 	if len(again) == 0 {
-		b.probed(form)
+		if len(form.rest)+len(form.suspect) > 0 {
+			b.requeueReady(b.orphaned(form))
+		}
 		return
 	}
 	b.m.UpstreamRetries.WithLabelValues(reason).Add(float64(len(again)))
@@ -767,7 +777,7 @@ func (b *Batcher) failAll(err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for _, bt := range b.ready {
-		for _, e := range slices.Concat(bt.entries, bt.rest) {
+		for _, e := range slices.Concat(bt.suspect, bt.entries, bt.rest) {
 			e.complete(outcome{err: err})
 		}
 	}

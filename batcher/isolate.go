@@ -39,9 +39,10 @@ import (
 // one batch cannot make it cost more; when it is spent, the parts still
 // refused get the upstream's refusal as it came and are counted in
 // isolation_unresolved_total. A 40001 ("could not unpack": an account or
-// the tags) for a single tag set sends one account alone first: refused
-// too, the tags are the cause and every caller gets it at once; answered,
-// the other accounts are asked and halved as usual.
+// the tags) for a single tag set sends one account alone first, and if it
+// is refused, a second one: both refused, the tags are the cause and every
+// caller gets it at once; one answered, the other accounts are asked and
+// halved as usual (and a first probe refused alone gets its refusal).
 
 // formed is a batch formed before its turn: a retry, or a part of an
 // isolation split.
@@ -61,6 +62,11 @@ type formed struct {
 	// answered (an account caused the refusal), refused with it when the
 	// probe is refused too (its tags did).
 	rest []*entry
+	// suspect, for a second probe, is the first probe, refused alone with
+	// suspectErr: answered, the second probe clears the tags and the
+	// suspect's account is the cause; refused too, the tags are.
+	suspect    []*entry
+	suspectErr *upstream.Error
 }
 
 // isolationBudget is how many isolation calls a refused batch of n
@@ -200,9 +206,18 @@ func (b *Batcher) isolate(batch []*entry, form formed, ue *upstream.Error, byTag
 // answer other than its refusal: the rest is asked, with the account now
 // blamed.
 func (b *Batcher) probed(form formed) {
+	if len(form.suspect) > 0 {
+		b.refuse(form.suspect, form.suspectErr, false, true)
+	}
 	if len(form.rest) > 0 {
 		b.requeueReady(formed{entries: form.rest, bare: form.bare, cause: metrics.IsolateAccount, budget: form.budget})
 	}
+}
+
+// orphaned asks a probe's suspect and rest again, halved as usual, when
+// the probe's own callers left before it was answered.
+func (b *Batcher) orphaned(form formed) formed {
+	return formed{entries: slices.Concat(form.suspect, form.rest), bare: form.bare, cause: metrics.IsolateAccount, budget: form.budget}
 }
 
 // tagGroup is the callers of a batch who asked for one tag set.

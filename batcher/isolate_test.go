@@ -358,11 +358,11 @@ func TestIsolationBudgetBoundsManyRejectedAccounts(t *testing.T) {
 	}
 }
 
-// TestTagCaused40001ProbedOnce: a 40001 caused by the tag list (not by an
-// account) for 64 accounts is pinned on the tags after one account is
-// sent alone: 2 calls, not one per account; every caller gets 40001 with
-// its TagList named.
-func TestTagCaused40001ProbedOnce(t *testing.T) {
+// TestTagCaused40001ProbedTwice: a 40001 caused by the tag list (not by
+// an account) for 64 accounts is pinned on the tags after two accounts are
+// sent alone and refused: 3 calls, not one per account; every caller gets
+// 40001 with its TagList named.
+func TestTagCaused40001ProbedTwice(t *testing.T) {
 	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
 		if len(r.TagList) > 40 {
 			return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 40001, Info: "could not unpack"}
@@ -387,8 +387,8 @@ func TestTagCaused40001ProbedOnce(t *testing.T) {
 			t.Fatal(l.err)
 		}
 	}
-	if n := len(up.Calls()); n != 2 {
-		t.Fatalf("tag-caused 40001 for 64 accounts cost %d calls, want 2", n)
+	if n := len(up.Calls()); n != 3 {
+		t.Fatalf("tag-caused 40001 for 64 accounts cost %d calls, want 3", n)
 	}
 }
 
@@ -465,5 +465,39 @@ func TestNamedBadDefaultTagLearnedWithTwoTagSets(t *testing.T) {
 	}
 	if !tl.Refused("Tag_Profile_Custom_Gone") {
 		t.Fatal("bad default tag never learned")
+	}
+}
+
+// TestFirstProbeAccountCaused40001: the account sent alone first is the
+// one causing the 40001: a second account alone is answered, so only the
+// first gets 40001 (naming it) and every other caller its values.
+func TestFirstProbeAccountCaused40001(t *testing.T) {
+	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+		if slices.Contains(r.ToAccount, "u0") {
+			return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 40001, Info: "could not unpack"}
+		}
+		return found(r), nil
+	}}
+	g := newGate()
+	h := start(t, Config{Upstream: up, Limiter: g})
+	var chans []chan loaded
+	for i := range 8 {
+		chans = append(chans, loadAsync(h.b, context.Background(), fmt.Sprintf("u%d", i), "Tag_Profile_IM_Nick"))
+		h.waitQueued(t, i+1) // u0 first in the batch
+	}
+	feed(t, g)
+	for i, ch := range chans {
+		l := <-ch
+		var ue *upstream.Error
+		if i == 0 {
+			if !errors.As(l.err, &ue) || ue.Code != 40001 || !strings.Contains(ue.Info, `"u0"`) {
+				t.Fatalf("u0: %v", l.err)
+			}
+		} else if l.err != nil {
+			t.Fatalf("u%d: %v", i, l.err)
+		}
+	}
+	if n := len(up.Calls()); n != 4 { // refused, u0 alone, u1 alone, the other 6
+		t.Fatalf("%d calls", n)
 	}
 }
