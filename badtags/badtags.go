@@ -14,11 +14,16 @@
 // With a Redis client, learned tags are shared: written to one hash per app
 // (pp:v2:<sdkappid>:badtags, field = tag, value = code, expiry and the
 // upstream's text) and announced on a channel of the same name, so every
-// replica learns at once; Run follows the channel and reads the whole hash
-// whenever it (re)subscribes. Everything read from Redis is checked as an
+// replica learns at once; Run follows the channel and scans the hash
+// whenever it (re)subscribes (stopping after Max valid entries). Expired
+// and undecodable fields are removed from the hash (by a reload, and by
+// the next share of a replica that saw a refusal expire), each only if it
+// still holds the value seen. Everything read from Redis is checked as an
 // outside input: a malformed entry, a code that is not a tag refusal, a
-// name that is not a tag or an expiry past TTL from now is ignored or
-// clamped, and at most Max tags are held.
+// refusal the upstream cannot give (40009 or 40801 for a standard tag,
+// 40009 for a configured custom tag), a name that is not a tag or an
+// expiry past TTL + Skew from now is ignored, and at most Max tags are
+// held.
 //
 // Optionally the app's configured custom tags are given (Custom): then a
 // custom tag outside them is answered 40009 locally without learning.
@@ -61,6 +66,10 @@ type Config struct {
 	SDKAppID uint64
 	// Timeout bounds one Redis command. Zero means 250ms.
 	Timeout time.Duration
+	// Skew is how far replicas' clocks may be apart: a shared entry whose
+	// expiry is more than TTL + Skew from now is dropped as forged. Zero
+	// means 1s.
+	Skew    time.Duration
 	Metrics *metrics.Metrics
 	Now     func() time.Time
 }
@@ -84,6 +93,7 @@ type Set struct {
 
 	mu      sync.Mutex                         // serialises writers of learned
 	learned atomic.Pointer[map[string]Refusal] // immutable; replaced on change
+	expired []string                           // field, value pairs this replica saw expire: removed from the hash by the next share (under mu)
 	out     chan string                        // tags to share, drained by Run
 }
 
@@ -100,6 +110,9 @@ func New(cfg Config) (*Set, error) {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.Skew <= 0 {
+		cfg.Skew = time.Second
 	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
@@ -131,6 +144,21 @@ func refusable(code int) bool {
 		return true
 	}
 	return false
+}
+
+// acceptable reports whether a refusal of tag with code is one the
+// upstream can give, and so may be learned (from the upstream or from
+// Redis): a tag refusal of a valid tag name, never "does not exist" or
+// "invalid name" for a standard tag, and never "does not exist" for a
+// custom tag the app configured (Custom).
+func (s *Set) acceptable(tag string, code int) bool {
+	if !refusable(code) || !upstream.ValidTag(tag) {
+		return false
+	}
+	if code == upstream.CodeTagNotExist || code == upstream.CodeInvalidTag {
+		return !upstream.IsStandardTag(tag) && !(code == upstream.CodeTagNotExist && s.custom[tag])
+	}
+	return true
 }
 
 // Check returns the refusal of the first tag of tags that is refused: a
@@ -175,7 +203,7 @@ func (s *Set) Refused(tag string) bool {
 // TTL, and shares it with the other replicas (through Run). Codes other
 // than tag refusals are ignored.
 func (s *Set) Learn(tag string, code int, info string) {
-	if !refusable(code) || !upstream.ValidTag(tag) {
+	if !s.acceptable(tag, code) {
 		return
 	}
 	if !s.add(tag, Refusal{Code: code, Info: clip(info), Until: s.cfg.Now().Add(s.cfg.TTL)}) {
@@ -199,26 +227,57 @@ func clip(info string) string {
 // add stores r for tag unless an entry lasting as long is there or the set
 // is full; it reports whether it stored.
 func (s *Set) add(tag string, r Refusal) bool {
+	return s.addAll(map[string]Refusal{tag: r}) > 0
+}
+
+// addAll stores each refusal of rs unless an entry lasting as long is
+// there or the set is full, in one new map; it returns how many it stored.
+// Expired entries are dropped (and, when shared, queued for removal from
+// the hash).
+func (s *Set) addAll(rs map[string]Refusal) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old := *s.learned.Load()
-	if cur, ok := old[tag]; ok && !cur.Until.Before(r.Until) {
-		return false
-	}
 	now := s.cfg.Now()
-	next := make(map[string]Refusal, len(old)+1)
+	live := 0
+	for _, v := range old {
+		if now.Before(v.Until) {
+			live++
+		}
+	}
+	wanted := 0
+	for t, r := range rs {
+		cur, ok := old[t]
+		switch {
+		case ok && !cur.Until.Before(r.Until):
+		case !(ok && now.Before(cur.Until)) && live+wanted >= s.cfg.Max: // new, and full
+		default:
+			wanted++
+		}
+	}
+	if wanted == 0 {
+		return 0
+	}
+	next := make(map[string]Refusal, live+wanted)
 	for t, v := range old {
 		if now.Before(v.Until) {
 			next[t] = v
+		} else if s.key != "" && len(s.expired) < 2*s.cfg.Max {
+			s.expired = append(s.expired, t, encode(v))
 		}
 	}
-	if _, ok := next[tag]; !ok && len(next) >= s.cfg.Max {
-		return false
+	n := 0
+	for t, r := range rs {
+		cur, ok := next[t]
+		if ok && !cur.Until.Before(r.Until) || !ok && len(next) >= s.cfg.Max {
+			continue
+		}
+		next[t] = r
+		n++
 	}
-	next[tag] = r
 	s.learned.Store(&next)
 	s.m.LearnedTags.Set(float64(len(next)))
-	return true
+	return n
 }
 
 // Learned returns the tags learned and still refused, sorted.
@@ -239,22 +298,20 @@ func encode(r Refusal) string {
 	return strconv.Itoa(r.Code) + "|" + strconv.FormatInt(r.Until.UnixMilli(), 10) + "|" + r.Info
 }
 
-// decode checks an entry read from Redis; the expiry is clamped to TTL
-// from now (an entry from the future is not trusted for longer).
+// decode checks an entry read from Redis: a refusal the upstream cannot
+// give (acceptable) or one expiring later than TTL + Skew from now (no
+// replica writes one: forged) is dropped.
 func (s *Set) decode(tag, v string) (Refusal, bool) {
 	code, rest, ok1 := strings.Cut(v, "|")
 	until, info, ok2 := strings.Cut(rest, "|")
 	c, err1 := strconv.Atoi(code)
 	u, err2 := strconv.ParseInt(until, 10, 64)
-	if !ok1 || !ok2 || err1 != nil || err2 != nil || !refusable(c) || !upstream.ValidTag(tag) {
+	if !ok1 || !ok2 || err1 != nil || err2 != nil || !s.acceptable(tag, c) {
 		return Refusal{}, false
 	}
 	now := s.cfg.Now()
 	r := Refusal{Code: c, Info: clip(info), Until: time.UnixMilli(u)}
-	if lim := now.Add(s.cfg.TTL); r.Until.After(lim) {
-		r.Until = lim
-	}
-	if !now.Before(r.Until) {
+	if !now.Before(r.Until) || r.Until.After(now.Add(s.cfg.TTL+s.cfg.Skew)) {
 		return Refusal{}, false
 	}
 	return r, true
@@ -328,10 +385,17 @@ func (s *Set) share(ctx context.Context, tag string) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
 	defer cancel()
 	v := encode(r)
+	s.mu.Lock()
+	expired := s.expired
+	s.expired = nil
+	s.mu.Unlock()
 	_, err := s.cfg.Client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		p.HSet(ctx, s.key, tag, v)
 		p.PExpire(ctx, s.key, s.cfg.TTL)
 		p.Publish(ctx, s.key, tag+"\x00"+v)
+		if len(expired) > 0 {
+			dropScript.Run(ctx, p, []string{s.key}, toAny(expired)...)
+		}
 		return nil
 	})
 	if err != nil {
@@ -339,19 +403,57 @@ func (s *Set) share(ctx context.Context, tag string) {
 	}
 }
 
-// reload reads every shared entry (after a (re)subscription: announcements
-// may have been missed).
-func (s *Set) reload(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
-	defer cancel()
-	all, err := s.cfg.Client.HGetAll(ctx, s.key).Result()
-	if err != nil {
-		s.m.RedisErrors.WithLabelValues("badtags").Inc()
-		return
+// dropScript removes field/value pairs from a hash, each only if it still
+// holds that value (a newer refusal written since is kept).
+var dropScript = redis.NewScript(`
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return 0
+`)
+
+func toAny(ss []string) []any {
+	out := make([]any, len(ss))
+	for i, v := range ss {
+		out[i] = v
 	}
-	for tag, v := range all {
-		if r, ok := s.decode(tag, v); ok {
-			s.add(tag, r)
+	return out
+}
+
+// reload reads the shared entries (after a (re)subscription: announcements
+// may have been missed): it scans the hash, stops after Max valid entries,
+// stores them in one new map and removes from the hash the entries that
+// are expired or do not decode.
+func (s *Set) reload(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 4*s.cfg.Timeout)
+	defer cancel()
+	found := map[string]Refusal{}
+	var drop []string
+	var cursor uint64
+	for {
+		kv, next, err := s.cfg.Client.HScan(ctx, s.key, cursor, "", 256).Result()
+		if err != nil {
+			s.m.RedisErrors.WithLabelValues("badtags").Inc()
+			break
+		}
+		for i := 0; i+1 < len(kv); i += 2 {
+			if r, ok := s.decode(kv[i], kv[i+1]); ok {
+				if cur, seen := found[kv[i]]; !seen || cur.Until.Before(r.Until) {
+					found[kv[i]] = r
+				}
+			} else if len(drop) < 2*s.cfg.Max {
+				drop = append(drop, kv[i], kv[i+1])
+			}
+		}
+		cursor = next
+		if cursor == 0 || len(found) >= s.cfg.Max {
+			break
 		}
 	}
+	if len(drop) > 0 {
+		if err := dropScript.Run(ctx, s.cfg.Client, []string{s.key}, toAny(drop)...).Err(); err != nil && !errors.Is(err, redis.Nil) {
+			s.m.RedisErrors.WithLabelValues("badtags").Inc()
+		}
+	}
+	s.addAll(found)
 }

@@ -123,26 +123,29 @@ func TestSharedThroughRedis(t *testing.T) {
 
 // TestForgedRedisEntries: entries and announcements that do not decode,
 // carry a code that is not a tag refusal, name no tag, or claim to last
-// past TTL are ignored or clamped.
+// past TTL + skew are ignored.
 func TestForgedRedisEntries(t *testing.T) {
 	srv := redistest.Start(t)
 	c := newClient(t, srv)
 	ctx := context.Background()
 	key := "pp:v2:1400000000:badtags"
 	future := strconv.FormatInt(time.Now().Add(1000*time.Hour).UnixMilli(), 10)
+	soon := strconv.FormatInt(time.Now().Add(30*time.Second).UnixMilli(), 10)
 	c.HSet(ctx, key,
-		"Tag_Profile_Custom_Ok", "40009|"+future+"|tag does not exist",
+		"Tag_Profile_Custom_Ok", "40009|"+soon+"|tag does not exist",
+		"Tag_Profile_Custom_Far", "40009|"+future+"|from the future",
 		"Tag_Profile_Custom_Code", "40006|"+future+"|internal",
 		"Not_A_Tag", "40009|"+future+"|x",
 		"Tag_Profile_Custom_Junk", "garbage",
 		"Tag_Profile_Custom_Past", "40009|1|expired",
-		"Tag_Profile_Custom_Huge", "40007|"+future+"|"+strings.Repeat("y", 1<<20))
+		"Tag_Profile_Custom_Huge", "40007|"+soon+"|"+strings.Repeat("y", 1<<20))
 	s, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, TTL: time.Minute})
 	run(t, s)
 	eventually(t, "the valid entry read", func() bool { return s.Refused("Tag_Profile_Custom_Ok") })
-	c.Publish(ctx, key, "Tag_Profile_Custom_Pub\x0040009|"+future+"|announced")
+	c.Publish(ctx, key, "Tag_Profile_Custom_FarPub\x0040009|"+future+"|announced")
 	c.Publish(ctx, key, "no separator at all")
 	c.Publish(ctx, key, "Tag_Profile_Custom_Bad\x0070009|"+future+"|wrong code")
+	c.Publish(ctx, key, "Tag_Profile_Custom_Pub\x0040009|"+soon+"|announced") // last: read after the others
 	eventually(t, "the valid announcement read", func() bool { return s.Refused("Tag_Profile_Custom_Pub") })
 	got := s.Learned()
 	want := []string{"Tag_Profile_Custom_Huge", "Tag_Profile_Custom_Ok", "Tag_Profile_Custom_Pub"}
@@ -151,7 +154,120 @@ func TestForgedRedisEntries(t *testing.T) {
 	}
 	for _, r := range *s.learned.Load() {
 		if r.Until.After(time.Now().Add(time.Minute+time.Second)) || len(r.Info) > maxInfo {
-			t.Fatalf("entry not clamped: %+v", r)
+			t.Fatalf("entry past TTL or info not clipped: %+v", r)
+		}
+	}
+}
+
+// TestForgedSharedEntriesIgnored: entries an attacker writes to the shared
+// hash that the upstream could never have sent (40009 for a standard tag,
+// 40009 for a configured custom tag) or that last past TTL + skew are
+// ignored; a plausible entry written with them is learned (the hash was
+// read). Learn ignores the same refusals.
+func TestForgedSharedEntriesIgnored(t *testing.T) {
+	srv := redistest.Start(t)
+	c := newClient(t, srv)
+	key := "pp:v2:1400000000:badtags"
+	ms := func(d time.Duration) string { return strconv.FormatInt(time.Now().Add(d).UnixMilli(), 10) }
+	c.HSet(context.Background(), key,
+		"Tag_Profile_IM_Nick", "40009|"+ms(time.Minute)+"|forged",
+		"Tag_Profile_IM_Gender", "40801|"+ms(time.Minute)+"|forged",
+		"Tag_Profile_Custom_Test", "40009|"+ms(time.Minute)+"|forged",
+		"Tag_Profile_Custom_Far", "40007|"+ms(1000*time.Hour)+"|forged",
+		"Tag_Profile_Custom_Real", "40007|"+ms(time.Minute)+"|no permission")
+	s, err := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, Custom: []string{"Tag_Profile_Custom_Test", "Tag_Profile_Custom_Far", "Tag_Profile_Custom_Real"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, s)
+	eventually(t, "the plausible entry learned", func() bool { return s.Refused("Tag_Profile_Custom_Real") })
+	for _, tag := range []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Gender", "Tag_Profile_Custom_Test", "Tag_Profile_Custom_Far"} {
+		if code, info, bad := s.Check([]string{tag}); bad {
+			t.Errorf("forged entry refuses %s: %d %q", tag, code, info)
+		}
+	}
+	s.Learn("Tag_Profile_IM_Nick", 40009, "x")
+	s.Learn("Tag_Profile_Custom_Test", 40009, "x")
+	if got := s.Learned(); len(got) != 1 {
+		t.Errorf("learned %v, want only Tag_Profile_Custom_Real", got)
+	}
+}
+
+// TestSharedHashPruned: refusals that expired are removed from the shared
+// hash (by the next share of the replica that saw them expire), so the
+// hash holds no more fields than live refusals.
+func TestSharedHashPruned(t *testing.T) {
+	srv := redistest.Start(t)
+	s, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, TTL: 300 * time.Millisecond})
+	run(t, s)
+	c := newClient(t, srv)
+	key := "pp:v2:1400000000:badtags"
+	for i, tag := range []string{"Tag_Profile_Custom_A", "Tag_Profile_Custom_B", "Tag_Profile_Custom_C", "Tag_Profile_Custom_D"} {
+		s.Learn(tag, 40009, "x")
+		eventually(t, "shared", func() bool { return c.HExists(context.Background(), key, tag).Val() })
+		if i < 3 {
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	eventually(t, "expired fields removed", func() bool {
+		return c.HLen(context.Background(), key).Val() <= int64(len(s.Learned()))
+	})
+	if c.HExists(context.Background(), key, "Tag_Profile_Custom_A").Val() {
+		t.Fatal("the first, expired refusal is still shared")
+	}
+}
+
+// TestReloadPrunesAndStopsAtMax: a reload keeps at most Max valid entries
+// and removes expired and undecodable fields from the hash; a field
+// rewritten since is kept.
+func TestReloadPrunesAndStopsAtMax(t *testing.T) {
+	srv := redistest.Start(t)
+	c := newClient(t, srv)
+	ctx := context.Background()
+	key := "pp:v2:1400000000:badtags"
+	soon := strconv.FormatInt(time.Now().Add(time.Minute).UnixMilli(), 10)
+	c.HSet(ctx, key, "Tag_Profile_Custom_Old", "40009|1|expired", "Tag_Profile_Custom_Junk", "garbage", "Not_A_Tag", "40009|"+soon+"|x")
+	for _, x := range "ABCDEFGHIJ" {
+		c.HSet(ctx, key, "Tag_Profile_Custom_"+string(x), "40009|"+soon+"|x")
+	}
+	s, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, Max: 4})
+	s.reload(ctx)
+	if n := len(s.Learned()); n != 4 {
+		t.Fatalf("learned %d entries, want Max 4", n)
+	}
+	for _, f := range []string{"Tag_Profile_Custom_Old", "Tag_Profile_Custom_Junk", "Not_A_Tag"} {
+		if c.HExists(ctx, key, f).Val() {
+			t.Errorf("%s not removed from the hash", f)
+		}
+	}
+	if n := c.HLen(ctx, key).Val(); n != 10 {
+		t.Fatalf("hash holds %d fields, want the 10 valid ones", n)
+	}
+}
+
+// BenchmarkReload50k: a reload of a hash holding 50,000 valid-looking
+// entries (an attacker's) on a fresh Set: bounded by Max, not by the hash.
+func BenchmarkReload50k(b *testing.B) {
+	srv := redistest.Start(b)
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer c.Close()
+	ctx := context.Background()
+	key := "pp:v2:1400000000:badtags"
+	until := strconv.FormatInt(time.Now().Add(5*time.Minute).UnixMilli(), 10)
+	args := make([]any, 0, 2000)
+	for i := range 50_000 {
+		name := "Tag_Profile_Custom_" + string(rune('A'+i%26)) + string(rune('A'+i/26%26)) + string(rune('A'+i/676%26)) + string(rune('A'+i/17576%26))
+		args = append(args, name, "40009|"+until+"|forged")
+		if len(args) == cap(args) {
+			c.HSet(ctx, key, args...)
+			args = args[:0]
+		}
+	}
+	for b.Loop() {
+		s, _ := New(Config{Client: c, SDKAppID: 1400000000})
+		s.reload(ctx)
+		if n := len(s.Learned()); n != 1024 {
+			b.Fatalf("learned %d", n)
 		}
 	}
 }

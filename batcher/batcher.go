@@ -702,6 +702,11 @@ func (b *Batcher) take() ([]*entry, formed) {
 		if len(batch) > 0 {
 			return batch, f
 		}
+		if len(f.rest)+len(f.suspect) > 0 { // a probe whose callers left: the others are asked
+			o := b.orphaned(f)
+			b.ready = append([]formed{o}, b.ready...)
+			b.queued += len(o.entries)
+		}
 	}
 	batch := make([]*entry, 0, b.cfg.MaxAccounts)
 	n := 0
@@ -791,6 +796,7 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 			b.blameDefaults(form.blamed)
 		}
 		b.deliver(batch, form, tags, resp, start)
+		b.probed(form)
 		return
 	}
 	var ue *upstream.Error
@@ -810,6 +816,17 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 		e := batch[0]
 		b.deliver(batch, form, tags, &upstream.GetResponse{UserProfileItem: []upstream.UserProfile{{
 			ToAccount: e.account, ProfileItem: []upstream.ProfileItem{}, ResultCode: ue.Code, ResultInfo: ue.Info}}}, start)
+		b.probed(form)
+	case ue != nil && ue.Code == upstream.CodeBadRequest && len(form.rest) > 0 && form.suspect == nil && b.spend(batch, &form, 1, true):
+		// A probe refused alone as its whole batch was: the account or the
+		// tags. Another account alone tells.
+		b.m.UpstreamRetries.WithLabelValues("split").Add(1)
+		b.requeueReady(formed{entries: form.rest[:1:1], rest: form.rest[1:], suspect: batch, suspectErr: ue,
+			bare: form.bare, cause: metrics.IsolateAccount, budget: form.budget})
+	case ue != nil && ue.Code == upstream.CodeBadRequest && (len(form.rest) > 0 || len(form.suspect) > 0):
+		// Two accounts refused alone as their whole batch was: the tags are
+		// the cause.
+		b.refuse(slices.Concat(form.suspect, batch, form.rest), ue, true, false)
 	case ue != nil && isolable(ue.Code):
 		// Something one caller asked for refused the whole call: split until
 		// only the callers who asked for it get the refusal.
@@ -817,8 +834,9 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 		if !b.isolate(batch, form, ue, byTags, byAccounts) {
 			b.refuse(batch, ue, byTags, byAccounts)
 		}
+		b.probed(form)
 	case kind == upstream.KindAuth || kind == upstream.KindRejected:
-		for _, e := range batch {
+		for _, e := range slices.Concat(form.suspect, batch, form.rest) {
 			e.complete(outcome{err: err})
 		}
 	default: // transport, HTTP status, transient codes
@@ -845,10 +863,16 @@ func (b *Batcher) retry(batch []*entry, form formed, err error, reason string) {
 			e.complete(outcome{err: err})
 		}
 	}
-	if len(again) > 0 {
-		b.m.UpstreamRetries.WithLabelValues(reason).Add(float64(len(again)))
-		b.requeueReady(formed{entries: again, bare: form.bare, cause: form.cause, blamed: form.blamed})
+	if len(again) == 0 {
+		if len(form.rest)+len(form.suspect) > 0 {
+			b.requeueReady(b.orphaned(form))
+		}
+		return
 	}
+	b.m.UpstreamRetries.WithLabelValues(reason).Add(float64(len(again)))
+	f := form
+	f.entries = again
+	b.requeueReady(f)
 }
 
 // requeueReady puts formed batches at the front of the ready list.
@@ -957,7 +981,7 @@ func (b *Batcher) failAll(err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for _, bt := range b.ready {
-		for _, e := range bt.entries {
+		for _, e := range slices.Concat(bt.suspect, bt.entries, bt.rest) {
 			e.complete(outcome{err: err})
 		}
 	}

@@ -1,6 +1,7 @@
 package batcher
 
 import (
+	"math/bits"
 	"slices"
 	"strconv"
 	"strings"
@@ -33,7 +34,15 @@ import (
 // costs at most 2·⌈log₂ g⌉ + 2 calls after the refused one (one, without
 // DefaultTags, when g is 1), one offending account among n at most
 // 2·⌈log₂ n⌉: logarithmic in the batch, never a call per caller. Each is
-// counted in isolation_calls_total.
+// counted in isolation_calls_total. A refused batch has a budget of that
+// many calls, shared by all its parts (isolationBudget): many offenders in
+// one batch cannot make it cost more; when it is spent, the parts still
+// refused get the upstream's refusal as it came and are counted in
+// isolation_unresolved_total. A 40001 ("could not unpack": an account or
+// the tags) for a single tag set sends one account alone first, and if it
+// is refused, a second one: both refused, the tags are the cause and every
+// caller gets it at once; one answered, the other accounts are asked and
+// halved as usual (and a first probe refused alone gets its refusal).
 
 // formed is a batch formed before its turn: a retry, or a part of an
 // isolation split.
@@ -44,6 +53,45 @@ type formed struct {
 	// blamed is a refusal that the same batch with DefaultTags got: if the
 	// bare call is answered, a default tag caused it.
 	blamed *upstream.Error
+	// budget is what is left of the isolation calls allowed for the
+	// refused batch this part comes from (shared by all its parts); nil
+	// before a refusal.
+	budget *atomic.Int64
+	// rest, for a probe (one account of a batch refused with 40001 sent
+	// alone), is the batch's other accounts: asked after the probe is
+	// answered (an account caused the refusal), refused with it when the
+	// probe is refused too (its tags did).
+	rest []*entry
+	// suspect, for a second probe, is the first probe, refused alone with
+	// suspectErr: answered, the second probe clears the tags and the
+	// suspect's account is the cause; refused too, the tags are.
+	suspect    []*entry
+	suspectErr *upstream.Error
+}
+
+// isolationBudget is how many isolation calls a refused batch of n
+// accounts and g tag sets may cost: 2·⌈log₂ max(n, g)⌉, and 2 more when a
+// tag may be the cause (the sends without DefaultTags).
+func isolationBudget(n, g int, byTags bool) int64 {
+	k := int64(bits.Len(uint(max(n, g, 1) - 1)))
+	if byTags {
+		return 2*k + 2
+	}
+	return 2 * k
+}
+
+// spend takes k calls from form's budget (made for batch on the first
+// refusal); false when they are not left.
+func (b *Batcher) spend(batch []*entry, form *formed, k int, byTags bool) bool {
+	if form.budget == nil {
+		form.budget = new(atomic.Int64)
+		form.budget.Store(isolationBudget(len(batch), len(groupByTags(batch)), byTags))
+	}
+	if form.budget.Add(int64(-k)) < 0 {
+		form.budget.Add(int64(k))
+		return false
+	}
+	return true
 }
 
 // TagLearner is told of tags the upstream refused, once isolation has
@@ -82,29 +130,94 @@ func (b *Batcher) refused(tag string) bool {
 // isolate queues batch again in two parts to find what caused a refusal:
 // by tag sets (byTags), else by accounts (byAccounts). It returns false
 // when the batch cannot be split further: the cause stands alone.
+// Every part is taken from the refused batch's isolation budget; when it
+// is spent, isolate gives up: it refuses batch with ue (the upstream's
+// refusal as it came), counts the accounts in isolation_unresolved_total
+// and returns true.
 func (b *Batcher) isolate(batch []*entry, form formed, ue *upstream.Error, byTags, byAccounts bool) bool {
+	giveUp := func() bool {
+		b.m.IsolationGaveUp.Add(float64(len(batch)))
+		if ue == nil {
+			return false // nothing refused yet: the caller refuses
+		}
+		b.refuse(batch, ue, false, false)
+		return true
+	}
+	var groups []*tagGroup
+	if byTags && !form.bare && ue != nil {
+		if tag := b.namedDefault(batch, ue); tag != "" {
+			// The upstream named a default tag: learn it now and send the
+			// callers' own tags once more, whatever their tag sets.
+			if !b.spend(batch, &form, 1, byTags) {
+				return giveUp()
+			}
+			if b.cfg.Tags != nil {
+				b.cfg.Tags.Learn(tag, ue.Code, ue.Info)
+			}
+			b.m.UpstreamRetries.WithLabelValues("split").Add(float64(len(batch)))
+			b.requeueReady(formed{entries: batch, bare: true, cause: metrics.IsolateTag, budget: form.budget})
+			return true
+		}
+	}
 	if byTags {
-		if groups := groupByTags(batch); len(groups) > 1 {
+		if groups = groupByTags(batch); len(groups) > 1 {
+			if !b.spend(batch, &form, 2, byTags) {
+				return giveUp()
+			}
 			left, right := halveGroups(groups)
 			b.m.UpstreamRetries.WithLabelValues("split").Add(float64(len(batch)))
-			b.requeueReady(formed{entries: left, bare: true, cause: metrics.IsolateTag},
-				formed{entries: right, bare: true, cause: metrics.IsolateTag})
+			b.requeueReady(formed{entries: left, bare: true, cause: metrics.IsolateTag, budget: form.budget},
+				formed{entries: right, bare: true, cause: metrics.IsolateTag, budget: form.budget})
 			return true
 		}
 		if !form.bare && len(b.cfg.DefaultTags) > 0 {
+			if !b.spend(batch, &form, 1, byTags) {
+				return giveUp()
+			}
 			b.m.UpstreamRetries.WithLabelValues("split").Add(float64(len(batch)))
-			b.requeueReady(formed{entries: batch, bare: true, cause: metrics.IsolateTag, blamed: ue})
+			b.requeueReady(formed{entries: batch, bare: true, cause: metrics.IsolateTag, blamed: ue, budget: form.budget})
 			return true
 		}
 	}
 	if byAccounts && len(batch) > 1 {
+		if byTags && ue != nil && form.budget == nil {
+			// 40001 with one tag set: an account or the tags. One account
+			// alone first; if it is refused too, the tags are the cause.
+			if !b.spend(batch, &form, 1, byTags) {
+				return giveUp()
+			}
+			b.m.UpstreamRetries.WithLabelValues("split").Add(1)
+			b.requeueReady(formed{entries: batch[:1:1], bare: form.bare, cause: metrics.IsolateAccount, budget: form.budget, rest: batch[1:]})
+			return true
+		}
+		if !b.spend(batch, &form, 2, byTags) {
+			return giveUp()
+		}
 		b.m.UpstreamRetries.WithLabelValues("split").Add(float64(len(batch)))
 		half := len(batch) / 2
-		b.requeueReady(formed{entries: batch[:half:half], bare: form.bare, cause: metrics.IsolateAccount},
-			formed{entries: batch[half:], bare: form.bare, cause: metrics.IsolateAccount})
+		b.requeueReady(formed{entries: batch[:half:half], bare: form.bare, cause: metrics.IsolateAccount, budget: form.budget},
+			formed{entries: batch[half:], bare: form.bare, cause: metrics.IsolateAccount, budget: form.budget})
 		return true
 	}
 	return false
+}
+
+// probed settles a probe's rest (see formed.rest) once the probe had an
+// answer other than its refusal: the rest is asked, with the account now
+// blamed.
+func (b *Batcher) probed(form formed) {
+	if len(form.suspect) > 0 {
+		b.refuse(form.suspect, form.suspectErr, false, true)
+	}
+	if len(form.rest) > 0 {
+		b.requeueReady(formed{entries: form.rest, bare: form.bare, cause: metrics.IsolateAccount, budget: form.budget})
+	}
+}
+
+// orphaned asks a probe's suspect and rest again, halved as usual, when
+// the probe's own callers left before it was answered.
+func (b *Batcher) orphaned(form formed) formed {
+	return formed{entries: slices.Concat(form.suspect, form.rest), bare: form.bare, cause: metrics.IsolateAccount, budget: form.budget}
 }
 
 // tagGroup is the callers of a batch who asked for one tag set.
@@ -260,6 +373,37 @@ func isLetter(c byte) bool { return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z'
 
 func mentionsAny(s string, tags []string) bool {
 	return slices.ContainsFunc(tags, func(t string) bool { return containsWord(s, t) })
+}
+
+// namedDefault returns the default tag that the refusal ue names, when it
+// names exactly one tag of the call and that one is a default tag no
+// caller asked for; else "". Not for 40001, which names no tag.
+func (b *Batcher) namedDefault(batch []*entry, ue *upstream.Error) string {
+	if ue.Code == upstream.CodeBadRequest || len(b.cfg.DefaultTags) == 0 {
+		return ""
+	}
+	named := map[string]bool{}
+	for _, t := range b.cfg.DefaultTags {
+		if !b.refused(t) && containsWord(ue.Info, t) {
+			named[t] = true
+		}
+	}
+	if len(named) != 1 {
+		return ""
+	}
+	for _, e := range batch {
+		for _, w := range e.waiters {
+			for _, t := range w.tags {
+				if containsWord(ue.Info, t) {
+					return "" // a caller's own tag is named (or it asked for the default tag)
+				}
+			}
+		}
+	}
+	for t := range named {
+		return t
+	}
+	return ""
 }
 
 // blameDefaults learns the default tag that caused the refusal ue, when

@@ -325,3 +325,179 @@ func TestRejectedAccountRemembered(t *testing.T) {
 		t.Fatalf("%d calls, want 3 (other tags, then past RejectTTL)", n)
 	}
 }
+
+// TestIsolationBudgetBoundsManyRejectedAccounts: a batch of 100 accounts
+// all refused with 60015 costs at most 2·⌈log₂ 100⌉ isolation calls after
+// the refused one; every caller still gets 60015, and the accounts left
+// unresolved are counted.
+func TestIsolationBudgetBoundsManyRejectedAccounts(t *testing.T) {
+	var bad []string
+	for i := range 100 {
+		bad = append(bad, fmt.Sprintf("bad%d", i))
+	}
+	up := &fakeUpstream{fn: picky(nil, bad...)}
+	g := newGate()
+	h := start(t, Config{Upstream: up, Limiter: g})
+	var chans []chan loaded
+	for _, a := range bad {
+		chans = append(chans, loadAsync(h.b, context.Background(), a, "Tag_Profile_IM_Nick"))
+	}
+	h.waitQueued(t, 100)
+	feed(t, g)
+	for _, ch := range chans {
+		var ue *upstream.Error
+		if l := <-ch; !errors.As(l.err, &ue) || ue.Code != 60015 {
+			t.Fatal(l.err)
+		}
+	}
+	if n := len(up.Calls()); n > 1+2*7 {
+		t.Fatalf("100 refused accounts cost %d calls", n)
+	}
+	if n := testutil.ToFloat64(h.m.IsolationGaveUp); n == 0 {
+		t.Fatal("unresolved accounts not counted")
+	}
+}
+
+// TestTagCaused40001ProbedTwice: a 40001 caused by the tag list (not by
+// an account) for 64 accounts is pinned on the tags after two accounts are
+// sent alone and refused: 3 calls, not one per account; every caller gets
+// 40001 with its TagList named.
+func TestTagCaused40001ProbedTwice(t *testing.T) {
+	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+		if len(r.TagList) > 40 {
+			return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 40001, Info: "could not unpack"}
+		}
+		return found(r), nil
+	}}
+	g := newGate()
+	h := start(t, Config{Upstream: up, Limiter: g})
+	var tags []string
+	for j := range 50 {
+		tags = append(tags, fmt.Sprintf("Tag_Profile_Custom_Q%c%c", 'A'+j/26, 'A'+j%26))
+	}
+	var chans []chan loaded
+	for i := range 64 {
+		chans = append(chans, loadAsync(h.b, context.Background(), fmt.Sprintf("u%d", i), tags...))
+	}
+	h.waitQueued(t, 64)
+	feed(t, g)
+	for _, ch := range chans {
+		var ue *upstream.Error
+		if l := <-ch; !errors.As(l.err, &ue) || ue.Code != 40001 || !strings.Contains(ue.Info, "Tag_Profile_Custom_QAA") {
+			t.Fatal(l.err)
+		}
+	}
+	if n := len(up.Calls()); n != 3 {
+		t.Fatalf("tag-caused 40001 for 64 accounts cost %d calls, want 3", n)
+	}
+}
+
+// TestAccountCaused40001ProbeThenHalves: a 40001 caused by one account
+// among 8 (one tag set): the probe account is answered, the rest is
+// halved down to the bad account; the others get their values.
+func TestAccountCaused40001ProbeThenHalves(t *testing.T) {
+	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+		if slices.Contains(r.ToAccount, "u5") {
+			return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 40001, Info: "could not unpack"}
+		}
+		return found(r), nil
+	}}
+	g := newGate()
+	h := start(t, Config{Upstream: up, Limiter: g})
+	var chans []chan loaded
+	for i := range 8 {
+		chans = append(chans, loadAsync(h.b, context.Background(), fmt.Sprintf("u%d", i), "Tag_Profile_IM_Nick"))
+	}
+	h.waitQueued(t, 8)
+	feed(t, g)
+	for i, ch := range chans {
+		l := <-ch
+		var ue *upstream.Error
+		if i == 5 {
+			if !errors.As(l.err, &ue) || ue.Code != 40001 || !strings.Contains(ue.Info, `"u5"`) {
+				t.Fatalf("u5: %v", l.err)
+			}
+		} else if l.err != nil {
+			t.Fatalf("u%d: %v", i, l.err)
+		}
+	}
+	if n := len(up.Calls()); n > 1+1+1+2*3 { // refused, probe, the other 7, halves down to u5
+		t.Fatalf("%d calls", n)
+	}
+}
+
+// TestNamedBadDefaultTagLearnedWithTwoTagSets: a default tag the upstream
+// refuses by name is learned at the first refusal even when the batch
+// holds two tag sets, and costs nothing after: 2 calls in the first round,
+// 1 in each later one.
+func TestNamedBadDefaultTagLearnedWithTwoTagSets(t *testing.T) {
+	up := &fakeUpstream{fn: picky(nil)}
+	g := newGate()
+	tl := &learner{}
+	h := start(t, Config{Upstream: up, Limiter: g, Tags: tl, DefaultTags: []string{"Tag_Profile_Custom_Gone"}})
+	for round := range 3 {
+		a := loadAsync(h.b, context.Background(), fmt.Sprintf("a%d", round), "Tag_Profile_IM_Nick")
+		b := loadAsync(h.b, context.Background(), fmt.Sprintf("b%d", round), "Tag_Profile_IM_Gender")
+		h.waitQueued(t, 2)
+		before := len(up.Calls())
+		stop := make(chan struct{})
+		go func() {
+			for {
+				select {
+				case g.ch <- struct{}{}:
+				case <-stop:
+					return
+				}
+			}
+		}()
+		la, lb := <-a, <-b
+		close(stop)
+		if la.err != nil || lb.err != nil {
+			t.Fatal(la.err, lb.err)
+		}
+		want := 1
+		if round == 0 {
+			want = 2
+		}
+		if n := len(up.Calls()) - before; n != want {
+			t.Fatalf("round %d: %d calls, want %d", round, n, want)
+		}
+	}
+	if !tl.Refused("Tag_Profile_Custom_Gone") {
+		t.Fatal("bad default tag never learned")
+	}
+}
+
+// TestFirstProbeAccountCaused40001: the account sent alone first is the
+// one causing the 40001: a second account alone is answered, so only the
+// first gets 40001 (naming it) and every other caller its values.
+func TestFirstProbeAccountCaused40001(t *testing.T) {
+	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+		if slices.Contains(r.ToAccount, "u0") {
+			return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 40001, Info: "could not unpack"}
+		}
+		return found(r), nil
+	}}
+	g := newGate()
+	h := start(t, Config{Upstream: up, Limiter: g})
+	var chans []chan loaded
+	for i := range 8 {
+		chans = append(chans, loadAsync(h.b, context.Background(), fmt.Sprintf("u%d", i), "Tag_Profile_IM_Nick"))
+		h.waitQueued(t, i+1) // u0 first in the batch
+	}
+	feed(t, g)
+	for i, ch := range chans {
+		l := <-ch
+		var ue *upstream.Error
+		if i == 0 {
+			if !errors.As(l.err, &ue) || ue.Code != 40001 || !strings.Contains(ue.Info, `"u0"`) {
+				t.Fatalf("u0: %v", l.err)
+			}
+		} else if l.err != nil {
+			t.Fatalf("u%d: %v", i, l.err)
+		}
+	}
+	if n := len(up.Calls()); n != 4 { // refused, u0 alone, u1 alone, the other 6
+		t.Fatalf("%d calls", n)
+	}
+}

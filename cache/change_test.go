@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -74,6 +76,9 @@ func randomWrite(rng *rand.Rand, now time.Time, i int) *Record {
 	if rng.IntN(8) == 0 {
 		return &Record{NotFoundCode: 40003, NotFoundInfo: "gone", NotFoundUntil: fresh, NotFoundVer: ver}
 	}
+	if rng.IntN(6) == 0 { // a class's "no data" entry (40807/40809)
+		return noDataRecord(upstream.TagClass(1+rng.IntN(2)), "none", ver, fresh)
+	}
 	rec := &Record{}
 	origin := Origin(rng.IntN(4))
 	var event int64
@@ -83,7 +88,7 @@ func randomWrite(rng *rand.Rand, now time.Time, i int) *Record {
 			event = int64(1_700_000_000_000 + 1_000*rng.IntN(3))
 		}
 	}
-	for _, tag := range []string{nick, "Tag_Profile_IM_Level"} {
+	for _, tag := range []string{nick, "Tag_Profile_IM_Level", customTag} {
 		if rng.IntN(3) == 0 {
 			continue
 		}
@@ -128,7 +133,8 @@ func TestWriteScriptMatchesMerge(t *testing.T) {
 	tr := startTier(t, srv.URL(), 1400000000)
 	rng := rand.New(rand.NewPCG(7, 9))
 	now := time.Now()
-	tags := []string{nick, "Tag_Profile_IM_Level"}
+	tags := []string{nick, "Tag_Profile_IM_Level", customTag}
+	entries := append(slices.Clone(tags), markerStd, markerCustom)
 	// Sequences that random draws rarely make: a callback, a later write of
 	// another origin within the skew, the same callback again.
 	fresh, stale := now.Add(time.Minute).Truncate(time.Millisecond), now.Add(time.Hour).Truncate(time.Millisecond)
@@ -152,6 +158,15 @@ func TestWriteScriptMatchesMerge(t *testing.T) {
 		{neg(e + 1000), tv(FromCallback, e+1500, e+1000, "B")},
 		{neg(e + 1000), tv(FromSet, e+1100, 0, "C")},
 		{neg(e + 1000), tv(FromInvalidate, e+500, 0, "")},
+		// class entries: within the skew of a set (not stored), past it
+		// (stored), then a set of the class (clears it), a fetch sent
+		// before the entry (keeps it).
+		{tv(FromSet, e+100, 0, "A"), noDataRecord(upstream.ClassStandard, "none", e+600, fresh)},
+		{tv(FromSet, e+100, 0, "A"), noDataRecord(upstream.ClassStandard, "none", e+1200, fresh), tv(FromSet, e+1300, 0, "B")},
+		{noDataRecord(upstream.ClassStandard, "none", e+1200, fresh), tv(FromFetch, e+1100, 0, "B")},
+		{noDataRecord(upstream.ClassStandard, "none", e+1200, fresh), tv(FromFetch, e+1300, 0, "B")},
+		{noDataRecord(upstream.ClassCustom, "none", e+1200, fresh), tv(FromSet, e+1300, 0, "B")},
+		{noDataRecord(upstream.ClassStandard, "none", e+1200, fresh), tv(FromCallback, e+1300, e+200, "B")},
 	}
 	for k, seq := range scripted {
 		account := fmt.Sprint("scripted", k)
@@ -164,15 +179,17 @@ func TestWriteScriptMatchesMerge(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d := sameRecord(mem, got[0], tags); d != "" {
+		if d := sameRecord(mem, got[0], entries); d != "" {
 			t.Fatalf("scripted %d: %s", k, d)
 		}
 	}
 	for trial := range 300 {
 		account := fmt.Sprint("acct", trial)
 		var mem *Record
+		var seq []string
 		for i := range 1 + rng.IntN(8) {
 			upd := randomWrite(rng, now, i)
+			seq = append(seq, fmt.Sprintf("%+v", *upd))
 			mem = merge(mem, upd, tr.r.skew)
 			tr.r.flush([]write{{account, upd}})
 		}
@@ -180,8 +197,8 @@ func TestWriteScriptMatchesMerge(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d := sameRecord(mem, got[0], tags); d != "" {
-			t.Fatalf("trial %d: %s", trial, d)
+		if d := sameRecord(mem, got[0], entries); d != "" {
+			t.Fatalf("trial %d: %s\nwrites:\n%s", trial, d, strings.Join(seq, "\n"))
 		}
 	}
 	if n := testutil.ToFloat64(tr.m.RedisDropped); n != 0 {

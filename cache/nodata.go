@@ -2,6 +2,7 @@ package cache
 
 import (
 	"encoding/json"
+	"slices"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/upstream"
@@ -14,13 +15,18 @@ import (
 // tags — "!s" for standard, "!c" for custom — and never as the
 // account-wide negative entry (which only "no such account", 40003, is).
 //
-// A marker is an ordinary fetched, unset entry (so every tier orders it by
-// the rules of supersedes, the Redis script included, unchanged): its Ver is
-// the fetch's send time, its Fresh and Stale are when NegativeTTL ends, and
-// its Value is the upstream's ResultInfo as a JSON string. It answers a tag
-// of its class while it is live and no entry of that class in the record is
-// newer than it (a later value of the class means the account has data of
-// it again). Tags of the other class are never affected.
+// A marker is a fetched, unset entry (every tier orders it against an
+// older marker by the rules of supersedes): its Ver is the fetch's send
+// time, its Fresh and Stale are when NegativeTTL ends, and its Value is the
+// upstream's ResultInfo as a JSON string. As for the account-wide negative
+// entry, merge and the Redis write script keep it true: a marker is stored
+// only if it supersedes every value of its class held (a fetch sent within
+// the clock skew of a set or callback does not hide it), and a value of
+// its class that is written (a fetch, portrait_set, callback or
+// invalidation) removes it unless the marker supersedes that value. It
+// answers a tag of its class while it is live and no value of that class
+// in the record is newer than it. Tags of the other class are never
+// affected.
 
 // Marker entries of the two classes.
 const (
@@ -64,6 +70,46 @@ func readTags(tags []string) []string {
 func noDataRecord(cls upstream.TagClass, info string, ver int64, until time.Time) *Record {
 	v, _ := json.Marshal(info)
 	return &Record{Tags: []TagValue{{Tag: markerOf(cls), Value: v, Origin: FromFetch, Ver: ver, Fresh: until, Stale: until}}}
+}
+
+// entryFits reports whether the class entry m may be stored over r: only
+// if it supersedes every value of its class that r holds (a fetch sent
+// within the clock skew of a set or callback of the class is not proof
+// that the account holds no data of it).
+func (r *Record) entryFits(m *TagValue, skew int64) bool {
+	cls := classOfEntry(m.Tag)
+	for i := range r.Tags {
+		if v := &r.Tags[i]; !isMarker(v.Tag) && upstream.ClassOf(v.Tag) == cls && !supersedes(m, v, skew) {
+			return false
+		}
+	}
+	return true
+}
+
+// clearEntries removes from r (not yet stored) the class entries that do
+// not supersede a value of their class just written to it: a written value
+// of a class means the account holds data of it (as a written tag clears
+// the account-wide negative entry).
+func (r *Record) clearEntries(wrote []TagValue, skew int64) {
+	for _, cls := range []upstream.TagClass{upstream.ClassStandard, upstream.ClassCustom} {
+		m, ok := r.Tag(markerOf(cls))
+		if !ok {
+			continue
+		}
+		for i := range wrote {
+			if upstream.ClassOf(wrote[i].Tag) == cls && !supersedes(&m, &wrote[i], skew) {
+				r.Tags = slices.DeleteFunc(r.Tags, func(x TagValue) bool { return x.Tag == m.Tag })
+				break
+			}
+		}
+	}
+}
+
+func classOfEntry(tag string) upstream.TagClass {
+	if tag == markerStd {
+		return upstream.ClassStandard
+	}
+	return upstream.ClassCustom
 }
 
 // noData returns the live marker of class cls that applies to r, if any.

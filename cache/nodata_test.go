@@ -165,3 +165,82 @@ func TestRedisNoDataPerClass(t *testing.T) {
 		}
 	}
 }
+
+// flipLoader answers 40807 for standard tags until hasStd is set, then
+// the tags unset (the account now holds standard data).
+type flipLoader struct {
+	calls  atomic.Int32
+	hasStd atomic.Bool
+}
+
+func (l *flipLoader) Load(_ context.Context, account string, tags []string) (batcher.Result, error) {
+	l.calls.Add(1)
+	it := upstream.UserProfile{ToAccount: account}
+	if !l.hasStd.Load() && upstream.ClassesOf(tags)&upstream.ClassStandard != 0 {
+		it.ResultCode, it.ResultInfo = 40807, "no standard data"
+	}
+	return batcher.Result{Tags: tags, Item: it, Sent: time.Now()}, nil
+}
+
+// TestNoDataEntryClearedBySetOfItsClass: a portrait_set of a standard tag
+// (through a real Redis) ends the account's "no standard data" entry, so
+// another standard tag is fetched, not answered 40807.
+func TestNoDataEntryClearedBySetOfItsClass(t *testing.T) {
+	srv := redistest.Start(t)
+	tr := startTier(t, srv.URL(), 1)
+	l := &flipLoader{}
+	c, err := New(Config{Loader: l, Remote: tr.r, Metrics: tr.m, NegativeTTL: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	ctx := context.Background()
+	if a := c.Get(ctx, []string{"acct"}, []string{nick})[0]; a.Item.ResultCode != 40807 {
+		t.Fatalf("first lookup: %+v", a)
+	}
+	waitWritten(t, tr, "acct")
+	time.Sleep(5 * time.Millisecond)
+	l.hasStd.Store(true)
+	if err := c.Change(ctx, "acct", []upstream.ProfileItem{{Tag: nick, Value: raw("n")}}, FromSet, 0, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if a := c.Get(ctx, []string{"acct"}, []string{nick})[0]; a.Item.ResultCode != 0 {
+		t.Fatalf("the set nickname: %+v", a.Item)
+	}
+	// Another replica, which only reads Redis, and then this one.
+	tr2 := startTier(t, srv.URL(), 1)
+	c2, err := New(Config{Loader: l, Remote: tr2.r, Metrics: tr2.m, NegativeTTL: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c2.Close)
+	for i, c := range []*Cache{c2, c} {
+		a := c.Get(ctx, []string{"acct"}, []string{"Tag_Profile_IM_Gender"})[0]
+		if a.Item.ResultCode != 0 {
+			t.Fatalf("replica %d: after a portrait_set of a standard tag, another standard tag answered %d %q (source %s)",
+				i, a.Item.ResultCode, a.Item.ResultInfo, a.Source)
+		}
+	}
+}
+
+// TestNoDataEntryWithinSkewOfSetNotStored: a fetch sent within the clock
+// skew after a portrait_set, answered 40807, does not hide the set value.
+func TestNoDataEntryWithinSkewOfSetNotStored(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	until := now.Add(time.Minute)
+	set := TagValue{Tag: nick, Value: raw("n"), Set: true, Origin: FromSet, Ver: 1_000_000, Fresh: until, Stale: until.Add(time.Hour)}
+	skew := int64(time.Second / time.Millisecond)
+	fetch := TagValue{Tag: nick, Origin: FromFetch, Ver: 1_000_500}
+	if supersedes(&fetch, &set, skew) {
+		t.Fatal("premise")
+	}
+	rec := merge(&Record{Tags: []TagValue{set}}, noDataRecord(upstream.ClassStandard, "none", 1_000_500, until), skew)
+	if it := pick("a", rec, []string{nick}, now); it.ResultCode != 0 {
+		t.Fatalf("set Nick hidden by the class entry: %+v", it)
+	}
+	// Past the skew the entry is stored and answers.
+	rec = merge(&Record{Tags: []TagValue{set}}, noDataRecord(upstream.ClassStandard, "none", 1_001_000, until), skew)
+	if it := pick("a", rec, []string{nick}, now); it.ResultCode != 40807 {
+		t.Fatalf("an entry sent past the skew: %+v", it)
+	}
+}

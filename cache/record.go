@@ -208,9 +208,13 @@ func merge(old, upd *Record, skew int64) *Record {
 			copy(out.Tags, old.Tags)
 		}
 	}
+	var wrote []TagValue // values (not class entries) stored
 	for i := range upd.Tags {
 		v := upd.Tags[i]
 		if v.Origin != FromInvalidate && old.NotFoundCode != 0 && v.changedAt() < old.NotFoundVer {
+			continue
+		}
+		if isMarker(v.Tag) && !old.entryFits(&v, skew) {
 			continue
 		}
 		if o, ok := old.Tag(v.Tag); ok {
@@ -227,6 +231,12 @@ func merge(old, upd *Record, skew int64) *Record {
 		clone()
 		out.put(v)
 		out.NotFoundCode, out.NotFoundInfo, out.NotFoundUntil, out.NotFoundVer = 0, "", time.Time{}, 0
+		if !isMarker(v.Tag) {
+			wrote = append(wrote, v)
+		}
+	}
+	if len(wrote) > 0 {
+		out.clearEntries(wrote, skew)
 	}
 	if upd.NotFoundCode != 0 && upd.NotFoundVer >= old.NotFoundVer {
 		neg := TagValue{Origin: FromFetch, Ver: upd.NotFoundVer}

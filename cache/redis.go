@@ -731,8 +731,12 @@ func (r *Redis) queueWrite(ctx context.Context, pipe redis.Pipeliner, account st
 // writeScript writes one account's fields, each only if it supersedes the
 // field stored (the rules of supersedes, on the encoded form). A write
 // that stores a tag clears the negative entry, unless it is known as of a
-// time before that entry (changedAt; an invalidation always clears); a negative entry is stored only if no stored tag is
-// newer, and then replaces every tag (the rules of merge). KEYS: the hash,
+// time before that entry (changedAt; an invalidation always clears); a
+// negative entry is stored only if no stored tag is newer, and then replaces
+// every tag; a class entry ("!s", "!c") is stored only if it supersedes every
+// stored field of its class, and a stored field of a class removes that
+// class's entry unless the entry supersedes it (the rules of merge; the same
+// callback again changes nothing). KEYS: the hash,
 // the claim marker. ARGV: key TTL (ms), clock skew (ms), the negative entry
 // or "", the mode (0: merge; 1: merge and drop the claim marker; 2: only
 // fields the hash already holds, the key's TTL left as it is: it creates
@@ -759,6 +763,33 @@ local function supersedes(u, o)
   if oo == 2 then return ue >= oe end
   return ue > oe and ue + skew > ov
 end
+local function class(f)
+  if f == '!' or f == '!s' or f == '!c' then return nil end
+  if #f == 1 then return 's' end
+  return 'c'
+end
+local function body(s)
+  local i = 14
+  for _ = 1, 2 do
+    while (string.byte(s, i) or 0) >= 128 do i = i + 1 end
+    i = i + 1
+  end
+  return string.sub(s, i)
+end
+local function again(u, o)
+  return o and #o >= 13 and string.byte(u, 1) >= 4 and string.byte(u, 1) < 6 and string.sub(u, 1, 1) == string.sub(o, 1, 1)
+    and string.sub(u, 8, 13) == string.sub(o, 8, 13) and body(u) == body(o)
+end
+local hash = nil
+local function entryFits(f, u)
+  if f ~= '!s' and f ~= '!c' then return true end
+  local c = string.sub(f, 2)
+  hash = hash or redis.call('HGETALL', KEYS[1])
+  for i = 1, #hash, 2 do
+    if class(hash[i]) == c and not supersedes(u, hash[i + 1]) then return false end
+  end
+  return true
+end
 local fields = {}
 for i = 5, #ARGV, 2 do fields[#fields + 1] = ARGV[i] end
 local n = 0
@@ -772,7 +803,7 @@ if #fields > 0 then
     local u, o = ARGV[4 + 2 * j], olds[j]
     local uo = math.floor(string.byte(u, 1) / 2)
     local early = negVer and uo ~= 3 and (uo == 2 and be48(u, 8) or be48(u, 2)) < negVer -- changedAt
-    if not early and (o or not existing) and supersedes(u, o) then
+    if not early and (o or not existing) and supersedes(u, o) and not again(u, o) and entryFits(fields[j], u) then
       if o and #o >= 13 and math.floor(string.byte(u, 1) / 2) ~= 2 and be48(o, 8) > be48(u, 8) then
         u = string.sub(u, 1, 7) .. string.sub(o, 8, 13) .. string.sub(u, 14) -- keep the newest EventTime seen
       end
@@ -784,6 +815,17 @@ if #fields > 0 then
     redis.call('HSET', KEYS[1], unpack(set))
     redis.call('HDEL', KEYS[1], '!')
     n = #set / 2
+    for _, c in ipairs({'s', 'c'}) do
+      local e = redis.call('HGET', KEYS[1], '!' .. c)
+      if e then
+        for k = 1, #set, 2 do
+          if class(set[k]) == c and (#e < 13 or not supersedes(e, set[k + 1])) then
+            redis.call('HDEL', KEYS[1], '!' .. c)
+            break
+          end
+        end
+      end
+    end
   end
 end
 if ARGV[3] ~= '' then

@@ -42,9 +42,10 @@ type Metrics struct {
 	FeedDelay          prometheus.Histogram   // change_feed_delay_seconds
 
 	// Isolation of whole-call refusals caused by one caller (issue 14).
-	IsolationCalls *prometheus.CounterVec // isolation_calls_total{cause}
-	RefusedTags    *prometheus.CounterVec // refused_tag_requests_total{source}
-	LearnedTags    prometheus.Gauge       // learned_bad_tags
+	IsolationCalls  *prometheus.CounterVec // isolation_calls_total{cause}
+	IsolationGaveUp prometheus.Counter     // isolation_unresolved_total
+	RefusedTags     *prometheus.CounterVec // refused_tag_requests_total{source}
+	LearnedTags     prometheus.Gauge       // learned_bad_tags
 	// Forwarded calls and the API listener's TLS (issue 15).
 	Forwarded       *prometheus.CounterVec   // forwarded_requests_total{service,result}
 	ForwardDuration *prometheus.HistogramVec // forwarded_request_duration_seconds{service}
@@ -232,6 +233,8 @@ func New(reg prometheus.Registerer) *Metrics {
 	reg.MustRegister(m.SetRequests, m.Callbacks, m.Changes, m.FeedDelay)
 	m.IsolationCalls = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "isolation_calls_total",
 		Help: "Upstream calls made to isolate a whole-call refusal caused by one caller's request, by cause."}, []string{"cause"})
+	m.IsolationGaveUp = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "isolation_unresolved_total",
+		Help: "Accounts refused with a whole call's refusal because that refusal's isolation budget was spent."})
 	m.RefusedTags = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "refused_tag_requests_total",
 		Help: "Requests answered at once because they ask for a tag known to be refused, by source."}, []string{"source"})
 	m.LearnedTags = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "learned_bad_tags",
@@ -242,7 +245,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.RedisErrors.WithLabelValues("badtags")
 	m.RefusedTags.WithLabelValues(RefusedLearned)
 	m.RefusedTags.WithLabelValues(RefusedConfigured)
-	reg.MustRegister(m.IsolationCalls, m.RefusedTags, m.LearnedTags)
+	reg.MustRegister(m.IsolationCalls, m.IsolationGaveUp, m.RefusedTags, m.LearnedTags)
 	reg.MustRegister(m.BuildInfo, m.Quota, m.Shed, m.RefreshShed, m.CrossReplica, m.LimiterFallback, m.RateFactor, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
 	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
 		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)

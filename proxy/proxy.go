@@ -326,7 +326,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 		return nil, err
 	}
 	if p.badTags, err = badtags.New(badtags.Config{Custom: cfg.CustomTags, TTL: cfg.BadTagTTL, Client: p.rclient,
-		SDKAppID: cfg.SDKAppID, Metrics: p.m}); err != nil {
+		SDKAppID: cfg.SDKAppID, Skew: cfg.ClockSkew, Metrics: p.m}); err != nil {
 		return nil, fmt.Errorf("proxy: -custom-tags: %w", err)
 	}
 	p.batcher, err = batcher.New(batcher.Config{Upstream: client, Limiter: lim, MaxAccounts: cfg.BatchMax, Rate: cfg.Rate, MaxQueue: cfg.MaxQueue,

@@ -167,12 +167,9 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	if *defaultTags != "" {
 		cfg.DefaultTags = strings.Split(*defaultTags, ",")
 	}
-	if *customTags != "" {
-		cfg.CustomTags = []string{}
-		for _, t := range strings.Split(*customTags, ",") {
-			if t = strings.TrimSpace(t); t != "" {
-				cfg.CustomTags = append(cfg.CustomTags, t)
-			}
+	for _, t := range strings.Split(*customTags, ",") { // only separators: none given (learn), not "no custom tag"
+		if t = strings.TrimSpace(t); t != "" {
+			cfg.CustomTags = append(cfg.CustomTags, t)
 		}
 	}
 	return cfg, logLevel, logFormat, nil

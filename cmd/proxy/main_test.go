@@ -193,3 +193,22 @@ func TestSecurityFlagsAndEnv(t *testing.T) {
 		t.Fatalf("from env %+v", cfg)
 	}
 }
+
+// TestCustomTagsOnlySeparatorsMeansLearn: -custom-tags made only of
+// separators and blanks is no list (learn from the upstream), not an empty
+// list that refuses every custom tag with 40009.
+func TestCustomTagsOnlySeparatorsMeansLearn(t *testing.T) {
+	for _, v := range []string{" , ", ",", " "} {
+		cfg, _, _, err := parse([]string{"-custom-tags", v}, func(string) string { return "" }, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.CustomTags != nil {
+			t.Fatalf("-custom-tags %q: CustomTags %#v (non-nil, empty): every custom tag answered 40009", v, cfg.CustomTags)
+		}
+	}
+	cfg, _, _, err := parse([]string{"-custom-tags", " Tag_Profile_Custom_A ,,"}, func(string) string { return "" }, io.Discard)
+	if err != nil || len(cfg.CustomTags) != 1 || cfg.CustomTags[0] != "Tag_Profile_Custom_A" {
+		t.Fatalf("%#v %v", cfg.CustomTags, err)
+	}
+}
