@@ -140,6 +140,29 @@ func (h *harness) waitQueued(t *testing.T, n int) {
 	}
 }
 
+// waitWaiters waits until account's pending entry has n waiters (a Load
+// that joins an account already queued changes no gauge).
+func (h *harness) waitWaiters(t *testing.T, account string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		h.b.mu.Lock()
+		e := h.b.pending[account]
+		got := 0
+		if e != nil {
+			got = len(e.waiters)
+		}
+		h.b.mu.Unlock()
+		if got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s has %d waiters, want %d", account, got, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 type loaded struct {
 	res Result
 	err error

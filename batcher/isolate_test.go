@@ -90,6 +90,8 @@ func TestPoisonedTagIsolated(t *testing.T) {
 	bad := loadAsync(h.b, context.Background(), "u5", "Tag_Profile_IM_Nick", "Tag_Profile_Custom_Nope")
 	okCustom := loadAsync(h.b, context.Background(), "u6", "Tag_Profile_Custom_Test")
 	h.waitQueued(t, 99) // same accounts: still 99 slots
+	h.waitWaiters(t, "u5", 2)
+	h.waitWaiters(t, "u6", 2)
 	feed(t, g)
 	for i, ch := range chans {
 		if l := <-ch; l.err != nil || value(l.res, "Tag_Profile_IM_Nick") != fmt.Sprintf("v-u%d-Tag_Profile_IM_Nick", i) {
