@@ -38,8 +38,8 @@ type Constants struct {
 	CPULocalHit time.Duration // served by the in-process tier
 	CPURedisHit time.Duration // served by the Redis tier
 	CPUCold     time.Duration // fetched upstream (batching, the call's share, write-backs)
-	// CPUForward is per forwarded (non-portrait) call; zero until it is
-	// measured (another issue adds forwarding).
+	// CPUForward is per forwarded (non-portrait) call. The workload has no
+	// forwarded-call rate yet: add forwarded/s × CPUForward to the cores.
 	CPUForward time.Duration
 	// Memory.
 	HeapPerAccount  float64 // bytes of Go heap per account in the in-process tier, one tag
@@ -62,6 +62,7 @@ var Measured = Constants{
 	CPULocalHit:       20 * time.Microsecond,
 	CPURedisHit:       26 * time.Microsecond,
 	CPUCold:           62 * time.Microsecond,
+	CPUForward:        54 * time.Microsecond, // make bench 2026-12-01, forwarded sendmsg
 	HeapPerAccount:    284,
 	HeapPerTag:        141,
 	RedisPerAccount:   217,
