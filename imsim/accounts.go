@@ -105,11 +105,7 @@ func (s *Server) serveOther(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	s.stats.Other++
 	f, b := s.faults, s.behaviour
-	d := f.Latency
-	if f.Jitter > 0 {
-		d += time.Duration(s.rng.Int64N(int64(f.Jitter)))
-	}
-	is502 := f.Fail502 > 0 && s.rng.Float64() < f.Fail502
+	d, is502 := s.drawLocked(f)
 	drop := !is502 && f.Drop > 0 && s.rng.Float64() < f.Drop
 	switch {
 	case is502:

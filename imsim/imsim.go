@@ -396,6 +396,16 @@ func (s *Server) checkQuery(r *http.Request) *upstream.GetResponse {
 	return nil
 }
 
+// drawLocked draws a call's injected latency (with jitter) and whether it
+// fails with a 502, in that order of the random source; s.mu is held.
+func (s *Server) drawLocked(f Faults) (time.Duration, bool) {
+	d := f.Latency
+	if f.Jitter > 0 {
+		d += time.Duration(s.rng.Int64N(int64(f.Jitter)))
+	}
+	return d, f.Fail502 > 0 && s.rng.Float64() < f.Fail502
+}
+
 // portraitGet serves v4/profile/portrait_get. An injected 502 or timeout
 // stands for a gateway failing before the backend: the call is counted as
 // received but not processed.
@@ -405,11 +415,7 @@ func (s *Server) portraitGet(w http.ResponseWriter, r *http.Request) {
 	s.stats.Calls++
 	s.stats.MaxCallsPerSec = max(s.stats.MaxCallsPerSec, s.arrivals.add(now))
 	f, b := s.faults, s.behaviour
-	d := f.Latency
-	if f.Jitter > 0 {
-		d += time.Duration(s.rng.Int64N(int64(f.Jitter)))
-	}
-	is502 := f.Fail502 > 0 && s.rng.Float64() < f.Fail502
+	d, is502 := s.drawLocked(f)
 	isTimeout := !is502 && f.Timeout > 0 && s.rng.Float64() < f.Timeout
 	switch {
 	case is502:
