@@ -47,7 +47,7 @@ BENCHSTAT_VERSION ?= v0.0.0-20260908200009-22c9c6c9d4da
 ## benchstat, then bin/loadgen's scenarios; regenerates docs/benchmarks.md and its plots in docs/bench/
 bench: check-redis
 	CGO_ENABLED=0 $(GO) build -o bin/ ./cmd/...
-	$(GO) test -run '^$$' -bench . -benchmem -count 6 -benchtime 500ms ./usersig/ ./upstream/ ./batcher/ ./cache/ ./proxy/ | tee bin/micro.txt
+	$(GO) test -run '^$$' -bench . -benchmem -count 6 -benchtime 500ms ./usersig/ ./im/ ./batcher/ ./cache/ ./proxy/ | tee bin/micro.txt
 	rm -f bin/benchstat.txt
 	if [ -f docs/bench/micro.txt ]; then \
 	  $(GO) run golang.org/x/perf/cmd/benchstat@$(BENCHSTAT_VERSION) docs/bench/micro.txt bin/micro.txt > bin/benchstat.txt || rm -f bin/benchstat.txt; fi

@@ -46,8 +46,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // Config configures a Set. Every field is optional.
@@ -121,7 +121,7 @@ func New(cfg Config) (*Set, error) {
 	if cfg.Custom != nil {
 		s.custom = map[string]bool{}
 		for _, t := range cfg.Custom {
-			if !upstream.ValidTag(t) || upstream.IsStandardTag(t) {
+			if !im.ValidTag(t) || im.IsStandardTag(t) {
 				return nil, fmt.Errorf("badtags: %q is not a custom tag name (Tag_Profile_Custom_ + 1-8 letters)", t)
 			}
 			s.custom[t] = true
@@ -140,7 +140,7 @@ func New(cfg Config) (*Set, error) {
 // refusable reports whether code is a refusal of a tag that may be learned.
 func refusable(code int) bool {
 	switch code {
-	case upstream.CodeTagNotExist, upstream.CodeTagNoPermission, upstream.CodeInvalidTag:
+	case im.CodeTagNotExist, im.CodeTagNoPermission, im.CodeInvalidTag:
 		return true
 	}
 	return false
@@ -152,11 +152,11 @@ func refusable(code int) bool {
 // "invalid name" for a standard tag, and never "does not exist" for a
 // custom tag the app configured (Custom).
 func (s *Set) acceptable(tag string, code int) bool {
-	if !refusable(code) || !upstream.ValidTag(tag) {
+	if !refusable(code) || !im.ValidTag(tag) {
 		return false
 	}
-	if code == upstream.CodeTagNotExist || code == upstream.CodeInvalidTag {
-		return !upstream.IsStandardTag(tag) && !(code == upstream.CodeTagNotExist && s.custom[tag])
+	if code == im.CodeTagNotExist || code == im.CodeInvalidTag {
+		return !im.IsStandardTag(tag) && !(code == im.CodeTagNotExist && s.custom[tag])
 	}
 	return true
 }
@@ -182,8 +182,8 @@ func (s *Set) check(tags []string) (code int, info, source string) {
 	}
 	now := s.cfg.Now()
 	for _, t := range tags {
-		if s.custom != nil && !s.custom[t] && !upstream.IsStandardTag(t) {
-			return upstream.CodeTagNotExist, "tag does not exist: " + t + " (not one of the app's custom tags, -custom-tags)", metrics.RefusedConfigured
+		if s.custom != nil && !s.custom[t] && !im.IsStandardTag(t) {
+			return im.CodeTagNotExist, "tag does not exist: " + t + " (not one of the app's custom tags, -custom-tags)", metrics.RefusedConfigured
 		}
 		if r, found := learned[t]; found && now.Before(r.Until) {
 			return r.Code, "upstream: " + r.Info, metrics.RefusedLearned

@@ -11,8 +11,8 @@ import (
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/goleak"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -34,7 +34,7 @@ func TestConfiguredCustomTags(t *testing.T) {
 		t.Fatal("configured and standard tags refused")
 	}
 	code, info, bad := s.Check([]string{"Tag_Profile_IM_Nick", "Tag_Profile_Custom_Nope"})
-	if !bad || code != upstream.CodeTagNotExist || !strings.Contains(info, "Tag_Profile_Custom_Nope") {
+	if !bad || code != im.CodeTagNotExist || !strings.Contains(info, "Tag_Profile_Custom_Nope") {
 		t.Fatalf("unconfigured custom tag: %d %q %v", code, info, bad)
 	}
 	if _, err := New(Config{Custom: []string{"Tag_Profile_IM_Nick"}}); err == nil {
@@ -49,8 +49,8 @@ func TestLearnTTLAndBounds(t *testing.T) {
 	clk := &clock{t: time.Unix(1_700_000_000, 0)}
 	s, _ := New(Config{TTL: time.Minute, Max: 3, Now: clk.Now})
 	s.Learn("Tag_Profile_Custom_Nope", 40009, "tag does not exist: Tag_Profile_Custom_Nope")
-	s.Learn("Tag_Profile_Custom_Odd", upstream.CodeInternal, "not a tag refusal") // ignored
-	s.Learn("not a tag", 40009, "x")                                              // ignored
+	s.Learn("Tag_Profile_Custom_Odd", im.CodeInternal, "not a tag refusal") // ignored
+	s.Learn("not a tag", 40009, "x")                                        // ignored
 	code, info, bad := s.Check([]string{"Tag_Profile_IM_Nick", "Tag_Profile_Custom_Nope"})
 	if !bad || code != 40009 || !strings.Contains(info, "Tag_Profile_Custom_Nope") {
 		t.Fatalf("learned tag: %d %q %v", code, info, bad)

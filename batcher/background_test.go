@@ -8,9 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // TestRefreshesYieldToMisses fills the queue with background refreshes
@@ -21,7 +20,7 @@ import (
 // refresh is served as a miss.
 func TestRefreshesYieldToMisses(t *testing.T) {
 	g := newGate()
-	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }},
+	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: g, MaxQueue: 200, Rate: 10})
 	bg := WithBackground(context.Background(), nil)
 	var refreshes []chan loaded
@@ -98,7 +97,7 @@ func TestRefreshesYieldToMisses(t *testing.T) {
 // refresh without a Load of its own (Promote) puts it among the misses.
 func TestPromoteMovesRefreshAhead(t *testing.T) {
 	g := newGate()
-	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }},
+	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: g, MaxAccounts: 2})
 	bg := WithBackground(context.Background(), nil)
 	a := loadAsync(h.b, bg, "a", "Tag_Profile_IM_Nick")

@@ -45,6 +45,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/limiter"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
@@ -52,7 +53,7 @@ import (
 
 // Upstream is the call the batcher makes.
 type Upstream interface {
-	PortraitGet(ctx context.Context, req upstream.GetRequest) (*upstream.GetResponse, error)
+	PortraitGet(ctx context.Context, req im.GetRequest) (*im.GetResponse, error)
 }
 
 // throttler is the optional part of a limiter told when the upstream said
@@ -115,7 +116,7 @@ type Config struct {
 	MaxThrottled int
 	// ThrottleBackoff pauses the limiter after a throttling answer (which
 	// also lowers its rate for a while, see limiter.Cut); after 70050 the
-	// pause is upstream.SigFailureRetryAfter. Zero means 500ms.
+	// pause is im.SigFailureRetryAfter. Zero means 500ms.
 	ThrottleBackoff time.Duration
 	// DrainTimeout bounds the final flush when Run's context ends. Zero
 	// means 5s.
@@ -181,7 +182,7 @@ func deadlineOf(ctx context.Context) (time.Time, bool) {
 // returned, or a non-zero ResultCode) and the TagList that was fetched, so a
 // cache can tell an unset tag from one not asked for.
 type Result struct {
-	Item upstream.UserProfile
+	Item im.UserProfile
 	Tags []string
 	// Sent is when the call that answered was sent: the answer reflects
 	// the upstream's data at Sent or later (the cache orders writes by it).
@@ -281,10 +282,10 @@ func New(cfg Config) (*Batcher, error) {
 		return nil, errors.New("batcher: Config.Upstream and Config.Limiter are required")
 	}
 	if cfg.MaxAccounts == 0 {
-		cfg.MaxAccounts = upstream.MaxAccountsPerCall
+		cfg.MaxAccounts = im.MaxAccountsPerCall
 	}
-	if cfg.MaxAccounts < 0 || cfg.MaxAccounts > upstream.MaxAccountsPerCall {
-		return nil, fmt.Errorf("batcher: MaxAccounts %d not in 1..%d", cfg.MaxAccounts, upstream.MaxAccountsPerCall)
+	if cfg.MaxAccounts < 0 || cfg.MaxAccounts > im.MaxAccountsPerCall {
+		return nil, fmt.Errorf("batcher: MaxAccounts %d not in 1..%d", cfg.MaxAccounts, im.MaxAccountsPerCall)
 	}
 	if cfg.Window == 0 {
 		cfg.Window = 2 * time.Millisecond
@@ -764,13 +765,13 @@ func (b *Batcher) tagsFor(batch []*entry, bare bool) []string {
 func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 	defer b.inflight.Done()
 	tags := b.tagsFor(batch, form.bare)
-	if len(tags) > upstream.MaxTagsPerCall {
+	if len(tags) > im.MaxTagsPerCall {
 		// The callers' tags together are more than one call may carry: send
 		// them in parts (each caller's own list is within the limit).
 		permit.Cancel()
 		if !b.isolate(batch, form, nil, true, false) {
-			b.refuse(batch, &upstream.Error{Kind: upstream.KindRejected, Code: upstream.CodeBadRequest,
-				Info: fmt.Sprintf("TagList has more than %d tags", upstream.MaxTagsPerCall)}, true, false)
+			b.refuse(batch, &upstream.Error{Kind: im.KindRejected, Code: im.CodeBadRequest,
+				Info: fmt.Sprintf("TagList has more than %d tags", im.MaxTagsPerCall)}, true, false)
 		}
 		return
 	}
@@ -786,7 +787,7 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 	// the limiter's window is not held open by our own processing.
 	ctx := httptrace.WithClientTrace(b.callCtx, &httptrace.ClientTrace{GotFirstResponseByte: permit.Done})
 	start := time.Now()
-	resp, err := b.cfg.Upstream.PortraitGet(ctx, upstream.GetRequest{ToAccount: accounts, TagList: tags})
+	resp, err := b.cfg.Upstream.PortraitGet(ctx, im.GetRequest{ToAccount: accounts, TagList: tags})
 	permit.Done() // no answer at all: the call ends with its failure
 	d := int64(time.Since(start))
 	old := b.latency.Load()
@@ -802,28 +803,28 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 	var ue *upstream.Error
 	errors.As(err, &ue)
 	switch kind := upstream.KindOf(err); {
-	case kind == upstream.KindThrottled:
+	case kind == im.KindThrottled:
 		if th, ok := b.cfg.Limiter.(throttler); ok {
 			th.Throttled(upstream.ThrottlePause(err, b.cfg.ThrottleBackoff))
 			b.m.RateFactor.Set(b.factor())
 		}
 		b.retry(batch, form, err, "throttled")
-	case kind == upstream.KindNotFound && len(batch) > 1:
+	case kind == im.KindNotFound && len(batch) > 1:
 		// One bad account failed the whole call: halve until it stands alone.
 		b.isolate(batch, form, ue, false, true)
-	case kind == upstream.KindNotFound:
+	case kind == im.KindNotFound:
 		// The account stands alone: its answer is the refusal, as an item.
 		e := batch[0]
-		b.deliver(batch, form, tags, &upstream.GetResponse{UserProfileItem: []upstream.UserProfile{{
-			ToAccount: e.account, ProfileItem: []upstream.ProfileItem{}, ResultCode: ue.Code, ResultInfo: ue.Info}}}, start)
+		b.deliver(batch, form, tags, &im.GetResponse{UserProfileItem: []im.UserProfile{{
+			ToAccount: e.account, ProfileItem: []im.ProfileItem{}, ResultCode: ue.Code, ResultInfo: ue.Info}}}, start)
 		b.probed(form)
-	case ue != nil && ue.Code == upstream.CodeBadRequest && len(form.rest) > 0 && form.suspect == nil && b.spend(batch, &form, 1, true):
+	case ue != nil && ue.Code == im.CodeBadRequest && len(form.rest) > 0 && form.suspect == nil && b.spend(batch, &form, 1, true):
 		// A probe refused alone as its whole batch was: the account or the
 		// tags. Another account alone tells.
 		b.m.UpstreamRetries.WithLabelValues("split").Add(1)
 		b.requeueReady(formed{entries: form.rest[:1:1], rest: form.rest[1:], suspect: batch, suspectErr: ue,
 			bare: form.bare, cause: metrics.IsolateAccount, budget: form.budget})
-	case ue != nil && ue.Code == upstream.CodeBadRequest && (len(form.rest) > 0 || len(form.suspect) > 0):
+	case ue != nil && ue.Code == im.CodeBadRequest && (len(form.rest) > 0 || len(form.suspect) > 0):
 		// Two accounts refused alone as their whole batch was: the tags are
 		// the cause.
 		b.refuse(slices.Concat(form.suspect, batch, form.rest), ue, true, false)
@@ -835,7 +836,7 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 			b.refuse(batch, ue, byTags, byAccounts)
 		}
 		b.probed(form)
-	case kind == upstream.KindAuth || kind == upstream.KindRejected:
+	case kind == im.KindAuth || kind == im.KindRejected:
 		for _, e := range slices.Concat(form.suspect, batch, form.rest) {
 			e.complete(outcome{err: err})
 		}
@@ -889,10 +890,10 @@ func (b *Batcher) requeueReady(batches ...formed) {
 
 // deliver hands each entry its item. A per-account transient failure is
 // queued again (it rides along with the next batch) while attempts remain.
-func (b *Batcher) deliver(batch []*entry, form formed, tags []string, resp *upstream.GetResponse, sent time.Time) {
+func (b *Batcher) deliver(batch []*entry, form formed, tags []string, resp *im.GetResponse, sent time.Time) {
 	items := resp.UserProfileItem
 	var byAccount map[string]int
-	find := func(i int, account string) (upstream.UserProfile, bool) {
+	find := func(i int, account string) (im.UserProfile, bool) {
 		if i < len(items) && items[i].ToAccount == account {
 			return items[i], true // the usual case: answers in request order
 		}
@@ -904,7 +905,7 @@ func (b *Batcher) deliver(batch []*entry, form formed, tags []string, resp *upst
 		}
 		j, ok := byAccount[account]
 		if !ok {
-			return upstream.UserProfile{}, false
+			return im.UserProfile{}, false
 		}
 		return items[j], true
 	}
@@ -920,20 +921,20 @@ func (b *Batcher) deliver(batch []*entry, form formed, tags []string, resp *upst
 			} else {
 				e.complete(outcome{err: ErrMissing})
 			}
-		case item.ResultCode != 0 && upstream.Classify(item.ResultCode) == upstream.KindTransient:
+		case item.ResultCode != 0 && im.Classify(item.ResultCode) == im.KindTransient:
 			e.attempts++
 			if e.attempts < b.cfg.MaxAttempts && e.live() {
 				again = append(again, e)
 			} else {
 				e.complete(outcome{res: Result{Item: item, Tags: tags, Sent: sent}})
 			}
-		case upstream.NoDataClass(item.ResultCode) != 0:
+		case im.NoDataClass(item.ResultCode) != 0:
 			// "No standard (custom) data" answers the callers who asked for a
 			// tag of that class; the others are asked again without it.
-			cls := upstream.NoDataClass(item.ResultCode)
+			cls := im.NoDataClass(item.ResultCode)
 			res := outcome{res: Result{Item: item, Tags: tags, Sent: sent}}
 			if other := b.unconcerned(e, cls, res); other != nil {
-				if cls == upstream.ClassStandard {
+				if cls == im.ClassStandard {
 					askCustom = append(askCustom, other)
 				} else {
 					askStd = append(askStd, other)

@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/limiter"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
@@ -25,11 +26,11 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // fakeUpstream answers with a function and records every call.
 type fakeUpstream struct {
 	mu    sync.Mutex
-	calls []upstream.GetRequest
-	fn    func(n int, req upstream.GetRequest) (*upstream.GetResponse, error)
+	calls []im.GetRequest
+	fn    func(n int, req im.GetRequest) (*im.GetResponse, error)
 }
 
-func (f *fakeUpstream) PortraitGet(ctx context.Context, req upstream.GetRequest) (*upstream.GetResponse, error) {
+func (f *fakeUpstream) PortraitGet(ctx context.Context, req im.GetRequest) (*im.GetResponse, error) {
 	f.mu.Lock()
 	f.calls = append(f.calls, req)
 	n := len(f.calls)
@@ -37,20 +38,20 @@ func (f *fakeUpstream) PortraitGet(ctx context.Context, req upstream.GetRequest)
 	return f.fn(n, req)
 }
 
-func (f *fakeUpstream) Calls() []upstream.GetRequest {
+func (f *fakeUpstream) Calls() []im.GetRequest {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return slices.Clone(f.calls)
 }
 
 // found answers every account with "v-<account>-<tag>" for every tag.
-func found(req upstream.GetRequest) *upstream.GetResponse {
-	resp := &upstream.GetResponse{ActionStatus: "OK"}
+func found(req im.GetRequest) *im.GetResponse {
+	resp := &im.GetResponse{ActionStatus: "OK"}
 	for _, a := range req.ToAccount {
-		item := upstream.UserProfile{ToAccount: a}
+		item := im.UserProfile{ToAccount: a}
 		for _, t := range req.TagList {
 			v, _ := json.Marshal("v-" + a + "-" + t)
-			item.ProfileItem = append(item.ProfileItem, upstream.ProfileItem{Tag: t, Value: v})
+			item.ProfileItem = append(item.ProfileItem, im.ProfileItem{Tag: t, Value: v})
 		}
 		resp.UserProfileItem = append(resp.UserProfileItem, item)
 	}
@@ -193,7 +194,7 @@ func value(r Result, tag string) string {
 // its own account.
 func TestFillsWhileWaitingForToken(t *testing.T) {
 	g := newGate()
-	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }}, Limiter: g})
+	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }}, Limiter: g})
 	var chans []chan loaded
 	for i := range 250 {
 		chans = append(chans, loadAsync(h.b, context.Background(), fmt.Sprintf("u%d", i), "Tag_Profile_IM_Nick"))
@@ -223,7 +224,7 @@ func TestFillsWhileWaitingForToken(t *testing.T) {
 // slot, and the call fetches the union plus the default tags.
 func TestTagUnion(t *testing.T) {
 	g := newGate()
-	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }},
+	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: g, DefaultTags: []string{"Tag_Profile_IM_Level"}})
 	a := loadAsync(h.b, context.Background(), "u1", "Tag_Profile_IM_Nick")
 	b := loadAsync(h.b, context.Background(), "u1", "Tag_Profile_IM_Gender", "Tag_Profile_IM_Nick")
@@ -248,10 +249,10 @@ func TestTagUnion(t *testing.T) {
 }
 
 func TestWholeCallNotFoundIsolated(t *testing.T) {
-	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+	up := &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) {
 		if slices.Contains(r.ToAccount, "bad") {
-			return &upstream.GetResponse{ActionStatus: "FAIL", ErrorCode: 40003},
-				&upstream.Error{Kind: upstream.KindNotFound, Code: 40003, Info: "account does not exist"}
+			return &im.GetResponse{ActionStatus: "FAIL", ErrorCode: 40003},
+				&upstream.Error{Kind: im.KindNotFound, Code: 40003, Info: "account does not exist"}
 		}
 		return found(r), nil
 	}}
@@ -298,12 +299,12 @@ func TestWholeCallNotFoundIsolated(t *testing.T) {
 }
 
 func TestThrottledRetried(t *testing.T) {
-	up := &fakeUpstream{fn: func(n int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+	up := &fakeUpstream{fn: func(n int, r im.GetRequest) (*im.GetResponse, error) {
 		switch n {
 		case 1:
-			return nil, &upstream.Error{Kind: upstream.KindThrottled, Code: 70050}
+			return nil, &upstream.Error{Kind: im.KindThrottled, Code: 70050}
 		case 2:
-			return nil, &upstream.Error{Kind: upstream.KindThrottled, Code: 60007}
+			return nil, &upstream.Error{Kind: im.KindThrottled, Code: 60007}
 		}
 		return found(r), nil
 	}}
@@ -317,7 +318,7 @@ func TestThrottledRetried(t *testing.T) {
 		t.Fatalf("got %+v %v", l.res, l.err)
 	}
 	// A minute after 70050 (the upstream says so), ThrottleBackoff after 60007.
-	if want := []time.Duration{upstream.SigFailureRetryAfter, 500 * time.Millisecond}; !slices.Equal(g.pauses, want) {
+	if want := []time.Duration{im.SigFailureRetryAfter, 500 * time.Millisecond}; !slices.Equal(g.pauses, want) {
 		t.Fatalf("pauses %v, want %v", g.pauses, want)
 	}
 	if g.backoffs.Load() != 2 {
@@ -340,9 +341,9 @@ func (c cutGate) Factor() float64 { return c.f }
 // includes the pause asked of the limiter (a minute after 70050) and the
 // cut rate, so lookups that cannot be served in time are answered at once.
 func TestAdmitCountsCutAndPause(t *testing.T) {
-	up := &fakeUpstream{fn: func(n int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+	up := &fakeUpstream{fn: func(n int, r im.GetRequest) (*im.GetResponse, error) {
 		if n == 1 {
-			return nil, &upstream.Error{Kind: upstream.KindThrottled, Code: 70050}
+			return nil, &upstream.Error{Kind: im.KindThrottled, Code: 70050}
 		}
 		return found(r), nil
 	}}
@@ -366,7 +367,7 @@ func TestAdmitCountsCutAndPause(t *testing.T) {
 	}
 	// A rate cut to a tenth: 5 calls' worth of queue ahead takes ~0.5s.
 	g2 := cutGate{gate: newGate(), f: 0.1}
-	h2 := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }},
+	h2 := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: g2, Rate: 100, MaxAccounts: 1})
 	for i := range 4 {
 		loadAsync(h2.b, context.Background(), fmt.Sprint("q", i), "Tag_Profile_IM_Nick")
@@ -384,8 +385,8 @@ func TestAdmitCountsCutAndPause(t *testing.T) {
 }
 
 func TestTransientRetriesBounded(t *testing.T) {
-	up := &fakeUpstream{fn: func(int, upstream.GetRequest) (*upstream.GetResponse, error) {
-		return nil, &upstream.Error{Kind: upstream.KindHTTP, Status: 502}
+	up := &fakeUpstream{fn: func(int, im.GetRequest) (*im.GetResponse, error) {
+		return nil, &upstream.Error{Kind: im.KindHTTP, Status: 502}
 	}}
 	h := start(t, Config{Upstream: up, Limiter: open{}, MaxAttempts: 3})
 	_, err := h.b.Load(context.Background(), "u1", []string{"Tag_Profile_IM_Nick"})
@@ -399,11 +400,11 @@ func TestTransientRetriesBounded(t *testing.T) {
 }
 
 func TestAuthErrorNotRetried(t *testing.T) {
-	up := &fakeUpstream{fn: func(int, upstream.GetRequest) (*upstream.GetResponse, error) {
-		return nil, &upstream.Error{Kind: upstream.KindAuth, Code: 70009}
+	up := &fakeUpstream{fn: func(int, im.GetRequest) (*im.GetResponse, error) {
+		return nil, &upstream.Error{Kind: im.KindAuth, Code: 70009}
 	}}
 	h := start(t, Config{Upstream: up, Limiter: open{}})
-	if _, err := h.b.Load(context.Background(), "u1", []string{"Tag_Profile_IM_Nick"}); upstream.KindOf(err) != upstream.KindAuth {
+	if _, err := h.b.Load(context.Background(), "u1", []string{"Tag_Profile_IM_Nick"}); upstream.KindOf(err) != im.KindAuth {
 		t.Fatalf("err = %v", err)
 	}
 	if n := len(up.Calls()); n != 1 {
@@ -412,15 +413,15 @@ func TestAuthErrorNotRetried(t *testing.T) {
 }
 
 func TestPerItemTransientRetried(t *testing.T) {
-	up := &fakeUpstream{fn: func(n int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+	up := &fakeUpstream{fn: func(n int, r im.GetRequest) (*im.GetResponse, error) {
 		resp := found(r)
 		for i := range resp.UserProfileItem {
 			if n == 1 && resp.UserProfileItem[i].ToAccount == "flaky" {
-				resp.UserProfileItem[i] = upstream.UserProfile{ToAccount: "flaky", ResultCode: 40006}
+				resp.UserProfileItem[i] = im.UserProfile{ToAccount: "flaky", ResultCode: 40006}
 				resp.FailAccount = []string{"flaky"}
 			}
 			if resp.UserProfileItem[i].ToAccount == "ghost" {
-				resp.UserProfileItem[i] = upstream.UserProfile{ToAccount: "ghost", ResultCode: 40003}
+				resp.UserProfileItem[i] = im.UserProfile{ToAccount: "ghost", ResultCode: 40003}
 			}
 		}
 		return resp, nil
@@ -452,7 +453,7 @@ func TestPerItemTransientRetried(t *testing.T) {
 // account whose every caller left is not sent.
 func TestCancellation(t *testing.T) {
 	g := newGate()
-	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }}, Limiter: g})
+	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }}, Limiter: g})
 	ctx1, cancel1 := context.WithCancel(context.Background())
 	ctx2, cancel2 := context.WithCancel(context.Background())
 	leaver := loadAsync(h.b, ctx1, "shared", "Tag_Profile_IM_Nick")
@@ -482,7 +483,7 @@ func TestCancellation(t *testing.T) {
 // (under the limiter) and answered; later loads fail with ErrClosed.
 func TestShutdownFlushes(t *testing.T) {
 	g := newGate()
-	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }}, Limiter: g})
+	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }}, Limiter: g})
 	var chans []chan loaded
 	for i := range 150 {
 		chans = append(chans, loadAsync(h.b, context.Background(), fmt.Sprintf("u%d", i), "Tag_Profile_IM_Nick"))
@@ -507,7 +508,7 @@ func TestShutdownFlushes(t *testing.T) {
 // with ErrClosed after DrainTimeout, not left hanging.
 func TestShutdownDrainTimeout(t *testing.T) {
 	g := newGate()
-	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }},
+	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: g, DrainTimeout: 50 * time.Millisecond})
 	ch := loadAsync(h.b, context.Background(), "u1", "Tag_Profile_IM_Nick")
 	h.waitQueued(t, 1)

@@ -6,14 +6,14 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // BenchmarkCoalesce is the batcher's own cost per account: concurrent
 // single-account loads coalesced into calls of up to 100 accounts, against
 // an upstream that answers at once and a limiter that always grants.
 func BenchmarkCoalesce(b *testing.B) {
-	up := &fakeUpstream{fn: func(_ int, req upstream.GetRequest) (*upstream.GetResponse, error) { return found(req), nil }}
+	up := &fakeUpstream{fn: func(_ int, req im.GetRequest) (*im.GetResponse, error) { return found(req), nil }}
 	bt, err := New(Config{Upstream: up, Limiter: open{}, Rate: 1e9})
 	if err != nil {
 		b.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
@@ -113,11 +114,11 @@ func isolable(code int) bool {
 // by: its tags, its accounts, or (40001, "could not unpack") either.
 func blames(code int) (byTags, byAccounts bool) {
 	switch code {
-	case upstream.CodeTagNotExist, upstream.CodeTagNoPermission, upstream.CodeInvalidTag, 40804, 40806:
+	case im.CodeTagNotExist, im.CodeTagNoPermission, im.CodeInvalidTag, 40804, 40806:
 		return true, false
-	case upstream.CodeAccountType, upstream.CodeAccountNotFound, upstream.CodeNotImported:
+	case im.CodeAccountType, im.CodeAccountNotFound, im.CodeNotImported:
 		return false, true
-	case upstream.CodeBadRequest:
+	case im.CodeBadRequest:
 		return true, true
 	}
 	return false, false
@@ -238,7 +239,7 @@ func groupByTags(batch []*entry) []*tagGroup {
 			k := tagKey(w.tags)
 			g := byKey[k]
 			if g == nil {
-				g = &tagGroup{tags: w.tags, custom: upstream.ClassesOf(w.tags)&upstream.ClassCustom != 0, waiters: map[*entry][]*waiter{}}
+				g = &tagGroup{tags: w.tags, custom: im.ClassesOf(w.tags)&im.ClassCustom != 0, waiters: map[*entry][]*waiter{}}
 				byKey[k] = g
 				groups = append(groups, g)
 			}
@@ -311,7 +312,7 @@ func (b *Batcher) refuse(batch []*entry, ue *upstream.Error, byTags, byAccounts 
 				case tag == "" && !mentionsAny(info, w.tags):
 					info += " (TagList " + strings.Join(w.tags, ",") + ")"
 				}
-				if tag != "" && b.cfg.Tags != nil && !learned[tag] && ue.Code != upstream.CodeBadRequest {
+				if tag != "" && b.cfg.Tags != nil && !learned[tag] && ue.Code != im.CodeBadRequest {
 					learned[tag] = true
 					b.cfg.Tags.Learn(tag, ue.Code, info)
 				}
@@ -335,7 +336,7 @@ func (b *Batcher) refuse(batch []*entry, ue *upstream.Error, byTags, byAccounts 
 func culprit(ue *upstream.Error, tags []string) string {
 	var named, candidates []string
 	for _, t := range tags {
-		if ue.Code == upstream.CodeTagNotExist && upstream.IsStandardTag(t) {
+		if ue.Code == im.CodeTagNotExist && im.IsStandardTag(t) {
 			continue
 		}
 		candidates = append(candidates, t)
@@ -379,7 +380,7 @@ func mentionsAny(s string, tags []string) bool {
 // names exactly one tag of the call and that one is a default tag no
 // caller asked for; else "". Not for 40001, which names no tag.
 func (b *Batcher) namedDefault(batch []*entry, ue *upstream.Error) string {
-	if ue.Code == upstream.CodeBadRequest || len(b.cfg.DefaultTags) == 0 {
+	if ue.Code == im.CodeBadRequest || len(b.cfg.DefaultTags) == 0 {
 		return ""
 	}
 	named := map[string]bool{}
@@ -410,7 +411,7 @@ func (b *Batcher) namedDefault(batch []*entry, ue *upstream.Error) string {
 // the callers' own tags were answered without DefaultTags and a single
 // default tag can have caused it.
 func (b *Batcher) blameDefaults(ue *upstream.Error) {
-	if b.cfg.Tags == nil || ue.Code == upstream.CodeBadRequest {
+	if b.cfg.Tags == nil || ue.Code == im.CodeBadRequest {
 		return
 	}
 	if tag := culprit(ue, slices.DeleteFunc(slices.Clone(b.cfg.DefaultTags), b.refused)); tag != "" {
@@ -422,10 +423,10 @@ func (b *Batcher) blameDefaults(ue *upstream.Error) {
 // o concerns (they asked for a tag of that class) and returns an entry for
 // the others, to be asked again without that class — once: after that,
 // every caller gets the answer.
-func (b *Batcher) unconcerned(e *entry, cls upstream.TagClass, o outcome) *entry {
+func (b *Batcher) unconcerned(e *entry, cls im.TagClass, o outcome) *entry {
 	var other []*waiter
 	for _, w := range e.waiters {
-		if e.asked > 0 || upstream.ClassesOf(w.tags)&cls != 0 {
+		if e.asked > 0 || im.ClassesOf(w.tags)&cls != 0 {
 			w.done <- o
 		} else {
 			other = append(other, w)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
@@ -35,16 +36,16 @@ func feed(t *testing.T, g *gate) {
 
 // picky refuses a whole call as the upstream does: 40009 for a custom tag
 // not in custom, 60015 for an account in reject.
-func picky(custom []string, reject ...string) func(int, upstream.GetRequest) (*upstream.GetResponse, error) {
-	return func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+func picky(custom []string, reject ...string) func(int, im.GetRequest) (*im.GetResponse, error) {
+	return func(_ int, r im.GetRequest) (*im.GetResponse, error) {
 		for _, t := range r.TagList {
-			if !upstream.IsStandardTag(t) && !slices.Contains(custom, t) {
-				return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 40009, Info: "tag does not exist: " + t}
+			if !im.IsStandardTag(t) && !slices.Contains(custom, t) {
+				return nil, &upstream.Error{Kind: im.KindRejected, Code: 40009, Info: "tag does not exist: " + t}
 			}
 		}
 		for _, a := range r.ToAccount {
 			if slices.Contains(reject, a) {
-				return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 60015, Info: "account type error"}
+				return nil, &upstream.Error{Kind: im.KindRejected, Code: 60015, Info: "account type error"}
 			}
 		}
 		return found(r), nil
@@ -212,9 +213,9 @@ func TestBadDefaultTagDropped(t *testing.T) {
 // asked only for custom tags is asked again without the standard ones and
 // served, and the caller of standard tags gets 40807.
 func TestNoDataClassConcernsItsCallers(t *testing.T) {
-	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+	up := &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) {
 		resp := found(r)
-		if upstream.ClassesOf(r.TagList)&upstream.ClassStandard != 0 {
+		if im.ClassesOf(r.TagList)&im.ClassStandard != 0 {
 			for i := range resp.UserProfileItem {
 				if it := &resp.UserProfileItem[i]; it.ToAccount == "nostd" {
 					it.ProfileItem, it.ResultCode, it.ResultInfo = nil, 40807, "no standard data"
@@ -251,9 +252,9 @@ func TestNoDataClassConcernsItsCallers(t *testing.T) {
 // TestTagUnionOverLimitSplit: callers whose tags together exceed what one
 // call may carry are sent in parts, none over the limit.
 func TestTagUnionOverLimitSplit(t *testing.T) {
-	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
-		if len(r.TagList) > upstream.MaxTagsPerCall {
-			return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 40001, Info: "too many tags"}
+	up := &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) {
+		if len(r.TagList) > im.MaxTagsPerCall {
+			return nil, &upstream.Error{Kind: im.KindRejected, Code: 40001, Info: "too many tags"}
 		}
 		return found(r), nil
 	}}
@@ -275,7 +276,7 @@ func TestTagUnionOverLimitSplit(t *testing.T) {
 		}
 	}
 	for _, c := range up.Calls() {
-		if len(c.TagList) > upstream.MaxTagsPerCall {
+		if len(c.TagList) > im.MaxTagsPerCall {
 			t.Fatalf("a call carried %d tags", len(c.TagList))
 		}
 	}
@@ -365,9 +366,9 @@ func TestIsolationBudgetBoundsManyRejectedAccounts(t *testing.T) {
 // sent alone and refused: 3 calls, not one per account; every caller gets
 // 40001 with its TagList named.
 func TestTagCaused40001ProbedTwice(t *testing.T) {
-	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+	up := &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) {
 		if len(r.TagList) > 40 {
-			return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 40001, Info: "could not unpack"}
+			return nil, &upstream.Error{Kind: im.KindRejected, Code: 40001, Info: "could not unpack"}
 		}
 		return found(r), nil
 	}}
@@ -398,9 +399,9 @@ func TestTagCaused40001ProbedTwice(t *testing.T) {
 // among 8 (one tag set): the probe account is answered, the rest is
 // halved down to the bad account; the others get their values.
 func TestAccountCaused40001ProbeThenHalves(t *testing.T) {
-	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+	up := &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) {
 		if slices.Contains(r.ToAccount, "u5") {
-			return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 40001, Info: "could not unpack"}
+			return nil, &upstream.Error{Kind: im.KindRejected, Code: 40001, Info: "could not unpack"}
 		}
 		return found(r), nil
 	}}
@@ -474,9 +475,9 @@ func TestNamedBadDefaultTagLearnedWithTwoTagSets(t *testing.T) {
 // one causing the 40001: a second account alone is answered, so only the
 // first gets 40001 (naming it) and every other caller its values.
 func TestFirstProbeAccountCaused40001(t *testing.T) {
-	up := &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) {
+	up := &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) {
 		if slices.Contains(r.ToAccount, "u0") {
-			return nil, &upstream.Error{Kind: upstream.KindRejected, Code: 40001, Info: "could not unpack"}
+			return nil, &upstream.Error{Kind: im.KindRejected, Code: 40001, Info: "could not unpack"}
 		}
 		return found(r), nil
 	}}

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // TestReserveAdmitsRequestsWhole: 100 requests of 10 accounts arrive at
@@ -18,7 +18,7 @@ import (
 // queued yet when they arrive; MaxQueue counts reserved places too.
 func TestReserveAdmitsRequestsWhole(t *testing.T) {
 	g := newGate()
-	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }},
+	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: g, MaxQueue: 1000, Rate: 10})
 	deadline := time.Now().Add(350 * time.Millisecond)
 	var admitted, wouldMiss atomic.Int64

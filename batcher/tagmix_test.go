@@ -7,7 +7,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // TestRandomTagSubsetsFillCalls: 1,000 lookups, each for a random subset
@@ -17,7 +17,7 @@ import (
 func TestRandomTagSubsetsFillCalls(t *testing.T) {
 	four := []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Gender", "Tag_Profile_IM_Image", "Tag_Profile_IM_AllowType"}
 	g := newGate()
-	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r upstream.GetRequest) (*upstream.GetResponse, error) { return found(r), nil }},
+	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: g, MaxQueue: 5000})
 	rnd := rand.New(rand.NewPCG(1, 2))
 	type ask struct {

@@ -32,8 +32,8 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // Loader fetches one account's tags from the upstream; the batcher
@@ -134,7 +134,7 @@ const (
 // set, in the order asked, or a non-zero ResultCode for a per-account
 // failure. Err is set when no answer could be had (Item is then empty).
 type Answer struct {
-	Item   upstream.UserProfile
+	Item   im.UserProfile
 	Err    error
 	Source Source
 }
@@ -611,7 +611,7 @@ func (c *Cache) refresh(account string, tags []string) {
 		ok := false
 		select {
 		case r := <-ch:
-			ok = r.Err == nil && upstream.Classify(r.Val.(batcher.Result).Item.ResultCode) != upstream.KindTransient
+			ok = r.Err == nil && im.Classify(r.Val.(batcher.Result).Item.ResultCode) != im.KindTransient
 		case <-ctx.Done():
 		}
 		c.leave(f)
@@ -631,7 +631,7 @@ func (c *Cache) refresh(account string, tags []string) {
 // older than the one it holds (see supersedes), so changes may arrive late,
 // twice or out of order. The error is the shared tier's: the change is then
 // only here, and other replicas serve the old value until their TTL.
-func (c *Cache) Change(ctx context.Context, account string, items []upstream.ProfileItem, origin Origin, event int64, at time.Time) error {
+func (c *Cache) Change(ctx context.Context, account string, items []im.ProfileItem, origin Origin, event int64, at time.Time) error {
 	now := c.now()
 	fresh, stale := c.deadlines(now)
 	rec := &Record{Tags: make([]TagValue, 0, len(items))}
@@ -806,10 +806,10 @@ func (c *Cache) store(account string, res batcher.Result) {
 func (c *Cache) recordOf(res batcher.Result, now time.Time) *Record {
 	it := res.Item
 	ver := res.Sent.UnixMilli()
-	switch upstream.Classify(it.ResultCode) {
-	case upstream.KindOK:
-	case upstream.KindNotFound:
-		if cls := upstream.NoDataClass(it.ResultCode); cls != 0 {
+	switch im.Classify(it.ResultCode) {
+	case im.KindOK:
+	case im.KindNotFound:
+		if cls := im.NoDataClass(it.ResultCode); cls != 0 {
 			// No data of one tag class: per class, never account-wide.
 			return noDataRecord(cls, it.ResultInfo, ver, now.Add(c.cfg.NegativeTTL))
 		}
@@ -839,11 +839,11 @@ func (c *Cache) answerLoaded(account string, tags []string, r singleflight.Resul
 	}
 	res := r.Val.(batcher.Result)
 	if res.Item.ResultCode != 0 {
-		if upstream.Classify(res.Item.ResultCode) == upstream.KindTransient && known.state(tags, c.now()) == stateStale {
+		if im.Classify(res.Item.ResultCode) == im.KindTransient && known.state(tags, c.now()) == stateStale {
 			c.m.Lookups.WithLabelValues(metrics.LookupStale).Inc()
 			return Answer{Item: pick(account, known, tags, c.now()), Source: SourceStale}
 		}
-		return Answer{Item: upstream.UserProfile{ToAccount: account, ProfileItem: []upstream.ProfileItem{},
+		return Answer{Item: im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{},
 			ResultCode: res.Item.ResultCode, ResultInfo: res.Item.ResultInfo}, Source: SourceUpstream}
 	}
 	return Answer{Item: pickItems(account, res.Item.ProfileItem, tags), Source: SourceUpstream}
@@ -856,29 +856,29 @@ func (c *Cache) failed(account string, tags []string, err error, known *Record) 
 		c.m.Lookups.WithLabelValues(metrics.LookupStale).Inc()
 		return Answer{Item: pick(account, known, tags, c.now()), Source: SourceStale}
 	}
-	return Answer{Item: upstream.UserProfile{ToAccount: account}, Err: err}
+	return Answer{Item: im.UserProfile{ToAccount: account}, Err: err}
 }
 
 // pick builds the item for tags from a record: set tags in the order asked.
-func pick(account string, rec *Record, tags []string, now time.Time) upstream.UserProfile {
+func pick(account string, rec *Record, tags []string, now time.Time) im.UserProfile {
 	if rec.NotFoundCode != 0 && now.Before(rec.NotFoundUntil) {
-		return upstream.UserProfile{ToAccount: account, ProfileItem: []upstream.ProfileItem{}, ResultCode: rec.NotFoundCode, ResultInfo: rec.NotFoundInfo}
+		return im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{}, ResultCode: rec.NotFoundCode, ResultInfo: rec.NotFoundInfo}
 	}
 	if it, ok := rec.noDataItem(account, tags, now); ok {
 		return it
 	}
-	items := make([]upstream.ProfileItem, 0, len(tags))
+	items := make([]im.ProfileItem, 0, len(tags))
 	for _, t := range tags {
 		if v, _ := rec.Tag(t); v.Set {
-			items = append(items, upstream.ProfileItem{Tag: t, Value: v.Value})
+			items = append(items, im.ProfileItem{Tag: t, Value: v.Value})
 		}
 	}
-	return upstream.UserProfile{ToAccount: account, ProfileItem: items}
+	return im.UserProfile{ToAccount: account, ProfileItem: items}
 }
 
 // pickItems builds the item for tags from a fetched item.
-func pickItems(account string, fetched []upstream.ProfileItem, tags []string) upstream.UserProfile {
-	items := make([]upstream.ProfileItem, 0, len(tags))
+func pickItems(account string, fetched []im.ProfileItem, tags []string) im.UserProfile {
+	items := make([]im.ProfileItem, 0, len(tags))
 	for _, t := range tags {
 		for _, p := range fetched {
 			if p.Tag == t {
@@ -887,5 +887,5 @@ func pickItems(account string, fetched []upstream.ProfileItem, tags []string) up
 			}
 		}
 	}
-	return upstream.UserProfile{ToAccount: account, ProfileItem: items}
+	return im.UserProfile{ToAccount: account, ProfileItem: items}
 }

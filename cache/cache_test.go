@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
@@ -46,10 +47,10 @@ func (c *clock) Now() time.Time      { c.mu.Lock(); defer c.mu.Unlock(); return 
 func (c *clock) Add(d time.Duration) { c.mu.Lock(); c.now = c.now.Add(d); c.mu.Unlock() }
 func newClock() *clock               { return &clock{now: time.Unix(1_700_000_000, 0)} }
 func raw(s string) json.RawMessage   { b, _ := json.Marshal(s); return b }
-func item(a string, kv ...string) upstream.UserProfile {
-	it := upstream.UserProfile{ToAccount: a}
+func item(a string, kv ...string) im.UserProfile {
+	it := im.UserProfile{ToAccount: a}
 	for i := 0; i+1 < len(kv); i += 2 {
-		it.ProfileItem = append(it.ProfileItem, upstream.ProfileItem{Tag: kv[i], Value: raw(kv[i+1])})
+		it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: kv[i], Value: raw(kv[i+1])})
 	}
 	return it
 }
@@ -69,12 +70,12 @@ func (f *fakeUpstream) Load(ctx context.Context, account string, tags []string) 
 		return batcher.Result{}, *e
 	}
 	if account == "ghost" {
-		return batcher.Result{Tags: tags, Item: upstream.UserProfile{ToAccount: account, ResultCode: 40003, ResultInfo: "no such account"}}, nil
+		return batcher.Result{Tags: tags, Item: im.UserProfile{ToAccount: account, ResultCode: 40003, ResultInfo: "no such account"}}, nil
 	}
-	it := upstream.UserProfile{ToAccount: account}
+	it := im.UserProfile{ToAccount: account}
 	for _, t := range tags {
 		if t != "Tag_Profile_IM_Location" {
-			it.ProfileItem = append(it.ProfileItem, upstream.ProfileItem{Tag: t, Value: raw(fmt.Sprintf("%s:%s:%d", account, t, f.version.Load()))})
+			it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: t, Value: raw(fmt.Sprintf("%s:%s:%d", account, t, f.version.Load()))})
 		}
 	}
 	return batcher.Result{Tags: tags, Item: it}, nil
@@ -91,7 +92,7 @@ func newCache(t *testing.T, l Loader, clk *clock) (*Cache, *metrics.Metrics) {
 	return c, m
 }
 
-func values(it upstream.UserProfile) []string {
+func values(it im.UserProfile) []string {
 	var out []string
 	for _, p := range it.ProfileItem {
 		var s string
@@ -172,7 +173,7 @@ func TestStaleIfError(t *testing.T) {
 	ctx := context.Background()
 	tags := []string{"Tag_Profile_IM_Nick"}
 	c.Get(ctx, []string{"u1"}, tags)
-	err := error(&upstream.Error{Kind: upstream.KindHTTP, Status: 502})
+	err := error(&upstream.Error{Kind: im.KindHTTP, Status: 502})
 	up.fail.Store(&err)
 	clk.Add(2 * time.Minute)
 	for range 5 {
@@ -225,7 +226,7 @@ func TestTransientNotCached(t *testing.T) {
 	var calls atomic.Int32
 	l := loaderFunc(func(ctx context.Context, a string, tags []string) (batcher.Result, error) {
 		calls.Add(1)
-		return batcher.Result{Tags: tags, Item: upstream.UserProfile{ToAccount: a, ResultCode: 40006}}, nil
+		return batcher.Result{Tags: tags, Item: im.UserProfile{ToAccount: a, ResultCode: 40006}}, nil
 	})
 	c, _ := newCache(t, l, newClock())
 	for range 2 {

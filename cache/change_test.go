@@ -14,9 +14,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 const nick = "Tag_Profile_IM_Nick"
@@ -77,7 +77,7 @@ func randomWrite(rng *rand.Rand, now time.Time, i int) *Record {
 		return &Record{NotFoundCode: 40003, NotFoundInfo: "gone", NotFoundUntil: fresh, NotFoundVer: ver}
 	}
 	if rng.IntN(6) == 0 { // a class's "no data" entry (40807/40809)
-		return noDataRecord(upstream.TagClass(1+rng.IntN(2)), "none", ver, fresh)
+		return noDataRecord(im.TagClass(1+rng.IntN(2)), "none", ver, fresh)
 	}
 	rec := &Record{}
 	origin := Origin(rng.IntN(4))
@@ -161,12 +161,12 @@ func TestWriteScriptMatchesMerge(t *testing.T) {
 		// class entries: within the skew of a set (not stored), past it
 		// (stored), then a set of the class (clears it), a fetch sent
 		// before the entry (keeps it).
-		{tv(FromSet, e+100, 0, "A"), noDataRecord(upstream.ClassStandard, "none", e+600, fresh)},
-		{tv(FromSet, e+100, 0, "A"), noDataRecord(upstream.ClassStandard, "none", e+1200, fresh), tv(FromSet, e+1300, 0, "B")},
-		{noDataRecord(upstream.ClassStandard, "none", e+1200, fresh), tv(FromFetch, e+1100, 0, "B")},
-		{noDataRecord(upstream.ClassStandard, "none", e+1200, fresh), tv(FromFetch, e+1300, 0, "B")},
-		{noDataRecord(upstream.ClassCustom, "none", e+1200, fresh), tv(FromSet, e+1300, 0, "B")},
-		{noDataRecord(upstream.ClassStandard, "none", e+1200, fresh), tv(FromCallback, e+1300, e+200, "B")},
+		{tv(FromSet, e+100, 0, "A"), noDataRecord(im.ClassStandard, "none", e+600, fresh)},
+		{tv(FromSet, e+100, 0, "A"), noDataRecord(im.ClassStandard, "none", e+1200, fresh), tv(FromSet, e+1300, 0, "B")},
+		{noDataRecord(im.ClassStandard, "none", e+1200, fresh), tv(FromFetch, e+1100, 0, "B")},
+		{noDataRecord(im.ClassStandard, "none", e+1200, fresh), tv(FromFetch, e+1300, 0, "B")},
+		{noDataRecord(im.ClassCustom, "none", e+1200, fresh), tv(FromSet, e+1300, 0, "B")},
+		{noDataRecord(im.ClassStandard, "none", e+1200, fresh), tv(FromCallback, e+1300, e+200, "B")},
 	}
 	for k, seq := range scripted {
 		account := fmt.Sprint("scripted", k)
@@ -273,7 +273,7 @@ func TestFetchBeforeChangeLoses(t *testing.T) {
 	go func() { done <- nickOf(t, c, "u1") }()
 	<-g.started // the fetch is out, carrying the old value
 	time.Sleep(2 * time.Millisecond)
-	if err := c.Change(context.Background(), "u1", []upstream.ProfileItem{{Tag: nick, Value: raw("new")}}, FromSet, 0, time.Now()); err != nil {
+	if err := c.Change(context.Background(), "u1", []im.ProfileItem{{Tag: nick, Value: raw("new")}}, FromSet, 0, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	g.release <- "old"
@@ -308,7 +308,7 @@ func TestCallbacksReorderedAndRepeated(t *testing.T) {
 		value string
 	}{{base + 30, "third"}, {base + 10, "first"}, {base + 30, "third"}, {base + 20, "second"}, {base + 10, "first"}}
 	for _, e := range events {
-		if err := c.Change(context.Background(), "u2", []upstream.ProfileItem{{Tag: nick, Value: raw(e.value)}}, FromCallback, e.event, time.Now()); err != nil {
+		if err := c.Change(context.Background(), "u2", []im.ProfileItem{{Tag: nick, Value: raw(e.value)}}, FromCallback, e.event, time.Now()); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -339,7 +339,7 @@ func TestFeedAcrossReplicas(t *testing.T) {
 		t.Fatalf("b fetched %q", got)
 	}
 	waitSubscribed(t, trB, 2)
-	if err := a.Change(context.Background(), "u3", []upstream.ProfileItem{{Tag: nick, Value: raw("changed")}}, FromSet, 0, time.Now()); err != nil {
+	if err := a.Change(context.Background(), "u3", []im.ProfileItem{{Tag: nick, Value: raw("changed")}}, FromSet, 0, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	applied := trB.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
@@ -37,11 +38,11 @@ func TestRepeatedCallbackNeverUndoesLaterSet(t *testing.T) {
 	b, _, trB := newReplica(t, &up, srv.URL())
 	waitSubscribed(t, trB, 2)
 	e := time.Now().UnixMilli()
-	cb := []upstream.ProfileItem{{Tag: nick, Value: raw("A")}}
+	cb := []im.ProfileItem{{Tag: nick, Value: raw("A")}}
 	if err := a.Change(context.Background(), "u9", cb, FromCallback, e, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.Change(context.Background(), "u9", []upstream.ProfileItem{{Tag: nick, Value: raw("B")}}, FromSet, 0, time.Now()); err != nil {
+	if err := a.Change(context.Background(), "u9", []im.ProfileItem{{Tag: nick, Value: raw("B")}}, FromSet, 0, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	// b has heard of A and of the set. (A repeat that reaches b within the
@@ -152,7 +153,7 @@ func TestFeedClaimsBounded(t *testing.T) {
 		t.Fatalf("the feed's claims were kept: %+v", v)
 	}
 	clk.Add(2 * time.Second) // past the clock skew: a real change wins
-	if err := c.Change(context.Background(), "u7", []upstream.ProfileItem{{Tag: nick, Value: raw("real")}}, FromSet, 0, clk.Now()); err != nil {
+	if err := c.Change(context.Background(), "u7", []im.ProfileItem{{Tag: nick, Value: raw("real")}}, FromSet, 0, clk.Now()); err != nil {
 		t.Fatal(err)
 	}
 	if got := nickOf(t, c, "u7"); got != "real" {
@@ -245,7 +246,7 @@ func TestFailedRefreshMarksExpire(t *testing.T) {
 		accounts = append(accounts, "r"+strings.Repeat("x", i))
 	}
 	c.Get(context.Background(), accounts, tags)
-	fail := error(&upstream.Error{Kind: upstream.KindHTTP, Status: 502})
+	fail := error(&upstream.Error{Kind: im.KindHTTP, Status: 502})
 	up.fail.Store(&fail)
 	clk.Add(2 * time.Minute) // stale: every lookup starts a refresh, which fails
 	c.Get(context.Background(), accounts, tags)
@@ -281,7 +282,7 @@ func TestLateFetchAfterEvictionNotReinstated(t *testing.T) {
 	done := make(chan string)
 	go func() { done <- nickOf(t, c, "u1") }()
 	<-g.started
-	if err := c.Change(context.Background(), "u1", []upstream.ProfileItem{{Tag: nick, Value: raw("new")}}, FromSet, 0, time.Now()); err != nil {
+	if err := c.Change(context.Background(), "u1", []im.ProfileItem{{Tag: nick, Value: raw("new")}}, FromSet, 0, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	local.Delete("u1") // evicted

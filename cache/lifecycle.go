@@ -4,8 +4,8 @@ import (
 	"context"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // importTags are the tags an account_import may set (Nick, FaceUrl).
@@ -56,7 +56,7 @@ func (c *Cache) Deleted(ctx context.Context, accounts []string, at time.Time, kn
 	}
 	recs := make([]*Record, len(accounts))
 	for i := range accounts {
-		recs[i] = &Record{NotFoundCode: upstream.CodeAccountNotFound, NotFoundInfo: "account does not exist (deleted)",
+		recs[i] = &Record{NotFoundCode: im.CodeAccountNotFound, NotFoundInfo: "account does not exist (deleted)",
 			NotFoundUntil: until, NotFoundVer: ver}
 	}
 	return c.changeAll(ctx, accounts, recs, now)

@@ -5,8 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // A change older than a known deletion (a change callback for a
@@ -30,13 +30,13 @@ func TestChangeOlderThanDeletionKeepsNotFound(t *testing.T) {
 		waitLocal(t, func() bool { return localB.Get("u1", time.Now()).state([]string{nick}, time.Now()) == stateNotFound })
 		// The change happened 200 ms before the deletion.
 		old := at.Add(-200 * time.Millisecond)
-		if err := b.Change(ctx, "u1", []upstream.ProfileItem{{Tag: nick, Value: raw("before delete")}}, origin, old.UnixMilli(), time.Now().Add(-200*time.Millisecond)); err != nil {
+		if err := b.Change(ctx, "u1", []im.ProfileItem{{Tag: nick, Value: raw("before delete")}}, origin, old.UnixMilli(), time.Now().Add(-200*time.Millisecond)); err != nil {
 			t.Fatal(err)
 		}
 		calls := up.calls.Load()
 		c, _, _ := newReplica(t, &up, srv.URL()) // a fresh replica reads Redis
 		for name, cc := range map[string]*Cache{"b (in-process)": b, "c (Redis)": c} {
-			if ans := cc.Get(ctx, []string{"u1"}, []string{nick}); ans[0].Item.ResultCode != upstream.CodeAccountNotFound {
+			if ans := cc.Get(ctx, []string{"u1"}, []string{nick}); ans[0].Item.ResultCode != im.CodeAccountNotFound {
 				t.Errorf("origin %d, replica %s: deleted account served again: %+v (fetches %d)", origin, name, ans[0].Item, up.calls.Load()-calls)
 			}
 		}

@@ -5,7 +5,7 @@ import (
 	"slices"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // "No data of this class" (issue 14). The upstream answers 40807 for an
@@ -36,30 +36,30 @@ const (
 
 func isMarker(tag string) bool { return tag == markerStd || tag == markerCustom }
 
-func markerOf(cls upstream.TagClass) string {
-	if cls == upstream.ClassStandard {
+func markerOf(cls im.TagClass) string {
+	if cls == im.ClassStandard {
 		return markerStd
 	}
 	return markerCustom
 }
 
-func classCode(cls upstream.TagClass) int {
-	if cls == upstream.ClassStandard {
-		return upstream.CodeNoStdData
+func classCode(cls im.TagClass) int {
+	if cls == im.ClassStandard {
+		return im.CodeNoStdData
 	}
-	return upstream.CodeNoCustomData
+	return im.CodeNoCustomData
 }
 
 // readTags is what a tier reads for tags: tags and the markers of their
 // classes.
 func readTags(tags []string) []string {
-	cls := upstream.ClassesOf(tags)
+	cls := im.ClassesOf(tags)
 	out := make([]string, len(tags), len(tags)+2)
 	copy(out, tags)
-	if cls&upstream.ClassStandard != 0 {
+	if cls&im.ClassStandard != 0 {
 		out = append(out, markerStd)
 	}
-	if cls&upstream.ClassCustom != 0 {
+	if cls&im.ClassCustom != 0 {
 		out = append(out, markerCustom)
 	}
 	return out
@@ -67,7 +67,7 @@ func readTags(tags []string) []string {
 
 // noDataRecord is the record of a fetch sent at ver answered "no data of
 // class cls" (code, info).
-func noDataRecord(cls upstream.TagClass, info string, ver int64, until time.Time) *Record {
+func noDataRecord(cls im.TagClass, info string, ver int64, until time.Time) *Record {
 	v, _ := json.Marshal(info)
 	return &Record{Tags: []TagValue{{Tag: markerOf(cls), Value: v, Origin: FromFetch, Ver: ver, Fresh: until, Stale: until}}}
 }
@@ -79,7 +79,7 @@ func noDataRecord(cls upstream.TagClass, info string, ver int64, until time.Time
 func (r *Record) entryFits(m *TagValue, skew int64) bool {
 	cls := classOfEntry(m.Tag)
 	for i := range r.Tags {
-		if v := &r.Tags[i]; !isMarker(v.Tag) && upstream.ClassOf(v.Tag) == cls && !supersedes(m, v, skew) {
+		if v := &r.Tags[i]; !isMarker(v.Tag) && im.ClassOf(v.Tag) == cls && !supersedes(m, v, skew) {
 			return false
 		}
 	}
@@ -91,13 +91,13 @@ func (r *Record) entryFits(m *TagValue, skew int64) bool {
 // of a class means the account holds data of it (as a written tag clears
 // the account-wide negative entry).
 func (r *Record) clearEntries(wrote []TagValue, skew int64) {
-	for _, cls := range []upstream.TagClass{upstream.ClassStandard, upstream.ClassCustom} {
+	for _, cls := range []im.TagClass{im.ClassStandard, im.ClassCustom} {
 		m, ok := r.Tag(markerOf(cls))
 		if !ok {
 			continue
 		}
 		for i := range wrote {
-			if upstream.ClassOf(wrote[i].Tag) == cls && !supersedes(&m, &wrote[i], skew) {
+			if im.ClassOf(wrote[i].Tag) == cls && !supersedes(&m, &wrote[i], skew) {
 				r.Tags = slices.DeleteFunc(r.Tags, func(x TagValue) bool { return x.Tag == m.Tag })
 				break
 			}
@@ -105,21 +105,21 @@ func (r *Record) clearEntries(wrote []TagValue, skew int64) {
 	}
 }
 
-func classOfEntry(tag string) upstream.TagClass {
+func classOfEntry(tag string) im.TagClass {
 	if tag == markerStd {
-		return upstream.ClassStandard
+		return im.ClassStandard
 	}
-	return upstream.ClassCustom
+	return im.ClassCustom
 }
 
 // noData returns the live marker of class cls that applies to r, if any.
-func (r *Record) noData(cls upstream.TagClass, now time.Time) (TagValue, bool) {
+func (r *Record) noData(cls im.TagClass, now time.Time) (TagValue, bool) {
 	m, ok := r.Tag(markerOf(cls))
 	if !ok || !now.Before(m.Stale) {
 		return TagValue{}, false
 	}
 	for _, v := range r.Tags {
-		if !isMarker(v.Tag) && upstream.ClassOf(v.Tag) == cls && v.Ver > m.Ver {
+		if !isMarker(v.Tag) && im.ClassOf(v.Tag) == cls && v.Ver > m.Ver {
 			return TagValue{}, false
 		}
 	}
@@ -129,21 +129,21 @@ func (r *Record) noData(cls upstream.TagClass, now time.Time) (TagValue, bool) {
 // noDataItem returns the item answering tags when a live marker covers one
 // of them: 40807 if a standard tag is covered (the upstream checks standard
 // data first), else 40809.
-func (r *Record) noDataItem(account string, tags []string, now time.Time) (upstream.UserProfile, bool) {
+func (r *Record) noDataItem(account string, tags []string, now time.Time) (im.UserProfile, bool) {
 	if r == nil {
-		return upstream.UserProfile{}, false
+		return im.UserProfile{}, false
 	}
-	asked := upstream.ClassesOf(tags)
-	for _, cls := range []upstream.TagClass{upstream.ClassStandard, upstream.ClassCustom} {
+	asked := im.ClassesOf(tags)
+	for _, cls := range []im.TagClass{im.ClassStandard, im.ClassCustom} {
 		if asked&cls == 0 {
 			continue
 		}
 		if m, ok := r.noData(cls, now); ok {
 			var info string
 			json.Unmarshal(m.Value, &info)
-			return upstream.UserProfile{ToAccount: account, ProfileItem: []upstream.ProfileItem{},
+			return im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{},
 				ResultCode: classCode(cls), ResultInfo: info}, true
 		}
 	}
-	return upstream.UserProfile{}, false
+	return im.UserProfile{}, false
 }

@@ -8,8 +8,8 @@ import (
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // classLoader plays the upstream's "no data" answers: "nostd" holds no
@@ -19,18 +19,18 @@ type classLoader struct{ calls atomic.Int32 }
 
 func (l *classLoader) Load(_ context.Context, account string, tags []string) (batcher.Result, error) {
 	l.calls.Add(1)
-	it := upstream.UserProfile{ToAccount: account}
-	cls := upstream.ClassesOf(tags)
+	it := im.UserProfile{ToAccount: account}
+	cls := im.ClassesOf(tags)
 	switch {
 	case account == "ghost":
 		it.ResultCode, it.ResultInfo = 40003, "no such account"
-	case account == "nostd" && cls&upstream.ClassStandard != 0:
+	case account == "nostd" && cls&im.ClassStandard != 0:
 		it.ResultCode, it.ResultInfo = 40807, "no standard data"
-	case account == "nocustom" && cls&upstream.ClassCustom != 0:
+	case account == "nocustom" && cls&im.ClassCustom != 0:
 		it.ResultCode, it.ResultInfo = 40809, "no custom data"
 	default:
 		for _, t := range tags {
-			it.ProfileItem = append(it.ProfileItem, upstream.ProfileItem{Tag: t, Value: raw(t)})
+			it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: t, Value: raw(t)})
 		}
 	}
 	return batcher.Result{Tags: tags, Item: it, Sent: time.Now()}, nil
@@ -96,7 +96,7 @@ func TestNoDataMarkerOrdering(t *testing.T) {
 		markerVer int64
 		code      int
 	}{{100, 0}, {300, 40807}} {
-		rec := merge(&Record{Tags: []TagValue{val}}, noDataRecord(upstream.ClassStandard, "none", tc.markerVer, until), int64(time.Second/time.Millisecond))
+		rec := merge(&Record{Tags: []TagValue{val}}, noDataRecord(im.ClassStandard, "none", tc.markerVer, until), int64(time.Second/time.Millisecond))
 		it := pick("a", rec, []string{nick}, now)
 		if it.ResultCode != tc.code {
 			t.Fatalf("marker ver %d over value ver 200: %+v", tc.markerVer, it)
@@ -175,8 +175,8 @@ type flipLoader struct {
 
 func (l *flipLoader) Load(_ context.Context, account string, tags []string) (batcher.Result, error) {
 	l.calls.Add(1)
-	it := upstream.UserProfile{ToAccount: account}
-	if !l.hasStd.Load() && upstream.ClassesOf(tags)&upstream.ClassStandard != 0 {
+	it := im.UserProfile{ToAccount: account}
+	if !l.hasStd.Load() && im.ClassesOf(tags)&im.ClassStandard != 0 {
 		it.ResultCode, it.ResultInfo = 40807, "no standard data"
 	}
 	return batcher.Result{Tags: tags, Item: it, Sent: time.Now()}, nil
@@ -201,7 +201,7 @@ func TestNoDataEntryClearedBySetOfItsClass(t *testing.T) {
 	waitWritten(t, tr, "acct")
 	time.Sleep(5 * time.Millisecond)
 	l.hasStd.Store(true)
-	if err := c.Change(ctx, "acct", []upstream.ProfileItem{{Tag: nick, Value: raw("n")}}, FromSet, 0, time.Now()); err != nil {
+	if err := c.Change(ctx, "acct", []im.ProfileItem{{Tag: nick, Value: raw("n")}}, FromSet, 0, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	if a := c.Get(ctx, []string{"acct"}, []string{nick})[0]; a.Item.ResultCode != 0 {
@@ -234,12 +234,12 @@ func TestNoDataEntryWithinSkewOfSetNotStored(t *testing.T) {
 	if supersedes(&fetch, &set, skew) {
 		t.Fatal("premise")
 	}
-	rec := merge(&Record{Tags: []TagValue{set}}, noDataRecord(upstream.ClassStandard, "none", 1_000_500, until), skew)
+	rec := merge(&Record{Tags: []TagValue{set}}, noDataRecord(im.ClassStandard, "none", 1_000_500, until), skew)
 	if it := pick("a", rec, []string{nick}, now); it.ResultCode != 0 {
 		t.Fatalf("set Nick hidden by the class entry: %+v", it)
 	}
 	// Past the skew the entry is stored and answers.
-	rec = merge(&Record{Tags: []TagValue{set}}, noDataRecord(upstream.ClassStandard, "none", 1_001_000, until), skew)
+	rec = merge(&Record{Tags: []TagValue{set}}, noDataRecord(im.ClassStandard, "none", 1_001_000, until), skew)
 	if it := pick("a", rec, []string{nick}, now); it.ResultCode != 40807 {
 		t.Fatalf("an entry sent past the skew: %+v", it)
 	}

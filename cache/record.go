@@ -6,7 +6,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // TagValue is one cached account+tag. Set is false for a tag the upstream
@@ -126,7 +126,7 @@ func intern(tag string) string {
 
 var internedTags = func() map[string]string {
 	m := map[string]string{}
-	for _, t := range upstream.StandardTags {
+	for _, t := range im.StandardTags {
 		m[t] = t
 	}
 	return m
@@ -152,12 +152,12 @@ func (r *Record) state(tags []string, now time.Time) state {
 	st := stateFresh
 	var std, custom bool // a "no data" marker of the class applies (see nodata.go)
 	if r.hasMarker() {
-		_, std = r.noData(upstream.ClassStandard, now)
-		_, custom = r.noData(upstream.ClassCustom, now)
+		_, std = r.noData(im.ClassStandard, now)
+		_, custom = r.noData(im.ClassCustom, now)
 	}
 	covered := false
 	for _, t := range tags {
-		if std && upstream.IsStandardTag(t) || custom && !upstream.IsStandardTag(t) {
+		if std && im.IsStandardTag(t) || custom && !im.IsStandardTag(t) {
 			covered = true
 			continue
 		}

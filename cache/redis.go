@@ -21,8 +21,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // Redis is the shared tier: one Redis hash per account, keyed by SDKAppID
@@ -860,7 +860,7 @@ const negField = "!"
 
 var standardField = func() map[string]string {
 	m := map[string]string{}
-	for i, t := range upstream.StandardTags {
+	for i, t := range im.StandardTags {
 		m[t] = string(rune('a' + i))
 	}
 	return m

@@ -10,9 +10,9 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // footprintTags are added one by one: the emulator's values for them are
@@ -23,10 +23,10 @@ func footprintRecords(c *cache.Cache, n int, tags []string, now time.Time) []*ca
 	recs := make([]*cache.Record, n)
 	for i := range recs {
 		a := imsim.AccountName(i)
-		it := upstream.UserProfile{ToAccount: a}
+		it := im.UserProfile{ToAccount: a}
 		for _, t := range tags {
 			v, _ := imsim.SeededValue(a, t)
-			it.ProfileItem = append(it.ProfileItem, upstream.ProfileItem{Tag: t, Value: v})
+			it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: t, Value: v})
 		}
 		recs[i] = c.Fetched(batcher.Result{Item: it, Tags: tags, Sent: now}, now)
 	}

@@ -14,8 +14,8 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/limiter"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // TagSet is one kind of lookup in the tag mix: the tags it asks for and
@@ -189,7 +189,7 @@ func batchConfig(w Workload) (batcher.Config, error) {
 
 type noUpstream struct{}
 
-func (noUpstream) PortraitGet(context.Context, upstream.GetRequest) (*upstream.GetResponse, error) {
+func (noUpstream) PortraitGet(context.Context, im.GetRequest) (*im.GetResponse, error) {
 	return nil, errors.New("capacity: no upstream")
 }
 
@@ -776,13 +776,13 @@ func (s *sim) fetched(i, j int) {
 	key := int64(i)*int64(s.w.Replicas) + int64(j)
 	f := s.flight[key]
 	delete(s.flight, key)
-	it := upstream.UserProfile{ToAccount: a.id}
+	it := im.UserProfile{ToAccount: a.id}
 	if a.exists {
 		for _, t := range f.tags {
-			it.ProfileItem = append(it.ProfileItem, upstream.ProfileItem{Tag: t, Value: json.RawMessage(`"v"`)})
+			it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: t, Value: json.RawMessage(`"v"`)})
 		}
 	} else {
-		it.ResultCode, it.ResultInfo = upstream.CodeAccountNotFound, "account not found"
+		it.ResultCode, it.ResultInfo = im.CodeAccountNotFound, "account not found"
 	}
 	now := s.at(s.now)
 	rec := s.caches[j].Fetched(batcher.Result{Item: it, Tags: f.tags, Sent: s.at(f.sent)}, now)
@@ -807,7 +807,7 @@ func (s *sim) changed(i int) {
 	tag := s.union[0]
 	if a.exists {
 		if s.w.ChangeMode == ChangeApply {
-			s.caches[j].Change(context.Background(), a.id, []upstream.ProfileItem{{Tag: tag, Value: json.RawMessage(`"changed"`)}},
+			s.caches[j].Change(context.Background(), a.id, []im.ProfileItem{{Tag: tag, Value: json.RawMessage(`"changed"`)}},
 				cache.FromCallback, now.UnixMilli(), now)
 		} else {
 			s.caches[j].Invalidate(context.Background(), a.id, []string{tag}, cache.FromCallback, now)

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
@@ -205,10 +206,10 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	switch {
 	case !ok || r.URL.RawPath != "":
-		reject(upstream.CodeHTTPParse, "no such API: "+strconv.Quote(r.URL.Path))
+		reject(im.CodeHTTPParse, "no such API: "+strconv.Quote(r.URL.Path))
 		return
 	case r.Method != http.MethodPost:
-		reject(upstream.CodeHTTPParse, "the IM REST API takes POST, not "+r.Method)
+		reject(im.CodeHTTPParse, "the IM REST API takes POST, not "+r.Method)
 		return
 	}
 	if e := f.h.verifyQuery(r, false); e != nil {
@@ -216,7 +217,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.ContentLength > f.cfg.MaxBodyBytes {
-		reject(upstream.CodeBadRequest, "request body larger than "+strconv.FormatInt(f.cfg.MaxBodyBytes, 10)+" bytes")
+		reject(im.CodeBadRequest, "request body larger than "+strconv.FormatInt(f.cfg.MaxBodyBytes, 10)+" bytes")
 		return
 	}
 	// Only the account calls are read here (their bodies are small); every
@@ -231,9 +232,9 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			var tooBig *http.MaxBytesError
 			if errors.As(err, &tooBig) {
-				reject(upstream.CodeBadRequest, "account call body larger than "+strconv.FormatInt(tooBig.Limit, 10)+" bytes")
+				reject(im.CodeBadRequest, "account call body larger than "+strconv.FormatInt(tooBig.Limit, 10)+" bytes")
 			} else {
-				reject(upstream.CodeHTTPParse, "reading request body failed")
+				reject(im.CodeHTTPParse, "reading request body failed")
 			}
 			return
 		}
@@ -334,16 +335,16 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 	var tooBig *http.MaxBytesError
 	switch {
 	case errors.As(err, &tooBig):
-		code, info, result = upstream.CodeBadRequest,
+		code, info, result = im.CodeBadRequest,
 			"request body larger than "+strconv.FormatInt(tooBig.Limit, 10)+" bytes: the call was cut off and not completed", metrics.ForwardRejected
 	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
-		code, info, result = upstream.CodeInternalTimeout,
+		code, info, result = im.CodeInternalTimeout,
 			"upstream did not answer within "+f.cfg.Timeout.String()+"; the call was not retried and may have been applied", metrics.ForwardTimeout
 	case errors.As(err, &op) && op.Op == "dial":
-		code, _ = ErrorCode(&upstream.Error{Kind: upstream.KindTransport, Err: err})
+		code, _ = ErrorCode(&upstream.Error{Kind: im.KindTransport, Err: err})
 		info, result = "upstream unreachable (could not connect): the call was not sent", metrics.ForwardUnreachable
 	default:
-		code, _ = ErrorCode(&upstream.Error{Kind: upstream.KindTransport, Err: err})
+		code, _ = ErrorCode(&upstream.Error{Kind: im.KindTransport, Err: err})
 		info, result = "upstream closed the connection without an answer: the call was not retried and may have been applied", metrics.ForwardUnreachable
 	}
 	if sw != nil {

@@ -29,6 +29,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
@@ -127,7 +128,7 @@ func New(cfg Config) (*Handler, error) {
 		return nil, errors.New("httpapi: Config.Key is required to verify callers' UserSigs")
 	}
 	if cfg.Identifier == "" {
-		cfg.Identifier = "administrator"
+		cfg.Identifier = im.DefaultAdministrator
 	}
 	if cfg.MaxBodyBytes <= 0 {
 		cfg.MaxBodyBytes = 1 << 20
@@ -158,12 +159,12 @@ func New(cfg Config) (*Handler, error) {
 		lookupsFound: cfg.Metrics.Lookups.WithLabelValues(metrics.LookupFound),
 		unsigned:     rate.NewLimiter(rate.Limit(cfg.CallbackUnsignedRate), max(1, int(cfg.CallbackUnsignedRate)))}
 	h.mux = http.NewServeMux()
-	h.mux.HandleFunc(upstream.PathGet, h.portraitGet)
+	h.mux.HandleFunc(im.PathGet, h.portraitGet)
 	if cfg.Setter != nil && cfg.Changer != nil {
-		h.mux.HandleFunc(upstream.PathSet, h.portraitSet)
+		h.mux.HandleFunc(im.PathSet, h.portraitSet)
 	}
 	if cfg.Changer != nil && cfg.CallbackPath != "" {
-		if !strings.HasPrefix(cfg.CallbackPath, "/") || cfg.CallbackPath == upstream.PathGet || cfg.CallbackPath == upstream.PathSet {
+		if !strings.HasPrefix(cfg.CallbackPath, "/") || cfg.CallbackPath == im.PathGet || cfg.CallbackPath == im.PathSet {
 			return nil, fmt.Errorf("httpapi: callback path %q must start with / and not be an API path", cfg.CallbackPath)
 		}
 		h.mux.HandleFunc(cfg.CallbackPath, h.callback)
@@ -194,8 +195,8 @@ func (h *Handler) noSuchAPI(w http.ResponseWriter, path string) {
 		status = http.StatusOK
 		h.m.Forwarded.WithLabelValues(metrics.ServiceOther, metrics.ForwardRejected).Inc()
 	}
-	h.write(w, status, &upstream.GetResponse{ActionStatus: upstream.StatusFail,
-		ErrorCode: upstream.CodeHTTPParse, ErrorInfo: "no such API: " + strconv.Quote(path)})
+	h.write(w, status, &im.GetResponse{ActionStatus: im.StatusFail,
+		ErrorCode: im.CodeHTTPParse, ErrorInfo: "no such API: " + strconv.Quote(path)})
 }
 
 // ServeHTTP routes on the canonical path: doubled slashes are one and a
@@ -247,7 +248,7 @@ func canonicalPath(p string) (string, bool) {
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
 
-func (h *Handler) write(w http.ResponseWriter, status int, resp *upstream.GetResponse) {
+func (h *Handler) write(w http.ResponseWriter, status int, resp *im.GetResponse) {
 	bp := bufPool.Get().(*[]byte)
 	b := resp.AppendJSON((*bp)[:0])
 	w.Header().Set("Content-Type", "application/json")
@@ -260,8 +261,8 @@ func (h *Handler) write(w http.ResponseWriter, status int, resp *upstream.GetRes
 	}
 }
 
-func fail(code int, info string) *upstream.GetResponse {
-	return &upstream.GetResponse{ActionStatus: upstream.StatusFail, ErrorCode: code, ErrorInfo: info}
+func fail(code int, info string) *im.GetResponse {
+	return &im.GetResponse{ActionStatus: im.StatusFail, ErrorCode: code, ErrorInfo: info}
 }
 
 // request is the body as the upstream reads it.
@@ -279,45 +280,45 @@ type rawRequest struct {
 // decode parses and checks a body, returning an error envelope for a
 // caller mistake. The common case is one Unmarshal into strings; only a
 // body that fails it is decoded again, raw, to find the upstream's code.
-func decode(raw []byte, maxAccounts int) (accounts, tags []string, e *upstream.GetResponse) {
+func decode(raw []byte, maxAccounts int) (accounts, tags []string, e *im.GetResponse) {
 	var req request
 	if err := json.Unmarshal(raw, &req); err != nil {
 		var syntax *json.SyntaxError
 		if errors.As(err, &syntax) || errors.Is(err, io.ErrUnexpectedEOF) || len(raw) == 0 {
-			return nil, nil, fail(upstream.CodeJSONParse, "request body is not valid JSON")
+			return nil, nil, fail(im.CodeJSONParse, "request body is not valid JSON")
 		}
 		var rr rawRequest
 		if json.Unmarshal(raw, &rr) != nil {
-			return nil, nil, fail(upstream.CodeBadRequest, "request body does not match {To_Account:[string],TagList:[string]}")
+			return nil, nil, fail(im.CodeBadRequest, "request body does not match {To_Account:[string],TagList:[string]}")
 		}
 		for _, a := range rr.ToAccount {
 			var s string
 			if json.Unmarshal(a, &s) != nil {
-				return nil, nil, fail(upstream.CodeAccountType, "To_Account holds a value that is not a string")
+				return nil, nil, fail(im.CodeAccountType, "To_Account holds a value that is not a string")
 			}
 		}
-		return nil, nil, fail(upstream.CodeBadRequest, "TagList holds a value that is not a string")
+		return nil, nil, fail(im.CodeBadRequest, "TagList holds a value that is not a string")
 	}
 	if len(req.ToAccount) == 0 {
-		return nil, nil, fail(upstream.CodeNoAccount, "To_Account is missing or empty")
+		return nil, nil, fail(im.CodeNoAccount, "To_Account is missing or empty")
 	}
 	if len(req.ToAccount) > maxAccounts {
-		return nil, nil, fail(upstream.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts; this proxy serves at most %d per request", len(req.ToAccount), maxAccounts))
+		return nil, nil, fail(im.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts; this proxy serves at most %d per request", len(req.ToAccount), maxAccounts))
 	}
 	if len(req.TagList) == 0 {
-		return nil, nil, fail(upstream.CodeBadRequest, "TagList is missing or empty")
+		return nil, nil, fail(im.CodeBadRequest, "TagList is missing or empty")
 	}
-	if len(req.TagList) > upstream.MaxTagsPerCall {
-		return nil, nil, fail(upstream.CodeBadRequest, fmt.Sprintf("TagList has %d entries; at most %d are accepted", len(req.TagList), upstream.MaxTagsPerCall))
+	if len(req.TagList) > im.MaxTagsPerCall {
+		return nil, nil, fail(im.CodeBadRequest, fmt.Sprintf("TagList has %d entries; at most %d are accepted", len(req.TagList), im.MaxTagsPerCall))
 	}
 	for _, t := range req.TagList {
-		if !upstream.ValidTag(t) {
-			return nil, nil, fail(upstream.CodeInvalidTag, "invalid tag name: "+strconv.Quote(t))
+		if !im.ValidTag(t) {
+			return nil, nil, fail(im.CodeInvalidTag, "invalid tag name: "+strconv.Quote(t))
 		}
 	}
 	// Each tag is answered once, as the upstream does, however often it is
 	// named. Repeated accounts are answered once per mention, in order.
-	return req.ToAccount, upstream.DedupTags(req.TagList), nil
+	return req.ToAccount, im.DedupTags(req.TagList), nil
 }
 
 func (h *Handler) portraitGet(w http.ResponseWriter, r *http.Request) {
@@ -332,9 +333,9 @@ func (h *Handler) portraitGet(w http.ResponseWriter, r *http.Request) {
 	h.m.RequestDuration.Observe(time.Since(start).Seconds())
 }
 
-func (h *Handler) serve(r *http.Request) *upstream.GetResponse {
+func (h *Handler) serve(r *http.Request) *im.GetResponse {
 	if r.Method != http.MethodPost {
-		return fail(upstream.CodeHTTPParse, "portrait_get takes POST, not "+r.Method)
+		return fail(im.CodeHTTPParse, "portrait_get takes POST, not "+r.Method)
 	}
 	if e := h.authenticate(r); e != nil {
 		return e
@@ -376,8 +377,8 @@ func (h *Handler) serve(r *http.Request) *upstream.GetResponse {
 // assemble builds the answer in request order. When every account failed
 // with the same error, the whole call fails with its code, as the upstream
 // does for whole-call errors.
-func (h *Handler) assemble(accounts []string, answers []cache.Answer, invalid []string) *upstream.GetResponse {
-	resp := &upstream.GetResponse{ActionStatus: upstream.StatusOK, UserProfileItem: make([]upstream.UserProfile, 0, len(accounts)),
+func (h *Handler) assemble(accounts []string, answers []cache.Answer, invalid []string) *im.GetResponse {
+	resp := &im.GetResponse{ActionStatus: im.StatusOK, UserProfileItem: make([]im.UserProfile, 0, len(accounts)),
 		FailAccount: []string{}, InvalidAccount: []string{}}
 	if invalid != nil {
 		resp.InvalidAccount = invalid
@@ -387,8 +388,8 @@ func (h *Handler) assemble(accounts []string, answers []cache.Answer, invalid []
 	for _, a := range accounts {
 		if !validAccount(a) {
 			h.m.Lookups.WithLabelValues(metrics.LookupInvalid).Inc()
-			resp.UserProfileItem = append(resp.UserProfileItem, upstream.UserProfile{ToAccount: a, ProfileItem: []upstream.ProfileItem{},
-				ResultCode: upstream.CodeAccountNotFound, ResultInfo: "invalid account id: 1-32 bytes of printable ASCII"})
+			resp.UserProfileItem = append(resp.UserProfileItem, im.UserProfile{ToAccount: a, ProfileItem: []im.ProfileItem{},
+				ResultCode: im.CodeAccountNotFound, ResultInfo: "invalid account id: 1-32 bytes of printable ASCII"})
 			continue
 		}
 		ans := answers[k]
@@ -397,7 +398,7 @@ func (h *Handler) assemble(accounts []string, answers []cache.Answer, invalid []
 		switch {
 		case ans.Err != nil:
 			code, info := ErrorCode(ans.Err)
-			item = upstream.UserProfile{ToAccount: a, ProfileItem: []upstream.ProfileItem{}, ResultCode: code, ResultInfo: info}
+			item = im.UserProfile{ToAccount: a, ProfileItem: []im.ProfileItem{}, ResultCode: code, ResultInfo: info}
 			if errCount == 0 {
 				firstCode, firstInfo = code, info
 			} else if code != firstCode {
@@ -408,7 +409,7 @@ func (h *Handler) assemble(accounts []string, answers []cache.Answer, invalid []
 			h.m.Lookups.WithLabelValues(metrics.LookupError).Inc()
 		case item.ResultCode != 0:
 			resp.FailAccount = append(resp.FailAccount, a)
-			if upstream.Classify(item.ResultCode) == upstream.KindNotFound {
+			if im.Classify(item.ResultCode) == im.KindNotFound {
 				h.m.Lookups.WithLabelValues(metrics.LookupNotFound).Inc()
 			} else {
 				h.m.Lookups.WithLabelValues(metrics.LookupFailed).Inc()
@@ -432,26 +433,26 @@ func ErrorCode(err error) (int, string) {
 	switch {
 	case errors.As(err, &ue) && ue.Code != 0:
 		return ue.Code, "upstream: " + ue.Info
-	case errors.As(err, &ue) && ue.Kind == upstream.KindHTTP:
-		return upstream.CodeInternal, fmt.Sprintf("upstream unavailable (HTTP %d); retry", ue.Status)
+	case errors.As(err, &ue) && ue.Kind == im.KindHTTP:
+		return im.CodeInternal, fmt.Sprintf("upstream unavailable (HTTP %d); retry", ue.Status)
 	case errors.Is(err, context.DeadlineExceeded):
-		return upstream.CodeInternalTimeout, "timed out waiting for the upstream; retry"
+		return im.CodeInternalTimeout, "timed out waiting for the upstream; retry"
 	case errors.Is(err, context.Canceled):
-		return upstream.CodeInternalTimeout, "request cancelled"
+		return im.CodeInternalTimeout, "request cancelled"
 	case errors.Is(err, batcher.ErrOverloaded), errors.Is(err, batcher.ErrWouldMiss):
-		return upstream.CodeFreqLimit, "too many lookups for the app's upstream quota: " + strings.TrimPrefix(err.Error(), "batcher: ") + "; retry later"
+		return im.CodeFreqLimit, "too many lookups for the app's upstream quota: " + strings.TrimPrefix(err.Error(), "batcher: ") + "; retry later"
 	case errors.Is(err, batcher.ErrClosed):
-		return upstream.CodeInternal, "proxy shutting down; retry"
+		return im.CodeInternal, "proxy shutting down; retry"
 	case errors.As(err, &ue):
-		return upstream.CodeInternal, "upstream unreachable; retry"
+		return im.CodeInternal, "upstream unreachable; retry"
 	default:
-		return upstream.CodeInternal, "internal error; retry"
+		return im.CodeInternal, "internal error; retry"
 	}
 }
 
 // authenticate checks the query as the upstream does: the app, the admin
 // identifier and (in AuthUserSig mode) the UserSig.
-func (h *Handler) authenticate(r *http.Request) *upstream.GetResponse {
+func (h *Handler) authenticate(r *http.Request) *im.GetResponse {
 	return h.verifyQuery(r, true)
 }
 
@@ -460,7 +461,7 @@ func (h *Handler) authenticate(r *http.Request) *upstream.GetResponse {
 // any identifier with a valid UserSig for this app passes: a forwarded
 // call's identifier is checked by the upstream (the app may have several
 // admins).
-func (h *Handler) verifyQuery(r *http.Request, admin bool) *upstream.GetResponse {
+func (h *Handler) verifyQuery(r *http.Request, admin bool) *im.GetResponse {
 	var app, identifier, sig string
 	var seen [4]bool // sdkappid, identifier, usersig, contenttype
 	for rest := r.URL.RawQuery; rest != ""; {
@@ -468,18 +469,18 @@ func (h *Handler) verifyQuery(r *http.Request, admin bool) *upstream.GetResponse
 		kv, rest, _ = strings.Cut(rest, "&")
 		if strings.Contains(kv, ";") {
 			// url.ParseQuery refuses it; an upstream may split on it.
-			return fail(upstream.CodeHTTPParse, "query holds a ';'")
+			return fail(im.CodeHTTPParse, "query holds a ';'")
 		}
 		k, v, _ := strings.Cut(kv, "=")
 		var err error
 		if strings.ContainsAny(k, "%+") {
 			if k, err = url.QueryUnescape(k); err != nil {
-				return fail(upstream.CodeHTTPParse, "query is not well-formed")
+				return fail(im.CodeHTTPParse, "query is not well-formed")
 			}
 		}
 		if strings.ContainsAny(v, "%+") {
 			if v, err = url.QueryUnescape(v); err != nil {
-				return fail(upstream.CodeHTTPParse, "query is not well-formed")
+				return fail(im.CodeHTTPParse, "query is not well-formed")
 			}
 		}
 		i := slices.Index(authParams[:], k)
@@ -490,7 +491,7 @@ func (h *Handler) verifyQuery(r *http.Request, admin bool) *upstream.GetResponse
 			// The upstream may read another copy than the one checked
 			// here: a forged UserSig, or another app's sdkappid, behind a
 			// valid one.
-			return fail(upstream.CodeHTTPParse, "query repeats "+k)
+			return fail(im.CodeHTTPParse, "query repeats "+k)
 		}
 		seen[i] = true
 		switch i {
@@ -506,10 +507,10 @@ func (h *Handler) verifyQuery(r *http.Request, admin bool) *upstream.GetResponse
 		if h.cfg.Auth == AuthNone {
 			return nil
 		}
-		return fail(upstream.CodeSDKAppIDMissing, "sdkappid is missing")
+		return fail(im.CodeSDKAppIDMissing, "sdkappid is missing")
 	}
 	if id, err := strconv.ParseUint(app, 10, 64); err != nil || id != h.cfg.SDKAppID {
-		return fail(upstream.CodeSDKAppIDInvalid, "sdkappid is not this proxy's app")
+		return fail(im.CodeSDKAppIDInvalid, "sdkappid is not this proxy's app")
 	}
 	if h.cfg.Auth == AuthNone {
 		return nil
@@ -518,7 +519,7 @@ func (h *Handler) verifyQuery(r *http.Request, admin bool) *upstream.GetResponse
 		return fail(usersig.Code(err), err.Error())
 	}
 	if admin && identifier != h.cfg.Identifier {
-		return fail(upstream.CodeNeedAdmin, "identifier is not the app admin")
+		return fail(im.CodeNeedAdmin, "identifier is not the app admin")
 	}
 	return nil
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
@@ -41,12 +42,12 @@ func (f *fakeLookup) Get(ctx context.Context, accounts, tags []string) []cache.A
 			out[i] = cache.Answer{Err: err}
 			continue
 		}
-		it := upstream.UserProfile{ToAccount: a, ProfileItem: []upstream.ProfileItem{}}
+		it := im.UserProfile{ToAccount: a, ProfileItem: []im.ProfileItem{}}
 		if a == "ghost" {
 			it.ResultCode = 40003
 		} else {
 			for _, t := range tags {
-				it.ProfileItem = append(it.ProfileItem, upstream.ProfileItem{Tag: t, Value: json.RawMessage(`"v-` + a + `"`)})
+				it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: t, Value: json.RawMessage(`"v-` + a + `"`)})
 			}
 		}
 		out[i] = cache.Answer{Item: it}
@@ -68,12 +69,12 @@ func query() url.Values {
 		"usersig": {usersig.Sign(key, app, "administrator", time.Now(), time.Hour)}}
 }
 
-func do(t *testing.T, h http.Handler, method string, q url.Values, body string) (int, upstream.GetResponse, string) {
+func do(t *testing.T, h http.Handler, method string, q url.Values, body string) (int, im.GetResponse, string) {
 	t.Helper()
-	req := httptest.NewRequest(method, upstream.PathGet+"?"+q.Encode(), strings.NewReader(body))
+	req := httptest.NewRequest(method, im.PathGet+"?"+q.Encode(), strings.NewReader(body))
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, req)
-	var out upstream.GetResponse
+	var out im.GetResponse
 	if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil {
 		t.Fatalf("answer is not JSON: %q", rec.Body.String())
 	}
@@ -150,7 +151,7 @@ func TestCallerErrorsNeverReachLookup(t *testing.T) {
 }
 
 func TestAnswersInRequestOrder(t *testing.T) {
-	l := &fakeLookup{err: map[string]error{"down": &upstream.Error{Kind: upstream.KindHTTP, Status: 502}}}
+	l := &fakeLookup{err: map[string]error{"down": &upstream.Error{Kind: im.KindHTTP, Status: 502}}}
 	h := newHandler(t, l, AuthUserSig)
 	long := strings.Repeat("x", 33)
 	_, out, raw := do(t, h, http.MethodPost, query(),
@@ -185,7 +186,7 @@ func TestAnswersInRequestOrder(t *testing.T) {
 func TestWholeFailureEnvelope(t *testing.T) {
 	l := &fakeLookup{err: map[string]error{
 		"u1": context.DeadlineExceeded,
-		"u2": &upstream.Error{Kind: upstream.KindThrottled, Code: 60007, Info: "too frequent"},
+		"u2": &upstream.Error{Kind: im.KindThrottled, Code: 60007, Info: "too frequent"},
 		"u3": batcher.ErrClosed,
 	}}
 	h := newHandler(t, l, AuthUserSig)
@@ -224,7 +225,7 @@ func TestNewValidates(t *testing.T) {
 
 func TestErrorCodeNeverLeaksSig(t *testing.T) {
 	sig := usersig.Sign(key, app, "administrator", time.Now(), time.Hour)
-	err := &upstream.Error{Kind: upstream.KindTransport, Err: errors.New("dial tcp: refused")}
+	err := &upstream.Error{Kind: im.KindTransport, Err: errors.New("dial tcp: refused")}
 	if _, info := ErrorCode(err); strings.Contains(info, sig) || strings.Contains(info, "refused") {
 		t.Fatalf("transport detail reaches callers: %q", info)
 	}
@@ -241,10 +242,10 @@ func FuzzPortraitGet(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Fuzz(func(t *testing.T, body string) {
-		req := httptest.NewRequest(http.MethodPost, upstream.PathGet, strings.NewReader(body))
+		req := httptest.NewRequest(http.MethodPost, im.PathGet, strings.NewReader(body))
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)
-		var out upstream.GetResponse
+		var out im.GetResponse
 		if rec.Code != http.StatusOK || json.Unmarshal(rec.Body.Bytes(), &out) != nil {
 			t.Fatalf("status %d body %q", rec.Code, rec.Body.String())
 		}

@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/portrait-proxy/portrait-proxy/cache"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // tagLookup wraps fakeLookup, recording the tags each Get was asked for.
@@ -34,11 +34,11 @@ func TestTagListBounded(t *testing.T) {
 		return `"` + strings.Repeat(tag+`","`, n-1) + tag + `"`
 	}
 	t.Run("too long", func(t *testing.T) {
-		for _, n := range []int{upstream.MaxTagsPerCall + 1, 40_000} {
+		for _, n := range []int{im.MaxTagsPerCall + 1, 40_000} {
 			l := &tagLookup{}
 			h := newHandler(t, l, AuthUserSig)
 			_, out, raw := do(t, h, http.MethodPost, query(), `{"To_Account":["u1"],"TagList":[`+repeat("Tag_Profile_IM_Nick", n)+`]}`)
-			if out.ErrorCode != upstream.CodeBadRequest || out.ActionStatus != "FAIL" || !strings.Contains(out.ErrorInfo, "TagList") {
+			if out.ErrorCode != im.CodeBadRequest || out.ActionStatus != "FAIL" || !strings.Contains(out.ErrorInfo, "TagList") {
 				t.Fatalf("%d tags: %s", n, raw)
 			}
 			if len(l.calls) != 0 {
@@ -68,7 +68,7 @@ func TestTagListBounded(t *testing.T) {
 	t.Run("exactly the limit", func(t *testing.T) {
 		l := &tagLookup{}
 		h := newHandler(t, l, AuthUserSig)
-		_, out, raw := do(t, h, http.MethodPost, query(), `{"To_Account":["u1"],"TagList":[`+repeat("Tag_Profile_IM_Nick", upstream.MaxTagsPerCall)+`]}`)
+		_, out, raw := do(t, h, http.MethodPost, query(), `{"To_Account":["u1"],"TagList":[`+repeat("Tag_Profile_IM_Nick", im.MaxTagsPerCall)+`]}`)
 		if out.ErrorCode != 0 || len(out.UserProfileItem[0].ProfileItem) != 1 {
 			t.Fatalf("answer %s", raw)
 		}
@@ -82,7 +82,7 @@ func TestDedupTags(t *testing.T) {
 		{[]string{"a", "a", "b", "a", "c", "b"}, []string{"a", "b", "c"}},
 		{[]string{"b", "a", "b"}, []string{"b", "a"}},
 	} {
-		if got := upstream.DedupTags(tc.in); !slices.Equal(got, tc.want) {
+		if got := im.DedupTags(tc.in); !slices.Equal(got, tc.want) {
 			t.Errorf("DedupTags(%v) = %v, want %v", tc.in, got, tc.want)
 		}
 	}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
@@ -25,7 +26,7 @@ import (
 // ErrMaybeApplied says some attempt's outcome is unknown even though the
 // last one was refused (a timeout, then throttling).
 type Setter interface {
-	PortraitSet(ctx context.Context, req upstream.SetRequest) error
+	PortraitSet(ctx context.Context, req im.SetRequest) error
 }
 
 // ErrMaybeApplied marks a Setter error after which the upstream may hold
@@ -36,7 +37,7 @@ var ErrMaybeApplied = errors.New("httpapi: an attempt of portrait_set got no ans
 // Drop is Invalidate for a change nothing authenticates: it only drops
 // tags already cached and creates no entry anywhere.
 type Changer interface {
-	Change(ctx context.Context, account string, items []upstream.ProfileItem, origin cache.Origin, event int64, at time.Time) error
+	Change(ctx context.Context, account string, items []im.ProfileItem, origin cache.Origin, event int64, at time.Time) error
 	Invalidate(ctx context.Context, account string, tags []string, cause cache.Origin, at time.Time) error
 	Drop(ctx context.Context, account string, tags []string, at time.Time) error
 }
@@ -48,7 +49,7 @@ const MaxSetItems = 100
 // from this proxy's clock.
 const CallbackClockWindow = 5 * time.Minute
 
-func writeEnvelope(w http.ResponseWriter, status int, e upstream.Envelope) {
+func writeEnvelope(w http.ResponseWriter, status int, e im.Envelope) {
 	b, _ := json.Marshal(e)
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
@@ -56,33 +57,33 @@ func writeEnvelope(w http.ResponseWriter, status int, e upstream.Envelope) {
 	w.Write(b)
 }
 
-func failEnvelope(code int, info string) upstream.Envelope {
-	return upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: code, ErrorInfo: info}
+func failEnvelope(code int, info string) im.Envelope {
+	return im.Envelope{ActionStatus: im.StatusFail, ErrorCode: code, ErrorInfo: info}
 }
 
 // rawSet is portrait_set's body and, with the extra fields, a change
 // callback's.
 type rawSet struct {
-	CallbackCommand string                 `json:"CallbackCommand"`
-	FromAccount     string                 `json:"From_Account"`
-	EventTime       int64                  `json:"EventTime"`
-	ProfileItem     []upstream.ProfileItem `json:"ProfileItem"`
+	CallbackCommand string           `json:"CallbackCommand"`
+	FromAccount     string           `json:"From_Account"`
+	EventTime       int64            `json:"EventTime"`
+	ProfileItem     []im.ProfileItem `json:"ProfileItem"`
 }
 
 // decodeSet parses and checks a portrait_set or callback body.
-func decodeSet(raw []byte) (rawSet, *upstream.Envelope) {
+func decodeSet(raw []byte) (rawSet, *im.Envelope) {
 	var req rawSet
 	if err := json.Unmarshal(raw, &req); err != nil {
 		var syntax *json.SyntaxError
 		if errors.As(err, &syntax) || errors.Is(err, io.ErrUnexpectedEOF) || len(raw) == 0 {
-			e := failEnvelope(upstream.CodeJSONParse, "request body is not valid JSON")
+			e := failEnvelope(im.CodeJSONParse, "request body is not valid JSON")
 			return req, &e
 		}
-		e := failEnvelope(upstream.CodeBadRequest, "request body does not match {From_Account:string,ProfileItem:[{Tag:string,Value:any}]}")
+		e := failEnvelope(im.CodeBadRequest, "request body does not match {From_Account:string,ProfileItem:[{Tag:string,Value:any}]}")
 		return req, &e
 	}
-	bad := func(info string) (rawSet, *upstream.Envelope) {
-		e := failEnvelope(upstream.CodeBadRequest, info)
+	bad := func(info string) (rawSet, *im.Envelope) {
+		e := failEnvelope(im.CodeBadRequest, info)
 		return req, &e
 	}
 	if !validAccount(req.FromAccount) {
@@ -96,8 +97,8 @@ func decodeSet(raw []byte) (rawSet, *upstream.Envelope) {
 	}
 	seen := map[string]bool{}
 	for i, it := range req.ProfileItem {
-		if !upstream.ValidTag(it.Tag) {
-			e := failEnvelope(upstream.CodeInvalidTag, "invalid tag name: "+strconv.Quote(it.Tag))
+		if !im.ValidTag(it.Tag) {
+			e := failEnvelope(im.CodeInvalidTag, "invalid tag name: "+strconv.Quote(it.Tag))
 			return req, &e
 		}
 		if seen[it.Tag] {
@@ -116,15 +117,15 @@ func decodeSet(raw []byte) (rawSet, *upstream.Envelope) {
 	return req, nil
 }
 
-func (h *Handler) readBody(r *http.Request) ([]byte, *upstream.Envelope) {
+func (h *Handler) readBody(r *http.Request) ([]byte, *im.Envelope) {
 	raw, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, h.cfg.MaxBodyBytes))
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			e := failEnvelope(upstream.CodeBadRequest, fmt.Sprintf("request body larger than %d bytes", h.cfg.MaxBodyBytes))
+			e := failEnvelope(im.CodeBadRequest, fmt.Sprintf("request body larger than %d bytes", h.cfg.MaxBodyBytes))
 			return nil, &e
 		}
-		e := failEnvelope(upstream.CodeHTTPParse, "reading request body failed")
+		e := failEnvelope(im.CodeHTTPParse, "reading request body failed")
 		return nil, &e
 	}
 	return raw, nil
@@ -143,14 +144,14 @@ func (h *Handler) portraitSet(w http.ResponseWriter, r *http.Request) {
 	writeEnvelope(w, http.StatusOK, e)
 }
 
-func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
+func (h *Handler) serveSet(r *http.Request) im.Envelope {
 	if r.Method != http.MethodPost {
-		return failEnvelope(upstream.CodeHTTPParse, "portrait_set takes POST, not "+r.Method)
+		return failEnvelope(im.CodeHTTPParse, "portrait_set takes POST, not "+r.Method)
 	}
 	if h.cfg.Auth == AuthNone && !h.cfg.AuthNoneWrites {
 		// No caller is authenticated: changing profiles with the app's
 		// admin rights needs an explicit -auth-none-writes.
-		return failEnvelope(upstream.CodeNeedAdmin, "portrait_set is off: this proxy authenticates no caller (-auth none); -auth-none-writes turns it on")
+		return failEnvelope(im.CodeNeedAdmin, "portrait_set is off: this proxy authenticates no caller (-auth none); -auth-none-writes turns it on")
 	}
 	if e := h.authenticate(r); e != nil {
 		return failEnvelope(e.ErrorCode, e.ErrorInfo)
@@ -165,25 +166,25 @@ func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.RequestTimeout)
 	defer cancel()
-	err := h.cfg.Setter.PortraitSet(ctx, upstream.SetRequest{FromAccount: req.FromAccount, ProfileItem: req.ProfileItem})
+	err := h.cfg.Setter.PortraitSet(ctx, im.SetRequest{FromAccount: req.FromAccount, ProfileItem: req.ProfileItem})
 	// The cache is updated whatever the caller does now: it must not be
 	// left behind the upstream.
 	cctx, ccancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Second)
 	defer ccancel()
 	if err == nil {
 		h.cfg.Changer.Change(cctx, req.FromAccount, req.ProfileItem, cache.FromSet, 0, h.cfg.Now())
-		return upstream.Envelope{ActionStatus: upstream.StatusOK}
+		return im.Envelope{ActionStatus: im.StatusOK}
 	}
 	var ue *upstream.Error
 	refused := errors.As(err, &ue) && ue.Code != 0
-	if !refused || upstream.Classify(ue.Code) == upstream.KindTransient || errors.Is(err, ErrMaybeApplied) {
+	if !refused || im.Classify(ue.Code) == im.KindTransient || errors.Is(err, ErrMaybeApplied) {
 		// No answer, or an internal error, in any attempt: the change may
 		// or may not have happened. The cached tags are dropped, so the
 		// next lookup asks the upstream.
 		h.cfg.Changer.Invalidate(cctx, req.FromAccount, tagsOf(req.ProfileItem), cache.FromSet, h.cfg.Now())
 	}
 	if refused {
-		return upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: ue.Code, ErrorInfo: ue.Info} // as the upstream said it
+		return im.Envelope{ActionStatus: im.StatusFail, ErrorCode: ue.Code, ErrorInfo: ue.Info} // as the upstream said it
 	}
 	code, info := ErrorCode(err)
 	return failEnvelope(code, info)
@@ -201,13 +202,13 @@ func (h *Handler) serveSet(r *http.Request) upstream.Envelope {
 func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodPost {
 		h.m.Callbacks.WithLabelValues("invalid").Inc()
-		writeEnvelope(w, http.StatusMethodNotAllowed, failEnvelope(upstream.CodeHTTPParse, "callbacks are POSTed"))
+		writeEnvelope(w, http.StatusMethodNotAllowed, failEnvelope(im.CodeHTTPParse, "callbacks are POSTed"))
 		return
 	}
 	q := r.URL.Query()
 	if id, err := strconv.ParseUint(q.Get("SdkAppid"), 10, 64); err != nil || id != h.cfg.SDKAppID {
 		h.m.Callbacks.WithLabelValues("rejected").Inc()
-		writeEnvelope(w, http.StatusForbidden, failEnvelope(upstream.CodeSDKAppIDInvalid, "SdkAppid is not this proxy's app"))
+		writeEnvelope(w, http.StatusForbidden, failEnvelope(im.CodeSDKAppIDInvalid, "SdkAppid is not this proxy's app"))
 		return
 	}
 	now := h.cfg.Now()
@@ -215,12 +216,12 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	if signed {
 		if err := checkCallbackSign(h.cfg.CallbackToken, q.Get("RequestTime"), q.Get("Sign"), now); err != nil {
 			h.m.Callbacks.WithLabelValues("rejected").Inc()
-			writeEnvelope(w, http.StatusForbidden, failEnvelope(upstream.CodeSigMismatch, err.Error()))
+			writeEnvelope(w, http.StatusForbidden, failEnvelope(im.CodeSigMismatch, err.Error()))
 			return
 		}
 	} else if !h.unsigned.AllowN(now, 1) {
 		h.m.Callbacks.WithLabelValues("limited").Inc()
-		writeEnvelope(w, http.StatusTooManyRequests, failEnvelope(upstream.CodeFreqLimit, "too many unsigned callbacks; try again later"))
+		writeEnvelope(w, http.StatusTooManyRequests, failEnvelope(im.CodeFreqLimit, "too many unsigned callbacks; try again later"))
 		return
 	}
 	raw, e := h.readBody(r)
@@ -233,19 +234,19 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		CallbackCommand string `json:"CallbackCommand"`
 	}
 	json.Unmarshal(raw, &head)
-	if cmd := q.Get("CallbackCommand"); cmd != upstream.CallbackCommand && head.CallbackCommand != upstream.CallbackCommand {
+	if cmd := q.Get("CallbackCommand"); cmd != im.CallbackCommand && head.CallbackCommand != im.CallbackCommand {
 		h.m.Callbacks.WithLabelValues("ignored").Inc()
-		writeEnvelope(w, http.StatusOK, upstream.Envelope{ActionStatus: upstream.StatusOK})
+		writeEnvelope(w, http.StatusOK, im.Envelope{ActionStatus: im.StatusOK})
 		return
 	}
 	ev, e := decodeSet(raw)
 	if e == nil && ev.EventTime <= 0 {
-		bad := failEnvelope(upstream.CodeBadRequest, "EventTime is missing")
+		bad := failEnvelope(im.CodeBadRequest, "EventTime is missing")
 		e = &bad
 	}
 	if e == nil && ev.EventTime > now.Add(h.cfg.ClockSkew).UnixMilli() {
 		// A change from the future would outrank every later one.
-		bad := failEnvelope(upstream.CodeBadRequest, "EventTime is in the future")
+		bad := failEnvelope(im.CodeBadRequest, "EventTime is in the future")
 		e = &bad
 	}
 	if e != nil {
@@ -255,7 +256,7 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	}
 	if signed && h.replays.seen(replayKey(q.Get("RequestTime"), q.Get("Sign"), raw), now) {
 		h.m.Callbacks.WithLabelValues("repeat").Inc()
-		writeEnvelope(w, http.StatusOK, upstream.Envelope{ActionStatus: upstream.StatusOK})
+		writeEnvelope(w, http.StatusOK, im.Envelope{ActionStatus: im.StatusOK})
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Second)
@@ -271,7 +272,7 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		h.cfg.Changer.Drop(ctx, ev.FromAccount, tagsOf(ev.ProfileItem), now)
 	}
 	h.m.Callbacks.WithLabelValues("ok").Inc()
-	writeEnvelope(w, http.StatusOK, upstream.Envelope{ActionStatus: upstream.StatusOK})
+	writeEnvelope(w, http.StatusOK, im.Envelope{ActionStatus: im.StatusOK})
 }
 
 func checkCallbackSign(token, requestTime, sign string, now time.Time) error {
@@ -285,13 +286,13 @@ func checkCallbackSign(token, requestTime, sign string, now time.Time) error {
 	if d := now.Sub(time.Unix(sec, 0)); d > CallbackClockWindow || d < -CallbackClockWindow {
 		return errors.New("RequestTime is too far from this proxy's clock")
 	}
-	if subtle.ConstantTimeCompare([]byte(upstream.CallbackSign(token, requestTime)), []byte(sign)) != 1 {
+	if subtle.ConstantTimeCompare([]byte(im.CallbackSign(token, requestTime)), []byte(sign)) != 1 {
 		return errors.New("callback signature does not match")
 	}
 	return nil
 }
 
-func tagsOf(items []upstream.ProfileItem) []string {
+func tagsOf(items []im.ProfileItem) []string {
 	tags := make([]string, len(items))
 	for i, it := range items {
 		tags[i] = it.Tag

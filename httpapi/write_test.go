@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
@@ -24,7 +25,7 @@ type fakeChanger struct {
 	changes []string // account/origin/event/tag=value
 }
 
-func (f *fakeChanger) Change(ctx context.Context, account string, items []upstream.ProfileItem, origin cache.Origin, event int64, at time.Time) error {
+func (f *fakeChanger) Change(ctx context.Context, account string, items []im.ProfileItem, origin cache.Origin, event int64, at time.Time) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, it := range items {
@@ -56,7 +57,7 @@ func TestCallbackReceiver(t *testing.T) {
 		t.Fatal(err)
 	}
 	rt := strconv.FormatInt(now.Unix(), 10)
-	signed := "SdkAppid=1400000000&CallbackCommand=Profile.CallbackPortraitSet&contenttype=json&RequestTime=" + rt + "&Sign=" + upstream.CallbackSign("tok", rt)
+	signed := "SdkAppid=1400000000&CallbackCommand=Profile.CallbackPortraitSet&contenttype=json&RequestTime=" + rt + "&Sign=" + im.CallbackSign("tok", rt)
 	good := `{"CallbackCommand":"Profile.CallbackPortraitSet","Operator_Account":"u1","From_Account":"u1","EventTime":1800000000123,"ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"n e w"}]}`
 	old := strconv.FormatInt(now.Add(-10*time.Minute).Unix(), 10)
 	cases := []struct {
@@ -70,7 +71,7 @@ func TestCallbackReceiver(t *testing.T) {
 		{"no app", "POST", strings.Replace(signed, "SdkAppid=1400000000&", "", 1), good, 403, false},
 		{"unsigned", "POST", "SdkAppid=1400000000&CallbackCommand=Profile.CallbackPortraitSet", good, 403, false},
 		{"wrong sign", "POST", strings.Replace(signed, "Sign=", "Sign=0", 1), good, 403, false},
-		{"old RequestTime", "POST", "SdkAppid=1400000000&RequestTime=" + old + "&Sign=" + upstream.CallbackSign("tok", old), good, 403, false},
+		{"old RequestTime", "POST", "SdkAppid=1400000000&RequestTime=" + old + "&Sign=" + im.CallbackSign("tok", old), good, 403, false},
 		{"not JSON", "POST", signed, `{`, 400, false},
 		{"no EventTime", "POST", signed, strings.Replace(good, `"EventTime":1800000000123,`, "", 1), 400, false},
 		{"bad account", "POST", signed, strings.Replace(good, `"From_Account":"u1"`, `"From_Account":""`, 1), 400, false},
@@ -99,14 +100,14 @@ func TestCallbackReceiver(t *testing.T) {
 }
 
 func TestCallbackPathChecked(t *testing.T) {
-	for _, p := range []string{"cb", upstream.PathGet, upstream.PathSet} {
+	for _, p := range []string{"cb", im.PathGet, im.PathSet} {
 		if _, err := New(Config{Lookup: &fakeLookup{}, SDKAppID: app, Key: key, Changer: &fakeChanger{}, CallbackPath: p, CallbackToken: "tok"}); err == nil {
 			t.Errorf("callback path %q accepted", p)
 		}
 	}
 	h, _ := New(Config{Lookup: &fakeLookup{}, SDKAppID: app, Key: key})
 	w := httptest.NewRecorder()
-	h.ServeHTTP(w, httptest.NewRequest(http.MethodPost, upstream.PathSet, strings.NewReader("{}")))
+	h.ServeHTTP(w, httptest.NewRequest(http.MethodPost, im.PathSet, strings.NewReader("{}")))
 	if w.Code != http.StatusNotFound {
 		t.Fatalf("portrait_set without a setter: HTTP %d", w.Code)
 	}
@@ -145,7 +146,7 @@ func TestCallbackReceiverNeedsTokenOrUnsigned(t *testing.T) {
 func signedCallback(rt time.Time, token, body string) *http.Request {
 	s := strconv.FormatInt(rt.Unix(), 10)
 	return httptest.NewRequest("POST", "/cb?SdkAppid=1400000000&CallbackCommand=Profile.CallbackPortraitSet&RequestTime="+s+
-		"&Sign="+upstream.CallbackSign(token, s), strings.NewReader(body))
+		"&Sign="+im.CallbackSign(token, s), strings.NewReader(body))
 }
 
 func nickCallback(account string, event int64, value string) string {
@@ -276,7 +277,7 @@ type fakeSetter struct {
 	err   error
 }
 
-func (f *fakeSetter) PortraitSet(ctx context.Context, req upstream.SetRequest) error {
+func (f *fakeSetter) PortraitSet(ctx context.Context, req im.SetRequest) error {
 	f.calls++
 	return f.err
 }
@@ -285,11 +286,11 @@ func setBody() string {
 	return `{"From_Account":"u1","ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"x"}]}`
 }
 
-func doSet(t *testing.T, h http.Handler, q string) upstream.Envelope {
+func doSet(t *testing.T, h http.Handler, q string) im.Envelope {
 	t.Helper()
 	w := httptest.NewRecorder()
-	h.ServeHTTP(w, httptest.NewRequest("POST", upstream.PathSet+"?"+q, strings.NewReader(setBody())))
-	var e upstream.Envelope
+	h.ServeHTTP(w, httptest.NewRequest("POST", im.PathSet+"?"+q, strings.NewReader(setBody())))
+	var e im.Envelope
 	if w.Code != 200 || json.Unmarshal(w.Body.Bytes(), &e) != nil {
 		t.Fatalf("HTTP %d: %s", w.Code, w.Body)
 	}
@@ -305,7 +306,7 @@ func TestAuthNoneKeepsWritesOff(t *testing.T) {
 			t.Fatal(err)
 		}
 		e := doSet(t, h, "")
-		if !writes && (e.ErrorCode != upstream.CodeNeedAdmin || st.calls != 0 || len(ch.changes) != 0) {
+		if !writes && (e.ErrorCode != im.CodeNeedAdmin || st.calls != 0 || len(ch.changes) != 0) {
 			t.Fatalf("-auth none: %+v, %d upstream calls, changes %q", e, st.calls, ch.changes)
 		}
 		if writes && (e.ErrorCode != 0 || st.calls != 1 || len(ch.changes) != 1) {
@@ -318,15 +319,15 @@ func TestAuthNoneKeepsWritesOff(t *testing.T) {
 // may have been applied: the cached tags are dropped, and the caller gets
 // the last refusal.
 func TestSetMaybeAppliedInvalidates(t *testing.T) {
-	throttled := &upstream.Error{Code: upstream.CodeFreqLimit, Info: "throttled"}
+	throttled := &upstream.Error{Code: im.CodeFreqLimit, Info: "throttled"}
 	for _, c := range []struct {
 		name       string
 		err        error
 		code       int
 		invalidate bool
 	}{
-		{"refused", throttled, upstream.CodeFreqLimit, false},
-		{"no answer, then refused", errors.Join(ErrMaybeApplied, throttled), upstream.CodeFreqLimit, true},
+		{"refused", throttled, im.CodeFreqLimit, false},
+		{"no answer, then refused", errors.Join(ErrMaybeApplied, throttled), im.CodeFreqLimit, true},
 		{"no answer", context.DeadlineExceeded, 0, true},
 	} {
 		ch := &fakeChanger{}

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // Paths of the account calls the emulator plays.
@@ -145,13 +145,13 @@ func (s *Server) serveOther(w http.ResponseWriter, r *http.Request) {
 	var answer any
 	switch {
 	case r.Method != http.MethodPost:
-		answer = failEnvelope(upstream.CodeHTTPParse, "the REST API takes POST")
+		answer = failEnvelope(im.CodeHTTPParse, "the REST API takes POST")
 	case err != nil:
-		answer = failEnvelope(upstream.CodeHTTPParse, "read body: "+err.Error())
+		answer = failEnvelope(im.CodeHTTPParse, "read body: "+err.Error())
 	default:
 		if e := s.checkQuery(r); e != nil {
 			s.count(func(st *Stats) { st.AuthFailures++ })
-			answer = upstream.Envelope{ActionStatus: e.ActionStatus, ErrorCode: e.ErrorCode, ErrorInfo: e.ErrorInfo}
+			answer = im.Envelope{ActionStatus: e.ActionStatus, ErrorCode: e.ErrorCode, ErrorInfo: e.ErrorInfo}
 		} else if !s.admitAPI(r.URL.Path, b) {
 			answer = failEnvelope(b.ThrottleCode, "REST API call frequency limit exceeded")
 		} else {
@@ -164,8 +164,8 @@ func (s *Server) serveOther(w http.ResponseWriter, r *http.Request) {
 	w.Write(out)
 }
 
-func failEnvelope(code int, info string) upstream.Envelope {
-	return upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: code, ErrorInfo: info}
+func failEnvelope(code int, info string) im.Envelope {
+	return im.Envelope{ActionStatus: im.StatusFail, ErrorCode: code, ErrorInfo: info}
 }
 
 // admitAPI counts a call against path's own quota and reports whether it
@@ -209,18 +209,18 @@ func (s *Server) answerOther(path string, body []byte) any {
 		// some SDKs.
 		var req struct{ UserID, Identifier, Nick, FaceUrl string }
 		if json.Unmarshal(body, &req) != nil {
-			return failEnvelope(upstream.CodeJSONParse, "request body is not valid JSON")
+			return failEnvelope(im.CodeJSONParse, "request body is not valid JSON")
 		}
 		id := req.UserID
 		if id == "" {
 			id = req.Identifier
 		}
 		if !validID(id) {
-			return failEnvelope(upstream.CodeBadRequest, "UserID must be 1-32 bytes")
+			return failEnvelope(im.CodeBadRequest, "UserID must be 1-32 bytes")
 		}
 		s.Import(id, req.Nick, req.FaceUrl)
 		s.count(func(st *Stats) { st.Imported++ })
-		return upstream.Envelope{ActionStatus: upstream.StatusOK}
+		return im.Envelope{ActionStatus: im.StatusOK}
 	case PathMultiAccountImport:
 		// Accounts is the older form; AccountList the newer one, with
 		// nicknames and faces.
@@ -229,13 +229,13 @@ func (s *Server) answerOther(path string, body []byte) any {
 			AccountList []struct{ UserID, Nick, FaceUrl string }
 		}
 		if json.Unmarshal(body, &req) != nil {
-			return failEnvelope(upstream.CodeJSONParse, "request body is not valid JSON")
+			return failEnvelope(im.CodeJSONParse, "request body is not valid JSON")
 		}
 		for _, a := range req.Accounts {
 			req.AccountList = append(req.AccountList, struct{ UserID, Nick, FaceUrl string }{UserID: a})
 		}
 		if len(req.AccountList) == 0 || len(req.AccountList) > 100 {
-			return failEnvelope(upstream.CodeBadRequest, "Accounts must hold 1-100 accounts")
+			return failEnvelope(im.CodeBadRequest, "Accounts must hold 1-100 accounts")
 		}
 		fails := []string{}
 		s.mu.Lock()
@@ -249,16 +249,16 @@ func (s *Server) answerOther(path string, body []byte) any {
 		}
 		s.mu.Unlock()
 		return struct {
-			upstream.Envelope
+			im.Envelope
 			FailAccounts []string `json:"FailAccounts"`
-		}{upstream.Envelope{ActionStatus: upstream.StatusOK}, fails}
+		}{im.Envelope{ActionStatus: im.StatusOK}, fails}
 	case PathAccountDelete:
 		var req struct{ DeleteItem []struct{ UserID string } }
 		if json.Unmarshal(body, &req) != nil {
-			return failEnvelope(upstream.CodeJSONParse, "request body is not valid JSON")
+			return failEnvelope(im.CodeJSONParse, "request body is not valid JSON")
 		}
 		if len(req.DeleteItem) == 0 || len(req.DeleteItem) > 100 {
-			return failEnvelope(upstream.CodeBadRequest, "DeleteItem must hold 1-100 items")
+			return failEnvelope(im.CodeBadRequest, "DeleteItem must hold 1-100 items")
 		}
 		items := make([]accountResult, 0, len(req.DeleteItem))
 		s.mu.Lock()
@@ -267,17 +267,17 @@ func (s *Server) answerOther(path string, body []byte) any {
 			if s.deleteLocked(it.UserID) {
 				s.stats.Deleted++
 			} else {
-				res.ResultCode, res.ResultInfo = upstream.CodeNotImported, "account not imported"
+				res.ResultCode, res.ResultInfo = im.CodeNotImported, "account not imported"
 			}
 			items = append(items, res)
 		}
 		s.mu.Unlock()
 		return struct {
-			upstream.Envelope
+			im.Envelope
 			ResultItem []accountResult `json:"ResultItem"`
-		}{upstream.Envelope{ActionStatus: upstream.StatusOK}, items}
+		}{im.Envelope{ActionStatus: im.StatusOK}, items}
 	default:
-		return upstream.Envelope{ActionStatus: upstream.StatusOK}
+		return im.Envelope{ActionStatus: im.StatusOK}
 	}
 }
 

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
@@ -78,13 +78,13 @@ func TestAccountCalls(t *testing.T) {
 	if len(items) != 3 {
 		t.Fatalf("ResultItem %v", out)
 	}
-	for i, want := range []int{0, 0, upstream.CodeNotImported} {
+	for i, want := range []int{0, 0, im.CodeNotImported} {
 		if got := int(items[i].(map[string]any)["ResultCode"].(float64)); got != want {
 			t.Fatalf("item %d: %d, want %d", i, got, want)
 		}
 	}
 	resp, _ = get(c, "alice", "user3", "user4")
-	for i, want := range []int{upstream.CodeAccountNotFound, upstream.CodeAccountNotFound, 0} {
+	for i, want := range []int{im.CodeAccountNotFound, im.CodeAccountNotFound, 0} {
 		if resp.UserProfileItem[i].ResultCode != want {
 			t.Fatalf("%+v", resp.UserProfileItem[i])
 		}
@@ -109,7 +109,7 @@ func TestAccountCalls(t *testing.T) {
 // closes the connection without an answer.
 func TestOtherAPIs(t *testing.T) {
 	sim, srv := start(t, imsim.Config{Behaviour: imsim.Behaviour{APIQuota: 2}})
-	for i, want := range []int{0, 0, upstream.CodeFreqLimit} {
+	for i, want := range []int{0, 0, im.CodeFreqLimit} {
 		out, err := callOther(t, srv.URL, sim, "/v4/openim/sendmsg", sim.Identifier(), sim.Key(), `{}`)
 		if err != nil || code(out) != want {
 			t.Fatalf("call %d: %v %v", i, out, err)

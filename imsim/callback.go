@@ -12,7 +12,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // Callback is where and how the emulator sends Profile.CallbackPortraitSet
@@ -30,11 +30,11 @@ type Callback struct {
 
 // CallbackEvent is the body of a change callback.
 type CallbackEvent struct {
-	CallbackCommand string                 `json:"CallbackCommand"`
-	OperatorAccount string                 `json:"Operator_Account"`
-	FromAccount     string                 `json:"From_Account"`
-	EventTime       int64                  `json:"EventTime"`
-	ProfileItem     []upstream.ProfileItem `json:"ProfileItem"`
+	CallbackCommand string           `json:"CallbackCommand"`
+	OperatorAccount string           `json:"Operator_Account"`
+	FromAccount     string           `json:"From_Account"`
+	EventTime       int64            `json:"EventTime"`
+	ProfileItem     []im.ProfileItem `json:"ProfileItem"`
 }
 
 type callbacks struct {
@@ -67,7 +67,7 @@ func (s *Server) Close() {
 // ClientSet changes account's tags as a client SDK would (not through the
 // REST API): no quota, and the change callback names the account itself as
 // the operator.
-func (s *Server) ClientSet(account string, items []upstream.ProfileItem) error {
+func (s *Server) ClientSet(account string, items []im.ProfileItem) error {
 	if !s.Exists(account) {
 		return fmt.Errorf("imsim: no account %q", account)
 	}
@@ -84,7 +84,7 @@ func (s *Server) ClientSet(account string, items []upstream.ProfileItem) error {
 }
 
 func (s *Server) serveClientSet(w http.ResponseWriter, r *http.Request) {
-	var req upstream.SetRequest
+	var req im.SetRequest
 	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
 		http.Error(w, "bad body: "+err.Error(), http.StatusBadRequest)
 		return
@@ -99,7 +99,7 @@ func (s *Server) serveClientSet(w http.ResponseWriter, r *http.Request) {
 // change applies items and schedules the callback. s.mu is held. Event
 // times are Unix milliseconds, strictly increasing, so every change has its
 // own.
-func (s *Server) change(account string, items []upstream.ProfileItem, platform, operator string) {
+func (s *Server) change(account string, items []im.ProfileItem, platform, operator string) {
 	for _, it := range items {
 		s.put(account, it.Tag, it.Value)
 	}
@@ -107,8 +107,8 @@ func (s *Server) change(account string, items []upstream.ProfileItem, platform, 
 	if cb.URL == "" || s.cb.ctx.Err() != nil {
 		return
 	}
-	ev := CallbackEvent{CallbackCommand: upstream.CallbackCommand, OperatorAccount: operator, FromAccount: account,
-		EventTime: max(time.Now().UnixMilli(), s.cb.lastEvent+1), ProfileItem: append([]upstream.ProfileItem(nil), items...)}
+	ev := CallbackEvent{CallbackCommand: im.CallbackCommand, OperatorAccount: operator, FromAccount: account,
+		EventTime: max(time.Now().UnixMilli(), s.cb.lastEvent+1), ProfileItem: append([]im.ProfileItem(nil), items...)}
 	s.cb.lastEvent = ev.EventTime
 	body, _ := json.Marshal(ev)
 	n := 1
@@ -138,14 +138,14 @@ func (s *Server) deliver(cb Callback, platform string, body []byte, delay time.D
 	}
 	q := url.Values{}
 	q.Set("SdkAppid", strconv.FormatUint(s.cfg.SDKAppID, 10))
-	q.Set("CallbackCommand", upstream.CallbackCommand)
+	q.Set("CallbackCommand", im.CallbackCommand)
 	q.Set("contenttype", "json")
 	q.Set("ClientIP", "127.0.0.1")
 	q.Set("OptPlatform", platform)
 	if cb.Token != "" {
 		rt := strconv.FormatInt(time.Now().Unix(), 10)
 		q.Set("RequestTime", rt)
-		q.Set("Sign", upstream.CallbackSign(cb.Token, rt))
+		q.Set("Sign", im.CallbackSign(cb.Token, rt))
 	}
 	ok := false
 	req, err := http.NewRequestWithContext(s.cb.ctx, http.MethodPost, cb.URL+"?"+q.Encode(), bytes.NewReader(body))

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
@@ -44,11 +45,11 @@ func TestChangeCallbacks(t *testing.T) {
 	sim, srv := start(t, imsim.Config{Callback: imsim.Callback{URL: recv.URL + "/cb", Token: "tok", Duplicate: 1}})
 	defer sim.Close()
 	c := client(t, sim, srv.URL)
-	if err := c.PortraitSet(context.Background(), upstream.SetRequest{FromAccount: "user1",
-		ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"a"`)}}}); err != nil {
+	if err := c.PortraitSet(context.Background(), im.SetRequest{FromAccount: "user1",
+		ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"a"`)}}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := sim.ClientSet("user1", []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"b"`)}}); err != nil {
+	if err := sim.ClientSet("user1", []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"b"`)}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := sim.ClientSet("nobody", nil); err == nil {
@@ -103,9 +104,9 @@ func TestSetQuota(t *testing.T) {
 	c := client(t, sim, srv.URL)
 	throttled := 0
 	for range 8 {
-		err := c.PortraitSet(context.Background(), upstream.SetRequest{FromAccount: "user1",
-			ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"x"`)}}})
-		if upstream.KindOf(err) == upstream.KindThrottled {
+		err := c.PortraitSet(context.Background(), im.SetRequest{FromAccount: "user1",
+			ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"x"`)}}})
+		if upstream.KindOf(err) == im.KindThrottled {
 			throttled++
 		} else if err != nil {
 			t.Fatal(err)

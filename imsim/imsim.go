@@ -27,7 +27,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
@@ -174,7 +174,7 @@ func New(cfg Config) *Server {
 		cfg.SDKAppID = 1400000000
 	}
 	if cfg.Identifier == "" {
-		cfg.Identifier = "administrator"
+		cfg.Identifier = im.DefaultAdministrator
 	}
 	if cfg.Key == "" {
 		cfg.Key = "imsim-secret-key"
@@ -197,8 +197,8 @@ func New(cfg Config) *Server {
 	s.setFaults(cfg.Faults)
 	s.cb.init(cfg.Callback)
 	s.mux = http.NewServeMux()
-	s.mux.HandleFunc("POST "+upstream.PathGet, s.portraitGet)
-	s.mux.HandleFunc("POST "+upstream.PathSet, s.portraitSet)
+	s.mux.HandleFunc("POST "+im.PathGet, s.portraitGet)
+	s.mux.HandleFunc("POST "+im.PathSet, s.portraitSet)
 	s.mux.HandleFunc("GET /imsim/stats", s.serveStats)
 	s.mux.HandleFunc("POST /imsim/reset", func(w http.ResponseWriter, r *http.Request) { s.Reset(); w.WriteHeader(http.StatusNoContent) })
 	s.mux.HandleFunc("POST /imsim/config", s.serveConfig)
@@ -219,10 +219,10 @@ func (s *Server) setBehaviour(b Behaviour) {
 		b.Quota = 100
 	}
 	if b.ThrottleCode == 0 {
-		b.ThrottleCode = upstream.CodeFreqLimit
+		b.ThrottleCode = im.CodeFreqLimit
 	}
 	if b.MaxAccounts == 0 {
-		b.MaxAccounts = upstream.MaxAccountsPerCall
+		b.MaxAccounts = im.MaxAccountsPerCall
 	}
 	if b.SetQuota == 0 {
 		b.SetQuota = 200
@@ -231,7 +231,7 @@ func (s *Server) setBehaviour(b Behaviour) {
 		b.CustomTags = DefaultCustomTags
 	}
 	if b.RejectCode == 0 {
-		b.RejectCode = upstream.CodeBadRequest
+		b.RejectCode = im.CodeBadRequest
 	}
 	if b.APIQuota == 0 {
 		b.APIQuota = 100
@@ -364,34 +364,34 @@ func writeJSON(w http.ResponseWriter, v any) {
 	json.NewEncoder(w).Encode(v)
 }
 
-func fail(code int, info string) *upstream.GetResponse {
-	return &upstream.GetResponse{ActionStatus: upstream.StatusFail, ErrorCode: code, ErrorInfo: info}
+func fail(code int, info string) *im.GetResponse {
+	return &im.GetResponse{ActionStatus: im.StatusFail, ErrorCode: code, ErrorInfo: info}
 }
 
 // checkQuery validates the common query parameters and the UserSig, as the
 // real service does, and returns an error envelope or nil.
-func (s *Server) checkQuery(r *http.Request) *upstream.GetResponse {
+func (s *Server) checkQuery(r *http.Request) *im.GetResponse {
 	q := r.URL.Query()
 	appStr := q.Get("sdkappid")
 	if appStr == "" {
-		return fail(upstream.CodeSDKAppIDMissing, "sdkappid is missing")
+		return fail(im.CodeSDKAppIDMissing, "sdkappid is missing")
 	}
 	app, err := strconv.ParseUint(appStr, 10, 64)
 	if err != nil || app != s.cfg.SDKAppID {
-		return fail(upstream.CodeSDKAppIDInvalid, "sdkappid is invalid")
+		return fail(im.CodeSDKAppIDInvalid, "sdkappid is invalid")
 	}
 	if ct := q.Get("contenttype"); ct != "" && ct != "json" {
-		return fail(upstream.CodeHTTPParse, "contenttype must be json")
+		return fail(im.CodeHTTPParse, "contenttype must be json")
 	}
 	if _, err := strconv.ParseUint(q.Get("random"), 10, 32); err != nil {
-		return fail(upstream.CodeHTTPParse, "random must be a uint32")
+		return fail(im.CodeHTTPParse, "random must be a uint32")
 	}
 	id := q.Get("identifier")
 	if _, err := usersig.Verify(q.Get("usersig"), s.cfg.Key, s.cfg.SDKAppID, id, time.Now()); err != nil {
 		return fail(usersig.Code(err), err.Error())
 	}
 	if id != s.cfg.Identifier {
-		return fail(upstream.CodeNeedAdmin, "identifier is not an app admin")
+		return fail(im.CodeNeedAdmin, "identifier is not an app admin")
 	}
 	return nil
 }
@@ -426,7 +426,7 @@ func (s *Server) portraitGet(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Unlock()
 
-	var resp *upstream.GetResponse
+	var resp *im.GetResponse
 	if !is502 && !isTimeout {
 		resp = s.get(r, b, f)
 	}
@@ -451,7 +451,7 @@ func (s *Server) portraitGet(w http.ResponseWriter, r *http.Request) {
 }
 
 // get decides the answer of one portrait_get call, recording it in Stats.
-func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetResponse {
+func (s *Server) get(r *http.Request, b Behaviour, f Faults) *im.GetResponse {
 	if e := s.checkQuery(r); e != nil {
 		s.count(func(st *Stats) { st.AuthFailures++ })
 		return e
@@ -472,7 +472,7 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetRespon
 	raw, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
 	if err != nil {
 		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(upstream.CodeHTTPParse, "read body: "+err.Error())
+		return fail(im.CodeHTTPParse, "read body: "+err.Error())
 	}
 	var body struct {
 		ToAccount []json.RawMessage `json:"To_Account"`
@@ -480,44 +480,44 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetRespon
 	}
 	if err := json.Unmarshal(raw, &body); err != nil {
 		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(upstream.CodeJSONParse, "json parse error: "+err.Error())
+		return fail(im.CodeJSONParse, "json parse error: "+err.Error())
 	}
 	s.count(func(st *Stats) { st.MaxAccounts = max(st.MaxAccounts, len(body.ToAccount)) })
 	if len(body.ToAccount) == 0 {
 		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(upstream.CodeNoAccount, "To_Account is empty")
+		return fail(im.CodeNoAccount, "To_Account is empty")
 	}
 	if len(body.ToAccount) > b.MaxAccounts {
 		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(upstream.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts, more than %d", len(body.ToAccount), b.MaxAccounts))
+		return fail(im.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts, more than %d", len(body.ToAccount), b.MaxAccounts))
 	}
 	accounts, ok := stringList(body.ToAccount)
 	if !ok {
 		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(upstream.CodeAccountType, "To_Account holds a value that is not a string")
+		return fail(im.CodeAccountType, "To_Account holds a value that is not a string")
 	}
 	tags, ok := stringList(body.TagList)
 	if !ok || len(tags) == 0 {
 		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(upstream.CodeBadRequest, "TagList is missing or holds a value that is not a string")
+		return fail(im.CodeBadRequest, "TagList is missing or holds a value that is not a string")
 	}
-	if len(tags) > upstream.MaxTagsPerCall {
+	if len(tags) > im.MaxTagsPerCall {
 		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(upstream.CodeBadRequest, fmt.Sprintf("TagList has %d entries, more than %d", len(tags), upstream.MaxTagsPerCall))
+		return fail(im.CodeBadRequest, fmt.Sprintf("TagList has %d entries, more than %d", len(tags), im.MaxTagsPerCall))
 	}
-	tags = upstream.DedupTags(tags) // each tag answered once
+	tags = im.DedupTags(tags) // each tag answered once
 	for _, t := range tags {
-		if !upstream.ValidTag(t) {
+		if !im.ValidTag(t) {
 			s.count(func(st *Stats) { st.Rejected++ })
-			return fail(upstream.CodeInvalidTag, "invalid tag "+t)
+			return fail(im.CodeInvalidTag, "invalid tag "+t)
 		}
 		if !b.knownTag(t) {
 			s.count(func(st *Stats) { st.Rejected++ })
-			return fail(upstream.CodeTagNotExist, "tag does not exist: "+t)
+			return fail(im.CodeTagNotExist, "tag does not exist: "+t)
 		}
 		if slices.Contains(b.UnreadableTags, t) {
 			s.count(func(st *Stats) { st.Rejected++ })
-			return fail(upstream.CodeTagNoPermission, "no permission to read tag: "+t)
+			return fail(im.CodeTagNoPermission, "no permission to read tag: "+t)
 		}
 	}
 	for _, a := range accounts {
@@ -529,45 +529,45 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *upstream.GetRespon
 	if f.CallErrorCode != 0 {
 		return fail(f.CallErrorCode, "injected call error")
 	}
-	classes := upstream.ClassesOf(tags)
+	classes := im.ClassesOf(tags)
 	if b.MissingFailsCall {
 		for _, a := range accounts {
 			if !s.Exists(a) {
-				return fail(upstream.CodeAccountNotFound, "account does not exist: "+a)
+				return fail(im.CodeAccountNotFound, "account does not exist: "+a)
 			}
 		}
 	}
 
-	resp := &upstream.GetResponse{ActionStatus: upstream.StatusOK, UserProfileItem: make([]upstream.UserProfile, 0, len(accounts))}
+	resp := &im.GetResponse{ActionStatus: im.StatusOK, UserProfileItem: make([]im.UserProfile, 0, len(accounts))}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, a := range accounts {
-		item := upstream.UserProfile{ToAccount: a, ProfileItem: []upstream.ProfileItem{}}
+		item := im.UserProfile{ToAccount: a, ProfileItem: []im.ProfileItem{}}
 		switch {
 		case !s.existsLocked(a):
-			item.ResultCode, item.ResultInfo = upstream.CodeAccountNotFound, "account does not exist"
+			item.ResultCode, item.ResultInfo = im.CodeAccountNotFound, "account does not exist"
 			resp.FailAccount = append(resp.FailAccount, a)
 		case f.ItemInternal > 0 && s.rng.Float64() < f.ItemInternal:
-			item.ResultCode, item.ResultInfo = upstream.CodeInternal, "internal error, retry"
+			item.ResultCode, item.ResultInfo = im.CodeInternal, "internal error, retry"
 			resp.FailAccount = append(resp.FailAccount, a)
-		case classes&upstream.ClassStandard != 0 && slices.Contains(b.NoStandardData, a):
-			item.ResultCode, item.ResultInfo = upstream.CodeNoStdData, "no standard profile data for this account"
+		case classes&im.ClassStandard != 0 && slices.Contains(b.NoStandardData, a):
+			item.ResultCode, item.ResultInfo = im.CodeNoStdData, "no standard profile data for this account"
 			resp.FailAccount = append(resp.FailAccount, a)
-		case classes&upstream.ClassCustom != 0 && slices.Contains(b.NoCustomData, a):
-			item.ResultCode, item.ResultInfo = upstream.CodeNoCustomData, "no custom profile data for this account"
+		case classes&im.ClassCustom != 0 && slices.Contains(b.NoCustomData, a):
+			item.ResultCode, item.ResultInfo = im.CodeNoCustomData, "no custom profile data for this account"
 			resp.FailAccount = append(resp.FailAccount, a)
 		default:
 			for _, t := range tags {
 				v, set := s.value(a, t)
 				switch {
 				case set:
-					item.ProfileItem = append(item.ProfileItem, upstream.ProfileItem{Tag: t, Value: v})
+					item.ProfileItem = append(item.ProfileItem, im.ProfileItem{Tag: t, Value: v})
 				case b.UnsetAsEmpty:
 					empty := json.RawMessage(`""`)
 					if numericTags[t] {
 						empty = json.RawMessage(`0`)
 					}
-					item.ProfileItem = append(item.ProfileItem, upstream.ProfileItem{Tag: t, Value: empty})
+					item.ProfileItem = append(item.ProfileItem, im.ProfileItem{Tag: t, Value: empty})
 				}
 			}
 		}
@@ -609,7 +609,7 @@ func stringList(raws []json.RawMessage) ([]string, bool) {
 func (s *Server) portraitSet(w http.ResponseWriter, r *http.Request) {
 	if e := s.checkQuery(r); e != nil {
 		s.count(func(st *Stats) { st.AuthFailures++ })
-		writeJSON(w, upstream.Envelope{ActionStatus: e.ActionStatus, ErrorCode: e.ErrorCode, ErrorInfo: e.ErrorInfo})
+		writeJSON(w, im.Envelope{ActionStatus: e.ActionStatus, ErrorCode: e.ErrorCode, ErrorInfo: e.ErrorInfo})
 		return
 	}
 	s.mu.Lock()
@@ -622,13 +622,13 @@ func (s *Server) portraitSet(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "502 Bad Gateway", http.StatusBadGateway)
 		return
 	}
-	var req upstream.SetRequest
+	var req im.SetRequest
 	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
-		writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeBadRequest, ErrorInfo: "bad request: " + err.Error()})
+		writeJSON(w, im.Envelope{ActionStatus: im.StatusFail, ErrorCode: im.CodeBadRequest, ErrorInfo: "bad request: " + err.Error()})
 		return
 	}
 	if req.FromAccount == "" || !s.Exists(req.FromAccount) {
-		writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeAccountNotFound, ErrorInfo: "account does not exist"})
+		writeJSON(w, im.Envelope{ActionStatus: im.StatusFail, ErrorCode: im.CodeAccountNotFound, ErrorInfo: "account does not exist"})
 		return
 	}
 	s.mu.Lock()
@@ -636,12 +636,12 @@ func (s *Server) portraitSet(w http.ResponseWriter, r *http.Request) {
 	s.mu.Unlock()
 	for _, it := range req.ProfileItem {
 		if !b.knownTag(it.Tag) {
-			writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeTagNotExist, ErrorInfo: "tag does not exist: " + it.Tag})
+			writeJSON(w, im.Envelope{ActionStatus: im.StatusFail, ErrorCode: im.CodeTagNotExist, ErrorInfo: "tag does not exist: " + it.Tag})
 			return
 		}
 		if numericTags[it.Tag] {
 			if _, err := strconv.ParseUint(string(it.Value), 10, 64); err != nil {
-				writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: upstream.CodeBadRequest, ErrorInfo: it.Tag + " takes a number"})
+				writeJSON(w, im.Envelope{ActionStatus: im.StatusFail, ErrorCode: im.CodeBadRequest, ErrorInfo: it.Tag + " takes a number"})
 				return
 			}
 		}
@@ -651,14 +651,14 @@ func (s *Server) portraitSet(w http.ResponseWriter, r *http.Request) {
 		s.stats.SetThrottled++
 		code := s.behaviour.ThrottleCode
 		s.mu.Unlock()
-		writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusFail, ErrorCode: code, ErrorInfo: "portrait_set frequency limit"})
+		writeJSON(w, im.Envelope{ActionStatus: im.StatusFail, ErrorCode: code, ErrorInfo: "portrait_set frequency limit"})
 		return
 	}
 	s.sets.add(time.Now())
 	s.stats.Sets++
 	s.change(req.FromAccount, req.ProfileItem, "RESTAPI", s.cfg.Identifier)
 	s.mu.Unlock()
-	writeJSON(w, upstream.Envelope{ActionStatus: upstream.StatusOK})
+	writeJSON(w, im.Envelope{ActionStatus: im.StatusOK})
 }
 
 func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) {

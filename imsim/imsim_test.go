@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
@@ -36,8 +37,8 @@ func client(t *testing.T, sim *imsim.Server, base string) *upstream.Client {
 	return c
 }
 
-func get(c *upstream.Client, accounts ...string) (*upstream.GetResponse, error) {
-	return c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: accounts, TagList: []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_SelfSignature"}})
+func get(c *upstream.Client, accounts ...string) (*im.GetResponse, error) {
+	return c.PortraitGet(context.Background(), im.GetRequest{ToAccount: accounts, TagList: []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_SelfSignature"}})
 }
 
 // TestSlidingWindowIsExact fires calls faster than the quota from several
@@ -100,14 +101,14 @@ func TestSlidingWindowIsExact(t *testing.T) {
 	t.Logf("%d calls: %d accepted, %d throttled, max %d accepted in a sliding second", len(log), st.Accepted, st.Throttled, st.MaxAcceptPerSec)
 }
 
-func rawCall(t *testing.T, base string, query url.Values, body string) upstream.GetResponse {
+func rawCall(t *testing.T, base string, query url.Values, body string) im.GetResponse {
 	t.Helper()
-	resp, err := http.Post(base+upstream.PathGet+"?"+query.Encode(), "application/json", strings.NewReader(body))
+	resp, err := http.Post(base+im.PathGet+"?"+query.Encode(), "application/json", strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var out upstream.GetResponse
+	var out im.GetResponse
 	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +206,7 @@ func TestFaults(t *testing.T) {
 		t.Fatalf("answered in %v despite 30ms latency", d)
 	}
 	sim.SetFaults(imsim.Faults{Timeout: 1, TimeoutAfter: 50 * time.Millisecond})
-	if _, err := get(c, "user1"); upstream.KindOf(err) != upstream.KindHTTP {
+	if _, err := get(c, "user1"); upstream.KindOf(err) != im.KindHTTP {
 		t.Fatalf("timeout fault: %v", err)
 	}
 	if st := sim.Stats(); st.Timeouts != 1 {
@@ -224,7 +225,7 @@ func TestAdminEndpoints(t *testing.T) {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	if _, err := get(c, "user1"); upstream.KindOf(err) != upstream.KindHTTP {
+	if _, err := get(c, "user1"); upstream.KindOf(err) != im.KindHTTP {
 		t.Fatalf("after config: %v", err)
 	}
 	resp, err = http.Get(srv.URL + "/imsim/stats")
@@ -254,20 +255,20 @@ func TestAdminEndpoints(t *testing.T) {
 }
 
 // TestTagListLimitAndRepeats: the emulator refuses a TagList longer than
-// upstream.MaxTagsPerCall with 40001 and answers a repeated tag once.
+// im.MaxTagsPerCall with 40001 and answers a repeated tag once.
 func TestTagListLimitAndRepeats(t *testing.T) {
 	sim, srv := start(t, imsim.Config{})
 	c := client(t, sim, srv.URL)
-	long := make([]string, upstream.MaxTagsPerCall+1)
+	long := make([]string, im.MaxTagsPerCall+1)
 	for i := range long {
 		long[i] = "Tag_Profile_IM_Nick"
 	}
-	_, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: []string{"user1"}, TagList: long})
+	_, err := c.PortraitGet(context.Background(), im.GetRequest{ToAccount: []string{"user1"}, TagList: long})
 	var ue *upstream.Error
-	if !errors.As(err, &ue) || ue.Code != upstream.CodeBadRequest {
+	if !errors.As(err, &ue) || ue.Code != im.CodeBadRequest {
 		t.Fatalf("long TagList: %v", err)
 	}
-	resp, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: []string{"user1", "user1"}, TagList: long[1:]})
+	resp, err := c.PortraitGet(context.Background(), im.GetRequest{ToAccount: []string{"user1", "user1"}, TagList: long[1:]})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -289,9 +290,9 @@ func TestRefusalsAndNoData(t *testing.T) {
 		RejectAccounts: []string{"bad.id"},
 	}})
 	c := client(t, sim, srv.URL)
-	call := func(accounts []string, tags ...string) (*upstream.GetResponse, int, string) {
+	call := func(accounts []string, tags ...string) (*im.GetResponse, int, string) {
 		t.Helper()
-		resp, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: accounts, TagList: tags})
+		resp, err := c.PortraitGet(context.Background(), im.GetRequest{ToAccount: accounts, TagList: tags})
 		var ue *upstream.Error
 		if errors.As(err, &ue) {
 			return nil, ue.Code, ue.Info

@@ -7,11 +7,11 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // numericTags are the standard tags whose value is a number; the other
-// standard tags (upstream.StandardTags) hold strings.
+// standard tags (im.StandardTags) hold strings.
 var numericTags = map[string]bool{
 	"Tag_Profile_IM_BirthDay":    true,
 	"Tag_Profile_IM_Language":    true,
@@ -28,7 +28,7 @@ var DefaultCustomTags = []string{"Tag_Profile_Custom_Test", "Tag_Profile_Custom_
 var CustomTags = DefaultCustomTags
 
 func (b *Behaviour) knownTag(tag string) bool {
-	return upstream.IsStandardTag(tag) || slices.Contains(b.CustomTags, tag)
+	return im.IsStandardTag(tag) || slices.Contains(b.CustomTags, tag)
 }
 
 // AccountName returns the id of the i-th seeded account.

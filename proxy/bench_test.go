@@ -10,9 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
@@ -28,7 +28,7 @@ func BenchmarkHitPath(b *testing.B) {
 		b.Fatal(err)
 	}
 	h := p.Handler()
-	q := upstream.PathGet + "?sdkappid=1400000000&identifier=administrator&random=1&contenttype=json&usersig=" +
+	q := im.PathGet + "?sdkappid=1400000000&identifier=administrator&random=1&contenttype=json&usersig=" +
 		signFor(sim)
 	body := `{"To_Account":["user1"],"TagList":["Tag_Profile_IM_Nick"]}`
 	stop := runProxy(b, p)

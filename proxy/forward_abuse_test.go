@@ -14,9 +14,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
@@ -118,7 +118,7 @@ func TestAccountCallReadWhenCallerAcceptsGzip(t *testing.T) {
 	}
 	before := r.sim.FetchCount("user5")
 	got := r.get(t, []string{"user5"}, nickTag)
-	if len(got.UserProfileItem) != 1 || got.UserProfileItem[0].ResultCode != upstream.CodeAccountNotFound {
+	if len(got.UserProfileItem) != 1 || got.UserProfileItem[0].ResultCode != im.CodeAccountNotFound {
 		t.Fatalf("deleted account: %+v", got)
 	}
 	if n := r.sim.FetchCount("user5") - before; n != 0 {
@@ -148,8 +148,8 @@ func TestDuplicateQueryKeysNeverReachUpstream(t *testing.T) {
 			ActionStatus string
 			ErrorCode    int
 		}
-		if err := json.Unmarshal(body, &env); err != nil || status != http.StatusOK || env.ActionStatus != "FAIL" || env.ErrorCode != upstream.CodeHTTPParse {
-			t.Errorf("case %d: answer HTTP %d %s, want 200 FAIL %d", i, status, body, upstream.CodeHTTPParse)
+		if err := json.Unmarshal(body, &env); err != nil || status != http.StatusOK || env.ActionStatus != "FAIL" || env.ErrorCode != im.CodeHTTPParse {
+			t.Errorf("case %d: answer HTTP %d %s, want 200 FAIL %d", i, status, body, im.CodeHTTPParse)
 		}
 		seen := r.sim.Seen()
 		if len(seen) != 0 {
@@ -168,8 +168,8 @@ func TestDuplicateQueryKeysRefusedOnPortraitGet(t *testing.T) {
 		u, _, _ := strings.Cut(base, "?")
 		r.url = u + "?" + prefix + base[len(u)+1:]
 		got := r.get(t, []string{"user1"}, nickTag)
-		if got.ActionStatus != "FAIL" || got.ErrorCode != upstream.CodeHTTPParse {
-			t.Errorf("case %d: %+v, want FAIL %d", i, got, upstream.CodeHTTPParse)
+		if got.ActionStatus != "FAIL" || got.ErrorCode != im.CodeHTTPParse {
+			t.Errorf("case %d: %+v, want FAIL %d", i, got, im.CodeHTTPParse)
 		}
 	}
 	r.url = base

@@ -11,10 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // Forwarded bodies must not be buffered whole without bound: a caller with
@@ -80,8 +80,8 @@ func TestForwardBodyLimitWhenStreamed(t *testing.T) {
 		}
 		raw, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if e := envelopeOf(t, raw); resp.StatusCode != 200 || e.ErrorCode != upstream.CodeBadRequest || e.ActionStatus != "FAIL" {
-			t.Errorf("%s: %d %s, want HTTP 200 and %d", c.name, resp.StatusCode, raw, upstream.CodeBadRequest)
+		if e := envelopeOf(t, raw); resp.StatusCode != 200 || e.ErrorCode != im.CodeBadRequest || e.ActionStatus != "FAIL" {
+			t.Errorf("%s: %d %s, want HTTP 200 and %d", c.name, resp.StatusCode, raw, im.CodeBadRequest)
 		}
 	}
 	for _, s := range r.sim.Seen() {

@@ -17,10 +17,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
@@ -60,9 +60,9 @@ func (r *rig) call(t *testing.T, method, path, query, contentType string, body [
 	return resp.StatusCode, raw
 }
 
-func envelopeOf(t *testing.T, raw []byte) upstream.Envelope {
+func envelopeOf(t *testing.T, raw []byte) im.Envelope {
 	t.Helper()
-	var e upstream.Envelope
+	var e im.Envelope
 	if err := json.Unmarshal(raw, &e); err != nil {
 		t.Fatalf("answer %q: %v", raw, err)
 	}
@@ -102,7 +102,7 @@ func TestForwardUnchanged(t *testing.T) {
 	// Another admin of the app, with a valid UserSig of its own.
 	admin2 := callerQuery(r.sim, "admin2", r.sim.Key())
 	status, raw = r.call(t, http.MethodPost, "/v4/group_open_http_svc/get_appid_group_list", admin2, "application/json", []byte(`{}`))
-	if e := envelopeOf(t, raw); status != 200 || e.ErrorCode != upstream.CodeNeedAdmin {
+	if e := envelopeOf(t, raw); status != 200 || e.ErrorCode != im.CodeNeedAdmin {
 		t.Fatalf("upstream answered %d %+v, want its own 40004", status, e)
 	}
 	if s := r.sim.Seen()[1]; s.Identifier != "admin2" || s.UserSig != usersigOf(admin2) || s.RawQuery != admin2 {
@@ -132,7 +132,7 @@ func TestForwardForgedUserSig(t *testing.T) {
 		r := start(t, imsim.Config{}, proxy.Config{})
 		forged := callerQuery(r.sim, r.sim.Identifier(), "not-the-key")
 		status, raw := r.call(t, http.MethodPost, "/v4/im_open_login_svc/account_delete", forged, "application/json", []byte(`{"DeleteItem":[{"UserID":"user1"}]}`))
-		if e := envelopeOf(t, raw); status != 200 || e.ErrorCode != upstream.CodeSigMismatch {
+		if e := envelopeOf(t, raw); status != 200 || e.ErrorCode != im.CodeSigMismatch {
 			t.Fatalf("answer %d %+v, want 70009", status, e)
 		}
 		if n := len(r.sim.Seen()); n != 0 {
@@ -147,7 +147,7 @@ func TestForwardForgedUserSig(t *testing.T) {
 		forged := callerQuery(r.sim, r.sim.Identifier(), "not-the-key")
 		out := r.get(t, []string{"user1"}, nickTag) // cached, found
 		status, raw := r.call(t, http.MethodPost, "/v4/im_open_login_svc/account_delete", forged, "application/json", []byte(`{"DeleteItem":[{"UserID":"user1"}]}`))
-		if e := envelopeOf(t, raw); status != 200 || e.ErrorCode != upstream.CodeSigMismatch {
+		if e := envelopeOf(t, raw); status != 200 || e.ErrorCode != im.CodeSigMismatch {
 			t.Fatalf("answer %d %+v, want the upstream's 70009", status, e)
 		}
 		seen := r.sim.Seen()
@@ -172,15 +172,15 @@ func TestForwardRefusalsAndPaths(t *testing.T) {
 		body               []byte
 		code               int
 	}{
-		{"GET", http.MethodGet, "/v4/openim/sendmsg", nil, upstream.CodeHTTPParse},
-		{"dot-dot", http.MethodPost, "/v4/../v4/openim/sendmsg", []byte(`{}`), upstream.CodeHTTPParse},
-		{"dot-dot into portrait_get", http.MethodPost, "/v4/openim/../profile/portrait_get", []byte(`{}`), upstream.CodeHTTPParse},
-		{"dot", http.MethodPost, "/v4/./openim/sendmsg", []byte(`{}`), upstream.CodeHTTPParse},
-		{"escaped", http.MethodPost, "/v4/openim/%73endmsg", []byte(`{}`), upstream.CodeHTTPParse},
-		{"escaped slash", http.MethodPost, "/v4/openim%2Fsendmsg/x", []byte(`{}`), upstream.CodeHTTPParse},
-		{"too deep", http.MethodPost, "/v4/openim/sendmsg/more", []byte(`{}`), upstream.CodeHTTPParse},
-		{"no command", http.MethodPost, "/v4/openim", []byte(`{}`), upstream.CodeHTTPParse},
-		{"huge body", http.MethodPost, "/v4/openim/sendmsg", bytes.Repeat([]byte("x"), 1<<20), upstream.CodeBadRequest},
+		{"GET", http.MethodGet, "/v4/openim/sendmsg", nil, im.CodeHTTPParse},
+		{"dot-dot", http.MethodPost, "/v4/../v4/openim/sendmsg", []byte(`{}`), im.CodeHTTPParse},
+		{"dot-dot into portrait_get", http.MethodPost, "/v4/openim/../profile/portrait_get", []byte(`{}`), im.CodeHTTPParse},
+		{"dot", http.MethodPost, "/v4/./openim/sendmsg", []byte(`{}`), im.CodeHTTPParse},
+		{"escaped", http.MethodPost, "/v4/openim/%73endmsg", []byte(`{}`), im.CodeHTTPParse},
+		{"escaped slash", http.MethodPost, "/v4/openim%2Fsendmsg/x", []byte(`{}`), im.CodeHTTPParse},
+		{"too deep", http.MethodPost, "/v4/openim/sendmsg/more", []byte(`{}`), im.CodeHTTPParse},
+		{"no command", http.MethodPost, "/v4/openim", []byte(`{}`), im.CodeHTTPParse},
+		{"huge body", http.MethodPost, "/v4/openim/sendmsg", bytes.Repeat([]byte("x"), 1<<20), im.CodeBadRequest},
 	} {
 		status, raw := r.call(t, c.method, c.path, q, "application/json", c.body)
 		if e := envelopeOf(t, raw); status != 200 || e.ErrorCode != c.code || e.ActionStatus != "FAIL" || e.ErrorInfo == "" {
@@ -192,10 +192,10 @@ func TestForwardRefusalsAndPaths(t *testing.T) {
 	}
 	// Doubled and trailing slashes are read as the upstream's front reads
 	// them: answered (portrait_get) or forwarded to the canonical path.
-	body, _ := json.Marshal(upstream.GetRequest{ToAccount: []string{"user3"}, TagList: []string{nickTag}})
+	body, _ := json.Marshal(im.GetRequest{ToAccount: []string{"user3"}, TagList: []string{nickTag}})
 	for _, p := range []string{"//v4/profile/portrait_get", "/v4/profile/portrait_get/", "/v4//profile///portrait_get"} {
 		status, raw := r.call(t, http.MethodPost, p, q, "application/json", body)
-		var out upstream.GetResponse
+		var out im.GetResponse
 		if err := json.Unmarshal(raw, &out); err != nil || status != 200 || out.ErrorCode != 0 {
 			t.Fatalf("%s: %d %s", p, status, raw)
 		}
@@ -211,7 +211,7 @@ func TestForwardRefusalsAndPaths(t *testing.T) {
 func TestForwardOff(t *testing.T) {
 	r := start(t, imsim.Config{}, proxy.Config{DisableForward: true})
 	status, raw := r.call(t, http.MethodPost, "/v4/openim/sendmsg", callerQuery(r.sim, r.sim.Identifier(), r.sim.Key()), "application/json", []byte(`{}`))
-	if e := envelopeOf(t, raw); status != http.StatusNotFound || e.ErrorCode != upstream.CodeHTTPParse || !strings.Contains(e.ErrorInfo, "no such API") {
+	if e := envelopeOf(t, raw); status != http.StatusNotFound || e.ErrorCode != im.CodeHTTPParse || !strings.Contains(e.ErrorInfo, "no such API") {
 		t.Fatalf("%d %+v", status, e)
 	}
 	if len(r.sim.Seen()) != 0 {
@@ -228,7 +228,7 @@ func TestForwardUpstreamDown(t *testing.T) {
 		srv.Close()
 		status, raw := r.call(t, http.MethodPost, "/v4/openim/sendmsg", callerQuery(sim, sim.Identifier(), sim.Key()), "application/json", []byte(`{}`))
 		e := envelopeOf(t, raw)
-		if status != 200 || e.ActionStatus != "FAIL" || e.ErrorCode != upstream.CodeInternal || !strings.Contains(e.ErrorInfo, "not sent") {
+		if status != 200 || e.ActionStatus != "FAIL" || e.ErrorCode != im.CodeInternal || !strings.Contains(e.ErrorInfo, "not sent") {
 			t.Fatalf("%d %+v", status, e)
 		}
 		if strings.Contains(string(raw), "usersig") || forwarded(r, "openim", metrics.ForwardUnreachable) != 1 {
@@ -239,7 +239,7 @@ func TestForwardUpstreamDown(t *testing.T) {
 		r := start(t, imsim.Config{Faults: imsim.Faults{Latency: 3 * time.Second}}, proxy.Config{UpstreamTimeout: 200 * time.Millisecond})
 		status, raw := r.call(t, http.MethodPost, "/v4/openim/sendmsg", callerQuery(r.sim, r.sim.Identifier(), r.sim.Key()), "application/json", []byte(`{}`))
 		e := envelopeOf(t, raw)
-		if status != 200 || e.ErrorCode != upstream.CodeInternalTimeout || !strings.Contains(e.ErrorInfo, "may have been applied") {
+		if status != 200 || e.ErrorCode != im.CodeInternalTimeout || !strings.Contains(e.ErrorInfo, "may have been applied") {
 			t.Fatalf("%d %+v", status, e)
 		}
 		if n := r.sim.Stats().Other; n != 1 || forwarded(r, "openim", metrics.ForwardTimeout) != 1 {
@@ -281,7 +281,7 @@ func TestForwardNeverRetried(t *testing.T) {
 		_, raw := r.call(t, http.MethodPost, "/v4/openim/sendmsg", q, "application/json", []byte(`{}`))
 		codes = append(codes, envelopeOf(t, raw).ErrorCode)
 	}
-	if codes[0] != 0 || codes[1] != upstream.CodeFreqLimit {
+	if codes[0] != 0 || codes[1] != im.CodeFreqLimit {
 		t.Fatalf("codes %v, want 0 then the upstream's 60007", codes)
 	}
 	if st := r.sim.Stats(); st.Other != 4 || st.OtherThrottled != 1 {
@@ -313,7 +313,7 @@ func TestForgedAccountAnswersCannotPoison(t *testing.T) {
 		t.Fatalf("answer changed: %s", raw)
 	}
 	out := r.get(t, []string{"user4", "user8", "user9"}, nickTag)
-	for i, want := range []int{0, upstream.CodeAccountNotFound, 0} {
+	for i, want := range []int{0, im.CodeAccountNotFound, 0} {
 		if got := out.UserProfileItem[i].ResultCode; got != want {
 			t.Fatalf("%s: ResultCode %d, want %d", out.UserProfileItem[i].ToAccount, got, want)
 		}
@@ -341,7 +341,7 @@ func forwardAccount(t *testing.T, r *rig, path, body string) []byte {
 }
 
 // waitResult looks account up through r until its ResultCode is want.
-func waitResult(t *testing.T, r *rig, account string, want int, from time.Time) (upstream.UserProfile, time.Duration) {
+func waitResult(t *testing.T, r *rig, account string, want int, from time.Time) (im.UserProfile, time.Duration) {
 	t.Helper()
 	deadline := from.Add(2 * time.Second)
 	for {
@@ -367,7 +367,7 @@ func TestImportedFoundOnAllReplicas(t *testing.T) {
 			rigs := threeReplicas(t, setup(t), sim, srv.URL, proxy.Config{NegativeTTL: time.Hour})
 			for _, r := range rigs {
 				for _, a := range []string{"newbie", "multi1", "multi2"} {
-					if it := r.get(t, []string{a}, nickTag).UserProfileItem[0]; it.ResultCode != upstream.CodeAccountNotFound {
+					if it := r.get(t, []string{a}, nickTag).UserProfileItem[0]; it.ResultCode != im.CodeAccountNotFound {
 						t.Fatalf("%s before its import: %+v", a, it)
 					}
 				}
@@ -412,7 +412,7 @@ func TestDeletedNotFoundOnAllReplicas(t *testing.T) {
 				t.Fatalf("answer %s", raw)
 			}
 			for _, r := range rigs {
-				_, d := waitResult(t, r, "user5", upstream.CodeAccountNotFound, from)
+				_, d := waitResult(t, r, "user5", im.CodeAccountNotFound, from)
 				t.Logf("deleted account not found on %s after %v", r.p.Addr(), d)
 			}
 			if n := sim.FetchCount("user5"); n != fetched {

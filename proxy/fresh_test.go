@@ -11,24 +11,24 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 const nickTag = "Tag_Profile_IM_Nick"
 
 // set sends a portrait_set through r and returns the envelope.
-func (r *rig) set(t *testing.T, account string, items ...upstream.ProfileItem) upstream.Envelope {
+func (r *rig) set(t *testing.T, account string, items ...im.ProfileItem) im.Envelope {
 	t.Helper()
-	body, _ := json.Marshal(upstream.SetRequest{FromAccount: account, ProfileItem: items})
-	resp, err := r.httpc.Post(strings.Replace(r.url, upstream.PathGet, upstream.PathSet, 1), "application/json", bytes.NewReader(body))
+	body, _ := json.Marshal(im.SetRequest{FromAccount: account, ProfileItem: items})
+	resp, err := r.httpc.Post(strings.Replace(r.url, im.PathGet, im.PathSet, 1), "application/json", bytes.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var e upstream.Envelope
+	var e im.Envelope
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("portrait_set: HTTP %d", resp.StatusCode)
 	}
@@ -38,9 +38,9 @@ func (r *rig) set(t *testing.T, account string, items ...upstream.ProfileItem) u
 	return e
 }
 
-func nickItem(v string) upstream.ProfileItem {
+func nickItem(v string) im.ProfileItem {
 	b, _ := json.Marshal(v)
-	return upstream.ProfileItem{Tag: nickTag, Value: b}
+	return im.ProfileItem{Tag: nickTag, Value: b}
 }
 
 // nickOn reads account's nickname through r.
@@ -145,7 +145,7 @@ func TestCallbackToOneReplicaUpdatesAll(t *testing.T) {
 	for _, r := range rigs {
 		nickOn(t, r, acc)
 	}
-	if err := sim.ClientSet(acc, []upstream.ProfileItem{nickItem("from a client")}); err != nil {
+	if err := sim.ClientSet(acc, []im.ProfileItem{nickItem("from a client")}); err != nil {
 		t.Fatal(err)
 	}
 	changed := time.Now()
@@ -171,7 +171,7 @@ func TestCallbackToOneReplicaUpdatesAll(t *testing.T) {
 	}
 	// A callback with a wrong signature changes nothing.
 	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback", Token: "wrong"})
-	sim.ClientSet(acc, []upstream.ProfileItem{nickItem("forged")})
+	sim.ClientSet(acc, []im.ProfileItem{nickItem("forged")})
 	deadline = time.Now().Add(5 * time.Second)
 	for sim.Stats().CallbackErrors == 0 {
 		if time.Now().After(deadline) {
@@ -201,7 +201,7 @@ func TestCallbacksDuplicatedAndReordered(t *testing.T) {
 	var last string
 	for i := range changes {
 		last = "v" + string(rune('a'+i))
-		if err := sim.ClientSet(acc, []upstream.ProfileItem{nickItem(last)}); err != nil {
+		if err := sim.ClientSet(acc, []im.ProfileItem{nickItem(last)}); err != nil {
 			t.Fatal(err)
 		}
 		time.Sleep(time.Millisecond)
@@ -246,7 +246,7 @@ func TestUnsignedCallbackInvalidates(t *testing.T) {
 	for _, r := range rigs {
 		nickOn(t, r, acc)
 	}
-	if err := sim.ClientSet(acc, []upstream.ProfileItem{nickItem("real change")}); err != nil {
+	if err := sim.ClientSet(acc, []im.ProfileItem{nickItem("real change")}); err != nil {
 		t.Fatal(err)
 	}
 	changed := time.Now()
@@ -325,18 +325,18 @@ func TestSetErrors(t *testing.T) {
 		body string
 		code int
 	}{
-		{"not JSON", `{`, upstream.CodeJSONParse},
-		{"no account", `{"ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"x"}]}`, upstream.CodeBadRequest},
-		{"no items", `{"From_Account":"user1","ProfileItem":[]}`, upstream.CodeBadRequest},
-		{"bad tag", `{"From_Account":"user1","ProfileItem":[{"Tag":"Nick","Value":"x"}]}`, upstream.CodeInvalidTag},
-		{"no value", `{"From_Account":"user1","ProfileItem":[{"Tag":"Tag_Profile_IM_Nick"}]}`, upstream.CodeBadRequest},
-		{"long id", `{"From_Account":"` + strings.Repeat("x", 33) + `","ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"x"}]}`, upstream.CodeBadRequest},
+		{"not JSON", `{`, im.CodeJSONParse},
+		{"no account", `{"ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"x"}]}`, im.CodeBadRequest},
+		{"no items", `{"From_Account":"user1","ProfileItem":[]}`, im.CodeBadRequest},
+		{"bad tag", `{"From_Account":"user1","ProfileItem":[{"Tag":"Nick","Value":"x"}]}`, im.CodeInvalidTag},
+		{"no value", `{"From_Account":"user1","ProfileItem":[{"Tag":"Tag_Profile_IM_Nick"}]}`, im.CodeBadRequest},
+		{"long id", `{"From_Account":"` + strings.Repeat("x", 33) + `","ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"x"}]}`, im.CodeBadRequest},
 	} {
-		resp, err := r.httpc.Post(strings.Replace(r.url, upstream.PathGet, upstream.PathSet, 1), "application/json", strings.NewReader(c.body))
+		resp, err := r.httpc.Post(strings.Replace(r.url, im.PathGet, im.PathSet, 1), "application/json", strings.NewReader(c.body))
 		if err != nil {
 			t.Fatal(err)
 		}
-		var e upstream.Envelope
+		var e im.Envelope
 		json.NewDecoder(resp.Body).Decode(&e)
 		resp.Body.Close()
 		if resp.StatusCode != 200 || e.ErrorCode != c.code || e.ActionStatus != "FAIL" {
@@ -346,10 +346,10 @@ func TestSetErrors(t *testing.T) {
 	if st := r.sim.Stats(); st.Sets != 0 {
 		t.Fatalf("%d bad sets reached the upstream", st.Sets)
 	}
-	if e := r.set(t, "nobody", nickItem("x")); e.ErrorCode != upstream.CodeAccountNotFound {
+	if e := r.set(t, "nobody", nickItem("x")); e.ErrorCode != im.CodeAccountNotFound {
 		t.Fatalf("set on a missing account: %+v", e)
 	}
-	if e := r.set(t, "user1", upstream.ProfileItem{Tag: "Tag_Profile_IM_Level", Value: json.RawMessage(`"high"`)}); e.ErrorCode != upstream.CodeBadRequest {
+	if e := r.set(t, "user1", im.ProfileItem{Tag: "Tag_Profile_IM_Level", Value: json.RawMessage(`"high"`)}); e.ErrorCode != im.CodeBadRequest {
 		t.Fatalf("a refused value: %+v", e)
 	}
 	// A set that gets no answer (the upstream may or may not have applied
@@ -357,7 +357,7 @@ func TestSetErrors(t *testing.T) {
 	nickOn(t, r, "user2")
 	before := r.sim.FetchCount("user2")
 	r.sim.SetFaults(imsim.Faults{Fail502: 1})
-	if e := r.set(t, "user2", nickItem("lost")); e.ErrorCode != upstream.CodeInternal {
+	if e := r.set(t, "user2", nickItem("lost")); e.ErrorCode != im.CodeInternal {
 		t.Fatalf("a set answered 502: %+v", e)
 	}
 	r.sim.SetFaults(imsim.Faults{})

@@ -14,10 +14,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // crowd runs n good callers at once, each looking up its own cold account
@@ -82,7 +82,7 @@ func TestPoisonedTagCallerIsolated(t *testing.T) {
 	cfg := proxy.Config{Redis: rs.spec, BatchWindow: 5 * time.Millisecond}
 	a := startProxy(t, sim, srv.URL, cfg)
 	b := startProxy(t, sim, srv.URL, cfg)
-	var offended []upstream.GetResponse
+	var offended []im.GetResponse
 	failures := crowd(t, a, 1000, 200, func() {
 		out, err := a.try(context.Background(), []string{"user5"}, "Tag_Profile_IM_Nick", "Tag_Profile_Custom_Nope")
 		if err != nil {
@@ -98,7 +98,7 @@ func TestPoisonedTagCallerIsolated(t *testing.T) {
 		t.Fatal("the offender never got an answer")
 	}
 	for _, out := range offended {
-		if out.ErrorCode != upstream.CodeTagNotExist || !strings.Contains(out.ErrorInfo, "Tag_Profile_Custom_Nope") {
+		if out.ErrorCode != im.CodeTagNotExist || !strings.Contains(out.ErrorInfo, "Tag_Profile_Custom_Nope") {
 			t.Fatalf("offender got %d %q", out.ErrorCode, out.ErrorInfo)
 		}
 	}
@@ -123,7 +123,7 @@ func TestPoisonedTagCallerIsolated(t *testing.T) {
 	calls := sim.Stats().Calls
 	for _, r := range []*rig{a, b} {
 		out := r.get(t, []string{"user6"}, "Tag_Profile_Custom_Nope", "Tag_Profile_IM_Nick")
-		if out.ErrorCode != upstream.CodeTagNotExist || !strings.Contains(out.ErrorInfo, "Tag_Profile_Custom_Nope") {
+		if out.ErrorCode != im.CodeTagNotExist || !strings.Contains(out.ErrorInfo, "Tag_Profile_Custom_Nope") {
 			t.Fatalf("learned tag answered %d %q", out.ErrorCode, out.ErrorInfo)
 		}
 	}
@@ -139,7 +139,7 @@ func TestPoisonedTagCallerIsolated(t *testing.T) {
 func TestRejectedAccountCallerIsolated(t *testing.T) {
 	r := start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: -1, RejectAccounts: []string{"bad.id"}}},
 		proxy.Config{BatchWindow: 5 * time.Millisecond})
-	var offended []upstream.GetResponse
+	var offended []im.GetResponse
 	failures := crowd(t, r, 2000, 200, func() {
 		out, err := r.try(context.Background(), []string{"bad.id"}, "Tag_Profile_IM_Nick")
 		if err != nil {
@@ -152,7 +152,7 @@ func TestRejectedAccountCallerIsolated(t *testing.T) {
 		t.Fatalf("%d good callers failed next to a rejected account, e.g. %s", len(failures), failures[0])
 	}
 	for _, out := range offended {
-		if out.ErrorCode != upstream.CodeBadRequest || !strings.Contains(out.ErrorInfo, "bad.id") {
+		if out.ErrorCode != im.CodeBadRequest || !strings.Contains(out.ErrorInfo, "bad.id") {
 			t.Fatalf("offender got %d %q", out.ErrorCode, out.ErrorInfo)
 		}
 	}
@@ -193,7 +193,7 @@ func TestNoCustomDataLeavesStandardServed(t *testing.T) {
 			switch {
 			case err != nil:
 				errs <- err.Error()
-			case i%10 == 0 && (out.ErrorCode != upstream.CodeNoCustomData && (len(out.UserProfileItem) != 1 || out.UserProfileItem[0].ResultCode != upstream.CodeNoCustomData)):
+			case i%10 == 0 && (out.ErrorCode != im.CodeNoCustomData && (len(out.UserProfileItem) != 1 || out.UserProfileItem[0].ResultCode != im.CodeNoCustomData)):
 				errs <- fmt.Sprintf("custom caller: %+v", out)
 			case i%10 != 0 && (out.ErrorCode != 0 || out.UserProfileItem[0].ResultCode != 0 || len(out.UserProfileItem[0].ProfileItem) != 1):
 				errs <- fmt.Sprintf("Nick caller: %d %q %+v", out.ErrorCode, out.ErrorInfo, out.UserProfileItem)
@@ -207,8 +207,8 @@ func TestNoCustomDataLeavesStandardServed(t *testing.T) {
 	}
 	calls := r.sim.Stats().Calls
 	checkItem(t, r.get(t, []string{"user7"}, "Tag_Profile_IM_Nick").UserProfileItem[0], "user7", "Tag_Profile_IM_Nick")
-	if out := r.get(t, []string{"user7"}, "Tag_Profile_Custom_Test"); out.ErrorCode != upstream.CodeNoCustomData &&
-		out.UserProfileItem[0].ResultCode != upstream.CodeNoCustomData {
+	if out := r.get(t, []string{"user7"}, "Tag_Profile_Custom_Test"); out.ErrorCode != im.CodeNoCustomData &&
+		out.UserProfileItem[0].ResultCode != im.CodeNoCustomData {
 		t.Fatalf("custom tag of user7: %+v", out)
 	}
 	if got := r.sim.Stats().Calls; got != calls {
@@ -222,7 +222,7 @@ func TestNoCustomDataLeavesStandardServed(t *testing.T) {
 // repeated and odd account ids are answered once per mention.
 func TestAttackTagListAndAccounts(t *testing.T) {
 	r := start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: -1}}, proxy.Config{})
-	post := func(body string) (upstream.GetResponse, int) {
+	post := func(body string) (im.GetResponse, int) {
 		t.Helper()
 		resp, err := r.httpc.Post(r.url, "application/json", strings.NewReader(body))
 		if err != nil {
@@ -230,7 +230,7 @@ func TestAttackTagListAndAccounts(t *testing.T) {
 		}
 		defer resp.Body.Close()
 		raw, _ := io.ReadAll(resp.Body)
-		var out upstream.GetResponse
+		var out im.GetResponse
 		if err := json.Unmarshal(raw, &out); err != nil {
 			t.Fatalf("answer %q: %v", raw, err)
 		}
@@ -239,10 +239,10 @@ func TestAttackTagListAndAccounts(t *testing.T) {
 	rep := func(tag string, n int) string { return `"` + strings.Repeat(tag+`","`, n-1) + tag + `"` }
 	accs := `"user1","user2","user3","user4","user5","user6","user7","user8","user9","user10","user11","user12","user13","user14","user15","user16","user17","user18","user19","user20"`
 	out, _ := post(`{"To_Account":[` + accs + `],"TagList":[` + rep("Tag_Profile_IM_Nick", 40_000) + `]}`)
-	if out.ErrorCode != upstream.CodeBadRequest || r.sim.Stats().Calls != 0 {
+	if out.ErrorCode != im.CodeBadRequest || r.sim.Stats().Calls != 0 {
 		t.Fatalf("40,000 tags: %d %q, %d upstream calls", out.ErrorCode, out.ErrorInfo, r.sim.Stats().Calls)
 	}
-	out, size := post(`{"To_Account":[` + accs + `],"TagList":[` + rep("Tag_Profile_IM_Nick", upstream.MaxTagsPerCall) + `]}`)
+	out, size := post(`{"To_Account":[` + accs + `],"TagList":[` + rep("Tag_Profile_IM_Nick", im.MaxTagsPerCall) + `]}`)
 	if out.ErrorCode != 0 || len(out.UserProfileItem) != 20 || size > 4096 {
 		t.Fatalf("repeated tags: code %d, %d items, %d bytes", out.ErrorCode, len(out.UserProfileItem), size)
 	}
@@ -269,7 +269,7 @@ func TestAttackTagListAndAccounts(t *testing.T) {
 		}
 		if odd[i] == "user1" {
 			checkItem(t, it, "user1", "Tag_Profile_IM_Nick")
-		} else if it.ResultCode != upstream.CodeAccountNotFound {
+		} else if it.ResultCode != im.CodeAccountNotFound {
 			t.Fatalf("odd account %q: %+v", odd[i], it)
 		}
 	}

@@ -37,6 +37,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/httpapi"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/limiter"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
@@ -167,14 +168,14 @@ type Proxy struct {
 // per kind, counting what it held back, so an outage cannot flood the log.
 type failureLog struct {
 	mu   sync.Mutex
-	last map[upstream.Kind]time.Time
-	held map[upstream.Kind]int
+	last map[im.Kind]time.Time
+	held map[im.Kind]int
 }
 
-func (f *failureLog) log(log *slog.Logger, k upstream.Kind, err error) {
+func (f *failureLog) log(log *slog.Logger, k im.Kind, err error) {
 	f.mu.Lock()
 	if f.last == nil {
-		f.last, f.held = map[upstream.Kind]time.Time{}, map[upstream.Kind]int{}
+		f.last, f.held = map[im.Kind]time.Time{}, map[im.Kind]int{}
 	}
 	now := time.Now()
 	if now.Sub(f.last[k]) < time.Second {
@@ -198,7 +199,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 		cfg.AdminListen = ":9090"
 	}
 	if cfg.AdminIdentifier == "" {
-		cfg.AdminIdentifier = "administrator"
+		cfg.AdminIdentifier = im.DefaultAdministrator
 	}
 	if cfg.Rate == 0 {
 		cfg.Rate = 100
@@ -259,7 +260,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	transport := upstream.NewTransport()
 	client, err := upstream.New(upstream.Config{
 		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout, Transport: transport,
-		Observe: func(k upstream.Kind, d time.Duration, err error) {
+		Observe: func(k im.Kind, d time.Duration, err error) {
 			p.m.UpstreamCalls.WithLabelValues(k.String()).Inc()
 			p.m.UpstreamDuration.Observe(d.Seconds())
 			if err != nil {
@@ -316,7 +317,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	// stay out of upstream_calls_total (the lookup quota's figure).
 	setClient, err := upstream.New(upstream.Config{
 		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout, Transport: transport,
-		Observe: func(k upstream.Kind, d time.Duration, err error) {
+		Observe: func(k im.Kind, d time.Duration, err error) {
 			if err != nil {
 				p.failLog.log(log, k, err)
 			}
@@ -353,7 +354,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 		forward = &httpapi.ForwardConfig{Upstream: cfg.Upstream, Transport: transport, Timeout: cfg.UpstreamTimeout,
 			MaxBodyBytes: cfg.ForwardMaxBody, Accounts: p.cache,
 			OnError: func(service, result string, err error) {
-				p.failLog.log(log, upstream.KindTransport, fmt.Errorf("forwarded %s call: %s: %w", service, result, err))
+				p.failLog.log(log, im.KindTransport, fmt.Errorf("forwarded %s call: %s: %w", service, result, err))
 			}}
 	}
 	if callbackPath != "" && cfg.CallbackToken == "" && !cfg.CallbackUnsigned {
@@ -636,5 +637,5 @@ func (p *Proxy) CurlExample() string {
 	host := loopback(p.Addr())
 	sig := usersig.Sign(p.cfg.SecretKey, p.cfg.SDKAppID, p.cfg.AdminIdentifier, time.Now(), 24*time.Hour)
 	return fmt.Sprintf(`curl -s -X POST 'http://%s%s?sdkappid=%d&identifier=%s&usersig=%s&random=1&contenttype=json' -d '{"To_Account":["user1"],"TagList":["Tag_Profile_IM_Nick","Tag_Profile_IM_Level"]}'`,
-		host, upstream.PathGet, p.cfg.SDKAppID, p.cfg.AdminIdentifier, sig)
+		host, im.PathGet, p.cfg.SDKAppID, p.cfg.AdminIdentifier, sig)
 }

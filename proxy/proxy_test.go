@@ -19,9 +19,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
@@ -72,7 +72,7 @@ func startProxy(t *testing.T, sim *imsim.Server, simURL string, cfg proxy.Config
 	sig := usersig.Sign(sim.Key(), sim.SDKAppID(), sim.Identifier(), time.Now(), time.Hour)
 	q := url.Values{"sdkappid": {fmt.Sprint(sim.SDKAppID())}, "identifier": {sim.Identifier()}, "usersig": {sig}, "random": {"1"}, "contenttype": {"json"}}
 	tr := &http.Transport{MaxIdleConnsPerHost: 512}
-	r := &rig{sim: sim, p: p, url: "http://" + p.Addr() + upstream.PathGet + "?" + q.Encode(), httpc: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
+	r := &rig{sim: sim, p: p, url: "http://" + p.Addr() + im.PathGet + "?" + q.Encode(), httpc: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
 	var once sync.Once
 	var stopErr error
 	r.stop = func() error {
@@ -91,7 +91,7 @@ func startProxy(t *testing.T, sim *imsim.Server, simURL string, cfg proxy.Config
 	return r
 }
 
-func (r *rig) get(t *testing.T, accounts []string, tags ...string) upstream.GetResponse {
+func (r *rig) get(t *testing.T, accounts []string, tags ...string) im.GetResponse {
 	t.Helper()
 	out, err := r.try(context.Background(), accounts, tags...)
 	if err != nil {
@@ -100,15 +100,15 @@ func (r *rig) get(t *testing.T, accounts []string, tags ...string) upstream.GetR
 	return out
 }
 
-func (r *rig) try(ctx context.Context, accounts []string, tags ...string) (upstream.GetResponse, error) {
-	body, _ := json.Marshal(upstream.GetRequest{ToAccount: accounts, TagList: tags})
+func (r *rig) try(ctx context.Context, accounts []string, tags ...string) (im.GetResponse, error) {
+	body, _ := json.Marshal(im.GetRequest{ToAccount: accounts, TagList: tags})
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, r.url, bytes.NewReader(body))
 	resp, err := r.httpc.Do(req)
 	if err != nil {
-		return upstream.GetResponse{}, err
+		return im.GetResponse{}, err
 	}
 	defer resp.Body.Close()
-	var out upstream.GetResponse
+	var out im.GetResponse
 	if resp.StatusCode != 200 {
 		return out, fmt.Errorf("HTTP %d", resp.StatusCode)
 	}
@@ -116,15 +116,15 @@ func (r *rig) try(ctx context.Context, accounts []string, tags ...string) (upstr
 }
 
 // checkItem asserts an item holds exactly account's seeded values for tags.
-func checkItem(t *testing.T, it upstream.UserProfile, account string, tags ...string) {
+func checkItem(t *testing.T, it im.UserProfile, account string, tags ...string) {
 	t.Helper()
 	if it.ToAccount != account || it.ResultCode != 0 {
 		t.Fatalf("item %+v, want account %s", it, account)
 	}
-	var want []upstream.ProfileItem
+	var want []im.ProfileItem
 	for _, tag := range tags {
 		if v, ok := imsim.SeededValue(account, tag); ok {
-			want = append(want, upstream.ProfileItem{Tag: tag, Value: v})
+			want = append(want, im.ProfileItem{Tag: tag, Value: v})
 		}
 	}
 	if len(it.ProfileItem) != len(want) {
@@ -447,7 +447,7 @@ func TestDemoCurlExampleWorks(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var out upstream.GetResponse
+	var out im.GetResponse
 	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
 		t.Fatal(err)
 	}

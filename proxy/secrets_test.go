@@ -13,9 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
@@ -64,7 +64,7 @@ func TestNoSecretsInLogsOrErrors(t *testing.T) {
 	for i := range 60 {
 		wg.Go(func() {
 			sig := sigs[i%len(sigs)]
-			url := "http://" + p.Addr() + upstream.PathGet + "?sdkappid=1400000000&identifier=administrator&random=1&contenttype=json&usersig=" + sig
+			url := "http://" + p.Addr() + im.PathGet + "?sdkappid=1400000000&identifier=administrator&random=1&contenttype=json&usersig=" + sig
 			body := `{"To_Account":["` + imsim.AccountName(5000+i) + `"],"TagList":["Tag_Profile_IM_Nick"]}`
 			resp, err := http.Post(url, "application/json", strings.NewReader(body))
 			if err != nil {

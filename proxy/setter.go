@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/httpapi"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/limiter"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
@@ -23,7 +24,7 @@ type setter struct {
 	backoff time.Duration // after a throttling answer; default 1s
 }
 
-func (s *setter) PortraitSet(ctx context.Context, req upstream.SetRequest) (err error) {
+func (s *setter) PortraitSet(ctx context.Context, req im.SetRequest) (err error) {
 	unsure := false // some attempt may have been applied
 	defer func() {
 		if unsure && err != nil && !errors.Is(err, httpapi.ErrMaybeApplied) {
@@ -52,13 +53,13 @@ func (s *setter) PortraitSet(ctx context.Context, req upstream.SetRequest) (err 
 		err = s.client.PortraitSet(ctx, req)
 		permit.Done()
 		switch upstream.KindOf(err) {
-		case upstream.KindOK:
+		case im.KindOK:
 			return nil
-		case upstream.KindThrottled:
+		case im.KindThrottled:
 			if th, ok := s.lim.(interface{ Throttled(time.Duration) }); ok {
 				th.Throttled(upstream.ThrottlePause(err, s.backoff))
 			}
-		case upstream.KindTransport, upstream.KindHTTP, upstream.KindTransient:
+		case im.KindTransport, im.KindHTTP, im.KindTransient:
 			unsure = true
 		default:
 			return err

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/httpapi"
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/limiter"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
@@ -47,9 +48,9 @@ func TestSetterUnknownThenThrottledMaybeApplied(t *testing.T) {
 	s := &setter{lim: lim, client: client, backoff: 10 * time.Millisecond}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	err = s.PortraitSet(ctx, upstream.SetRequest{FromAccount: "u1", ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: []byte(`"x"`)}}})
+	err = s.PortraitSet(ctx, im.SetRequest{FromAccount: "u1", ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: []byte(`"x"`)}}})
 	var ue *upstream.Error
-	if calls.Load() != 3 || !errors.As(err, &ue) || ue.Code != upstream.CodeFreqLimit {
+	if calls.Load() != 3 || !errors.As(err, &ue) || ue.Code != im.CodeFreqLimit {
 		t.Fatalf("%d calls, error %v; want 3 calls ending throttled", calls.Load(), err)
 	}
 	if !errors.Is(err, httpapi.ErrMaybeApplied) {
@@ -57,7 +58,7 @@ func TestSetterUnknownThenThrottledMaybeApplied(t *testing.T) {
 	}
 	// Throttled throughout: known not applied.
 	calls.Store(1)
-	err = s.PortraitSet(ctx, upstream.SetRequest{FromAccount: "u1", ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: []byte(`"x"`)}}})
+	err = s.PortraitSet(ctx, im.SetRequest{FromAccount: "u1", ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: []byte(`"x"`)}}})
 	if errors.Is(err, httpapi.ErrMaybeApplied) || !errors.As(err, &ue) {
 		t.Fatalf("throttled only: %v", err)
 	}

@@ -23,9 +23,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // selfSigned returns a PEM certificate and key for 127.0.0.1 with serial.
@@ -81,7 +81,7 @@ func TestTLSServedAndRotated(t *testing.T) {
 	roots.AddCert(x2)
 	base := "https://" + r.p.Addr()
 	_, query, _ := strings.Cut(r.url, "?")
-	lookup := base + upstream.PathGet + "?" + query
+	lookup := base + im.PathGet + "?" + query
 	body := `{"To_Account":["user1"],"TagList":["Tag_Profile_IM_Nick"]}`
 
 	h2 := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}, ForceAttemptHTTP2: true}
@@ -98,7 +98,7 @@ func TestTLSServedAndRotated(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var out upstream.GetResponse
+		var out im.GetResponse
 		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
 			t.Fatal(err)
 		}

@@ -5,7 +5,7 @@
 // adds a fresh random request id, keeps connections alive, and bounds each
 // call by a timeout longer than the upstream's own 3 s. It never follows
 // redirects (they would carry the UserSig elsewhere). Every failure is
-// returned as an *Error that says what kind it is (see Kind); no error text
+// returned as an *Error that says what kind it is (see im.Kind); no error text
 // holds the UserSig. A Client is safe for concurrent use.
 package upstream
 
@@ -24,17 +24,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
-
-// Paths of the profile calls, relative to the base URL.
-const (
-	PathGet = "/v4/profile/portrait_get"
-	PathSet = "/v4/profile/portrait_set"
-)
-
-// MaxAccountsPerCall is the upstream's limit on To_Account.
-const MaxAccountsPerCall = 100
 
 // maxResponseBytes caps an answer: 100 accounts × a dozen 500-byte tags is
 // well under 1 MiB.
@@ -55,7 +47,7 @@ type Config struct {
 	// Observe, if set, is told of every HTTP call made: the Kind of its
 	// outcome, its duration and its error (nil when OK; the text holds no
 	// UserSig). It is called exactly once per call.
-	Observe func(kind Kind, d time.Duration, err error)
+	Observe func(kind im.Kind, d time.Duration, err error)
 }
 
 // Client calls the IM REST API. Create it with New.
@@ -64,7 +56,7 @@ type Client struct {
 	signer  *usersig.Signer
 	timeout time.Duration
 	http    *http.Client
-	observe func(Kind, time.Duration, error)
+	observe func(im.Kind, time.Duration, error)
 }
 
 // New validates cfg and returns a Client.
@@ -86,7 +78,7 @@ func New(cfg Config) (*Client, error) {
 	}
 	obs := cfg.Observe
 	if obs == nil {
-		obs = func(Kind, time.Duration, error) {}
+		obs = func(im.Kind, time.Duration, error) {}
 	}
 	return &Client{
 		base:    u,
@@ -118,11 +110,11 @@ func NewTransport() *http.Transport {
 // Error is a failed call. Kind says what to do about it; Code is the IM
 // error code when the upstream answered with one.
 type Error struct {
-	Kind   Kind
-	Code   int    // IM ErrorCode, for KindThrottled, KindAuth, KindNotFound, KindTransient, KindRejected
-	Status int    // HTTP status, for KindHTTP
+	Kind   im.Kind
+	Code   int    // IM ErrorCode, for im.KindThrottled, im.KindAuth, im.KindNotFound, im.KindTransient, im.KindRejected
+	Status int    // HTTP status, for im.KindHTTP
 	Info   string // the upstream's ErrorInfo, or a description
-	Err    error  // the cause, for KindTransport; its text holds no UserSig
+	Err    error  // the cause, for im.KindTransport; its text holds no UserSig
 }
 
 func (e *Error) Error() string {
@@ -140,15 +132,15 @@ func (e *Error) Unwrap() error { return e.Err }
 
 // KindOf returns the Kind of err: an *Error's Kind, KindOK for nil, and
 // KindTransport for anything else.
-func KindOf(err error) Kind {
+func KindOf(err error) im.Kind {
 	var e *Error
 	switch {
 	case err == nil:
-		return KindOK
+		return im.KindOK
 	case errors.As(err, &e):
 		return e.Kind
 	default:
-		return KindTransport
+		return im.KindTransport
 	}
 }
 
@@ -156,13 +148,13 @@ func KindOf(err error) Kind {
 // the answer when ErrorCode is 0 (per-account failures are in the items and
 // Fail_Account), and an *Error otherwise. ctx bounds the call together with
 // the Client's timeout.
-func (c *Client) PortraitGet(ctx context.Context, req GetRequest) (*GetResponse, error) {
+func (c *Client) PortraitGet(ctx context.Context, req im.GetRequest) (*im.GetResponse, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return nil, fmt.Errorf("upstream: encode request: %w", err)
 	}
-	var resp GetResponse
-	if err := c.call(ctx, PathGet, body, &resp); err != nil {
+	var resp im.GetResponse
+	if err := c.call(ctx, im.PathGet, body, &resp, func() (int, string) { return resp.ErrorCode, resp.ErrorInfo }); err != nil {
 		if resp.ErrorCode != 0 {
 			return &resp, err
 		}
@@ -173,13 +165,13 @@ func (c *Client) PortraitGet(ctx context.Context, req GetRequest) (*GetResponse,
 
 // PortraitSet writes profile items for one account. It returns nil when the
 // upstream answered ErrorCode 0, and an *Error otherwise.
-func (c *Client) PortraitSet(ctx context.Context, req SetRequest) error {
+func (c *Client) PortraitSet(ctx context.Context, req im.SetRequest) error {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return fmt.Errorf("upstream: encode request: %w", err)
 	}
-	var resp Envelope
-	return c.call(ctx, PathSet, body, &resp)
+	var resp im.Envelope
+	return c.call(ctx, im.PathSet, body, &resp, func() (int, string) { return resp.ErrorCode, resp.ErrorInfo })
 }
 
 func (c *Client) endpoint(path string) (full, redacted string) {
@@ -196,17 +188,10 @@ func (c *Client) endpoint(path string) (full, redacted string) {
 	return u.String(), redacted
 }
 
-// answer is what call decodes into: an IM answer with a status.
-type answer interface {
-	status() (code int, info string)
-}
-
-func (r *GetResponse) status() (int, string) { return r.ErrorCode, r.ErrorInfo }
-func (e *Envelope) status() (int, string)    { return e.ErrorCode, e.ErrorInfo }
-
-// call posts body and decodes a 200 answer into out, returning an *Error for
-// a non-zero ErrorCode. It reports the call to observe exactly once.
-func (c *Client) call(ctx context.Context, path string, body []byte, out answer) (err error) {
+// call posts body and decodes a 200 answer into out, returning an *Error
+// when status (read after decoding) gives a non-zero ErrorCode. It reports
+// the call to observe exactly once.
+func (c *Client) call(ctx context.Context, path string, body []byte, out any, status func() (code int, info string)) (err error) {
 	start := time.Now()
 	defer func() { c.observe(KindOf(err), time.Since(start), err) }()
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
@@ -214,30 +199,30 @@ func (c *Client) call(ctx context.Context, path string, body []byte, out answer)
 	full, redacted := c.endpoint(path)
 	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, full, bytes.NewReader(body))
 	if err != nil {
-		return &Error{Kind: KindTransport, Err: redact(err, full, redacted)}
+		return &Error{Kind: im.KindTransport, Err: redact(err, full, redacted)}
 	}
 	hreq.Header.Set("Content-Type", "application/json")
 	hresp, err := c.http.Do(hreq)
 	if err != nil {
-		return &Error{Kind: KindTransport, Err: redact(err, full, redacted)}
+		return &Error{Kind: im.KindTransport, Err: redact(err, full, redacted)}
 	}
 	defer hresp.Body.Close()
 	if hresp.StatusCode != http.StatusOK {
 		io.Copy(io.Discard, io.LimitReader(hresp.Body, 64<<10)) // keep the connection reusable
-		return &Error{Kind: KindHTTP, Status: hresp.StatusCode}
+		return &Error{Kind: im.KindHTTP, Status: hresp.StatusCode}
 	}
 	raw, err := io.ReadAll(io.LimitReader(hresp.Body, maxResponseBytes+1))
 	if err != nil {
-		return &Error{Kind: KindTransport, Err: redact(err, full, redacted)}
+		return &Error{Kind: im.KindTransport, Err: redact(err, full, redacted)}
 	}
 	if len(raw) > maxResponseBytes {
-		return &Error{Kind: KindTransport, Err: fmt.Errorf("answer longer than %d bytes", maxResponseBytes)}
+		return &Error{Kind: im.KindTransport, Err: fmt.Errorf("answer longer than %d bytes", maxResponseBytes)}
 	}
 	if err := json.Unmarshal(raw, out); err != nil {
-		return &Error{Kind: KindTransport, Err: fmt.Errorf("decode answer: %v", err)}
+		return &Error{Kind: im.KindTransport, Err: fmt.Errorf("decode answer: %v", err)}
 	}
-	if code, info := out.status(); code != 0 {
-		return &Error{Kind: Classify(code), Code: code, Info: info}
+	if code, info := status(); code != 0 {
+		return &Error{Kind: im.Classify(code), Code: code, Info: info}
 	}
 	return nil
 }
@@ -253,4 +238,14 @@ func redact(err error, full, redacted string) error {
 		return errors.New(strings.ReplaceAll(err.Error(), full, redacted))
 	}
 	return err
+}
+
+// ThrottlePause is how long to pause all calls after the throttling error
+// err: im.SigFailureRetryAfter for 70050, base for the others.
+func ThrottlePause(err error, base time.Duration) time.Duration {
+	var ue *Error
+	if errors.As(err, &ue) && ue.Code == im.CodeSigFailureLimit {
+		return max(base, im.SigFailureRetryAfter)
+	}
+	return base
 }

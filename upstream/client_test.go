@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
@@ -49,7 +50,7 @@ func TestPortraitGetHundredAccounts(t *testing.T) {
 	c, _ := newClient(t, sim, srv.URL, sim.Key())
 	accs := accounts(100)
 	tags := []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Level", "Tag_Profile_Custom_Test"}
-	resp, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: accs, TagList: tags})
+	resp, err := c.PortraitGet(context.Background(), im.GetRequest{ToAccount: accs, TagList: tags})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +85,7 @@ func TestPortraitGetKeepsUint64Exact(t *testing.T) {
 	c, _ := newClient(t, sim, srv.URL, sim.Key())
 	sim.Put("user1", "Tag_Profile_IM_Level", json.RawMessage("18446744073709551615"))
 	sim.Put("user1", "Tag_Profile_IM_Nick", json.RawMessage(`"12345678901234567890"`))
-	resp, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: []string{"user1"}, TagList: []string{"Tag_Profile_IM_Level", "Tag_Profile_IM_Nick"}})
+	resp, err := c.PortraitGet(context.Background(), im.GetRequest{ToAccount: []string{"user1"}, TagList: []string{"Tag_Profile_IM_Level", "Tag_Profile_IM_Nick"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,19 +102,19 @@ func TestPortraitGetErrorClasses(t *testing.T) {
 		key      string // signing key; empty means the emulator's
 		accounts []string
 		tags     []string
-		kind     upstream.Kind
+		kind     im.Kind
 		code     int
 		status   int
 	}{
-		{name: "101 accounts refused", accounts: accounts(101), kind: upstream.KindRejected, code: 40001},
-		{name: "no accounts", accounts: []string{}, kind: upstream.KindRejected, code: 40002},
-		{name: "unknown tag", accounts: accounts(1), tags: []string{"Tag_Profile_Custom_Nope"}, kind: upstream.KindRejected, code: 40009},
-		{name: "invalid tag name", accounts: accounts(1), tags: []string{"Tag_Bogus"}, kind: upstream.KindRejected, code: 40801},
-		{name: "wrong key", key: "not-the-key", accounts: accounts(1), kind: upstream.KindAuth, code: 70009},
-		{name: "http 502", cfg: imsim.Config{Faults: imsim.Faults{Fail502: 1}}, accounts: accounts(1), kind: upstream.KindHTTP, status: 502},
-		{name: "whole-call 40003", cfg: imsim.Config{Behaviour: imsim.Behaviour{MissingFailsCall: true}}, accounts: []string{"user1", "nobody"}, kind: upstream.KindNotFound, code: 40003},
-		{name: "whole-call internal", cfg: imsim.Config{Faults: imsim.Faults{CallErrorCode: 40006}}, accounts: accounts(1), kind: upstream.KindTransient, code: 40006},
-		{name: "throttle code", cfg: imsim.Config{Faults: imsim.Faults{CallErrorCode: 60011}}, accounts: accounts(1), kind: upstream.KindThrottled, code: 60011},
+		{name: "101 accounts refused", accounts: accounts(101), kind: im.KindRejected, code: 40001},
+		{name: "no accounts", accounts: []string{}, kind: im.KindRejected, code: 40002},
+		{name: "unknown tag", accounts: accounts(1), tags: []string{"Tag_Profile_Custom_Nope"}, kind: im.KindRejected, code: 40009},
+		{name: "invalid tag name", accounts: accounts(1), tags: []string{"Tag_Bogus"}, kind: im.KindRejected, code: 40801},
+		{name: "wrong key", key: "not-the-key", accounts: accounts(1), kind: im.KindAuth, code: 70009},
+		{name: "http 502", cfg: imsim.Config{Faults: imsim.Faults{Fail502: 1}}, accounts: accounts(1), kind: im.KindHTTP, status: 502},
+		{name: "whole-call 40003", cfg: imsim.Config{Behaviour: imsim.Behaviour{MissingFailsCall: true}}, accounts: []string{"user1", "nobody"}, kind: im.KindNotFound, code: 40003},
+		{name: "whole-call internal", cfg: imsim.Config{Faults: imsim.Faults{CallErrorCode: 40006}}, accounts: accounts(1), kind: im.KindTransient, code: 40006},
+		{name: "throttle code", cfg: imsim.Config{Faults: imsim.Faults{CallErrorCode: 60011}}, accounts: accounts(1), kind: im.KindThrottled, code: 60011},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -127,7 +128,7 @@ func TestPortraitGetErrorClasses(t *testing.T) {
 			if tags == nil {
 				tags = []string{"Tag_Profile_IM_Nick"}
 			}
-			_, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: tt.accounts, TagList: tags})
+			_, err := c.PortraitGet(context.Background(), im.GetRequest{ToAccount: tt.accounts, TagList: tags})
 			var ue *upstream.Error
 			if !errors.As(err, &ue) {
 				t.Fatalf("err = %v, want *upstream.Error", err)
@@ -145,22 +146,22 @@ func TestPortraitGetErrorClasses(t *testing.T) {
 func TestPortraitGetPerAccountFailure(t *testing.T) {
 	sim, srv := startSim(t, imsim.Config{})
 	c, _ := newClient(t, sim, srv.URL, sim.Key())
-	resp, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: []string{"user1", "ghost", "user2"}, TagList: []string{"Tag_Profile_IM_Nick"}})
+	resp, err := c.PortraitGet(context.Background(), im.GetRequest{ToAccount: []string{"user1", "ghost", "user2"}, TagList: []string{"Tag_Profile_IM_Nick"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !slices.Equal(resp.FailAccount, []string{"ghost"}) {
 		t.Fatalf("Fail_Account = %v", resp.FailAccount)
 	}
-	if it := resp.UserProfileItem[1]; it.ResultCode != 40003 || upstream.Classify(it.ResultCode) != upstream.KindNotFound {
+	if it := resp.UserProfileItem[1]; it.ResultCode != 40003 || im.Classify(it.ResultCode) != im.KindNotFound {
 		t.Fatalf("ghost item = %+v", it)
 	}
 	sim.SetFaults(imsim.Faults{ItemInternal: 1})
-	resp, err = c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: []string{"user1"}, TagList: []string{"Tag_Profile_IM_Nick"}})
+	resp, err = c.PortraitGet(context.Background(), im.GetRequest{ToAccount: []string{"user1"}, TagList: []string{"Tag_Profile_IM_Nick"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if it := resp.UserProfileItem[0]; it.ResultCode != 40006 || upstream.Classify(it.ResultCode) != upstream.KindTransient || len(resp.FailAccount) != 1 {
+	if it := resp.UserProfileItem[0]; it.ResultCode != 40006 || im.Classify(it.ResultCode) != im.KindTransient || len(resp.FailAccount) != 1 {
 		t.Fatalf("item = %+v, fail %v", it, resp.FailAccount)
 	}
 }
@@ -170,11 +171,11 @@ func TestPortraitGetThrottledAfterQuota(t *testing.T) {
 	c, _ := newClient(t, sim, srv.URL, sim.Key())
 	var ok, throttled int
 	for range 12 {
-		_, err := c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: []string{"user1"}, TagList: []string{"Tag_Profile_IM_Nick"}})
+		_, err := c.PortraitGet(context.Background(), im.GetRequest{ToAccount: []string{"user1"}, TagList: []string{"Tag_Profile_IM_Nick"}})
 		switch k := upstream.KindOf(err); k {
-		case upstream.KindOK:
+		case im.KindOK:
 			ok++
-		case upstream.KindThrottled:
+		case im.KindThrottled:
 			throttled++
 		default:
 			t.Fatalf("unexpected %v", err)
@@ -217,8 +218,8 @@ func TestTransportErrorsAreRedacted(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, err = c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: []string{"user1"}, TagList: []string{"Tag_Profile_IM_Nick"}})
-		if upstream.KindOf(err) != upstream.KindTransport {
+		_, err = c.PortraitGet(context.Background(), im.GetRequest{ToAccount: []string{"user1"}, TagList: []string{"Tag_Profile_IM_Nick"}})
+		if upstream.KindOf(err) != im.KindTransport {
 			t.Fatalf("%s: err = %v, want transport", base, err)
 		}
 		msg := err.Error()
@@ -235,8 +236,8 @@ func TestObserveCountsEveryCall(t *testing.T) {
 	sim, srv := startSim(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: 3}})
 	signer := usersig.NewSigner(sim.Key(), sim.SDKAppID(), sim.Identifier(), time.Hour, nil)
 	var mu sync.Mutex
-	kinds := map[upstream.Kind]int{}
-	c, err := upstream.New(upstream.Config{BaseURL: srv.URL, Signer: signer, Observe: func(k upstream.Kind, d time.Duration, _ error) {
+	kinds := map[im.Kind]int{}
+	c, err := upstream.New(upstream.Config{BaseURL: srv.URL, Signer: signer, Observe: func(k im.Kind, d time.Duration, _ error) {
 		mu.Lock()
 		kinds[k]++
 		mu.Unlock()
@@ -245,9 +246,9 @@ func TestObserveCountsEveryCall(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range 5 {
-		c.PortraitGet(context.Background(), upstream.GetRequest{ToAccount: []string{"user1"}, TagList: []string{"Tag_Profile_IM_Nick"}})
+		c.PortraitGet(context.Background(), im.GetRequest{ToAccount: []string{"user1"}, TagList: []string{"Tag_Profile_IM_Nick"}})
 	}
-	if kinds[upstream.KindOK] != 3 || kinds[upstream.KindThrottled] != 2 || int64(len(kinds)) != 2 {
+	if kinds[im.KindOK] != 3 || kinds[im.KindThrottled] != 2 || int64(len(kinds)) != 2 {
 		t.Fatalf("observed %v", kinds)
 	}
 	if st := sim.Stats(); st.Calls != 5 {
@@ -270,15 +271,15 @@ func TestNewRejectsBadConfig(t *testing.T) {
 func TestPortraitSet(t *testing.T) {
 	sim, srv := startSim(t, imsim.Config{})
 	c, _ := newClient(t, sim, srv.URL, sim.Key())
-	err := c.PortraitSet(context.Background(), upstream.SetRequest{FromAccount: "user3", ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"changed"`)}}})
+	err := c.PortraitSet(context.Background(), im.SetRequest{FromAccount: "user3", ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"changed"`)}}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if v, _ := sim.Value("user3", "Tag_Profile_IM_Nick"); string(v) != `"changed"` {
 		t.Fatalf("value %s", v)
 	}
-	err = c.PortraitSet(context.Background(), upstream.SetRequest{FromAccount: "ghost", ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"x"`)}}})
-	if upstream.KindOf(err) != upstream.KindNotFound {
+	err = c.PortraitSet(context.Background(), im.SetRequest{FromAccount: "ghost", ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"x"`)}}})
+	if upstream.KindOf(err) != im.KindNotFound {
 		t.Fatalf("set on ghost: %v", err)
 	}
 }

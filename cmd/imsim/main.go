@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 )
 
@@ -40,7 +41,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	listen := fs.String("listen", "127.0.0.1:8081", "address to serve on")
 	var cfg imsim.Config
 	fs.Uint64Var(&cfg.SDKAppID, "sdkappid", 1400000000, "SDKAppID of the emulated app")
-	fs.StringVar(&cfg.Identifier, "identifier", "administrator", "admin account")
+	fs.StringVar(&cfg.Identifier, "identifier", im.DefaultAdministrator, "admin account")
 	fs.IntVar(&cfg.Accounts, "accounts", 1_000_000, "seeded accounts user0…user<N-1>")
 	fs.IntVar(&cfg.Behaviour.Quota, "quota", 100, "portrait_get calls accepted in any sliding second (negative: unlimited)")
 	fs.IntVar(&cfg.Behaviour.ThrottleCode, "throttle-code", 60007, "error code answering calls over the quota")

@@ -25,7 +25,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // forwardResult is the forwarding and TLS scenario.
@@ -149,7 +149,7 @@ func forward(o options, out io.Writer) error {
 		{"TLS (RSA 2048), new connection, session resumed", tlsProxy["RSA 2048"], "https", false, true},
 	}
 	for _, v := range variants {
-		u := v.scheme + "://" + v.p.addrs[0] + upstream.PathGet + q
+		u := v.scheme + "://" + v.p.addrs[0] + im.PathGet + q
 		res, err := tlsLoop(v.name, v.p, u, body, roots, v.keepAlive, v.resume, d/2)
 		if err != nil {
 			return fmt.Errorf("%s: %w", v.name, err)

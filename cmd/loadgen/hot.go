@@ -20,8 +20,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // serveBare is the baseline: a server that only decodes the request JSON
@@ -40,17 +40,17 @@ func serveBare(addr string) error {
 			ToAccount []json.RawMessage `json:"To_Account"`
 			TagList   []json.RawMessage `json:"TagList"`
 		}
-		resp := &upstream.GetResponse{ActionStatus: "OK", UserProfileItem: []upstream.UserProfile{}, FailAccount: []string{}, InvalidAccount: []string{}}
+		resp := &im.GetResponse{ActionStatus: "OK", UserProfileItem: []im.UserProfile{}, FailAccount: []string{}, InvalidAccount: []string{}}
 		if err := json.Unmarshal(raw, &req); err == nil {
 			for _, a := range req.ToAccount {
 				var account string
 				json.Unmarshal(a, &account)
-				it := upstream.UserProfile{ToAccount: account, ProfileItem: []upstream.ProfileItem{}}
+				it := im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{}}
 				for _, t := range req.TagList {
 					var tag string
 					json.Unmarshal(t, &tag)
 					if v, ok := imsim.SeededValue(account, tag); ok {
-						it.ProfileItem = append(it.ProfileItem, upstream.ProfileItem{Tag: tag, Value: v})
+						it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: tag, Value: v})
 					}
 				}
 				resp.UserProfileItem = append(resp.UserProfileItem, it)
@@ -245,12 +245,12 @@ func warmUp(url string, n int) error {
 		for k := i; k < min(n, i+100); k++ {
 			accs = append(accs, imsim.AccountName(k))
 		}
-		body, _ := json.Marshal(upstream.GetRequest{ToAccount: accs, TagList: []string{"Tag_Profile_IM_Nick"}})
+		body, _ := json.Marshal(im.GetRequest{ToAccount: accs, TagList: []string{"Tag_Profile_IM_Nick"}})
 		got, err := c.post(string(body))
 		if err != nil {
 			return err
 		}
-		var r upstream.GetResponse
+		var r im.GetResponse
 		if err := json.Unmarshal(got, &r); err != nil || r.ErrorCode != 0 {
 			return fmt.Errorf("warm-up answer %.200s", got)
 		}
@@ -275,7 +275,7 @@ func hot(o options, out io.Writer) error {
 		return err
 	}
 	sig := signedQuery()
-	bareURL := "http://" + bare.addrs[0] + upstream.PathGet + sig
+	bareURL := "http://" + bare.addrs[0] + im.PathGet + sig
 	defer bare.stop()
 	results = append(results, hotResult{}) // the bare handler's, measured alongside the proxy below
 

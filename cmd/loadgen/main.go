@@ -32,8 +32,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
@@ -212,7 +212,7 @@ type env struct {
 
 const (
 	simApp = 1400000000
-	simID  = "administrator"
+	simID  = im.DefaultAdministrator
 	simKey = "loadgen-secret-key"
 )
 
@@ -243,7 +243,7 @@ func startReplicas(o options, n int, extra ...string) (*env, error) {
 			return nil, err
 		}
 		e.ps = append(e.ps, p)
-		e.urls = append(e.urls, "http://"+p.addrs[0]+upstream.PathGet+signedQuery())
+		e.urls = append(e.urls, "http://"+p.addrs[0]+im.PathGet+signedQuery())
 		e.admins = append(e.admins, p.addrs[1])
 	}
 	return e, nil
@@ -268,8 +268,8 @@ func startEnvArgs(o options, extra ...string) (*env, error) {
 	}
 	sig := usersig.Sign(simKey, simApp, simID, time.Now(), 24*time.Hour)
 	q := fmt.Sprintf("?sdkappid=%d&identifier=%s&usersig=%s&random=1&contenttype=json", simApp, simID, sig)
-	u := "http://" + p.addrs[0] + upstream.PathGet + q
-	return &env{sim: sim, simURL: simURL, p: p, admin: p.addrs[1], url: u, direct: simURL + upstream.PathGet + q,
+	u := "http://" + p.addrs[0] + im.PathGet + q
+	return &env{sim: sim, simURL: simURL, p: p, admin: p.addrs[1], url: u, direct: simURL + im.PathGet + q,
 		ps: []*proc{p}, urls: []string{u}, admins: []string{p.addrs[1]}}, nil
 }
 
@@ -295,12 +295,12 @@ func lookup(c *rawConn, account string) (ok, wrong bool, err error) {
 		return false, false, err
 	}
 	want, _ := imsim.SeededValue(account, "Tag_Profile_IM_Nick")
-	exp := (&upstream.GetResponse{ActionStatus: "OK", UserProfileItem: []upstream.UserProfile{{ToAccount: account,
-		ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: want}}}}}).AppendJSON(nil)
+	exp := (&im.GetResponse{ActionStatus: "OK", UserProfileItem: []im.UserProfile{{ToAccount: account,
+		ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: want}}}}}).AppendJSON(nil)
 	if bytes.Equal(got, exp) {
 		return true, false, nil
 	}
-	var r upstream.GetResponse
+	var r im.GetResponse
 	if json.Unmarshal(got, &r) == nil && r.ErrorCode != 0 {
 		return false, false, fmt.Errorf("code %d: %s", r.ErrorCode, r.ErrorInfo)
 	}

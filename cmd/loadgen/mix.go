@@ -14,8 +14,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // mixTags are the tags the tag-mix callers pick subsets of: all standard,
@@ -29,7 +29,7 @@ var mixTags = []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Gender", "Tag_Prof
 // request's ErrorCode is not 0) and wrong whether anything answered was
 // not the upstream's value.
 func checkAnswer(got []byte, accounts, tags []string) (per []bool, code int, wrong bool, err error) {
-	var r upstream.GetResponse
+	var r im.GetResponse
 	if err := json.Unmarshal(got, &r); err != nil {
 		return nil, 0, false, err
 	}
@@ -62,7 +62,7 @@ func checkAnswer(got []byte, accounts, tags []string) (per []bool, code int, wro
 }
 
 func getBody(accounts, tags []string) string {
-	b, _ := json.Marshal(upstream.GetRequest{ToAccount: accounts, TagList: tags})
+	b, _ := json.Marshal(im.GetRequest{ToAccount: accounts, TagList: tags})
 	return string(b)
 }
 

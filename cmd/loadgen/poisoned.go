@@ -8,7 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/upstream"
+	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
 // poisonedResult is one run of the poisoned scenario.
@@ -103,8 +103,8 @@ func poisonedRun(o options, callers int, poison bool) (poisonedResult, error) {
 				continue
 			}
 			reqs.Add(1)
-			var r upstream.GetResponse
-			if json.Unmarshal(got, &r) == nil && r.ErrorCode == upstream.CodeTagNotExist && containsTag(r.ErrorInfo, tag) {
+			var r im.GetResponse
+			if json.Unmarshal(got, &r) == nil && r.ErrorCode == im.CodeTagNotExist && containsTag(r.ErrorInfo, tag) {
 				right.Add(1)
 			}
 		}

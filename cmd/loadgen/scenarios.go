@@ -11,8 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
 // maxConns bounds the open-loop generator's connections, as an app
@@ -137,7 +137,7 @@ func fresh(o options, out io.Writer) error {
 		}
 		return time.Since(from), nil
 	}
-	setConn, err := newRawConn("http://" + e.ps[0].addrs[0] + upstream.PathSet + signedQuery())
+	setConn, err := newRawConn("http://" + e.ps[0].addrs[0] + im.PathSet + signedQuery())
 	if err != nil {
 		return err
 	}
@@ -145,7 +145,7 @@ func fresh(o options, out io.Writer) error {
 	f := &freshResult{sets: n, callbacks: n}
 	for k := range n {
 		acc, val := imsim.AccountName(base+k), fmt.Sprintf("set-%d", k)
-		body, _ := json.Marshal(upstream.SetRequest{FromAccount: acc, ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"` + val + `"`)}}})
+		body, _ := json.Marshal(im.SetRequest{FromAccount: acc, ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"` + val + `"`)}}})
 		got, err := setConn.post(string(body))
 		if err != nil || !bytes.Contains(got, []byte(`"ErrorCode":0`)) {
 			return fmt.Errorf("portrait_set through A: %v %s", err, got)
@@ -159,7 +159,7 @@ func fresh(o options, out io.Writer) error {
 	}
 	for k := range n {
 		acc, val := imsim.AccountName(base+n+k), fmt.Sprintf("client-%d", k)
-		body, _ := json.Marshal(upstream.SetRequest{FromAccount: acc, ProfileItem: []upstream.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"` + val + `"`)}}})
+		body, _ := json.Marshal(im.SetRequest{FromAccount: acc, ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"` + val + `"`)}}})
 		t0 := time.Now()
 		resp, err := http.Post(e.simURL+"/imsim/client_set", "application/json", bytes.NewReader(body))
 		if err != nil {

@@ -20,6 +20,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
 
@@ -94,7 +95,7 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cfg proxy.
 	fs.BoolVar(&cfg.Pprof, "pprof", false, "serve the profiling endpoints /debug/pprof/ on the admin listener (never /debug/pprof/cmdline)")
 	fs.StringVar(&cfg.Upstream, "upstream", "https://console.tim.qq.com", "IM REST API base URL (region host)")
 	fs.Uint64Var(&cfg.SDKAppID, "sdkappid", 0, "the app's SDKAppID (required unless -demo)")
-	fs.StringVar(&cfg.AdminIdentifier, "admin-identifier", "administrator", "admin account used for upstream calls and expected from callers")
+	fs.StringVar(&cfg.AdminIdentifier, "admin-identifier", im.DefaultAdministrator, "admin account used for upstream calls and expected from callers")
 	fs.StringVar(&cfg.SecretKey, "secret-key", "", "the app's secret key; prefer env PROXY_SECRET_KEY or TIM_SECRET_KEY")
 	fs.StringVar(&cfg.Redis, "redis", "", "Redis for the shared tier: redis[s]://[user[:password]@]host:port/db for one server, redis[s]://[user[:password]@]host:port,host:port,… or host:port,host:port,… for Redis Cluster; empty: in-process tier only")
 	fs.StringVar(&cfg.RedisPassword, "redis-password", "", "Redis AUTH password (replaces the URL's; the user is the URL's or \"default\"); prefer env PROXY_REDIS_PASSWORD")

@@ -1,7 +1,6 @@
-package upstream
+package im
 
 import (
-	"errors"
 	"time"
 )
 
@@ -90,16 +89,6 @@ func Classify(code int) Kind {
 // SigFailureRetryAfter is how long the upstream says to wait after 70050
 // (failed UserSig checks of the app are being rate-limited).
 const SigFailureRetryAfter = time.Minute
-
-// ThrottlePause is how long to pause all calls after the throttling error
-// err: SigFailureRetryAfter for 70050, base for the others.
-func ThrottlePause(err error, base time.Duration) time.Duration {
-	var ue *Error
-	if errors.As(err, &ue) && ue.Code == CodeSigFailureLimit {
-		return max(base, SigFailureRetryAfter)
-	}
-	return base
-}
 
 // Throttling reports whether code means "too frequent".
 func Throttling(code int) bool { return Classify(code) == KindThrottled }

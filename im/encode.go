@@ -1,4 +1,4 @@
-package upstream
+package im
 
 import (
 	"encoding/json"

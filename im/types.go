@@ -1,4 +1,4 @@
-package upstream
+package im
 
 import "encoding/json"
 
@@ -54,3 +54,16 @@ const (
 	StatusOK   = "OK"
 	StatusFail = "FAIL"
 )
+
+// Paths of the profile calls, relative to the base URL.
+const (
+	PathGet = "/v4/profile/portrait_get"
+	PathSet = "/v4/profile/portrait_set"
+)
+
+// MaxAccountsPerCall is the upstream's limit on To_Account.
+const MaxAccountsPerCall = 100
+
+// DefaultAdministrator is the admin account name the IM console creates;
+// every component that needs an admin identifier defaults to it.
+const DefaultAdministrator = "administrator"
