@@ -180,7 +180,7 @@ func (w Workload) validate() error {
 // filled in by batcher.New.
 func batchConfig(w Workload) (batcher.Config, error) {
 	b, err := batcher.New(batcher.Config{Upstream: noUpstream{}, Limiter: noLimiter{}, Window: w.Window, MaxAccounts: w.BatchMax,
-		DefaultTags: w.DefaultTags, Rate: w.Quota})
+		DefaultTags: w.DefaultTags})
 	if err != nil {
 		return batcher.Config{}, err
 	}
@@ -193,11 +193,16 @@ func (noUpstream) PortraitGet(context.Context, im.GetRequest) (*im.GetResponse, 
 	return nil, errors.New("capacity: no upstream")
 }
 
+// noLimiter stands in for the limiter: batchConfig only reads defaults.
 type noLimiter struct{}
 
 func (noLimiter) Acquire(context.Context) (*limiter.Permit, error) {
 	return nil, errors.New("capacity: no limiter")
 }
+func (noLimiter) Throttled(time.Duration) {}
+func (noLimiter) Factor() float64         { return 1 }
+func (noLimiter) Paused() time.Duration   { return 0 }
+func (noLimiter) Rate() float64           { return 0 }
 
 type noLoader struct{}
 

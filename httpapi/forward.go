@@ -66,7 +66,8 @@ type ForwardConfig struct {
 	Transport http.RoundTripper
 	// Timeout bounds one forwarded call. Zero means 10s.
 	Timeout time.Duration
-	// MaxBodyBytes caps a forwarded request body. Zero means 1 MiB.
+	// MaxBodyBytes caps a forwarded request body. Zero means
+	// DefaultForwardMaxBody (1 MiB).
 	MaxBodyBytes int64
 	// Accounts, if set, is told of imports and deletions.
 	Accounts Accounts
@@ -130,7 +131,7 @@ func newForwarder(h *Handler, cfg ForwardConfig) (*forwarder, error) {
 		cfg.Timeout = 10 * time.Second
 	}
 	if cfg.MaxBodyBytes <= 0 {
-		cfg.MaxBodyBytes = 1 << 20
+		cfg.MaxBodyBytes = DefaultForwardMaxBody
 	}
 	f := &forwarder{h: h, cfg: cfg, base: u}
 	f.rp = &httputil.ReverseProxy{
