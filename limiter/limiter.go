@@ -25,6 +25,9 @@
 // (another client of the same app uses part of the quota, say): Throttled
 // pauses all grants for a moment and lowers the effective rate, which then
 // climbs back (see Cut). Local is safe for concurrent use.
+//
+// A limiter given Metrics keeps its own figures: quota_calls_per_second,
+// limiter_rate_factor and, for Shared, limiter_fallback.
 package limiter
 
 import (
