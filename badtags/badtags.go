@@ -50,13 +50,16 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 )
 
+// DefaultTTL is Config.TTL's default: how long a learned tag is refused.
+const DefaultTTL = 10 * time.Minute
+
 // Config configures a Set. Every field is optional.
 type Config struct {
 	// Custom, when not nil, lists the custom tags the app configured: any
 	// other custom tag is refused with 40009. Nil means learn from the
 	// upstream.
 	Custom []string
-	// TTL is how long a learned tag is refused. Zero means 10 minutes.
+	// TTL is how long a learned tag is refused. Zero means DefaultTTL.
 	TTL time.Duration
 	// Max bounds the tags remembered. Zero means 1024.
 	Max int
@@ -100,7 +103,7 @@ type Set struct {
 // New validates cfg and returns a Set.
 func New(cfg Config) (*Set, error) {
 	if cfg.TTL <= 0 {
-		cfg.TTL = 10 * time.Minute
+		cfg.TTL = DefaultTTL
 	}
 	if cfg.Max <= 0 {
 		cfg.Max = 1024

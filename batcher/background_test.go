@@ -21,7 +21,7 @@ import (
 func TestRefreshesYieldToMisses(t *testing.T) {
 	g := newGate()
 	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
-		Limiter: g, MaxQueue: 200, Rate: 10})
+		Limiter: rated{g, 10}, MaxQueue: 200})
 	bg := WithBackground(context.Background(), nil)
 	var refreshes []chan loaded
 	for i := range 150 {

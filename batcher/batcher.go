@@ -56,24 +56,21 @@ type Upstream interface {
 	PortraitGet(ctx context.Context, req im.GetRequest) (*im.GetResponse, error)
 }
 
-// throttler is the optional part of a limiter told when the upstream said
-// "too frequent": it pauses grants and lowers its rate for a while.
-type throttler interface{ Throttled(pause time.Duration) }
-
-// factorer is the optional part of a limiter that says what part of its
-// rate is in force (for Admit and the limiter_rate_factor gauge).
-type factorer interface{ Factor() float64 }
-
-// pauser is the optional part of a limiter that says how much is left of
-// the pause a throttling answer made it take (for Admit).
-type pauser interface{ Paused() time.Duration }
-
-// factor is the part of the limiter's rate in force (1 if it cannot say).
-func (b *Batcher) factor() float64 {
-	if f, ok := b.cfg.Limiter.(factorer); ok {
-		return f.Factor()
-	}
-	return 1
+// Limiter is the quota the batcher's calls go through; limiter.Local and
+// limiter.Shared implement it.
+type Limiter interface {
+	// Acquire blocks until a call may start (see limiter.Limiter).
+	Acquire(ctx context.Context) (*limiter.Permit, error)
+	// Throttled is told when the upstream said "too frequent": the limiter
+	// pauses grants for pause and lowers its rate for a while.
+	Throttled(pause time.Duration)
+	// Factor is the part of Rate in force now (1 unless throttling cut it).
+	Factor() float64
+	// Paused is how much is left of the pause Throttled asked for.
+	Paused() time.Duration
+	// Rate is the quota in calls per second, for Admit's estimate of the
+	// wait ahead; zero or less disables the estimate.
+	Rate() float64
 }
 
 // Errors returned by Load.
@@ -88,22 +85,33 @@ var (
 	ErrWouldMiss = errors.New("batcher: the upstream quota cannot serve this lookup before its deadline")
 )
 
+// Defaults of Config, exported for the flags that show them.
+const (
+	DefaultMaxAccounts  = im.MaxAccountsPerCall // Config.MaxAccounts
+	DefaultWindow       = 2 * time.Millisecond  // Config.Window
+	DefaultFillHold     = 40 * time.Millisecond // Config.FillHold
+	DefaultMaxQueue     = 50_000                // Config.MaxQueue
+	DefaultDrainTimeout = 5 * time.Second       // Config.DrainTimeout
+	DefaultRejectTTL    = 30 * time.Second      // Config.RejectTTL
+)
+
 // Config configures a Batcher. Upstream and Limiter are required.
 type Config struct {
 	Upstream Upstream
-	Limiter  limiter.Limiter
-	// MaxAccounts per call. Zero means 100; more than 100 is an error.
+	Limiter  Limiter
+	// MaxAccounts per call. Zero means DefaultMaxAccounts (100, the most
+	// the upstream takes); more is an error.
 	MaxAccounts int
 	// Window is the longest a batch waits for company once a token is free.
-	// Zero means 2ms; negative means none.
+	// Zero means DefaultWindow (2ms); negative means none.
 	Window time.Duration
 	// FillHold is, while the quota is the limit (the last grant had to wait
 	// for a slot in the quota's window), the longest a batch that is not
 	// full holds off asking for a grant, so that the quota's calls leave full — with several
 	// replicas on one quota, a replica whose batch is not full leaves the
 	// grant to one whose batch is. It holds no longer than the batch takes
-	// to fill at the pace its accounts arrived. Zero means 40ms; negative
-	// means never.
+	// to fill at the pace its accounts arrived. Zero means DefaultFillHold
+	// (40ms); negative means never.
 	FillHold time.Duration
 	// DefaultTags are fetched with every call, so later lookups for them hit
 	// the cache.
@@ -119,21 +127,18 @@ type Config struct {
 	// pause is im.SigFailureRetryAfter. Zero means 500ms.
 	ThrottleBackoff time.Duration
 	// DrainTimeout bounds the final flush when Run's context ends. Zero
-	// means 5s.
+	// means DefaultDrainTimeout (5s).
 	DrainTimeout time.Duration
 	// MaxQueue bounds accounts waiting for a call; a lookup beyond it is
-	// refused at once (ErrOverloaded). Zero means 50,000.
+	// refused at once (ErrOverloaded). Zero means DefaultMaxQueue (50,000).
 	MaxQueue int
-	// Rate is the quota in calls per second, for Admit's estimate of the
-	// wait ahead. Zero disables the estimate.
-	Rate float64
 	// Tags, if set, learns the tags the upstream refuses (see isolate);
 	// known ones are left out of DefaultTags.
 	Tags TagLearner
 	// RejectTTL is how long an account the upstream refused a whole call
 	// for (60015, 40001, once isolated) is refused again at once for the
 	// same tags, so repeating the request does not cost the isolation
-	// again. Zero means 30s; negative means never.
+	// again. Zero means DefaultRejectTTL (30s); negative means never.
 	RejectTTL time.Duration
 	// Metrics, if nil, go to a private registry.
 	Metrics *metrics.Metrics
@@ -282,16 +287,16 @@ func New(cfg Config) (*Batcher, error) {
 		return nil, errors.New("batcher: Config.Upstream and Config.Limiter are required")
 	}
 	if cfg.MaxAccounts == 0 {
-		cfg.MaxAccounts = im.MaxAccountsPerCall
+		cfg.MaxAccounts = DefaultMaxAccounts
 	}
 	if cfg.MaxAccounts < 0 || cfg.MaxAccounts > im.MaxAccountsPerCall {
 		return nil, fmt.Errorf("batcher: MaxAccounts %d not in 1..%d", cfg.MaxAccounts, im.MaxAccountsPerCall)
 	}
 	if cfg.Window == 0 {
-		cfg.Window = 2 * time.Millisecond
+		cfg.Window = DefaultWindow
 	}
 	if cfg.FillHold == 0 {
-		cfg.FillHold = 40 * time.Millisecond
+		cfg.FillHold = DefaultFillHold
 	}
 	if cfg.MaxAttempts <= 0 {
 		cfg.MaxAttempts = 3
@@ -303,16 +308,16 @@ func New(cfg Config) (*Batcher, error) {
 		cfg.ThrottleBackoff = 500 * time.Millisecond
 	}
 	if cfg.MaxQueue <= 0 {
-		cfg.MaxQueue = 50_000
+		cfg.MaxQueue = DefaultMaxQueue
 	}
 	if cfg.DrainTimeout <= 0 {
-		cfg.DrainTimeout = 5 * time.Second
+		cfg.DrainTimeout = DefaultDrainTimeout
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
 	if cfg.RejectTTL == 0 {
-		cfg.RejectTTL = 30 * time.Second
+		cfg.RejectTTL = DefaultRejectTTL
 	}
 	m := cfg.Metrics
 	if m == nil {
@@ -461,7 +466,8 @@ func (b *Batcher) admit(n int, deadline time.Time, ok bool) error {
 	if ahead+n > b.cfg.MaxQueue {
 		return ErrOverloaded
 	}
-	if !ok || b.cfg.Rate <= 0 {
+	rate := b.cfg.Limiter.Rate()
+	if !ok || rate <= 0 {
 		return nil
 	}
 	// Calls until the last of the n has left, at the rate the window
@@ -469,10 +475,8 @@ func (b *Batcher) admit(n int, deadline time.Time, ok bool) error {
 	// in force; its answer comes a latency later.
 	lat := time.Duration(b.latency.Load())
 	calls := float64((ahead + n + b.cfg.MaxAccounts - 1) / b.cfg.MaxAccounts)
-	eta := time.Duration(calls/(b.cfg.Rate*b.factor())*float64(time.Second+lat)) + lat
-	if p, ok := b.cfg.Limiter.(pauser); ok {
-		eta += p.Paused()
-	}
+	eta := time.Duration(calls/(rate*b.cfg.Limiter.Factor())*float64(time.Second+lat)) + lat
+	eta += b.cfg.Limiter.Paused()
 	// An eighth more: calls' latency varies and the answer must still be
 	// written; a request admitted at the edge would be answered in part.
 	eta += eta / 8
@@ -669,7 +673,6 @@ func (b *Batcher) dispatch(ctx context.Context) bool {
 	b.mu.Lock()
 	b.granted = now
 	b.mu.Unlock()
-	b.m.RateFactor.Set(b.factor())
 	batch, form := b.take()
 	if len(batch) == 0 {
 		permit.Cancel() // everyone left while we waited: the token goes back
@@ -804,10 +807,7 @@ func (b *Batcher) send(batch []*entry, form formed, permit *limiter.Permit) {
 	errors.As(err, &ue)
 	switch kind := upstream.KindOf(err); {
 	case kind == im.KindThrottled:
-		if th, ok := b.cfg.Limiter.(throttler); ok {
-			th.Throttled(upstream.ThrottlePause(err, b.cfg.ThrottleBackoff))
-			b.m.RateFactor.Set(b.factor())
-		}
+		b.cfg.Limiter.Throttled(upstream.ThrottlePause(err, b.cfg.ThrottleBackoff))
 		b.retry(batch, form, err, "throttled")
 	case kind == im.KindNotFound && len(batch) > 1:
 		// One bad account failed the whole call: halve until it stands alone.

@@ -348,7 +348,7 @@ func TestAdmitCountsCutAndPause(t *testing.T) {
 		return found(r), nil
 	}}
 	g := cutGate{gate: newGate(), f: 1}
-	h := start(t, Config{Upstream: up, Limiter: g, Rate: 100})
+	h := start(t, Config{Upstream: up, Limiter: rated{g, 100}})
 	now := time.Now()
 	if err := h.b.Admit(now.Add(5*time.Second), true); err != nil {
 		t.Fatalf("Admit before any throttling: %v", err)
@@ -368,7 +368,7 @@ func TestAdmitCountsCutAndPause(t *testing.T) {
 	// A rate cut to a tenth: 5 calls' worth of queue ahead takes ~0.5s.
 	g2 := cutGate{gate: newGate(), f: 0.1}
 	h2 := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
-		Limiter: g2, Rate: 100, MaxAccounts: 1})
+		Limiter: rated{g2, 100}, MaxAccounts: 1})
 	for i := range 4 {
 		loadAsync(h2.b, context.Background(), fmt.Sprint("q", i), "Tag_Profile_IM_Nick")
 	}

@@ -14,7 +14,7 @@ import (
 // an upstream that answers at once and a limiter that always grants.
 func BenchmarkCoalesce(b *testing.B) {
 	up := &fakeUpstream{fn: func(_ int, req im.GetRequest) (*im.GetResponse, error) { return found(req), nil }}
-	bt, err := New(Config{Upstream: up, Limiter: open{}, Rate: 1e9})
+	bt, err := New(Config{Upstream: up, Limiter: rated{open{}, 1e9}})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -2,14 +2,9 @@ package batcher
 
 import "github.com/portrait-proxy/portrait-proxy/limiter"
 
-// The limiters' optional parts are found by type assertion at run time; a
-// changed signature would switch a feature off without a word. These fail
-// the build instead.
+// Both limiters are what the batcher needs; a changed signature fails the
+// build here rather than where the proxy wires them.
 var (
-	_ throttler = (*limiter.Local)(nil)
-	_ factorer  = (*limiter.Local)(nil)
-	_ pauser    = (*limiter.Local)(nil)
-	_ throttler = (*limiter.Shared)(nil)
-	_ factorer  = (*limiter.Shared)(nil)
-	_ pauser    = (*limiter.Shared)(nil)
+	_ Limiter = (*limiter.Local)(nil)
+	_ Limiter = (*limiter.Shared)(nil)
 )

@@ -19,7 +19,7 @@ import (
 func TestReserveAdmitsRequestsWhole(t *testing.T) {
 	g := newGate()
 	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
-		Limiter: g, MaxQueue: 1000, Rate: 10})
+		Limiter: rated{g, 10}, MaxQueue: 1000})
 	deadline := time.Now().Add(350 * time.Millisecond)
 	var admitted, wouldMiss atomic.Int64
 	var mu sync.Mutex

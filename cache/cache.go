@@ -98,22 +98,24 @@ type Config struct {
 	// fetch looks for the result; zero means 5ms.
 	Coordinator Coordinator
 	PollEvery   time.Duration
-	// TTL is how long a value is fresh. Zero means 60s.
+	// TTL is how long a value is fresh. Zero means DefaultTTL (60s).
 	TTL time.Duration
 	// StaleTTL is how long past fresh a value may be served while it is
-	// refreshed or when the upstream fails. Zero means 1h.
+	// refreshed or when the upstream fails. Zero means DefaultStaleTTL (1h).
 	StaleTTL time.Duration
-	// NegativeTTL is how long "no such account" is remembered. Zero means 30s.
+	// NegativeTTL is how long "no such account" is remembered. Zero means
+	// DefaultNegativeTTL (30s).
 	NegativeTTL time.Duration
-	// RefreshTimeout bounds a background refresh. Zero means 10s.
+	// RefreshTimeout bounds a background refresh. Zero means
+	// DefaultRefreshTimeout (10s).
 	RefreshTimeout time.Duration
 	// RefreshBackoff is how long after a failed background refresh the
 	// same account and tags are not refreshed again (stale values keep
-	// being served). Zero means 5s.
+	// being served). Zero means DefaultRefreshBackoff (5s).
 	RefreshBackoff time.Duration
 	// ClockSkew is how far apart the clocks of the replicas and the
 	// upstream may be (see supersedes); set the same value on the Redis
-	// tier. Zero means 1s.
+	// tier. Zero means DefaultClockSkew (1s).
 	ClockSkew time.Duration
 	Metrics   *metrics.Metrics
 	Now       func() time.Time
@@ -236,28 +238,28 @@ func New(cfg Config) (*Cache, error) {
 		cfg.Local = NewLocal(0)
 	}
 	if cfg.TTL <= 0 {
-		cfg.TTL = 60 * time.Second
+		cfg.TTL = DefaultTTL
 	}
 	if cfg.StaleTTL <= 0 {
-		cfg.StaleTTL = time.Hour
+		cfg.StaleTTL = DefaultStaleTTL
 	}
 	if cfg.NegativeTTL <= 0 {
-		cfg.NegativeTTL = 30 * time.Second
+		cfg.NegativeTTL = DefaultNegativeTTL
 	}
 	if cfg.RefreshTimeout <= 0 {
-		cfg.RefreshTimeout = 10 * time.Second
+		cfg.RefreshTimeout = DefaultRefreshTimeout
 	}
 	if cfg.PollEvery <= 0 {
 		cfg.PollEvery = 5 * time.Millisecond
 	}
 	if cfg.RefreshBackoff <= 0 {
-		cfg.RefreshBackoff = 5 * time.Second
+		cfg.RefreshBackoff = DefaultRefreshBackoff
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
 	if cfg.ClockSkew <= 0 {
-		cfg.ClockSkew = time.Second
+		cfg.ClockSkew = DefaultClockSkew
 	}
 	cfg.Local.skew.Store(cfg.ClockSkew.Milliseconds())
 	if cfg.Metrics == nil {

@@ -32,14 +32,14 @@ type localEntry struct {
 }
 
 // NewLocal returns a tier holding about maxAccounts records (at least one
-// per shard). maxAccounts 0 means 1,000,000; negative means a tier that
+// per shard). maxAccounts 0 means DefaultLocalAccounts; negative means a tier that
 // holds nothing (every lookup goes to the next tier; for measuring it).
 func NewLocal(maxAccounts int) *Local {
 	if maxAccounts < 0 {
 		return &Local{}
 	}
 	if maxAccounts == 0 {
-		maxAccounts = 1_000_000
+		maxAccounts = DefaultLocalAccounts
 	}
 	l := &Local{seed: maphash.MakeSeed(), perShard: max(1, maxAccounts/localShards)}
 	for i := range l.shards {

@@ -121,16 +121,16 @@ func (w Workload) Defaults() Workload {
 		w.Replicas = 1
 	}
 	if w.LocalAccounts == 0 {
-		w.LocalAccounts = 1_000_000
+		w.LocalAccounts = cache.DefaultLocalAccounts
 	}
 	if w.TTL <= 0 {
-		w.TTL = 60 * time.Second
+		w.TTL = cache.DefaultTTL
 	}
 	if w.StaleTTL <= 0 {
-		w.StaleTTL = time.Hour
+		w.StaleTTL = cache.DefaultStaleTTL
 	}
 	if w.NegativeTTL <= 0 {
-		w.NegativeTTL = 30 * time.Second
+		w.NegativeTTL = cache.DefaultNegativeTTL
 	}
 	if w.Quota <= 0 {
 		w.Quota = 100
@@ -180,7 +180,7 @@ func (w Workload) validate() error {
 // filled in by batcher.New.
 func batchConfig(w Workload) (batcher.Config, error) {
 	b, err := batcher.New(batcher.Config{Upstream: noUpstream{}, Limiter: noLimiter{}, Window: w.Window, MaxAccounts: w.BatchMax,
-		DefaultTags: w.DefaultTags, Rate: w.Quota})
+		DefaultTags: w.DefaultTags})
 	if err != nil {
 		return batcher.Config{}, err
 	}
@@ -193,11 +193,16 @@ func (noUpstream) PortraitGet(context.Context, im.GetRequest) (*im.GetResponse, 
 	return nil, errors.New("capacity: no upstream")
 }
 
+// noLimiter stands in for the limiter: batchConfig only reads defaults.
 type noLimiter struct{}
 
 func (noLimiter) Acquire(context.Context) (*limiter.Permit, error) {
 	return nil, errors.New("capacity: no limiter")
 }
+func (noLimiter) Throttled(time.Duration) {}
+func (noLimiter) Factor() float64         { return 1 }
+func (noLimiter) Paused() time.Duration   { return 0 }
+func (noLimiter) Rate() float64           { return 0 }
 
 type noLoader struct{}
 
@@ -716,9 +721,9 @@ func (s *sim) skip(i, j int, rec *cache.Record, stale bool) {
 // call's hold after it is sent. A lookup whose turn would come after its
 // deadline is shed at once, as the batcher's Admit does; a background
 // refresh is given up after the cache's RefreshTimeout, and not tried
-// again for its RefreshBackoff (cache's defaults: 10 s, 5 s).
+// again for its RefreshBackoff (the cache's defaults).
 func (s *sim) fetch(i, j int, tags []string, background bool) {
-	const refreshTimeout, refreshBackoff = 10 * time.Second, 5 * time.Second
+	const refreshTimeout, refreshBackoff = cache.DefaultRefreshTimeout, cache.DefaultRefreshBackoff
 	a := &s.accs[i]
 	key := int64(i)*int64(s.w.Replicas) + int64(j)
 	if _, ok := s.flight[key]; ok {

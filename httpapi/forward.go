@@ -66,7 +66,8 @@ type ForwardConfig struct {
 	Transport http.RoundTripper
 	// Timeout bounds one forwarded call. Zero means 10s.
 	Timeout time.Duration
-	// MaxBodyBytes caps a forwarded request body. Zero means 1 MiB.
+	// MaxBodyBytes caps a forwarded request body. Zero means
+	// DefaultForwardMaxBody (1 MiB).
 	MaxBodyBytes int64
 	// Accounts, if set, is told of imports and deletions.
 	Accounts Accounts
@@ -130,7 +131,7 @@ func newForwarder(h *Handler, cfg ForwardConfig) (*forwarder, error) {
 		cfg.Timeout = 10 * time.Second
 	}
 	if cfg.MaxBodyBytes <= 0 {
-		cfg.MaxBodyBytes = 1 << 20
+		cfg.MaxBodyBytes = DefaultForwardMaxBody
 	}
 	f := &forwarder{h: h, cfg: cfg, base: u}
 	f.rp = &httputil.ReverseProxy{
@@ -204,41 +205,66 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 		f.h.m.Forwarded.WithLabelValues(label, metrics.ForwardRejected).Inc()
 		writeEnvelope(w, http.StatusOK, failEnvelope(code, info))
 	}
-	switch {
-	case !ok || r.URL.RawPath != "":
-		reject(im.CodeHTTPParse, "no such API: "+strconv.Quote(r.URL.Path))
-		return
-	case r.Method != http.MethodPost:
-		reject(im.CodeHTTPParse, "the IM REST API takes POST, not "+r.Method)
-		return
-	}
-	if e := f.h.verifyQuery(r, false); e != nil {
-		reject(e.ErrorCode, e.ErrorInfo)
-		return
-	}
-	if r.ContentLength > f.cfg.MaxBodyBytes {
-		reject(im.CodeBadRequest, "request body larger than "+strconv.FormatInt(f.cfg.MaxBodyBytes, 10)+" bytes")
+	if code, info := f.refusal(r, ok); code != 0 {
+		reject(code, info)
 		return
 	}
 	// Only the account calls are read here (their bodies are small); every
 	// other body streams through, so callers that stall mid-body hold no
 	// more than a copy buffer each.
-	body := http.MaxBytesReader(w, r.Body, f.cfg.MaxBodyBytes)
-	var raw []byte
 	account := f.cfg.Accounts != nil && isAccountPath(r.URL.Path)
+	var raw []byte
 	if account {
-		var err error
-		raw, err = io.ReadAll(http.MaxBytesReader(nil, r.Body, min(f.cfg.MaxBodyBytes, maxAccountBody)))
-		if err != nil {
-			var tooBig *http.MaxBytesError
-			if errors.As(err, &tooBig) {
-				reject(im.CodeBadRequest, "account call body larger than "+strconv.FormatInt(tooBig.Limit, 10)+" bytes")
-			} else {
-				reject(im.CodeHTTPParse, "reading request body failed")
-			}
+		var code int
+		var info string
+		if raw, code, info = f.readAccountBody(r); code != 0 {
+			reject(code, info)
 			return
 		}
 	}
+	out, cancel := f.outgoing(w, r, account, raw)
+	defer cancel()
+	sw := &statusWriter{ResponseWriter: w}
+	defer f.count(label, start, sw)
+	f.rp.ServeHTTP(sw, out)
+}
+
+// refusal is the code and info a call is refused with before it is sent
+// (0 when it may go): not an API path (ok false), not POST, a bad sdkappid
+// or UserSig, a declared body over the limit.
+func (f *forwarder) refusal(r *http.Request, ok bool) (code int, info string) {
+	switch {
+	case !ok || r.URL.RawPath != "":
+		return im.CodeHTTPParse, "no such API: " + strconv.Quote(r.URL.Path)
+	case r.Method != http.MethodPost:
+		return im.CodeHTTPParse, "the IM REST API takes POST, not " + r.Method
+	}
+	if e := f.h.verifyQuery(r, false); e != nil {
+		return e.ErrorCode, e.ErrorInfo
+	}
+	if r.ContentLength > f.cfg.MaxBodyBytes {
+		return im.CodeBadRequest, "request body larger than " + strconv.FormatInt(f.cfg.MaxBodyBytes, 10) + " bytes"
+	}
+	return 0, ""
+}
+
+// readAccountBody reads an account call's body, which the cache must see;
+// on failure it returns the code and info to refuse the call with.
+func (f *forwarder) readAccountBody(r *http.Request) (raw []byte, code int, info string) {
+	raw, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, min(f.cfg.MaxBodyBytes, maxAccountBody)))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return nil, im.CodeBadRequest, "account call body larger than " + strconv.FormatInt(tooBig.Limit, 10) + " bytes"
+		}
+		return nil, im.CodeHTTPParse, "reading request body failed"
+	}
+	return raw, 0, ""
+}
+
+// outgoing is the request sent upstream for r, under the forward timeout:
+// an account call's body raw (read already), any other's streamed.
+func (f *forwarder) outgoing(w http.ResponseWriter, r *http.Request, account bool, raw []byte) (*http.Request, context.CancelFunc) {
 	parent := r.Context()
 	var lc *lifecycle
 	if account {
@@ -251,7 +277,6 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	ctx, cancel := context.WithTimeout(parent, f.cfg.Timeout)
-	defer cancel()
 	if lc != nil {
 		ctx = context.WithValue(ctx, lifecycleKey{}, lc)
 	}
@@ -259,30 +284,32 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request) {
 	if account {
 		out.Body, out.ContentLength, out.TransferEncoding = io.NopCloser(bytes.NewReader(raw)), int64(len(raw)), nil
 	} else {
-		out.Body = body // no GetBody: Go's transport never sends it again
+		out.Body = http.MaxBytesReader(w, r.Body, f.cfg.MaxBodyBytes) // no GetBody: Go's transport never sends it again
 	}
 	out.Header.Del("Expect") // the body is read (or streamed) without waiting for the upstream's 100
-	sw := &statusWriter{ResponseWriter: w}
-	// Counted in a defer: when the caller leaves mid-answer the reverse
-	// proxy panics with http.ErrAbortHandler (passed on to the server).
-	defer func() {
-		p := recover()
-		result := metrics.ForwardOK
-		switch {
-		case p != nil:
-			result = metrics.ForwardCanceled
-		case sw.result != "":
-			result = sw.result
-		case sw.status < 200 || sw.status > 299:
-			result = metrics.ForwardHTTP
-		}
-		f.h.m.Forwarded.WithLabelValues(label, result).Inc()
-		f.h.m.ForwardDuration.WithLabelValues(label).Observe(time.Since(start).Seconds())
-		if p != nil {
-			panic(p)
-		}
-	}()
-	f.rp.ServeHTTP(sw, out)
+	return out, cancel
+}
+
+// count records a forwarded call's result and duration. It is deferred:
+// when the caller leaves mid-answer the reverse proxy panics with
+// http.ErrAbortHandler, which is counted as canceled and passed on to the
+// server.
+func (f *forwarder) count(label string, start time.Time, sw *statusWriter) {
+	p := recover()
+	result := metrics.ForwardOK
+	switch {
+	case p != nil:
+		result = metrics.ForwardCanceled
+	case sw.result != "":
+		result = sw.result
+	case sw.status < 200 || sw.status > 299:
+		result = metrics.ForwardHTTP
+	}
+	f.h.m.Forwarded.WithLabelValues(label, result).Inc()
+	f.h.m.ForwardDuration.WithLabelValues(label).Observe(time.Since(start).Seconds())
+	if p != nil {
+		panic(p)
+	}
 }
 
 // statusWriter remembers the status written and the result errorHandler

@@ -52,20 +52,29 @@ const (
 	AuthNone    = "none"    // trusted network: no caller check
 )
 
+// Defaults of Config and ForwardConfig, exported for the flags that show
+// them.
+const (
+	DefaultMaxAccounts          = 1000            // Config.MaxAccounts
+	DefaultRequestTimeout       = 5 * time.Second // Config.RequestTimeout
+	DefaultCallbackUnsignedRate = 100             // Config.CallbackUnsignedRate
+	DefaultForwardMaxBody       = 1 << 20         // ForwardConfig.MaxBodyBytes
+)
+
 // Config configures a Handler. Lookup and SDKAppID are required, and Key
 // unless Auth is AuthNone.
 type Config struct {
 	Lookup     Lookup
 	SDKAppID   uint64
-	Identifier string // the admin account callers must present; default "administrator"
+	Identifier string // the admin account callers must present; default im.DefaultAdministrator
 	Key        string // the app's secret key, to verify callers' UserSigs
 	Auth       string // AuthUserSig (default) or AuthNone
 	// MaxBodyBytes caps a request body. Zero means 1 MiB.
 	MaxBodyBytes int64
-	// MaxAccounts caps accounts per request. Zero means 1000.
+	// MaxAccounts caps accounts per request. Zero means DefaultMaxAccounts.
 	MaxAccounts int
 	// RequestTimeout bounds a request when the caller gives no sooner
-	// deadline. Zero means 5s.
+	// deadline. Zero means DefaultRequestTimeout.
 	RequestTimeout time.Duration
 	// Setter and Changer, when both set, enable portrait_set through the
 	// proxy (with AuthNone only if AuthNoneWrites says so); Changer and
@@ -80,11 +89,12 @@ type Config struct {
 	CallbackToken    string
 	CallbackUnsigned bool
 	// CallbackUnsignedRate bounds unsigned callbacks per second (burst:
-	// one second's worth); more are answered HTTP 429. Zero means 100.
+	// one second's worth); more are answered HTTP 429. Zero means
+	// DefaultCallbackUnsignedRate.
 	CallbackUnsignedRate float64
 	// ClockSkew is how far the upstream's clock may be ahead of this
 	// proxy's: a callback's EventTime beyond now + ClockSkew is refused.
-	// Zero means 1s.
+	// Zero means cache.DefaultClockSkew, the bound the cache orders by.
 	ClockSkew time.Duration
 	// Tags, if set, answers a request naming a refused tag at once with
 	// the upstream's code, before any lookup.
@@ -134,19 +144,19 @@ func New(cfg Config) (*Handler, error) {
 		cfg.MaxBodyBytes = 1 << 20
 	}
 	if cfg.MaxAccounts <= 0 {
-		cfg.MaxAccounts = 1000
+		cfg.MaxAccounts = DefaultMaxAccounts
 	}
 	if cfg.RequestTimeout <= 0 {
-		cfg.RequestTimeout = 5 * time.Second
+		cfg.RequestTimeout = DefaultRequestTimeout
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
 	if cfg.ClockSkew <= 0 {
-		cfg.ClockSkew = time.Second
+		cfg.ClockSkew = cache.DefaultClockSkew
 	}
 	if cfg.CallbackUnsignedRate <= 0 {
-		cfg.CallbackUnsignedRate = 100
+		cfg.CallbackUnsignedRate = DefaultCallbackUnsignedRate
 	}
 	if cfg.Changer != nil && cfg.CallbackPath != "" && cfg.CallbackToken == "" && !cfg.CallbackUnsigned {
 		return nil, errors.New("httpapi: a callback receiver needs CallbackToken, or CallbackUnsigned to accept callbacks nothing authenticates")

@@ -31,12 +31,23 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
+// Defaults of Config and Behaviour, exported for the flags that show them.
+const (
+	DefaultSDKAppID     = 1400000000        // Config.SDKAppID
+	DefaultAccounts     = 1_000_000         // Config.Accounts
+	DefaultQuota        = 100               // Behaviour.Quota
+	DefaultThrottleCode = im.CodeFreqLimit  // Behaviour.ThrottleCode
+	DefaultSetQuota     = 200               // Behaviour.SetQuota
+	DefaultAPIQuota     = 100               // Behaviour.APIQuota
+	DefaultRejectCode   = im.CodeBadRequest // Behaviour.RejectCode
+)
+
 // Config is the emulated app. Zero fields take the defaults noted.
 type Config struct {
-	SDKAppID   uint64 // default 1400000000
-	Identifier string // the admin account; default "administrator"
+	SDKAppID   uint64 // default DefaultSDKAppID
+	Identifier string // the admin account; default im.DefaultAdministrator
 	Key        string // the app's secret key; default "imsim-secret-key"
-	Accounts   int    // seeded accounts user0…; default 1,000,000
+	Accounts   int    // seeded accounts user0…; default DefaultAccounts
 	Behaviour  Behaviour
 	Faults     Faults
 	Callback   Callback // change callbacks; none when Callback.URL is empty
@@ -47,9 +58,9 @@ type Config struct {
 // documentation does not settle.
 type Behaviour struct {
 	// Quota is the number of portrait_get calls accepted in any sliding
-	// second. Default 100; negative means unlimited.
+	// second. Default DefaultQuota; negative means unlimited.
 	Quota int `json:"quota"`
-	// ThrottleCode answers a call over the quota. Default 60007.
+	// ThrottleCode answers a call over the quota. Default DefaultThrottleCode.
 	ThrottleCode int `json:"throttle_code"`
 	// MissingFailsCall makes a call naming a non-existent account fail as a
 	// whole with 40003, instead of failing only that account's item.
@@ -60,7 +71,8 @@ type Behaviour struct {
 	// MaxAccounts is the per-call account limit. Default 100.
 	MaxAccounts int `json:"max_accounts"`
 	// SetQuota is the number of portrait_set calls accepted in any sliding
-	// second (its own quota). Default 200; negative means unlimited.
+	// second (its own quota). Default DefaultSetQuota; negative means
+	// unlimited.
 	SetQuota int `json:"set_quota"`
 	// CustomTags are the custom tags configured in the app; a call asking
 	// for any other custom tag is refused whole with 40009. Nil means
@@ -76,13 +88,13 @@ type Behaviour struct {
 	NoStandardData []string `json:"no_standard_data,omitempty"`
 	NoCustomData   []string `json:"no_custom_data,omitempty"`
 	// RejectAccounts are account ids the upstream refuses to read: a call
-	// naming one fails whole with RejectCode (default 40001), as for an id
+	// naming one fails whole with RejectCode (default DefaultRejectCode), as for an id
 	// it cannot unpack.
 	RejectAccounts []string `json:"reject_accounts,omitempty"`
 	RejectCode     int      `json:"reject_code,omitempty"`
 	// APIQuota is the number of calls accepted in any sliding second by
 	// each of the other APIs (account_import, sendmsg, …), each its own.
-	// Default 100; negative means unlimited.
+	// Default DefaultAPIQuota; negative means unlimited.
 	APIQuota int `json:"api_quota"`
 }
 
@@ -171,7 +183,7 @@ type Server struct {
 // New returns a Server with cfg's defaults filled in.
 func New(cfg Config) *Server {
 	if cfg.SDKAppID == 0 {
-		cfg.SDKAppID = 1400000000
+		cfg.SDKAppID = DefaultSDKAppID
 	}
 	if cfg.Identifier == "" {
 		cfg.Identifier = im.DefaultAdministrator
@@ -180,7 +192,7 @@ func New(cfg Config) *Server {
 		cfg.Key = "imsim-secret-key"
 	}
 	if cfg.Accounts == 0 {
-		cfg.Accounts = 1_000_000
+		cfg.Accounts = DefaultAccounts
 	}
 	if cfg.Seed == 0 {
 		cfg.Seed = 1
@@ -216,25 +228,25 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.Serve
 
 func (s *Server) setBehaviour(b Behaviour) {
 	if b.Quota == 0 {
-		b.Quota = 100
+		b.Quota = DefaultQuota
 	}
 	if b.ThrottleCode == 0 {
-		b.ThrottleCode = im.CodeFreqLimit
+		b.ThrottleCode = DefaultThrottleCode
 	}
 	if b.MaxAccounts == 0 {
 		b.MaxAccounts = im.MaxAccountsPerCall
 	}
 	if b.SetQuota == 0 {
-		b.SetQuota = 200
+		b.SetQuota = DefaultSetQuota
 	}
 	if b.CustomTags == nil {
 		b.CustomTags = DefaultCustomTags
 	}
 	if b.RejectCode == 0 {
-		b.RejectCode = im.CodeBadRequest
+		b.RejectCode = DefaultRejectCode
 	}
 	if b.APIQuota == 0 {
-		b.APIQuota = 100
+		b.APIQuota = DefaultAPIQuota
 	}
 	s.behaviour = b
 }
@@ -456,80 +468,20 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *im.GetResponse {
 		s.count(func(st *Stats) { st.AuthFailures++ })
 		return e
 	}
-	s.mu.Lock()
-	now := time.Now() // under the lock, so accepted times are in order
-	if b.Quota > 0 && s.accepts.count(now) >= b.Quota {
-		s.stats.Throttled++
-		s.record(Call{At: now})
-		s.mu.Unlock()
-		return fail(b.ThrottleCode, "REST API call frequency limit exceeded")
+	if e := s.accept(b); e != nil {
+		return e
 	}
-	s.stats.Accepted++
-	s.stats.MaxAcceptPerSec = max(s.stats.MaxAcceptPerSec, s.accepts.add(now))
-	s.record(Call{At: now, Accepted: true})
-	s.mu.Unlock()
-
-	raw, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
-	if err != nil {
+	accounts, tags, e := s.readGet(r, b)
+	if e == nil {
+		e = refuseGet(accounts, tags, b)
+	}
+	if e != nil {
 		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(im.CodeHTTPParse, "read body: "+err.Error())
-	}
-	var body struct {
-		ToAccount []json.RawMessage `json:"To_Account"`
-		TagList   []json.RawMessage `json:"TagList"`
-	}
-	if err := json.Unmarshal(raw, &body); err != nil {
-		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(im.CodeJSONParse, "json parse error: "+err.Error())
-	}
-	s.count(func(st *Stats) { st.MaxAccounts = max(st.MaxAccounts, len(body.ToAccount)) })
-	if len(body.ToAccount) == 0 {
-		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(im.CodeNoAccount, "To_Account is empty")
-	}
-	if len(body.ToAccount) > b.MaxAccounts {
-		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(im.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts, more than %d", len(body.ToAccount), b.MaxAccounts))
-	}
-	accounts, ok := stringList(body.ToAccount)
-	if !ok {
-		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(im.CodeAccountType, "To_Account holds a value that is not a string")
-	}
-	tags, ok := stringList(body.TagList)
-	if !ok || len(tags) == 0 {
-		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(im.CodeBadRequest, "TagList is missing or holds a value that is not a string")
-	}
-	if len(tags) > im.MaxTagsPerCall {
-		s.count(func(st *Stats) { st.Rejected++ })
-		return fail(im.CodeBadRequest, fmt.Sprintf("TagList has %d entries, more than %d", len(tags), im.MaxTagsPerCall))
-	}
-	tags = im.DedupTags(tags) // each tag answered once
-	for _, t := range tags {
-		if !im.ValidTag(t) {
-			s.count(func(st *Stats) { st.Rejected++ })
-			return fail(im.CodeInvalidTag, "invalid tag "+t)
-		}
-		if !b.knownTag(t) {
-			s.count(func(st *Stats) { st.Rejected++ })
-			return fail(im.CodeTagNotExist, "tag does not exist: "+t)
-		}
-		if slices.Contains(b.UnreadableTags, t) {
-			s.count(func(st *Stats) { st.Rejected++ })
-			return fail(im.CodeTagNoPermission, "no permission to read tag: "+t)
-		}
-	}
-	for _, a := range accounts {
-		if slices.Contains(b.RejectAccounts, a) {
-			s.count(func(st *Stats) { st.Rejected++ })
-			return fail(b.RejectCode, "cannot read account: "+strconv.Quote(a))
-		}
+		return e
 	}
 	if f.CallErrorCode != 0 {
 		return fail(f.CallErrorCode, "injected call error")
 	}
-	classes := im.ClassesOf(tags)
 	if b.MissingFailsCall {
 		for _, a := range accounts {
 			if !s.Exists(a) {
@@ -537,7 +489,88 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *im.GetResponse {
 			}
 		}
 	}
+	return s.answerGet(accounts, tags, b, f)
+}
 
+// accept counts a call against the quota: a throttling answer when the
+// last second already holds Quota accepted calls, nil when accepted.
+func (s *Server) accept(b Behaviour) *im.GetResponse {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now() // under the lock, so accepted times are in order
+	if b.Quota > 0 && s.accepts.count(now) >= b.Quota {
+		s.stats.Throttled++
+		s.record(Call{At: now})
+		return fail(b.ThrottleCode, "REST API call frequency limit exceeded")
+	}
+	s.stats.Accepted++
+	s.stats.MaxAcceptPerSec = max(s.stats.MaxAcceptPerSec, s.accepts.add(now))
+	s.record(Call{At: now, Accepted: true})
+	return nil
+}
+
+// readGet reads a call's accounts and tags (tags deduplicated), or the
+// answer refusing a malformed body.
+func (s *Server) readGet(r *http.Request, b Behaviour) (accounts, tags []string, e *im.GetResponse) {
+	raw, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+	if err != nil {
+		return nil, nil, fail(im.CodeHTTPParse, "read body: "+err.Error())
+	}
+	var body struct {
+		ToAccount []json.RawMessage `json:"To_Account"`
+		TagList   []json.RawMessage `json:"TagList"`
+	}
+	if err := json.Unmarshal(raw, &body); err != nil {
+		return nil, nil, fail(im.CodeJSONParse, "json parse error: "+err.Error())
+	}
+	s.count(func(st *Stats) { st.MaxAccounts = max(st.MaxAccounts, len(body.ToAccount)) })
+	if len(body.ToAccount) == 0 {
+		return nil, nil, fail(im.CodeNoAccount, "To_Account is empty")
+	}
+	if len(body.ToAccount) > b.MaxAccounts {
+		return nil, nil, fail(im.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts, more than %d", len(body.ToAccount), b.MaxAccounts))
+	}
+	accounts, ok := stringList(body.ToAccount)
+	if !ok {
+		return nil, nil, fail(im.CodeAccountType, "To_Account holds a value that is not a string")
+	}
+	tags, ok = stringList(body.TagList)
+	if !ok || len(tags) == 0 {
+		return nil, nil, fail(im.CodeBadRequest, "TagList is missing or holds a value that is not a string")
+	}
+	if len(tags) > im.MaxTagsPerCall {
+		return nil, nil, fail(im.CodeBadRequest, fmt.Sprintf("TagList has %d entries, more than %d", len(tags), im.MaxTagsPerCall))
+	}
+	return accounts, im.DedupTags(tags), nil // each tag answered once
+}
+
+// refuseGet is the whole-call refusal the behaviour plays for these tags
+// and accounts (an invalid, unknown or unreadable tag, a rejected
+// account), or nil.
+func refuseGet(accounts, tags []string, b Behaviour) *im.GetResponse {
+	for _, t := range tags {
+		if !im.ValidTag(t) {
+			return fail(im.CodeInvalidTag, "invalid tag "+t)
+		}
+		if !b.knownTag(t) {
+			return fail(im.CodeTagNotExist, "tag does not exist: "+t)
+		}
+		if slices.Contains(b.UnreadableTags, t) {
+			return fail(im.CodeTagNoPermission, "no permission to read tag: "+t)
+		}
+	}
+	for _, a := range accounts {
+		if slices.Contains(b.RejectAccounts, a) {
+			return fail(b.RejectCode, "cannot read account: "+strconv.Quote(a))
+		}
+	}
+	return nil
+}
+
+// answerGet is the answer of an accepted call: an item per account, with
+// the per-account failures the behaviour and faults play.
+func (s *Server) answerGet(accounts, tags []string, b Behaviour, f Faults) *im.GetResponse {
+	classes := im.ClassesOf(tags)
 	resp := &im.GetResponse{ActionStatus: im.StatusOK, UserProfileItem: make([]im.UserProfile, 0, len(accounts))}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -557,19 +590,7 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *im.GetResponse {
 			item.ResultCode, item.ResultInfo = im.CodeNoCustomData, "no custom profile data for this account"
 			resp.FailAccount = append(resp.FailAccount, a)
 		default:
-			for _, t := range tags {
-				v, set := s.value(a, t)
-				switch {
-				case set:
-					item.ProfileItem = append(item.ProfileItem, im.ProfileItem{Tag: t, Value: v})
-				case b.UnsetAsEmpty:
-					empty := json.RawMessage(`""`)
-					if numericTags[t] {
-						empty = json.RawMessage(`0`)
-					}
-					item.ProfileItem = append(item.ProfileItem, im.ProfileItem{Tag: t, Value: empty})
-				}
-			}
+			item.ProfileItem = s.itemsLocked(a, tags, b.UnsetAsEmpty)
 		}
 		resp.UserProfileItem = append(resp.UserProfileItem, item)
 		s.fetched[a]++
@@ -577,6 +598,26 @@ func (s *Server) get(r *http.Request, b Behaviour, f Faults) *im.GetResponse {
 	s.stats.Served++
 	s.stats.Accounts += int64(len(accounts))
 	return resp
+}
+
+// itemsLocked is account's value of each tag: the tags set, and with
+// unsetAsEmpty the others as empty values. s.mu is held.
+func (s *Server) itemsLocked(account string, tags []string, unsetAsEmpty bool) []im.ProfileItem {
+	items := []im.ProfileItem{}
+	for _, t := range tags {
+		v, set := s.value(account, t)
+		switch {
+		case set:
+			items = append(items, im.ProfileItem{Tag: t, Value: v})
+		case unsetAsEmpty:
+			empty := json.RawMessage(`""`)
+			if numericTags[t] {
+				empty = json.RawMessage(`0`)
+			}
+			items = append(items, im.ProfileItem{Tag: t, Value: empty})
+		}
+	}
+	return items
 }
 
 func (s *Server) existsLocked(account string) bool {

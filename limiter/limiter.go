@@ -25,6 +25,9 @@
 // (another client of the same app uses part of the quota, say): Throttled
 // pauses all grants for a moment and lowers the effective rate, which then
 // climbs back (see Cut). Local is safe for concurrent use.
+//
+// A limiter given Metrics keeps its own figures: quota_calls_per_second,
+// limiter_rate_factor and, for Shared, limiter_fallback.
 package limiter
 
 import (
@@ -35,12 +38,16 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/portrait-proxy/portrait-proxy/metrics"
 )
 
 // Limiter grants permission for one upstream call. Acquire blocks until the
 // call may start or ctx is done (then it returns ctx's error and holds
 // nothing). The caller must end every Permit it gets: Done when the call's
-// answer or failure is in, Cancel when no call was made after all.
+// answer or failure is in, Cancel when no call was made after all. Local
+// and Shared also take throttling answers and report their rate; their
+// users declare the parts they need (batcher.Limiter).
 type Limiter interface {
 	Acquire(ctx context.Context) (*Permit, error)
 }
@@ -129,6 +136,10 @@ type Config struct {
 	// Burst is the token bucket's burst: how many calls may leave back to
 	// back. Zero means 1 (evenly spaced). The window holds the quota either way.
 	Burst int
+	// Metrics, if set, receive the limiter's own figures (see observe).
+	// Nil: none — a process's second limiter (portrait_set's quota) leaves
+	// them to its lookup limiter.
+	Metrics *metrics.Metrics
 }
 
 // Local is the in-process limiter. Create it with NewLocal.
@@ -136,7 +147,8 @@ type Local struct {
 	spacer *rate.Limiter
 	rate   float64
 	quota  int
-	span   time.Duration // one second plus the guard
+	span   time.Duration    // one second plus the guard
+	m      *metrics.Metrics // nil: no figures
 
 	mu          sync.Mutex
 	inflight    int
@@ -160,14 +172,41 @@ func NewLocal(cfg Config) (*Local, error) {
 	if cfg.Burst <= 0 {
 		cfg.Burst = 1
 	}
-	return &Local{
+	l := &Local{
 		spacer:  rate.NewLimiter(rate.Limit(cfg.Rate*spacerHeadroom), cfg.Burst),
 		rate:    cfg.Rate,
 		quota:   max(1, int(cfg.Rate)),
 		span:    time.Second + cfg.Guard,
+		m:       cfg.Metrics,
 		changed: make(chan struct{}),
-	}, nil
+	}
+	start(l.m, cfg.Rate)
+	return l, nil
 }
+
+// start sets a limiter's figures when it is made: quota_calls_per_second
+// (the configured rate, for dashboards to draw calls/s against) and
+// limiter_rate_factor at 1 (no cut yet). m may be nil.
+func start(m *metrics.Metrics, rate float64) {
+	if m != nil {
+		m.Quota.Set(rate)
+		m.RateFactor.Set(1)
+	}
+}
+
+// observe sets limiter_rate_factor to factor(), the part of the rate in
+// force. It is called after every grant and every throttling answer, the
+// moments the factor is used or changed; between them it climbs back
+// unseen (a scrape shows the value of the last grant). m may be nil.
+func observe(m *metrics.Metrics, factor func() float64) {
+	if m != nil {
+		m.RateFactor.Set(factor())
+	}
+}
+
+// Rate is the configured quota in calls per second (before any cut: see
+// Factor).
+func (l *Local) Rate() float64 { return l.rate }
 
 // Acquire blocks until a call may start, as Limiter says. It takes a slot
 // in the window first and then waits for the spacer, so calls that a window
@@ -190,6 +229,7 @@ func (l *Local) Acquire(ctx context.Context) (*Permit, error) {
 	}
 	p := NewPermit(l.release)
 	p.scarce = waited
+	observe(l.m, l.Factor)
 	return p, nil
 }
 
@@ -271,6 +311,7 @@ func (l *Local) Throttled(pause time.Duration) {
 	l.mu.Lock()
 	l.cut.cutAt(time.Now())
 	l.mu.Unlock()
+	observe(l.m, l.Factor)
 }
 
 // Paused is how much is left of a pause asked by Throttled or Backoff.

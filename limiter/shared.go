@@ -12,6 +12,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/time/rate"
+
+	"github.com/portrait-proxy/portrait-proxy/metrics"
 )
 
 // Shared holds the quota for every replica of one app in Redis, with the
@@ -64,6 +66,10 @@ type Shared struct {
 	offlineCalls map[string]time.Time
 }
 
+// DefaultFallbackShare is SharedConfig.FallbackShare's default: three
+// replicas on their fallback shares stay within the quota.
+const DefaultFallbackShare = 0.3
+
 // SharedConfig configures a Shared limiter. Client, App and Rate are
 // required.
 type SharedConfig struct {
@@ -78,13 +84,17 @@ type SharedConfig struct {
 	// the upstream timeout). Zero means 10s.
 	MaxHold time.Duration
 	// FallbackShare is the part of Rate this replica may use while Redis
-	// is unreachable. Zero means 0.3 (three replicas stay within quota).
+	// is unreachable. Zero (or more than 1) means DefaultFallbackShare.
 	FallbackShare float64
 	// Replica names this process in permit ids; empty means random.
 	Replica string
 	// OnFallback, if set, is told when the limiter leaves (true) or
 	// returns to (false) the shared window.
 	OnFallback func(bool)
+	// Metrics, if set, receive the limiter's own figures: those of Local
+	// (quota_calls_per_second at Rate, limiter_rate_factor) and
+	// limiter_fallback, 1 while on the fallback share. Nil: none.
+	Metrics *metrics.Metrics
 }
 
 // factorLua computes f, the part of the rate in force (see Cut), from the
@@ -256,7 +266,7 @@ func NewShared(cfg SharedConfig) (*Shared, error) {
 		cfg.MaxHold = 10 * time.Second
 	}
 	if cfg.FallbackShare <= 0 || cfg.FallbackShare > 1 {
-		cfg.FallbackShare = 0.3
+		cfg.FallbackShare = DefaultFallbackShare
 	}
 	if cfg.Replica == "" {
 		cfg.Replica = strconv.FormatUint(rand.Uint64(), 36)
@@ -273,6 +283,7 @@ func NewShared(cfg SharedConfig) (*Shared, error) {
 	s.keys = []string{s.zkey, s.pkey, s.nkey, s.ckey, s.wkey, s.skey, s.rkey}
 	s.releaseKeys = []string{s.zkey, s.wkey, s.skey, s.rkey}
 	s.factor.Store(1000)
+	start(cfg.Metrics, cfg.Rate)
 	return s, nil
 }
 
@@ -302,9 +313,7 @@ func (s *Shared) goDown() {
 	s.mu.Unlock()
 	if !was {
 		s.fallback.Backoff(time.Second + s.cfg.Guard)
-		if s.cfg.OnFallback != nil {
-			s.cfg.OnFallback(true)
-		}
+		s.fellBackTo(true)
 	}
 }
 
@@ -317,6 +326,18 @@ func isTimeout(err error) bool {
 
 // Acquire blocks until a call may start, as Limiter says.
 func (s *Shared) Acquire(ctx context.Context) (*Permit, error) {
+	p, err := s.acquire(ctx)
+	if err == nil {
+		observe(s.cfg.Metrics, s.Factor)
+	}
+	return p, err
+}
+
+// Rate is the app's configured quota in calls per second, for every
+// replica together (before any cut: see Factor).
+func (s *Shared) Rate() float64 { return s.cfg.Rate }
+
+func (s *Shared) acquire(ctx context.Context) (*Permit, error) {
 	// One member for the whole wait: it is this acquirer's place in the
 	// shared queue, and its permit once granted.
 	member := s.prefix + strconv.FormatUint(s.seq.Add(1), 36)
@@ -482,10 +503,23 @@ func (s *Shared) recover(ctx context.Context) bool {
 	if !done {
 		return true
 	}
-	if s.cfg.OnFallback != nil {
-		s.cfg.OnFallback(false)
-	}
+	s.fellBackTo(false)
 	return true
+}
+
+// fellBackTo tells the metrics and OnFallback that the limiter left (on)
+// or returned to (!on) the shared window.
+func (s *Shared) fellBackTo(on bool) {
+	if m := s.cfg.Metrics; m != nil {
+		if on {
+			m.LimiterFallback.Set(1)
+		} else {
+			m.LimiterFallback.Set(0)
+		}
+	}
+	if s.cfg.OnFallback != nil {
+		s.cfg.OnFallback(on)
+	}
 }
 
 // Throttled is told of a throttling answer: it pauses grants for pause on
@@ -499,9 +533,10 @@ func (s *Shared) Throttled(pause time.Duration) {
 		CutEvery.Milliseconds(), CutFactor, MinFactor, RecoverPerSecond).Int64()
 	if err != nil {
 		s.goDown()
-		return
+	} else {
+		s.factor.Store(f)
 	}
-	s.factor.Store(f)
+	observe(s.cfg.Metrics, s.Factor)
 }
 
 // Paused is how much is left of the pause this replica asked for after a

@@ -120,66 +120,148 @@ const (
 	LookupNotFound = "not_found"
 )
 
+// latency are the buckets of the duration histograms, in seconds.
+var latency = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+
 // New creates the families and registers them on reg. It panics if a name
-// is already registered there, as prometheus.MustRegister does.
+// is already registered there, as prometheus.MustRegister does. Every known
+// label value starts at zero, so series exist (and rates work) before the
+// first event.
 func New(reg prometheus.Registerer) *Metrics {
-	latency := []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
-	m := &Metrics{
-		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "requests_total",
-			Help: "portrait_get requests answered, by result (ok or the IM error code class)."}, []string{"result"}),
-		RequestDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "request_duration_seconds",
-			Help: "Time from request received to answer written.", Buckets: latency}),
-		Lookups: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "lookups_total",
-			Help: "Accounts answered, by result."}, []string{"result"}),
-		CacheLookups: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cache_lookups_total",
-			Help: "Account lookups in a cache tier, by tier and result (hit, stale, negative, miss)."}, []string{"tier", "result"}),
-		SingleflightShared: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "singleflight_shared_total",
-			Help: "Lookups that joined a fetch already in flight for the same account and tags."}),
-		BatchAccounts: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "batch_accounts",
-			Help: "Accounts per upstream call.", Buckets: []float64{1, 2, 5, 10, 20, 50, 80, 90, 95, 98, 99, 100}}),
-		BatchWait: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "batch_wait_seconds",
-			Help: "Time from a batch's first account queued to the batch sent.", Buckets: latency}),
-		LimiterWait: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "limiter_wait_seconds",
-			Help: "Time a ready batch waited for a quota token.", Buckets: latency}),
-		UpstreamCalls: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "upstream_calls_total",
-			Help: "HTTP calls made to the upstream, each counted once, by result kind."}, []string{"result"}),
-		UpstreamDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "upstream_call_duration_seconds",
-			Help: "Duration of upstream HTTP calls.", Buckets: latency}),
-		UpstreamRetries: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "upstream_retries_total",
-			Help: "Accounts sent again, by reason (throttled, transient, split)."}, []string{"reason"}),
-		QueueAccounts: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "queue_accounts",
-			Help: "Accounts waiting for an upstream call."}),
-		CrossReplica: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cross_replica_fetches_total",
-			Help: "Misses coordinated across replicas: claimed (fetched here), waited (answered by another replica's fetch), taken_over (the other fetch failed)."}, []string{"result"}),
-		BuildInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: namespace, Name: "build_info",
-			Help: "Always 1; labels say which build runs."}, []string{"version", "goversion"}),
-		Quota: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "quota_calls_per_second",
-			Help: "The app's upstream quota (-rate), for dashboards to draw calls/s against."}),
-		Shed: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "shed_lookups_total",
-			Help: "Missed lookups answered at once (stale, or a throttling error) because the quota could not serve them before their deadline."}),
-		RefreshShed: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "refresh_shed_total",
-			Help: "Background refreshes dropped from the batcher's queue, or not queued, to leave the queue to foreground misses."}),
-		LimiterFallback: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_fallback",
-			Help: "1 while the shared (Redis) limiter is unreachable and this replica uses its fallback share of the rate."}),
-		RateFactor: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_rate_factor",
-			Help: "Part of -rate in force: below 1 for a while after the upstream throttled a call (cut by half, then back by 0.1 a second)."}),
-		RedisUp: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "redis_up",
-			Help: "1 while the Redis tier is in use, 0 while it is skipped after an error (or not configured)."}),
-		RedisErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "redis_errors_total",
-			Help: "Failed Redis operations, by op (get, put, claim, release, probe, change, feed; wrongtype: a key of another type at a record's name, a miss for that key only)."}, []string{"op"}),
-		RedisDropped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_dropped_writes_total",
-			Help: "Cache write-backs not sent to Redis (Redis down or the write queue full)."}),
-		RedisRoundTrips: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
-			Help: "Pipelines sent to Redis (reads and write-backs)."}),
-		SetRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "set_requests_total",
-			Help: "portrait_set requests answered, by result (ok or the IM error code class)."}, []string{"result"}),
-		Callbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "callbacks_total",
-			Help: "Change callbacks received, by result (ok, rejected: wrong app or signature, invalid: bad body or EventTime in the future, ignored: another command, repeat: a signed callback seen before, limited: unsigned callbacks over their rate)."}, []string{"result"}),
-		Changes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "profile_changes_total",
-			Help: "Profile changes applied to the cache, by source (set, callback, feed) and result (applied, old, unshared)."}, []string{"source", "result"}),
-		FeedDelay: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "change_feed_delay_seconds",
-			Help: "From a change learned on one replica to its arrival on this one (clocks of replicas assumed in sync).", Buckets: latency}),
+	m := &Metrics{}
+	m.newLookups(reg)
+	m.newUpstream(reg)
+	m.newRedis(reg)
+	m.newChanges(reg)
+	m.newIsolation(reg)
+	m.newForward(reg)
+	return m
+}
+
+// newLookups are the drop-in API's and the cache's figures.
+func (m *Metrics) newLookups(reg prometheus.Registerer) {
+	m.Requests = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "requests_total",
+		Help: "portrait_get requests answered, by result (ok or the IM error code class)."}, []string{"result"})
+	m.RequestDuration = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "request_duration_seconds",
+		Help: "Time from request received to answer written.", Buckets: latency})
+	m.Lookups = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "lookups_total",
+		Help: "Accounts answered, by result."}, []string{"result"})
+	m.CacheLookups = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cache_lookups_total",
+		Help: "Account lookups in a cache tier, by tier and result (hit, stale, negative, miss)."}, []string{"tier", "result"})
+	m.SingleflightShared = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "singleflight_shared_total",
+		Help: "Lookups that joined a fetch already in flight for the same account and tags."})
+	m.Shed = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "shed_lookups_total",
+		Help: "Missed lookups answered at once (stale, or a throttling error) because the quota could not serve them before their deadline."})
+	m.RefreshShed = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "refresh_shed_total",
+		Help: "Background refreshes dropped from the batcher's queue, or not queued, to leave the queue to foreground misses."})
+	m.CrossReplica = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cross_replica_fetches_total",
+		Help: "Misses coordinated across replicas: claimed (fetched here), waited (answered by another replica's fetch), taken_over (the other fetch failed)."}, []string{"result"})
+	m.BuildInfo = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: namespace, Name: "build_info",
+		Help: "Always 1; labels say which build runs."}, []string{"version", "goversion"})
+	for _, r := range []string{LookupFound, LookupFailed, LookupError, LookupStale, LookupInvalid, LookupNotFound} {
+		m.Lookups.WithLabelValues(r)
 	}
+	for _, r := range []string{"hit", "stale", "miss"} {
+		m.CacheLookups.WithLabelValues("local", r)
+		m.CacheLookups.WithLabelValues("redis", r)
+	}
+	m.CacheLookups.WithLabelValues("redis", "error")
+	for _, r := range []string{"claimed", "waited", "taken_over"} {
+		m.CrossReplica.WithLabelValues(r)
+	}
+	m.Requests.WithLabelValues("ok")
+	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.Shed, m.RefreshShed, m.CrossReplica, m.BuildInfo)
+}
+
+// newUpstream are the batcher's, the limiter's and the upstream calls' figures.
+func (m *Metrics) newUpstream(reg prometheus.Registerer) {
+	m.BatchAccounts = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "batch_accounts",
+		Help: "Accounts per upstream call.", Buckets: []float64{1, 2, 5, 10, 20, 50, 80, 90, 95, 98, 99, 100}})
+	m.BatchWait = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "batch_wait_seconds",
+		Help: "Time from a batch's first account queued to the batch sent.", Buckets: latency})
+	m.LimiterWait = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "limiter_wait_seconds",
+		Help: "Time a ready batch waited for a quota token.", Buckets: latency})
+	m.UpstreamCalls = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "upstream_calls_total",
+		Help: "HTTP calls made to the upstream, each counted once, by result kind."}, []string{"result"})
+	m.UpstreamDuration = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "upstream_call_duration_seconds",
+		Help: "Duration of upstream HTTP calls.", Buckets: latency})
+	m.UpstreamRetries = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "upstream_retries_total",
+		Help: "Accounts sent again, by reason (throttled, transient, split)."}, []string{"reason"})
+	m.QueueAccounts = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "queue_accounts",
+		Help: "Accounts waiting for an upstream call."})
+	m.Quota = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "quota_calls_per_second",
+		Help: "The app's upstream quota (-rate), for dashboards to draw calls/s against."})
+	m.LimiterFallback = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_fallback",
+		Help: "1 while the shared (Redis) limiter is unreachable and this replica uses its fallback share of the rate."})
+	m.RateFactor = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "limiter_rate_factor",
+		Help: "Part of -rate in force: below 1 for a while after the upstream throttled a call (cut by half, then back by 0.1 a second)."})
+	for _, r := range []string{"ok", "transport", "http", "throttled", "auth", "not_found", "transient", "rejected"} {
+		m.UpstreamCalls.WithLabelValues(r)
+	}
+	for _, r := range []string{"throttled", "transient", "split"} {
+		m.UpstreamRetries.WithLabelValues(r)
+	}
+	reg.MustRegister(m.BatchAccounts, m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts, m.Quota, m.LimiterFallback, m.RateFactor)
+}
+
+// newRedis are the Redis tier's figures.
+func (m *Metrics) newRedis(reg prometheus.Registerer) {
+	m.RedisUp = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "redis_up",
+		Help: "1 while the Redis tier is in use, 0 while it is skipped after an error (or not configured)."})
+	m.RedisErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "redis_errors_total",
+		Help: "Failed Redis operations, by op (get, put, claim, release, probe, change, feed; wrongtype: a key of another type at a record's name, a miss for that key only)."}, []string{"op"})
+	m.RedisDropped = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_dropped_writes_total",
+		Help: "Cache write-backs not sent to Redis (Redis down or the write queue full)."})
+	m.RedisRoundTrips = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
+		Help: "Pipelines sent to Redis (reads and write-backs)."})
+	for _, op := range []string{"get", "put", "claim", "release", "probe", "wrongtype", "change", "feed", "badtags"} {
+		m.RedisErrors.WithLabelValues(op)
+	}
+	reg.MustRegister(m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
+}
+
+// newChanges are the figures of portrait_set, callbacks and the changes they make.
+func (m *Metrics) newChanges(reg prometheus.Registerer) {
+	m.SetRequests = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "set_requests_total",
+		Help: "portrait_set requests answered, by result (ok or the IM error code class)."}, []string{"result"})
+	m.Callbacks = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "callbacks_total",
+		Help: "Change callbacks received, by result (ok, rejected: wrong app or signature, invalid: bad body or EventTime in the future, ignored: another command, repeat: a signed callback seen before, limited: unsigned callbacks over their rate)."}, []string{"result"})
+	m.Changes = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "profile_changes_total",
+		Help: "Profile changes applied to the cache, by source (set, callback, feed) and result (applied, old, unshared)."}, []string{"source", "result"})
+	m.FeedDelay = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "change_feed_delay_seconds",
+		Help: "From a change learned on one replica to its arrival on this one (clocks of replicas assumed in sync).", Buckets: latency})
+	m.SetRequests.WithLabelValues("ok")
+	for _, r := range []string{"ok", "rejected", "invalid", "ignored", "repeat", "limited"} {
+		m.Callbacks.WithLabelValues(r)
+	}
+	for _, src := range []string{ChangeSet, ChangeCallback, ChangeFeed, ChangeAccount} {
+		for _, r := range []string{ChangeApplied, ChangeOld, ChangeUnshared} {
+			m.Changes.WithLabelValues(src, r)
+		}
+	}
+	reg.MustRegister(m.SetRequests, m.Callbacks, m.Changes, m.FeedDelay)
+}
+
+// newIsolation are the figures of whole-call refusals isolated (issue 14).
+func (m *Metrics) newIsolation(reg prometheus.Registerer) {
+	m.IsolationCalls = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "isolation_calls_total",
+		Help: "Upstream calls made to isolate a whole-call refusal caused by one caller's request, by cause."}, []string{"cause"})
+	m.IsolationGaveUp = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "isolation_unresolved_total",
+		Help: "Accounts refused with a whole call's refusal because that refusal's isolation budget was spent."})
+	m.RefusedTags = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "refused_tag_requests_total",
+		Help: "Requests answered at once because they ask for a tag known to be refused, by source."}, []string{"source"})
+	m.LearnedTags = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "learned_bad_tags",
+		Help: "Tags this replica knows the upstream refuses (learned here or from other replicas)."})
+	for _, c := range []string{IsolateTag, IsolateAccount, IsolateClass} {
+		m.IsolationCalls.WithLabelValues(c)
+	}
+	m.RefusedTags.WithLabelValues(RefusedLearned)
+	m.RefusedTags.WithLabelValues(RefusedConfigured)
+	reg.MustRegister(m.IsolationCalls, m.IsolationGaveUp, m.RefusedTags, m.LearnedTags)
+}
+
+// newForward are the forwarded calls' and the API listener's TLS figures (issue 15).
+func (m *Metrics) newForward(reg prometheus.Registerer) {
 	m.Forwarded = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "forwarded_requests_total",
 		Help: "Calls to other IM APIs forwarded to the upstream (or refused before it), by IM service and result (ok, http, unreachable, timeout, rejected, canceled)."}, []string{"service", "result"})
 	m.ForwardDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: namespace, Name: "forwarded_request_duration_seconds",
@@ -196,60 +278,6 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.TLSReloads.WithLabelValues("ok")
 	m.TLSReloads.WithLabelValues("error")
 	reg.MustRegister(m.Forwarded, m.ForwardDuration, m.TLSReloads, m.TLSNotAfter)
-	// Every known label value starts at zero, so series exist (and rates
-	// work) before the first event.
-	for _, r := range []string{LookupFound, LookupFailed, LookupError, LookupStale, LookupInvalid, LookupNotFound} {
-		m.Lookups.WithLabelValues(r)
-	}
-	for _, r := range []string{"hit", "stale", "miss"} {
-		m.CacheLookups.WithLabelValues("local", r)
-		m.CacheLookups.WithLabelValues("redis", r)
-	}
-	m.CacheLookups.WithLabelValues("redis", "error")
-	for _, r := range []string{"ok", "transport", "http", "throttled", "auth", "not_found", "transient", "rejected"} {
-		m.UpstreamCalls.WithLabelValues(r)
-	}
-	for _, r := range []string{"throttled", "transient", "split"} {
-		m.UpstreamRetries.WithLabelValues(r)
-	}
-	for _, r := range []string{"claimed", "waited", "taken_over"} {
-		m.CrossReplica.WithLabelValues(r)
-	}
-	for _, op := range []string{"get", "put", "claim", "release", "probe", "wrongtype"} {
-		m.RedisErrors.WithLabelValues(op)
-	}
-	m.Requests.WithLabelValues("ok")
-	m.SetRequests.WithLabelValues("ok")
-	for _, r := range []string{"ok", "rejected", "invalid", "ignored", "repeat", "limited"} {
-		m.Callbacks.WithLabelValues(r)
-	}
-	for _, src := range []string{ChangeSet, ChangeCallback, ChangeFeed, ChangeAccount} {
-		for _, r := range []string{ChangeApplied, ChangeOld, ChangeUnshared} {
-			m.Changes.WithLabelValues(src, r)
-		}
-	}
-	m.RedisErrors.WithLabelValues("change")
-	m.RedisErrors.WithLabelValues("feed")
-	reg.MustRegister(m.SetRequests, m.Callbacks, m.Changes, m.FeedDelay)
-	m.IsolationCalls = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "isolation_calls_total",
-		Help: "Upstream calls made to isolate a whole-call refusal caused by one caller's request, by cause."}, []string{"cause"})
-	m.IsolationGaveUp = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "isolation_unresolved_total",
-		Help: "Accounts refused with a whole call's refusal because that refusal's isolation budget was spent."})
-	m.RefusedTags = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "refused_tag_requests_total",
-		Help: "Requests answered at once because they ask for a tag known to be refused, by source."}, []string{"source"})
-	m.LearnedTags = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "learned_bad_tags",
-		Help: "Tags this replica knows the upstream refuses (learned here or from other replicas)."})
-	for _, c := range []string{IsolateTag, IsolateAccount, IsolateClass} {
-		m.IsolationCalls.WithLabelValues(c)
-	}
-	m.RedisErrors.WithLabelValues("badtags")
-	m.RefusedTags.WithLabelValues(RefusedLearned)
-	m.RefusedTags.WithLabelValues(RefusedConfigured)
-	reg.MustRegister(m.IsolationCalls, m.IsolationGaveUp, m.RefusedTags, m.LearnedTags)
-	reg.MustRegister(m.BuildInfo, m.Quota, m.Shed, m.RefreshShed, m.CrossReplica, m.LimiterFallback, m.RateFactor, m.RedisUp, m.RedisErrors, m.RedisDropped, m.RedisRoundTrips)
-	reg.MustRegister(m.Requests, m.RequestDuration, m.Lookups, m.CacheLookups, m.SingleflightShared, m.BatchAccounts,
-		m.BatchWait, m.LimiterWait, m.UpstreamCalls, m.UpstreamDuration, m.UpstreamRetries, m.QueueAccounts)
-	return m
 }
 
 // PoolStats are a connection pool's figures, as go-redis reports them.

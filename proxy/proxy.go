@@ -14,21 +14,15 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"runtime"
-	"runtime/debug"
-	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/sync/errgroup"
@@ -36,46 +30,44 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/badtags"
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
-	"github.com/portrait-proxy/portrait-proxy/httpapi"
 	"github.com/portrait-proxy/portrait-proxy/im"
-	"github.com/portrait-proxy/portrait-proxy/imsim"
-	"github.com/portrait-proxy/portrait-proxy/limiter"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
-	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
 // Config is the whole proxy's configuration; cmd/proxy fills it from flags.
-// Zero values take the defaults of the parts (documented there).
+// A zero value takes the default of the part it configures, documented
+// there (the field says where); the proxy's own are the Default constants.
 type Config struct {
-	Listen      string // API address; default ":8080"
-	AdminListen string // admin address; default ":9090"; "-" disables
+	Listen      string // API address; default DefaultListen
+	AdminListen string // admin address; default DefaultAdminListen; "-" disables
 	// Pprof serves the profiling endpoints under /debug/pprof/ on the
 	// admin listener (never /debug/pprof/cmdline: the command line may
 	// hold secrets). Off by default: profiles reveal the process's memory.
 	Pprof bool
 
-	Upstream        string // IM REST API base URL
-	SDKAppID        uint64
-	AdminIdentifier string // default "administrator"
-	SecretKey       string
-	UpstreamTimeout time.Duration
+	Upstream        string        // IM REST API base URL; required
+	SDKAppID        uint64        // required
+	AdminIdentifier string        // default im.DefaultAdministrator
+	SecretKey       string        // required
+	UpstreamTimeout time.Duration // one upstream call; default upstream.DefaultTimeout
 
-	Rate float64 // upstream calls per second; default 100
+	Rate float64 // upstream calls per second; default DefaultRate
 	// RateFallbackShare is the part of Rate one replica uses while the
-	// shared limiter in Redis is unreachable; default 0.3.
+	// shared limiter in Redis is unreachable; default
+	// limiter.DefaultFallbackShare.
 	RateFallbackShare float64
 	RateGuard         time.Duration // jitter allowance; default limiter.DefaultGuard
-	BatchMax          int
-	BatchWindow       time.Duration
-	FillHold          time.Duration // see batcher.Config.FillHold; default 40ms, negative: off
+	BatchMax          int           // accounts per call; default batcher.DefaultMaxAccounts
+	BatchWindow       time.Duration // see batcher.Config.Window; default batcher.DefaultWindow
+	FillHold          time.Duration // see batcher.Config.FillHold; default batcher.DefaultFillHold, negative: off
 	DefaultTags       []string
 
-	TTL           time.Duration
-	StaleTTL      time.Duration
-	NegativeTTL   time.Duration
-	LocalAccounts int    // in-process tier size in accounts
-	Redis         string // shared tier: see cache.NewRedisClient; empty: none
+	TTL           time.Duration // default cache.DefaultTTL
+	StaleTTL      time.Duration // default cache.DefaultStaleTTL
+	NegativeTTL   time.Duration // default cache.DefaultNegativeTTL
+	LocalAccounts int           // in-process tier size in accounts; default cache.DefaultLocalAccounts
+	Redis         string        // shared tier: see cache.NewRedisClient; empty: none
 	// RedisPassword replaces the password of the Redis URL (AUTH/ACL);
 	// RedisCA is a PEM file of roots for rediss:// (default: the system's).
 	RedisPassword string
@@ -84,31 +76,38 @@ type Config struct {
 	// account missed on several replicas at once is fetched by one of them,
 	// at the cost of a claim round trip per miss.
 	CrossReplica bool
-	Auth         string
+	Auth         string // httpapi.AuthUserSig (the default) or httpapi.AuthNone
 	// AuthNoneWrites lets portrait_set through when Auth is "none" (no
 	// caller authenticated); without it such a proxy only reads.
 	AuthNoneWrites bool
-	MaxAccounts    int
-	MaxQueue       int // accounts waiting for the quota at most; default 50,000
-	RequestTimeout time.Duration
+	MaxAccounts    int           // accounts in one request at most; default httpapi.DefaultMaxAccounts
+	MaxQueue       int           // accounts waiting for the quota at most; default batcher.DefaultMaxQueue
+	RequestTimeout time.Duration // default httpapi.DefaultRequestTimeout
 	ShutdownDelay  time.Duration // readiness fails this long before the listener closes
-	DrainTimeout   time.Duration
+	// DrainTimeout bounds the answers in flight at shutdown; default
+	// DefaultDrainTimeout (the batcher's flush: batcher.DefaultDrainTimeout).
+	DrainTimeout time.Duration
 
-	// SetRate is portrait_set's own quota in calls per second; default 200.
+	// SetRate is portrait_set's own quota in calls per second; default
+	// DefaultSetRate.
 	SetRate float64
 	// CallbackPath is where the upstream's change callbacks are received on
-	// the API listener; default "/im/callback"; "-" disables the receiver.
+	// the API listener; default DefaultCallbackPath; "-" disables the
+	// receiver.
 	CallbackPath string
 	// CallbackToken, when set, is the callback authentication token: a
 	// callback must carry Sign = hex(SHA-256(token + RequestTime)).
 	// Without it the receiver is not mounted unless CallbackUnsigned says
 	// so; unsigned callbacks then only drop tags already cached, at most
-	// CallbackUnsignedRate a second (default 100).
+	// CallbackUnsignedRate a second (default
+	// httpapi.DefaultCallbackUnsignedRate).
 	CallbackToken        string
 	CallbackUnsigned     bool
 	CallbackUnsignedRate float64
 	// ClockSkew is how far the upstream's and the replicas' clocks may be
-	// apart, for ordering cached values against changes; default 1s.
+	// apart, for ordering cached values against changes; it is passed as it
+	// is to each part that uses it (cache, Redis tier, badtags, httpapi),
+	// whose zero value is cache.DefaultClockSkew.
 	ClockSkew time.Duration
 
 	// CustomTags, when not nil, are the custom tags the app configured: a
@@ -116,12 +115,12 @@ type Config struct {
 	// Nil: tags the upstream refuses are learned (see badtags).
 	CustomTags []string
 	// BadTagTTL is how long a tag the upstream refused is refused without a
-	// call; default 10 minutes.
+	// call; default badtags.DefaultTTL.
 	BadTagTTL time.Duration
 	// DisableForward answers every other /v4 API 60002 (HTTP 404) instead
 	// of forwarding it to the upstream with the caller's own credentials
 	// (-forward=false). ForwardMaxBody caps a forwarded request body;
-	// default 1 MiB.
+	// default httpapi.DefaultForwardMaxBody.
 	DisableForward bool
 	ForwardMaxBody int64
 	// TLSCert and TLSKey, both set, are PEM files: the API is then served
@@ -130,38 +129,31 @@ type Config struct {
 	TLSCert, TLSKey string
 	TLSReloadEvery  time.Duration
 
-	// Demo runs the built-in emulator as the upstream (SDKAppID, identifier
-	// and key are then the emulator's). DemoLatency is its added latency.
-	Demo        bool
-	DemoLatency time.Duration
-
 	Registry *prometheus.Registry // nil: a new one with Go and process collectors
 	Logger   *slog.Logger         // nil: slog.Default()
 }
 
 // Proxy is a configured, bound proxy. Create it with New; call Run once.
 type Proxy struct {
-	cfg      Config
-	log      *slog.Logger
-	reg      *prometheus.Registry
-	m        *metrics.Metrics
-	sim      *imsim.Server
-	simSrv   *http.Server
-	simLn    net.Listener
-	batcher  *batcher.Batcher
-	cache    *cache.Cache
-	redis    *cache.Redis
-	badTags  *badtags.Set
-	rclient  redis.UniversalClient
-	api      *http.Server
-	admin    *http.Server
-	apiLn    net.Listener
-	adminLn  net.Listener
-	signer   *usersig.Signer
-	ready    atomic.Bool
-	upstream string
-	failLog  failureLog
-	certs    *certReloader // nil without TLS
+	cfg     Config
+	log     *slog.Logger
+	reg     *prometheus.Registry
+	m       *metrics.Metrics
+	batcher *batcher.Batcher
+	cache   *cache.Cache
+	redis   *cache.Redis
+	badTags *badtags.Set
+	rclient redis.UniversalClient
+	api     *http.Server
+	admin   *http.Server
+	apiLn   net.Listener
+	adminLn net.Listener
+	signer  *usersig.Signer
+	ready   atomic.Bool
+	failLog failureLog
+	certs   *certReloader // nil without TLS
+	// callbackPath is where change callbacks are received; "" when off.
+	callbackPath string
 }
 
 // failureLog writes one line per upstream failure, at most one a second
@@ -189,275 +181,11 @@ func (f *failureLog) log(log *slog.Logger, k im.Kind, err error) {
 	log.Warn("upstream call failed", "cause", k.String(), "error", err.Error(), "similar_failures_not_logged", held)
 }
 
-// New builds the proxy and binds its listeners. On error nothing is left
-// running.
-func New(cfg Config) (_ *Proxy, err error) {
-	if cfg.Listen == "" {
-		cfg.Listen = ":8080"
-	}
-	if cfg.AdminListen == "" {
-		cfg.AdminListen = ":9090"
-	}
-	if cfg.AdminIdentifier == "" {
-		cfg.AdminIdentifier = im.DefaultAdministrator
-	}
-	if cfg.Rate == 0 {
-		cfg.Rate = 100
-	}
-	if cfg.SetRate == 0 {
-		cfg.SetRate = 200
-	}
-	if cfg.CallbackPath == "" {
-		cfg.CallbackPath = "/im/callback"
-	}
-	if cfg.ClockSkew <= 0 {
-		cfg.ClockSkew = time.Second
-	}
-	log := cfg.Logger
-	if log == nil {
-		log = slog.Default()
-	}
-	reg := cfg.Registry
-	if reg == nil {
-		reg = prometheus.NewRegistry()
-		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	}
-	p := &Proxy{cfg: cfg, log: log, reg: reg, m: metrics.New(reg)}
-	version := "devel"
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
-		version = bi.Main.Version
-	}
-	p.m.BuildInfo.WithLabelValues(version, runtime.Version()).Set(1)
-	p.m.Quota.Set(cfg.Rate)
-	p.m.RateFactor.Set(1)
-	defer func() {
-		if err != nil {
-			p.closeListeners()
-		}
-	}()
-
-	if cfg.Demo {
-		if err := p.startDemo(); err != nil {
-			return nil, err
-		}
-		if p.cfg.CallbackToken == "" {
-			// The demo emulator and the proxy share a token of the run, so
-			// the emulator's callbacks are applied as signed ones.
-			p.cfg.CallbackToken = strconv.FormatUint(rand.Uint64(), 36) + strconv.FormatUint(rand.Uint64(), 36)
-		}
-		cfg = p.cfg
-	}
-	if cfg.SDKAppID == 0 {
-		return nil, errors.New("proxy: -sdkappid is required (or -demo)")
-	}
-	if cfg.SecretKey == "" {
-		return nil, errors.New("proxy: the secret key is required: set PROXY_SECRET_KEY or TIM_SECRET_KEY (or -demo)")
-	}
-	p.upstream = cfg.Upstream
-	p.signer = usersig.NewSigner(cfg.SecretKey, cfg.SDKAppID, cfg.AdminIdentifier, 0, nil)
-	// One connection pool to the upstream for lookups, sets and forwarded
-	// calls.
-	transport := upstream.NewTransport()
-	client, err := upstream.New(upstream.Config{
-		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout, Transport: transport,
-		Observe: func(k im.Kind, d time.Duration, err error) {
-			p.m.UpstreamCalls.WithLabelValues(k.String()).Inc()
-			p.m.UpstreamDuration.Observe(d.Seconds())
-			if err != nil {
-				p.failLog.log(log, k, err)
-			}
-		},
-	})
-	if err != nil {
-		return nil, err
-	}
-	var remote cache.Remote
-	if cfg.Redis != "" {
-		if p.rclient, err = cache.NewRedisClient(cfg.Redis, cache.RedisClientOptions{Password: cfg.RedisPassword, CAFile: cfg.RedisCA}); err != nil {
-			return nil, err
-		}
-		rc := p.rclient
-		metrics.RegisterRedisPool(reg, func() metrics.PoolStats {
-			st := rc.PoolStats()
-			return metrics.PoolStats{Hits: st.Hits, Misses: st.Misses, Timeouts: st.Timeouts,
-				TotalConns: st.TotalConns, IdleConns: st.IdleConns, StaleConns: st.StaleConns}
-		})
-		ttl, stale := cfg.TTL, cfg.StaleTTL
-		if ttl <= 0 {
-			ttl = time.Minute
-		}
-		if stale <= 0 {
-			stale = time.Hour
-		}
-		if p.redis, err = cache.NewRedis(cache.RedisConfig{Client: p.rclient, SDKAppID: cfg.SDKAppID,
-			KeyTTL: ttl + stale, ClockSkew: cfg.ClockSkew, Metrics: p.m}); err != nil {
-			return nil, err
-		}
-		remote = p.redis
-	} else {
-		p.m.RedisUp.Set(0)
-	}
-	lim, err := p.newLimiter(cfg, "", cfg.Rate, func(on bool) {
-		if on {
-			p.m.LimiterFallback.Set(1)
-			log.Warn("shared limiter unreachable: using this replica's fallback share of the rate", "share", cfg.RateFallbackShare)
-		} else {
-			p.m.LimiterFallback.Set(0)
-			log.Info("shared limiter reachable again")
-		}
-	})
-	if err != nil {
-		return nil, err
-	}
-	setLim, err := p.newLimiter(cfg, ":set", cfg.SetRate, nil)
-	if err != nil {
-		return nil, err
-	}
-	// portrait_set calls have their own client: they are not lookups and
-	// stay out of upstream_calls_total (the lookup quota's figure).
-	setClient, err := upstream.New(upstream.Config{
-		BaseURL: cfg.Upstream, Signer: p.signer, Timeout: cfg.UpstreamTimeout, Transport: transport,
-		Observe: func(k im.Kind, d time.Duration, err error) {
-			if err != nil {
-				p.failLog.log(log, k, err)
-			}
-		},
-	})
-	if err != nil {
-		return nil, err
-	}
-	if p.badTags, err = badtags.New(badtags.Config{Custom: cfg.CustomTags, TTL: cfg.BadTagTTL, Client: p.rclient,
-		SDKAppID: cfg.SDKAppID, Skew: cfg.ClockSkew, Metrics: p.m}); err != nil {
-		return nil, fmt.Errorf("proxy: -custom-tags: %w", err)
-	}
-	p.batcher, err = batcher.New(batcher.Config{Upstream: client, Limiter: lim, MaxAccounts: cfg.BatchMax, Rate: cfg.Rate, MaxQueue: cfg.MaxQueue,
-		Window: cfg.BatchWindow, FillHold: cfg.FillHold, DefaultTags: cfg.DefaultTags, DrainTimeout: cfg.DrainTimeout, Metrics: p.m,
-		Tags: p.badTags, RejectTTL: cfg.NegativeTTL})
-	if err != nil {
-		return nil, err
-	}
-	var coord cache.Coordinator
-	if p.redis != nil && cfg.CrossReplica {
-		coord = p.redis
-	}
-	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote, Coordinator: coord,
-		TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, NegativeTTL: cfg.NegativeTTL, ClockSkew: cfg.ClockSkew, Metrics: p.m})
-	if err != nil {
-		return nil, err
-	}
-	callbackPath := cfg.CallbackPath
-	if callbackPath == "-" {
-		callbackPath = ""
-	}
-	var forward *httpapi.ForwardConfig
-	if !cfg.DisableForward {
-		forward = &httpapi.ForwardConfig{Upstream: cfg.Upstream, Transport: transport, Timeout: cfg.UpstreamTimeout,
-			MaxBodyBytes: cfg.ForwardMaxBody, Accounts: p.cache,
-			OnError: func(service, result string, err error) {
-				p.failLog.log(log, im.KindTransport, fmt.Errorf("forwarded %s call: %s: %w", service, result, err))
-			}}
-	}
-	if callbackPath != "" && cfg.CallbackToken == "" && !cfg.CallbackUnsigned {
-		log.Warn("change callbacks are not received: no -callback-token (set the IM console's callback token), and -callback-unsigned not given", "callback_path", callbackPath)
-		callbackPath = ""
-	}
-	api, err := httpapi.New(httpapi.Config{Lookup: p.cache, SDKAppID: cfg.SDKAppID, Identifier: cfg.AdminIdentifier,
-		Key: cfg.SecretKey, Auth: cfg.Auth, AuthNoneWrites: cfg.AuthNoneWrites, MaxAccounts: cfg.MaxAccounts, RequestTimeout: cfg.RequestTimeout,
-		Metrics: p.m, Tags: p.badTags, Forward: forward,
-		Setter: &setter{lim: setLim, client: setClient, backoff: time.Second}, Changer: p.cache,
-		CallbackPath: callbackPath, CallbackToken: cfg.CallbackToken, CallbackUnsigned: cfg.CallbackUnsigned,
-		CallbackUnsignedRate: cfg.CallbackUnsignedRate, ClockSkew: cfg.ClockSkew})
-	if err != nil {
-		return nil, err
-	}
-	if callbackPath != "" && cfg.CallbackToken == "" {
-		log.Warn("-callback-unsigned: anyone who reaches the API port can send change callbacks; they only drop tags already cached (their values are not trusted), rate-bounded; set the IM console's callback token to have them checked and applied", "callback_path", callbackPath)
-	}
-	if cfg.Auth == httpapi.AuthNone {
-		if cfg.AuthNoneWrites {
-			log.Warn("caller authentication is OFF (-auth none, -auth-none-writes): anyone who reaches the API port can read every profile AND change any profile (portrait_set) with the app's admin rights")
-		} else {
-			log.Warn("caller authentication is OFF (-auth none): anyone who reaches the API port can read every profile with the app's admin rights (portrait_get); portrait_set is refused (-auth-none-writes would open it)")
-		}
-	}
-	p.api = &http.Server{Handler: api, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
-		WriteTimeout: 60 * time.Second, IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10,
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
-	if (cfg.TLSCert == "") != (cfg.TLSKey == "") {
-		return nil, errors.New("proxy: -tls-cert and -tls-key go together")
-	}
-	if cfg.TLSCert != "" {
-		if p.certs, err = newCertReloader(cfg.TLSCert, cfg.TLSKey, cfg.TLSReloadEvery, log, p.m); err != nil {
-			return nil, err
-		}
-		p.api.TLSConfig = p.certs.tlsConfig()
-	}
-	if p.apiLn, err = net.Listen("tcp", cfg.Listen); err != nil {
-		return nil, fmt.Errorf("proxy: listen %s: %w", cfg.Listen, err)
-	}
-	if p.sim != nil && callbackPath != "" {
-		// The demo emulator tells this proxy of every change, as IM would.
-		p.sim.SetCallback(imsim.Callback{URL: "http://" + loopback(p.Addr()) + callbackPath, Token: cfg.CallbackToken})
-	}
-	if cfg.AdminListen != "-" {
-		p.admin = &http.Server{Handler: p.adminMux(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-			WriteTimeout: adminWriteTimeout, IdleTimeout: 60 * time.Second, MaxHeaderBytes: 16 << 10,
-			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
-		if p.adminLn, err = net.Listen("tcp", cfg.AdminListen); err != nil {
-			return nil, fmt.Errorf("proxy: listen %s: %w", cfg.AdminListen, err)
-		}
-	}
-	return p, nil
-}
-
-// newLimiter returns a limiter of rate calls per second: shared by every
-// replica through Redis (under the app's key plus suffix) when Redis is
-// configured, in-process otherwise.
-func (p *Proxy) newLimiter(cfg Config, suffix string, rate float64, onFallback func(bool)) (limiter.Limiter, error) {
-	if p.rclient == nil {
-		return limiter.NewLocal(limiter.Config{Rate: rate, Guard: cfg.RateGuard})
-	}
-	hold := cfg.UpstreamTimeout
-	if hold <= 0 {
-		hold = 5 * time.Second
-	}
-	return limiter.NewShared(limiter.SharedConfig{Client: p.rclient, App: strconv.FormatUint(cfg.SDKAppID, 10) + suffix,
-		Rate: rate, Guard: cfg.RateGuard, MaxHold: hold + 5*time.Second, FallbackShare: cfg.RateFallbackShare,
-		OnFallback: onFallback})
-}
-
-// startDemo starts the emulator on a loopback port and points the proxy at it.
-func (p *Proxy) startDemo() error {
-	latency := p.cfg.DemoLatency
-	if latency == 0 {
-		latency = 20 * time.Millisecond
-	}
-	p.sim = imsim.New(imsim.Config{Behaviour: imsim.Behaviour{Quota: int(p.cfg.Rate),
-		CustomTags:     append(slices.Clone(imsim.DefaultCustomTags), "Tag_Profile_Custom_Secret"),
-		UnreadableTags: []string{"Tag_Profile_Custom_Secret"},
-		NoStandardData: []string{"nostd"}, NoCustomData: []string{"nocustom"}, RejectAccounts: []string{"reject.me"},
-	}, Faults: imsim.Faults{Latency: latency}})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return fmt.Errorf("proxy: demo emulator: %w", err)
-	}
-	p.simLn = ln
-	p.simSrv = &http.Server{Handler: p.sim, ReadHeaderTimeout: 5 * time.Second}
-	go p.simSrv.Serve(ln)
-	p.cfg.Upstream = "http://" + ln.Addr().String()
-	p.cfg.SDKAppID, p.cfg.AdminIdentifier, p.cfg.SecretKey = p.sim.SDKAppID(), p.sim.Identifier(), p.sim.Key()
-	return nil
-}
-
 func (p *Proxy) closeListeners() {
 	for _, ln := range []net.Listener{p.apiLn, p.adminLn} {
 		if ln != nil {
 			ln.Close()
 		}
-	}
-	if p.simSrv != nil {
-		p.simSrv.Close()
-		p.sim.Close()
 	}
 	if p.cache != nil {
 		p.cache.Close()
@@ -509,8 +237,19 @@ func (p *Proxy) AdminAddr() string {
 	return p.adminLn.Addr().String()
 }
 
-// Emulator is the demo upstream, or nil when not in demo mode.
-func (p *Proxy) Emulator() *imsim.Server { return p.sim }
+// CallbackURL is the URL a local client reaches the change callback
+// receiver at (a wildcard listen address made loopback), or "" when the
+// receiver is off. The demo points its emulator's callbacks here.
+func (p *Proxy) CallbackURL() string {
+	if p.callbackPath == "" {
+		return ""
+	}
+	scheme := "http"
+	if p.certs != nil {
+		scheme = "https"
+	}
+	return scheme + "://" + loopback(p.Addr()) + p.callbackPath
+}
 
 // SDKAppID and AdminIdentifier are the app the proxy serves.
 func (p *Proxy) SDKAppID() uint64        { return p.cfg.SDKAppID }
@@ -560,7 +299,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 		g.Go(func() error { return serve(p.admin, p.adminLn) })
 	}
 	p.ready.Store(true)
-	p.log.Info("proxy serving", "api", p.Addr(), "admin", p.AdminAddr(), "upstream", p.upstream,
+	p.log.Info("proxy serving", "api", p.Addr(), "admin", p.AdminAddr(), "upstream", p.cfg.Upstream,
 		"sdkappid", p.cfg.SDKAppID, "rate", p.cfg.Rate, "auth", p.cfg.Auth, "redis", p.cfg.Redis != "",
 		"tls", p.certs != nil, "forward", !p.cfg.DisableForward)
 
@@ -572,7 +311,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	drain := p.cfg.DrainTimeout
 	if drain <= 0 {
-		drain = 10 * time.Second
+		drain = DefaultDrainTimeout
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
@@ -588,10 +327,6 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	if p.admin != nil {
 		p.admin.Shutdown(sctx)
-	}
-	if p.simSrv != nil {
-		p.simSrv.Shutdown(sctx)
-		p.sim.Close()
 	}
 	if gerr := g.Wait(); gerr != nil {
 		return gerr
@@ -625,10 +360,6 @@ func serve(s *http.Server, ln net.Listener) error {
 	}
 	return nil
 }
-
-// DemoCases says which refusals the demo emulator plays, for make run.
-const DemoCases = "The emulator refuses Tag_Profile_Custom_Nope (not configured: 40009) and Tag_Profile_Custom_Secret (unreadable: 40007)\n" +
-	"  and calls naming reject.me (40001); account nostd has no standard data (40807), nocustom no custom data (40809)."
 
 // CurlExample returns a ready-to-paste curl line for a lookup through the
 // proxy, signed with the proxy's own key. Only for demo use: it prints a

@@ -19,9 +19,19 @@ import (
 // the error also matches httpapi.ErrMaybeApplied: the first may have been
 // applied.
 type setter struct {
-	lim     limiter.Limiter
+	lim     setLimiter
 	client  *upstream.Client
 	backoff time.Duration // after a throttling answer; default 1s
+}
+
+// setLimiter is portrait_set's quota, as the setter uses it; limiter.Local
+// and limiter.Shared implement it.
+type setLimiter interface {
+	// Acquire blocks until a call may start (see limiter.Limiter).
+	Acquire(ctx context.Context) (*limiter.Permit, error)
+	// Throttled is told when the upstream said "too frequent": the limiter
+	// pauses grants for pause and lowers its rate for a while.
+	Throttled(pause time.Duration)
 }
 
 func (s *setter) PortraitSet(ctx context.Context, req im.SetRequest) (err error) {
@@ -56,9 +66,7 @@ func (s *setter) PortraitSet(ctx context.Context, req im.SetRequest) (err error)
 		case im.KindOK:
 			return nil
 		case im.KindThrottled:
-			if th, ok := s.lim.(interface{ Throttled(time.Duration) }); ok {
-				th.Throttled(upstream.ThrottlePause(err, s.backoff))
-			}
+			s.lim.Throttled(upstream.ThrottlePause(err, s.backoff))
 		case im.KindTransport, im.KindHTTP, im.KindTransient:
 			unsure = true
 		default:

@@ -183,8 +183,10 @@ func TestTLSConfigErrors(t *testing.T) {
 	certFile, keyFile := filepath.Join(dir, "c"), filepath.Join(dir, "k")
 	writeAtomic(t, certFile, c1)
 	writeAtomic(t, keyFile, k2)
+	sim, srv := startSim(t, imsim.Config{})
 	for _, cfg := range []proxy.Config{{TLSCert: certFile, TLSKey: keyFile}, {TLSCert: certFile}, {TLSCert: certFile, TLSKey: filepath.Join(dir, "missing")}} {
-		cfg.Listen, cfg.AdminListen, cfg.Demo = "127.0.0.1:0", "-", true
+		cfg.Listen, cfg.AdminListen = "127.0.0.1:0", "-"
+		cfg.Upstream, cfg.SDKAppID, cfg.AdminIdentifier, cfg.SecretKey = srv.URL, sim.SDKAppID(), sim.Identifier(), sim.Key()
 		if p, err := proxy.New(cfg); err == nil || !strings.Contains(err.Error(), "tls") && !strings.Contains(err.Error(), "TLS") {
 			t.Errorf("%+v: %v", cfg, err)
 			if p != nil {

@@ -32,6 +32,10 @@ import (
 // well under 1 MiB.
 const maxResponseBytes = 16 << 20
 
+// DefaultTimeout bounds one call when Config.Timeout is zero: longer than
+// the upstream's own 3s, so its answer, not ours, ends a slow call.
+const DefaultTimeout = 5 * time.Second
+
 // Config configures a Client. BaseURL and Signer are required.
 type Config struct {
 	// BaseURL is the region host, e.g. "https://console.tim.qq.com" or
@@ -39,7 +43,7 @@ type Config struct {
 	BaseURL string
 	// Signer provides the admin identifier, SDKAppID and UserSig.
 	Signer *usersig.Signer
-	// Timeout bounds one call. Zero means 5s (the upstream gives up at 3s).
+	// Timeout bounds one call. Zero means DefaultTimeout.
 	Timeout time.Duration
 	// Transport carries the calls. Nil means a keep-alive pool sized for
 	// a few hundred calls in flight.
@@ -70,7 +74,7 @@ func New(cfg Config) (*Client, error) {
 	}
 	u.Path = strings.TrimSuffix(u.Path, "/")
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = 5 * time.Second
+		cfg.Timeout = DefaultTimeout
 	}
 	tr := cfg.Transport
 	if tr == nil {

@@ -32,6 +32,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/capacity"
 )
 
@@ -58,11 +59,11 @@ func run(args []string, out, errOut io.Writer) error {
 	fs.Float64Var(&w.ChangeRate, "changes", 0, "profile changes per second, fleet-wide (spread over accounts as their lookups are)")
 	mode := fs.String("change-mode", "apply", "how changes reach the caches: apply (portrait_set or signed callback), invalidate (unsigned callback), none (TTL only)")
 	fs.IntVar(&w.Replicas, "replicas", 1, "proxy replicas (lookups spread evenly); 0: as many as the CPU model asks for")
-	fs.IntVar(&w.LocalAccounts, "local-accounts", 1_000_000, "proxy -local-accounts: each replica's in-process tier (-1: none)")
+	fs.IntVar(&w.LocalAccounts, "local-accounts", cache.DefaultLocalAccounts, "proxy -local-accounts: each replica's in-process tier (-1: none)")
 	fs.BoolVar(&w.Redis, "redis", true, "a shared Redis tier behind the replicas")
-	fs.DurationVar(&w.TTL, "ttl", time.Minute, "proxy -ttl")
-	fs.DurationVar(&w.StaleTTL, "stale-ttl", time.Hour, "proxy -stale-ttl")
-	fs.DurationVar(&w.NegativeTTL, "negative-ttl", 30*time.Second, "proxy -negative-ttl")
+	fs.DurationVar(&w.TTL, "ttl", cache.DefaultTTL, "proxy -ttl")
+	fs.DurationVar(&w.StaleTTL, "stale-ttl", cache.DefaultStaleTTL, "proxy -stale-ttl")
+	fs.DurationVar(&w.NegativeTTL, "negative-ttl", cache.DefaultNegativeTTL, "proxy -negative-ttl")
 	fs.Float64Var(&w.Quota, "quota", 100, "upstream calls per second for the app (proxy -rate)")
 	fs.DurationVar(&w.Hold, "hold", 25*time.Millisecond, "one upstream call, sent to answered")
 	fs.DurationVar(&w.Window, "batch-window", 0, "proxy -batch-window (0: the batcher's default)")

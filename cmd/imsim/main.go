@@ -40,11 +40,11 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("imsim", flag.ContinueOnError)
 	listen := fs.String("listen", "127.0.0.1:8081", "address to serve on")
 	var cfg imsim.Config
-	fs.Uint64Var(&cfg.SDKAppID, "sdkappid", 1400000000, "SDKAppID of the emulated app")
+	fs.Uint64Var(&cfg.SDKAppID, "sdkappid", imsim.DefaultSDKAppID, "SDKAppID of the emulated app")
 	fs.StringVar(&cfg.Identifier, "identifier", im.DefaultAdministrator, "admin account")
-	fs.IntVar(&cfg.Accounts, "accounts", 1_000_000, "seeded accounts user0…user<N-1>")
-	fs.IntVar(&cfg.Behaviour.Quota, "quota", 100, "portrait_get calls accepted in any sliding second (negative: unlimited)")
-	fs.IntVar(&cfg.Behaviour.ThrottleCode, "throttle-code", 60007, "error code answering calls over the quota")
+	fs.IntVar(&cfg.Accounts, "accounts", imsim.DefaultAccounts, "seeded accounts user0…user<N-1>")
+	fs.IntVar(&cfg.Behaviour.Quota, "quota", imsim.DefaultQuota, "portrait_get calls accepted in any sliding second (negative: unlimited)")
+	fs.IntVar(&cfg.Behaviour.ThrottleCode, "throttle-code", imsim.DefaultThrottleCode, "error code answering calls over the quota")
 	fs.BoolVar(&cfg.Behaviour.MissingFailsCall, "missing-fails-call", false, "a non-existent account fails the whole call with 40003")
 	fs.BoolVar(&cfg.Behaviour.UnsetAsEmpty, "unset-as-empty", false, "return unset tags with empty values instead of omitting them")
 	fs.DurationVar(&cfg.Faults.Latency, "latency", 0, "added latency per call")
@@ -52,8 +52,8 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	fs.Float64Var(&cfg.Faults.Fail502, "fail-502", 0, "fraction of calls answered HTTP 502")
 	fs.Float64Var(&cfg.Faults.Timeout, "timeout", 0, "fraction of calls never answered")
 	fs.Float64Var(&cfg.Faults.ItemInternal, "item-internal", 0, "fraction of accounts failing with 40006")
-	fs.IntVar(&cfg.Behaviour.SetQuota, "set-quota", 200, "portrait_set calls accepted in any sliding second")
-	fs.IntVar(&cfg.Behaviour.APIQuota, "api-quota", 100, "calls accepted in any sliding second by each other API (account_import, sendmsg, …; negative: unlimited)")
+	fs.IntVar(&cfg.Behaviour.SetQuota, "set-quota", imsim.DefaultSetQuota, "portrait_set calls accepted in any sliding second")
+	fs.IntVar(&cfg.Behaviour.APIQuota, "api-quota", imsim.DefaultAPIQuota, "calls accepted in any sliding second by each other API (account_import, sendmsg, …; negative: unlimited)")
 	fs.Float64Var(&cfg.Faults.Drop, "drop", 0, "fraction of calls to other APIs whose connection is closed after the request was read, without an answer")
 	fs.StringVar(&cfg.Callback.URL, "callback-url", "", "where to POST Profile.CallbackPortraitSet after each change (empty: no callbacks); token from env IMSIM_CALLBACK_TOKEN")
 	fs.DurationVar(&cfg.Callback.Jitter, "callback-jitter", 0, "uniform random delay of each callback (deliveries overtake each other)")
@@ -63,7 +63,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	noStd := fs.String("no-standard-data", "", "comma list of accounts holding no standard profile data (item 40807)")
 	noCustom := fs.String("no-custom-data", "", "comma list of accounts holding no custom profile data (item 40809)")
 	reject := fs.String("reject-accounts", "", "comma list of account ids whose call is refused whole with -reject-code")
-	fs.IntVar(&cfg.Behaviour.RejectCode, "reject-code", 40001, "code refusing a call that names a -reject-accounts id")
+	fs.IntVar(&cfg.Behaviour.RejectCode, "reject-code", imsim.DefaultRejectCode, "code refusing a call that names a -reject-accounts id")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

@@ -16,7 +16,7 @@ import (
 func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
 
 func TestParseFlagsAndEnv(t *testing.T) {
-	cfg, level, format, err := parse([]string{"-rate", "50", "-sdkappid", "7"}, env(map[string]string{
+	cfg, err := parse([]string{"-rate", "50", "-sdkappid", "7"}, env(map[string]string{
 		"PROXY_RATE":         "80", // the flag wins
 		"PROXY_BATCH_MAX":    "40",
 		"PROXY_TTL":          "2m",
@@ -27,22 +27,22 @@ func TestParseFlagsAndEnv(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Rate != 50 || cfg.SDKAppID != 7 || cfg.BatchMax != 40 || cfg.TTL != 2*time.Minute || cfg.SecretKey != "k1" || level != "debug" || format != "json" {
-		t.Fatalf("cfg %+v level %s format %s", cfg, level, format)
+	if cfg.Rate != 50 || cfg.SDKAppID != 7 || cfg.BatchMax != 40 || cfg.TTL != 2*time.Minute || cfg.SecretKey != "k1" || cfg.logLevel != "debug" || cfg.logFormat != "json" {
+		t.Fatalf("cfg %+v level %s format %s", cfg, cfg.logLevel, cfg.logFormat)
 	}
 	if len(cfg.DefaultTags) != 2 {
 		t.Fatalf("default tags %v", cfg.DefaultTags)
 	}
-	cfg, _, _, _ = parse(nil, env(map[string]string{"PROXY_SECRET_KEY": "k2", "TIM_SECRET_KEY": "k1"}), io.Discard)
+	cfg, _ = parse(nil, env(map[string]string{"PROXY_SECRET_KEY": "k2", "TIM_SECRET_KEY": "k1"}), io.Discard)
 	if cfg.SecretKey != "k2" {
 		t.Fatalf("PROXY_SECRET_KEY should win over TIM_SECRET_KEY, got %q", cfg.SecretKey)
 	}
 	for _, bad := range [][]string{{"-rate", "x"}, {"stray"}, {"-nope"}} {
-		if _, _, _, err := parse(bad, env(nil), io.Discard); err == nil {
+		if _, err := parse(bad, env(nil), io.Discard); err == nil {
 			t.Errorf("parse(%v) accepted", bad)
 		}
 	}
-	if _, _, _, err := parse(nil, env(map[string]string{"PROXY_RATE": "fast"}), io.Discard); err == nil || !strings.Contains(err.Error(), "PROXY_RATE") {
+	if _, err := parse(nil, env(map[string]string{"PROXY_RATE": "fast"}), io.Discard); err == nil || !strings.Contains(err.Error(), "PROXY_RATE") {
 		t.Errorf("bad env value: %v", err)
 	}
 }
@@ -158,16 +158,16 @@ func TestSIGTERMLosesNoLookup(t *testing.T) {
 }
 
 func TestParseForwardAndTLSFlags(t *testing.T) {
-	cfg, _, _, err := parse(nil, env(nil), io.Discard)
+	cfg, err := parse(nil, env(nil), io.Discard)
 	if err != nil || cfg.DisableForward || cfg.ForwardMaxBody != 1<<20 || cfg.TLSCert != "" {
 		t.Fatalf("defaults: %+v %v", cfg, err)
 	}
-	cfg, _, _, err = parse([]string{"-tls-key", "/k.pem"}, env(map[string]string{
+	cfg, err = parse([]string{"-tls-key", "/k.pem"}, env(map[string]string{
 		"PROXY_FORWARD": "false", "PROXY_TLS_CERT": "/c.pem", "PROXY_TLS_KEY": "/other.pem", "PROXY_FORWARD_MAX_BODY": "4096"}), io.Discard)
 	if err != nil || !cfg.DisableForward || cfg.TLSCert != "/c.pem" || cfg.TLSKey != "/k.pem" || cfg.ForwardMaxBody != 4096 {
 		t.Fatalf("env: %+v %v", cfg, err)
 	}
-	if _, _, _, err := parse(nil, env(map[string]string{"PROXY_FORWARD": "maybe"}), io.Discard); err == nil {
+	if _, err := parse(nil, env(map[string]string{"PROXY_FORWARD": "maybe"}), io.Discard); err == nil {
 		t.Fatal("PROXY_FORWARD=maybe accepted")
 	}
 }
@@ -175,14 +175,14 @@ func TestParseForwardAndTLSFlags(t *testing.T) {
 // Every hardening flag has its env twin, and the defaults are the closed
 // ones.
 func TestSecurityFlagsAndEnv(t *testing.T) {
-	cfg, _, _, err := parse(nil, env(nil), io.Discard)
+	cfg, err := parse(nil, env(nil), io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.Pprof || cfg.CallbackUnsigned || cfg.AuthNoneWrites || cfg.CallbackUnsignedRate != 100 || cfg.RedisPassword != "" || cfg.RedisCA != "" {
 		t.Fatalf("defaults %+v", cfg)
 	}
-	cfg, _, _, err = parse(nil, env(map[string]string{
+	cfg, err = parse(nil, env(map[string]string{
 		"PROXY_PPROF": "true", "PROXY_CALLBACK_UNSIGNED": "true", "PROXY_CALLBACK_UNSIGNED_RATE": "7",
 		"PROXY_AUTH_NONE_WRITES": "true", "PROXY_REDIS_PASSWORD": "pw", "PROXY_REDIS_CA": "/ca.pem",
 	}), io.Discard)
@@ -199,7 +199,7 @@ func TestSecurityFlagsAndEnv(t *testing.T) {
 // list that refuses every custom tag with 40009.
 func TestCustomTagsOnlySeparatorsMeansLearn(t *testing.T) {
 	for _, v := range []string{" , ", ",", " "} {
-		cfg, _, _, err := parse([]string{"-custom-tags", v}, func(string) string { return "" }, io.Discard)
+		cfg, err := parse([]string{"-custom-tags", v}, func(string) string { return "" }, io.Discard)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -207,7 +207,7 @@ func TestCustomTagsOnlySeparatorsMeansLearn(t *testing.T) {
 			t.Fatalf("-custom-tags %q: CustomTags %#v (non-nil, empty): every custom tag answered 40009", v, cfg.CustomTags)
 		}
 	}
-	cfg, _, _, err := parse([]string{"-custom-tags", " Tag_Profile_Custom_A ,,"}, func(string) string { return "" }, io.Discard)
+	cfg, err := parse([]string{"-custom-tags", " Tag_Profile_Custom_A ,,"}, func(string) string { return "" }, io.Discard)
 	if err != nil || len(cfg.CustomTags) != 1 || cfg.CustomTags[0] != "Tag_Profile_Custom_A" {
 		t.Fatalf("%#v %v", cfg.CustomTags, err)
 	}
