@@ -147,7 +147,7 @@ func (m *Metrics) newLookups(reg prometheus.Registerer) {
 	m.Lookups = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "lookups_total",
 		Help: "Accounts answered, by result."}, []string{"result"})
 	m.CacheLookups = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cache_lookups_total",
-		Help: "Account lookups in a cache tier, by tier and result (hit, stale, negative, miss)."}, []string{"tier", "result"})
+		Help: "Account lookups in a cache tier, by tier and result (hit, stale, miss; error: the tier failed). A remembered no-such-account counts as a hit."}, []string{"tier", "result"})
 	m.SingleflightShared = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "singleflight_shared_total",
 		Help: "Lookups that joined a fetch already in flight for the same account and tags."})
 	m.Shed = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "shed_lookups_total",
@@ -209,7 +209,7 @@ func (m *Metrics) newRedis(reg prometheus.Registerer) {
 	m.RedisUp = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "redis_up",
 		Help: "1 while the Redis tier is in use, 0 while it is skipped after an error (or not configured)."})
 	m.RedisErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "redis_errors_total",
-		Help: "Failed Redis operations, by op (get, put, claim, release, probe, change, feed; wrongtype: a key of another type at a record's name, a miss for that key only)."}, []string{"op"})
+		Help: "Failed Redis operations, by op (get, put, claim, release, probe, change, feed, badtags; wrongtype: a key of another type at a record's name, a miss for that key only)."}, []string{"op"})
 	m.RedisDropped = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_dropped_writes_total",
 		Help: "Cache write-backs not sent to Redis (Redis down or the write queue full)."})
 	m.RedisRoundTrips = prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: "redis_round_trips_total",
@@ -227,7 +227,7 @@ func (m *Metrics) newChanges(reg prometheus.Registerer) {
 	m.Callbacks = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "callbacks_total",
 		Help: "Change callbacks received, by result (ok, rejected: wrong app or signature, invalid: bad body or EventTime in the future, ignored: another command, repeat: a signed callback seen before, limited: unsigned callbacks over their rate)."}, []string{"result"})
 	m.Changes = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "profile_changes_total",
-		Help: "Profile changes applied to the cache, by source (set, callback, feed) and result (applied, old, unshared)."}, []string{"source", "result"})
+		Help: "Profile changes applied to the cache, by source (set, callback, feed, account: an import or delete forwarded through this replica) and result (applied, old, unshared)."}, []string{"source", "result"})
 	m.FeedDelay = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: "change_feed_delay_seconds",
 		Help: "From a change learned on one replica to its arrival on this one (clocks of replicas assumed in sync).", Buckets: latency})
 	m.SetRequests.WithLabelValues("ok")
