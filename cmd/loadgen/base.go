@@ -22,6 +22,7 @@ var goTool = "go"
 // measured beside this one in the same run.
 type baseBuild struct {
 	rev   string // as asked (-base)
+	dir   string // where its proxy is built (-base-bin)
 	desc  string // short hash, commit date and subject
 	proxy string // its proxy binary; empty when it could not be built
 	notes []string
@@ -43,6 +44,14 @@ func (b *baseBuild) name() string {
 	return "previous build (" + strings.Fields(b.desc)[0] + ")"
 }
 
+// short is the revision's short hash and date, or the revision as asked.
+func (b *baseBuild) short() string {
+	if f := strings.Fields(b.desc); len(f) >= 2 {
+		return f[0] + ", " + f[1]
+	}
+	return b.rev
+}
+
 // buildBase builds cmd/proxy of git revision rev into dir from a clean
 // export of that revision (git archive into a temporary folder, removed
 // afterwards), so neither the working tree nor its uncommitted changes
@@ -50,7 +59,7 @@ func (b *baseBuild) name() string {
 // build without a binary and a note saying why: the scenarios then measure
 // the current build and the bare handler only.
 func buildBase(rev, dir string, out io.Writer) *baseBuild {
-	b := &baseBuild{rev: rev}
+	b := &baseBuild{rev: rev, dir: dir}
 	fail := func(format string, a ...any) *baseBuild {
 		b.note("the previous build (%s) was not measured: %s", rev, fmt.Sprintf(format, a...))
 		fmt.Fprintf(out, "previous build: %s\n\n", b.notes[len(b.notes)-1])
@@ -61,6 +70,9 @@ func buildBase(rev, dir string, out io.Writer) *baseBuild {
 		return fail("git cannot resolve the revision (a shallow clone?)")
 	}
 	hash = strings.TrimSpace(hash)
+	if head, err := execOutput("git", "rev-parse", "HEAD"); err == nil && strings.TrimSpace(head) == hash {
+		b.note("the previous build's revision is HEAD itself (nothing committed since the report was last regenerated, or a shallow clone): the two builds differ only by uncommitted changes")
+	}
 	if d, err := execOutput("git", "log", "-1", "--format=%h %cs %s", hash); err == nil {
 		b.desc = strings.TrimSpace(d)
 		if r := []rune(b.desc); len(r) > 100 {

@@ -125,7 +125,7 @@ func coldHTTPRun(o options, replicas int, profName string) (coldHTTPResult, erro
 	case profName != "" && profiled:
 		prof = takeProfile(e.admin, profileSeconds(o), rep.profileDir, profName)
 	case profName != "":
-		prof = &profile{note: "this build has no -pprof flag"}
+		prof = &profile{note: "that build has no -pprof flag"}
 	}
 	cancel()
 	loop.wg.Wait()

@@ -501,7 +501,7 @@ func hotProfiles(o options, cur, prev *env, prevProfiled bool, callers, warm int
 		case e == nil:
 			continue
 		case i == 1 && !prevProfiled:
-			out[i] = &profile{note: "this build has no -pprof flag"}
+			out[i] = &profile{note: "that build has no -pprof flag"}
 			continue
 		}
 		done := make(chan *profile, 1)

@@ -9,6 +9,7 @@
 //	loadgen -scenario cold -callers 1000 -duration 10s
 //	loadgen -scenario lowload
 //	loadgen -scenario poisoned -duration 5s
+//	loadgen -scenario hot -base HEAD~1   # beside the proxy of HEAD~1 (built into bin/prev)
 //	loadgen -scenario all
 package main
 

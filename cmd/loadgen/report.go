@@ -384,7 +384,9 @@ func (r *report) write(path, plotDir string) error {
 	}
 
 	// Baselines.
-	p("## Baselines, measured in this run\n\n")
+	if r.direct != nil || len(r.hot) > 0 || r.base.ok() {
+		p("## Baselines, measured in this run\n\n")
+	}
 	if r.direct != nil {
 		p("- **What users do today** — one portrait_get call per lookup, straight to the emulator, 50 callers: %s lookups/s\n", thousands(r.direct.rate))
 		p("  answered, %s calls/s throttled. The proxy answers %.0f× as many from the same quota.\n", thousands(r.direct.throttledPerSec), sat/max(1, r.direct.rate))
@@ -394,9 +396,11 @@ func (r *report) write(path, plotDir string) error {
 		p("  process: %s lookups/s closed loop (64 callers), p50 %s, p99 %s, %.0f µs of server CPU per lookup.\n", thousands(r.hot[0].rate), ms(r.hot[0].p50), ms(r.hot[0].p99), r.hot[0].perLookup)
 	}
 	if r.base.ok() {
-		p("- **The previous build** — the proxy of %s, measured beside this one: next section.\n", strings.Join(strings.Fields(r.base.desc)[:2], ", "))
+		p("- **The previous build** — the proxy of %s, measured beside this one: next section.\n", r.base.short())
 	}
-	p("\n")
+	if r.direct != nil || len(r.hot) > 0 || r.base.ok() {
+		p("\n")
+	}
 	r.writeComparison(p)
 
 	// Cold.

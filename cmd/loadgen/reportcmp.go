@@ -71,6 +71,33 @@ func (r *report) readPrevFresh(path string) {
 	}
 }
 
+// top names the n entries of the profile with the most flat time, with
+// their share, for a target's why; "" without a profile.
+func (pr *profile) top(n int) string {
+	if pr == nil || pr.flat == "" {
+		return ""
+	}
+	var out []string
+	table := false
+	for l := range strings.SplitSeq(pr.flat, "\n") {
+		f := strings.Fields(l)
+		switch {
+		case len(f) > 0 && f[0] == "flat":
+			table = true
+		case table && len(f) >= 6 && len(out) < n:
+			name := strings.Join(f[5:], " ")
+			if i := strings.LastIndexByte(strings.Fields(name)[0], '/'); i >= 0 {
+				name = name[i+1:]
+			}
+			out = append(out, name+" "+f[1])
+		}
+	}
+	if out == nil {
+		return ""
+	}
+	return "; top of its profile (flat): " + strings.Join(out, ", ")
+}
+
 // writeTargets17 is the table of issue 17's targets.
 func (r *report) writeTargets17(p func(string, ...any)) {
 	p("## Targets (issue 17)\n\n| target | measured | | why, where missed |\n|---|---|---|---|\n")
@@ -100,7 +127,7 @@ func (r *report) hotTargets(row func(target, measured string, ok bool, why strin
 			m += fmt.Sprintf("; previous build %.2f", median(prev))
 		}
 		row("hot: ≥ 1.1× the bare handler's lookups/s (median of interleaved rounds)", m, med >= 1.1,
-			fmt.Sprintf("the hit path costs %.0f µs of server CPU per lookup against the bare handler's %.0f µs (profiles below)", r.hot[1].perLookup, r.hot[0].perLookup))
+			fmt.Sprintf("the hit path costs %.0f µs of server CPU per lookup against the bare handler's %.0f µs%s", r.hot[1].perLookup, r.hot[0].perLookup, r.hotProfiles[0].top(3)))
 	}
 	if len(r.hotSteps) > 1 {
 		h := r.hotSteps[1]
@@ -143,8 +170,8 @@ func (r *report) overloadTargets(row func(target, measured string, ok bool, why 
 	if len(r.overload) > 1 {
 		sat, satWhat = r.overload[0].complete, fmt.Sprintf("%s callers", thousands(float64(r.overload[0].callers)))
 	}
-	waste := fmt.Sprintf("the upstream fetched %s accounts/s, %s of them for requests that did not complete (%d partly failed, %d refused whole)",
-		thousands(x.fetched), thousands(max(0, x.fetched-x.complete)), x.partial, x.refused)
+	waste := fmt.Sprintf("the upstream fetched %s accounts/s, %s of them for requests that did not complete (%s partly failed, %s refused whole)",
+		thousands(x.fetched), thousands(max(0, x.fetched-x.complete)), thousands(float64(x.partial)), thousands(float64(x.refused)))
 	row(fmt.Sprintf("overload at 3× (%s callers × 10 accounts): ≥ 9,000 lookups/s answered in complete requests", thousands(float64(x.callers))),
 		thousands(x.complete)+" lookups/s", x.complete >= 9000, waste)
 	row("overload at 3×: ≥ 95 % of the saturation rate", fmt.Sprintf("%.1f %% of %s lookups/s (%s)", 100*x.complete/max(1, sat), thousands(sat), satWhat),
@@ -152,7 +179,7 @@ func (r *report) overloadTargets(row func(target, measured string, ok bool, why 
 	row("overload at 3×: 0 partly failed requests, 0 client timeouts", fmt.Sprintf("%d partly failed, %d client timeouts", x.partial, x.clientTimeouts),
 		x.partial == 0 && x.clientTimeouts == 0, "requests admitted in part: some accounts were shed or timed out after others were served")
 	row("overload at 3×: flat memory", fmt.Sprintf("proxy RSS %d → %d → %d MiB (start, halfway, end)", x.rssStartMiB, x.rssMidMiB, x.rssEndMiB),
-		x.flatMemory(), "RSS still growing in the second half of the run (more than 15 % + 8 MiB)")
+		x.flatMemory(), "RSS still growing in the second half of the run (by more than 15 % + 8 MiB)")
 }
 
 func (r *report) coldTargets(row func(target, measured string, ok bool, why string)) {
@@ -162,7 +189,7 @@ func (r *report) coldTargets(row func(target, measured string, ok bool, why stri
 			m += fmt.Sprintf("; previous build %.0f ms", pc.cpuPerLookup)
 		}
 		row(fmt.Sprintf("cold: ≤ 70 ms of proxy CPU per 1,000 lookups, %s net/http keep-alive callers", thousands(float64(r.opts.callers))), m,
-			c.cpuPerLookup <= 70, "see the cold profile below for where the time goes")
+			c.cpuPerLookup <= 70, fmt.Sprintf("%.0f µs of proxy CPU per lookup%s", c.cpuPerLookup, c.prof.top(3)))
 	}
 	one, three := r.coldHTTPRun(false, 1), r.coldHTTPRun(false, 3)
 	var rawOne float64
@@ -248,9 +275,9 @@ func (r *report) writeComparison(p func(string, ...any)) {
 		return
 	}
 	p("## This build, the previous build and the bare handler, in one run\n\n")
-	if b := r.base; b != nil {
+	if b := r.base; b.ok() {
 		p("The previous build is the proxy of `%s` (`make bench`: `BENCH_BASE`, by default the commit that last regenerated\n", b.rev)
-		p("this report), built from a clean export of that revision into bin/prev/; the emulator is this build's for both.\n")
+		p("this report), built from a clean export of that revision into %s/; the emulator is this build's for both.\n", b.dir)
 		if b.desc != "" {
 			p("That revision: %s.\n", b.desc)
 		}
@@ -258,6 +285,10 @@ func (r *report) writeComparison(p func(string, ...any)) {
 			p("\n**Note:** %s.\n", n)
 		}
 		p("\n")
+	} else if b != nil {
+		for _, n := range b.notes {
+			p("**Note:** %s.\n\n", n)
+		}
 	} else {
 		p("No previous build was measured (`bin/loadgen -base REV`; `make bench` passes `BENCH_BASE`).\n\n")
 	}
@@ -397,12 +428,14 @@ func (r *report) writeOverload(p func(string, ...any)) {
 	p("Each caller asks 10 new accounts once a second (a refused request does not make it ask faster); the proxy runs with\n")
 	p("`-request-timeout 1s`, the client gives up after 2 s; %v measured. %s callers ask just past what the quota serves (the\n", r.opts.duration, thousands(float64(overloadCallers[0])))
 	p("saturation rate), %s three times it. Complete: every account answered; partly failed: some answered, others not;\n", thousands(float64(overloadCallers[len(overloadCallers)-1])))
-	p("refused: none answered (refused whole).\n\n")
+	p("refused: none answered (refused whole). Memory is flat when the proxy's RSS at the end is within 15 %% (+ 8 MiB) of\n")
+	p("halfway.\n\n")
 	p("| callers | offered lookups/s | answered in complete requests/s | complete | partly failed | refused | client timeouts | wrong | errors | fetched accounts/s | accounts/call | max calls in a sliding s | proxy RSS start → halfway → end |\n")
 	p("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, x := range r.overload {
-		p("| %s | %s | %s | %d | %d | %d | %d | %d | %d | %s | %.2f | %d | %d → %d → %d MiB |\n", thousands(float64(x.callers)), thousands(x.offered), thousands(x.complete),
-			x.completeReqs, x.partial, x.refused, x.clientTimeouts, x.wrong, x.errors, thousands(x.fetched), x.accountsPerCall, x.maxCalls,
+		n := func(v int64) string { return thousands(float64(v)) }
+		p("| %s | %s | %s | %s | %s | %s | %d | %d | %d | %s | %.2f | %d | %d → %d → %d MiB |\n", thousands(float64(x.callers)), thousands(x.offered), thousands(x.complete),
+			n(x.completeReqs), n(x.partial), n(x.refused), x.clientTimeouts, x.wrong, x.errors, thousands(x.fetched), x.accountsPerCall, x.maxCalls,
 			x.rssStartMiB, x.rssMidMiB, x.rssEndMiB)
 	}
 	p("\n")
