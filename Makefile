@@ -43,15 +43,22 @@ check-deploy:
 
 BENCHSTAT_VERSION ?= v0.0.0-20260908200009-22c9c6c9d4da
 
-## bench: the benchmark suite (about 8 minutes): Go micro-benchmarks compared with the previous run by
-## benchstat, then bin/loadgen's scenarios; regenerates docs/benchmarks.md and its plots in docs/bench/
+## BENCH_BASE: the git revision whose proxy make bench builds into bin/prev/ and measures beside this one (the
+## previous build); by default the commit that last regenerated docs/benchmarks.md. Empty: none.
+BENCH_BASE ?= $(shell git log -1 --format=%H -- docs/benchmarks.md 2>/dev/null)
+
+## bench: the benchmark suite (about 10 minutes): Go micro-benchmarks compared with the previous run by
+## benchstat, then bin/loadgen's scenarios (this build, the previous build and the bare handler; CPU profiles
+## in bin/profiles/); regenerates docs/benchmarks.md and its plots in docs/bench/
 bench: check-redis
 	CGO_ENABLED=0 $(GO) build -o bin/ ./cmd/...
+	rm -rf bin/prev bin/profiles
 	$(GO) test -run '^$$' -bench . -benchmem -count 6 -benchtime 500ms ./usersig/ ./im/ ./batcher/ ./cache/ ./proxy/ | tee bin/micro.txt
 	rm -f bin/benchstat.txt
 	if [ -f docs/bench/micro.txt ]; then \
 	  $(GO) run golang.org/x/perf/cmd/benchstat@$(BENCHSTAT_VERSION) docs/bench/micro.txt bin/micro.txt > bin/benchstat.txt || rm -f bin/benchstat.txt; fi
-	bin/loadgen -bin bin -scenario all -report docs/benchmarks.md -plots docs/bench -micro bin/micro.txt -benchstat bin/benchstat.txt
+	bin/loadgen -bin bin -base '$(BENCH_BASE)' -base-bin bin/prev -go '$(GO)' -scenario all -report docs/benchmarks.md -plots docs/bench \
+	  -micro bin/micro.txt -benchstat bin/benchstat.txt
 	mkdir -p docs/bench && cp bin/micro.txt docs/bench/micro.txt
 
 ## fuzz: bounded fuzzing of request decoding and UserSig verification

@@ -278,9 +278,13 @@ func hot(o options, out io.Writer) error {
 	bareURL := "http://" + bare.addrs[0] + im.PathGet + sig
 	defer bare.stop()
 	results = append(results, hotResult{}) // the bare handler's, measured alongside the proxy below
+	prev, prevProfiled := startPrevHot(o, warm)
+	if prev != nil {
+		defer prev.stop()
+	}
 
 	for _, mode := range []string{"local", "redis"} {
-		extraArgs := []string{}
+		extraArgs := []string{"-pprof"}
 		var rcmd *exec.Cmd
 		var raddr string
 		if mode == "redis" {
@@ -314,28 +318,47 @@ func hot(o options, out io.Writer) error {
 			calls0, _ := simStats(context.Background(), e.simURL)
 			var r hotResult
 			if mode == "local" {
-				// The bare handler and the proxy in turns, three rounds each,
-				// medians: the VM's speed drifts over seconds, and a ratio of
-				// two runs made minutes apart would measure the drift.
-				var bares, proxies []hotResult
-				for range 3 {
-					b, err := hotRun(bareURL, callers, warm, o.duration/4, bare, "")
-					if err != nil {
-						return err
+				// The bare handler, the proxy and the previous build's proxy
+				// in turns, three rounds each, medians: the VM's speed drifts
+				// over seconds, and a ratio of two runs made minutes apart
+				// would measure the drift. Each round starts with another
+				// server, so that none always runs first.
+				var bares, proxies, prevs []hotResult
+				for round := range 3 {
+					for k := range 3 {
+						url, p, admin, into := bareURL, bare, "", &bares
+						switch (round + k) % 3 {
+						case 1:
+							url, p, admin, into = e.url, e.p, e.admin, &proxies
+						case 2:
+							if prev == nil {
+								continue
+							}
+							url, p, admin, into = prev.url, prev.p, prev.admin, &prevs
+						}
+						res, err := hotRun(url, callers, warm, o.duration/4, p, admin)
+						if err != nil {
+							return err
+						}
+						*into = append(*into, res)
 					}
-					pr, err := hotRun(e.url, callers, warm, o.duration/4, e.p, e.admin)
-					if err != nil {
-						return err
-					}
-					bares, proxies = append(bares, b), append(proxies, pr)
 				}
 				results[0] = medianRun(bares)
 				results[0].name = "bare decode+encode handler"
 				r = medianRun(proxies)
-				rep.hotRounds = [][2]float64{}
+				rep.hotRounds = [][3]float64{}
 				for i := range bares {
-					rep.hotRounds = append(rep.hotRounds, [2]float64{bares[i].rate, proxies[i].rate})
+					rep.hotRounds = append(rep.hotRounds, [3]float64{bares[i].rate, proxies[i].rate, 0})
+					if prevs != nil {
+						rep.hotRounds[i][2] = prevs[i].rate
+					}
 				}
+				if prevs != nil {
+					pv := medianRun(prevs)
+					pv.name = rep.base.name() + ", in-process tier hits"
+					rep.hotPrev = &pv
+				}
+				rep.hotProfiles = hotProfiles(o, e, prev, prevProfiled, callers, warm)
 			} else if r, err = hotRun(e.url, callers, warm, o.duration/2, e.p, e.admin); err != nil {
 				return err
 			}
@@ -405,10 +428,19 @@ func hot(o options, out io.Writer) error {
 		s := openLoop([]string{bareURL}, rep.hotSteps[1].offered, o.duration/4, maxConns, func(int64) string { return imsim.AccountName(rng.IntN(warm)) })
 		s.cpu = (bare.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
 		rep.bareHalf = s
+		if prev != nil {
+			cpu0 := prev.p.cpu()
+			s := openLoop([]string{prev.url}, rep.hotSteps[1].offered, o.duration/4, maxConns, func(int64) string { return imsim.AccountName(rng.IntN(warm)) })
+			s.cpu = (prev.p.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
+			rep.prevHalf = s
+		}
 	}
 	rep.hot = results
 	fmt.Fprintf(out, "hot: %d callers, random lookups over %d warm accounts, %v each\n", callers, warm, o.duration/2)
 	base := results[0].rate
+	if rep.hotPrev != nil {
+		results = slices.Insert(slices.Clone(results), 2, *rep.hotPrev)
+	}
 	for _, r := range results {
 		fmt.Fprintf(out, "  %-46s %8.0f lookups/s  ratio %.2f  p50 %v  p99 %v  server CPU %.0f%% (%.0fµs/lookup)  errors %d wrong %d\n",
 			r.name, r.rate, r.rate/base, r.p50.Round(10*time.Microsecond), r.p99.Round(10*time.Microsecond), 100*r.cpu, r.perLookup, r.errs, r.wrong)
@@ -416,7 +448,7 @@ func hot(o options, out io.Writer) error {
 			fmt.Fprintf(out, "  %-46s %s\n", "", r.extra)
 		}
 	}
-	for _, s := range append(rep.hotSteps, rep.bareHalf) {
+	for _, s := range append(rep.hotSteps, rep.bareHalf, rep.prevHalf) {
 		if s == nil {
 			continue
 		}
@@ -430,4 +462,55 @@ func hot(o options, out io.Writer) error {
 
 func signedQuery() string {
 	return fmt.Sprintf("?sdkappid=%d&identifier=%s&usersig=%s&random=1&contenttype=json", simApp, simID, signSim())
+}
+
+// startPrevHot starts the previous build's proxy (with its own emulator)
+// for the hot scenario and warms it; nil when there is no previous build or
+// it does not start, with a note saying why.
+func startPrevHot(o options, warm int) (e *env, profiled bool) {
+	if !rep.base.ok() {
+		return nil, false
+	}
+	po := o
+	po.proxyBin = rep.base.proxy
+	e, profiled, err := startProfiled(po)
+	if err != nil {
+		rep.base.note("hot: the previous build did not start: %v", err)
+		return nil, false
+	}
+	if !profiled {
+		rep.base.note("the previous build has no -pprof flag: no profile of it")
+	}
+	if err := warmUp(e.url, warm); err != nil {
+		e.stop()
+		rep.base.note("hot: warming the previous build failed: %v", err)
+		return nil, false
+	}
+	return e, profiled
+}
+
+// hotProfiles takes a CPU profile of this build's proxy (cur) and of the
+// previous build's (prev, when there is one) under the rounds' load, each
+// during a closed-loop run of its own after the rounds, so the profiler's
+// cost is in no figure.
+func hotProfiles(o options, cur, prev *env, prevProfiled bool, callers, warm int) [2]*profile {
+	secs := profileSeconds(o)
+	var out [2]*profile
+	for i, e := range []*env{cur, prev} {
+		switch {
+		case e == nil:
+			continue
+		case i == 1 && !prevProfiled:
+			out[i] = &profile{note: "that build has no -pprof flag"}
+			continue
+		}
+		done := make(chan *profile, 1)
+		go func() {
+			time.Sleep(500 * time.Millisecond) // the callers connected
+			done <- takeProfile(e.admin, secs, rep.profileDir, []string{"hot-current", "hot-previous"}[i])
+		}()
+		hotRun(e.url, callers, warm, time.Duration(secs)*time.Second+time.Second, e.p, "")
+		out[i] = <-done
+	}
+	return out
 }

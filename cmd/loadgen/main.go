@@ -9,6 +9,7 @@
 //	loadgen -scenario cold -callers 1000 -duration 10s
 //	loadgen -scenario lowload
 //	loadgen -scenario poisoned -duration 5s
+//	loadgen -scenario hot -base HEAD~1   # beside the proxy of HEAD~1 (built into bin/prev)
 //	loadgen -scenario all
 package main
 
@@ -52,6 +53,9 @@ type options struct {
 	quota    int
 	window   time.Duration
 	bin      string
+	// proxyBin is the proxy binary the scenario starts (empty: bin/proxy);
+	// the previous build's scenarios set it to bin/prev/proxy.
+	proxyBin string
 
 	stepDuration time.Duration
 	steps        []float64 // offered lookups/s of the cold steps
@@ -60,7 +64,7 @@ type options struct {
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
 	var o options
-	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot, replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas), poisoned (one caller asking for unconfigured tags among 200 cold callers), forward (forwarded calls against direct; TLS handshake per call), capsim (a Zipf run beside the capacity simulator's figures for it; not in all), tagmix (cold callers asking random subsets of four tags against one tag list; not in all), overload (requests of 10 new accounts just past the quota and at 3× it; not in all) or all")
+	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot (against the bare handler and the -base build), coldhttp (cold with net/http callers: this build, the -base build, 3 replicas; CPU profiles), replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas), poisoned (one caller asking for unconfigured tags among 200 cold callers), forward (forwarded calls against direct; TLS handshake per call), capsim (a Zipf run beside the capacity simulator's figures for it; not in all), tagmix (cold callers asking random subsets of four tags against one tag list), overload (requests of 10 new accounts just past the quota and at 3× it) or all")
 	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
@@ -75,6 +79,10 @@ func run(args []string, out io.Writer) error {
 	microPath := fs.String("micro", "", "go test -bench output to include in the report")
 	benchstatPath := fs.String("benchstat", "", "benchstat comparison to include in the report")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	base := fs.String("base", "", "git revision whose proxy is built into -base-bin and measured beside this one in the hot and coldhttp scenarios (the previous build); empty: none")
+	baseBin := fs.String("base-bin", "bin/prev", "folder for the -base build's proxy")
+	fs.StringVar(&rep.profileDir, "profiles", "bin/profiles", "folder for the CPU profiles taken of the proxies (hot and coldhttp)")
+	fs.StringVar(&goTool, "go", "go", "the go command (builds -base, runs go tool pprof)")
 	bareAddr := fs.String("serve-bare", "", "internal: serve the bare baseline handler on this address")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -99,6 +107,9 @@ func run(args []string, out io.Writer) error {
 		o.steps = append(o.steps, v)
 	}
 	rep.opts = o
+	if *base != "" {
+		rep.base = buildBase(*base, *baseBin, out)
+	}
 	if *microPath != "" {
 		raw, err := os.ReadFile(*microPath)
 		if err != nil {
@@ -111,6 +122,9 @@ func run(args []string, out io.Writer) error {
 			rep.benchstat = string(raw)
 		}
 	}
+	if *reportPath != "" {
+		rep.readPrevFresh(*reportPath)
+	}
 	if err := runScenario(o, out); err != nil {
 		return err
 	}
@@ -121,6 +135,13 @@ func run(args []string, out io.Writer) error {
 		fmt.Fprintf(out, "report written to %s (plots in %s)\n", *reportPath, *plotDir)
 	}
 	return nil
+}
+
+func (o options) proxyPath() string {
+	if o.proxyBin != "" {
+		return o.proxyBin
+	}
+	return filepath.Join(o.bin, "proxy")
 }
 
 func runScenario(o options, out io.Writer) error {
@@ -139,6 +160,8 @@ func runScenario(o options, out io.Writer) error {
 		return lowLoad(o, out)
 	case "hot":
 		return hot(o, out)
+	case "coldhttp":
+		return coldHTTP(o, out)
 	case "direct":
 		return direct(o, out)
 	case "poisoned":
@@ -170,6 +193,9 @@ func runScenario(o options, out io.Writer) error {
 		if err := hot(o, out); err != nil {
 			return err
 		}
+		if err := coldHTTP(o, out); err != nil {
+			return err
+		}
 		// Three replicas three times: the figure moves with the VM's speed
 		// more than the others do (every core is saturated).
 		for _, n := range []int{1, 3, 3, 3} {
@@ -189,7 +215,13 @@ func runScenario(o options, out io.Writer) error {
 		if err := forward(o, out); err != nil {
 			return err
 		}
-		return poisoned(o, out)
+		if err := poisoned(o, out); err != nil {
+			return err
+		}
+		if err := tagMix(o, out); err != nil {
+			return err
+		}
+		return overload(o, out)
 	}
 	return fmt.Errorf("unknown scenario %q", o.scenario)
 }
@@ -234,7 +266,7 @@ func startReplicas(o options, n int, extra ...string) (*env, error) {
 	}
 	e.redis, e.redisAddr = rcmd, raddr
 	for len(e.ps) < n {
-		p, err := startProc(filepath.Join(o.bin, "proxy"), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
+		p, err := startProc(o.proxyPath(), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
 			"-upstream", e.simURL, "-sdkappid", strconv.Itoa(simApp), "-rate", strconv.Itoa(o.quota),
 			"-batch-window", o.window.String(), "-log-level", "warn"}, extra...),
 			[]string{"PROXY_SECRET_KEY=" + simKey}, 2)
@@ -259,7 +291,7 @@ func startEnvArgs(o options, extra ...string) (*env, error) {
 		return nil, err
 	}
 	simURL := "http://" + sim.addrs[0]
-	p, err := startProc(filepath.Join(o.bin, "proxy"), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
+	p, err := startProc(o.proxyPath(), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
 		"-upstream", simURL, "-sdkappid", strconv.Itoa(simApp), "-rate", strconv.Itoa(o.quota),
 		"-batch-window", o.window.String(), "-log-level", "warn"}, extra...), []string{"PROXY_SECRET_KEY=" + simKey}, 2)
 	if err != nil {
@@ -289,7 +321,7 @@ func (e *env) stop() error {
 // lookup asks for one account's nick and checks the answer is exactly the
 // one the upstream would give for that account (byte for byte, which also
 // checks the envelope).
-func lookup(c *rawConn, account string) (ok, wrong bool, err error) {
+func lookup(c poster, account string) (ok, wrong bool, err error) {
 	got, err := c.post(`{"To_Account":["` + account + `"],"TagList":["Tag_Profile_IM_Nick"]}`)
 	if err != nil {
 		return false, false, err
@@ -427,10 +459,16 @@ type coldLoop struct {
 // handed to ok from its caller's goroutine (so state per caller needs no
 // lock): the caller, when the answer came, and how long it took.
 func startColdLoop(ctx context.Context, urls []string, callers int, next *atomic.Int64, ok func(caller int, end time.Time, d time.Duration)) *coldLoop {
+	return startColdLoopWith(ctx, rawDial, urls, callers, next, ok)
+}
+
+// startColdLoopWith is startColdLoop with the callers' client made by dial.
+func startColdLoopWith(ctx context.Context, dial func(url string) (poster, error), urls []string, callers int, next *atomic.Int64,
+	ok func(caller int, end time.Time, d time.Duration)) *coldLoop {
 	l := &coldLoop{}
 	for i := range callers {
 		l.wg.Go(func() {
-			c, err := newRawConn(urls[i%len(urls)])
+			c, err := dial(urls[i%len(urls)])
 			if err != nil {
 				l.firstErr.CompareAndSwap(nil, err.Error())
 				return

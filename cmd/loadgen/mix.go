@@ -73,6 +73,8 @@ type tagMixResult struct {
 	accountsPerCall float64
 	calls           int64
 	errors, wrong   int64
+	maxCalls        int // calls in the busiest sliding second at the emulator
+	throttled       int64
 }
 
 // tagMix is cold load from o.callers callers, each looking up one new
@@ -169,22 +171,29 @@ func tagMixRun(o options, mixed bool) (tagMixResult, error) {
 		fmt.Printf("  first error: %s\n", v)
 	}
 	return tagMixResult{mixed: mixed, rate: float64(ok.Load()) / elapsed.Seconds(), accountsPerCall: st.AccountsPerCall(),
-		calls: st.Calls, errors: errs.Load(), wrong: wrong.Load()}, nil
+		calls: st.Calls, errors: errs.Load(), wrong: wrong.Load(), maxCalls: st.MaxCallsPerSec, throttled: st.Throttled}, nil
 }
 
 // overloadResult is one run of the overload scenario.
 type overloadResult struct {
-	callers                int
-	offered                float64 // lookups/s asked
-	complete               float64 // lookups/s answered in complete requests
-	completeReqs, refused  int64   // requests answered whole; refused whole (every account 60007 or the request's error)
-	partial                int64   // requests with some accounts answered and others failed
-	clientTimeouts, wrong  int64
-	errors                 int64   // transport errors other than the client's timeout
-	fetched                float64 // accounts/s the upstream served
-	accountsPerCall        float64
-	rssStartMiB, rssEndMiB int64
+	callers               int
+	offered               float64 // lookups/s asked
+	complete              float64 // lookups/s answered in complete requests
+	completeReqs, refused int64   // requests answered whole; refused whole (every account 60007 or the request's error)
+	partial               int64   // requests with some accounts answered and others failed
+	clientTimeouts, wrong int64
+	errors                int64   // transport errors other than the client's timeout
+	fetched               float64 // accounts/s the upstream served
+	accountsPerCall       float64
+	maxCalls              int // calls in the busiest sliding second at the emulator
+	throttled             int64
+	// the proxy's RSS when measuring starts, halfway and at the end
+	rssStartMiB, rssMidMiB, rssEndMiB int64
 }
+
+// flatMemory reports whether the proxy's RSS stopped growing: at the end
+// of the run within 15 % (and 8 MiB) of what it was halfway.
+func (r overloadResult) flatMemory() bool { return float64(r.rssEndMiB) <= 1.15*float64(r.rssMidMiB)+8 }
 
 // overloadCallers is the offered load of the overload scenario: callers
 // each asking 10 new accounts once a second; 3,000 is 3× what a quota of
@@ -200,15 +209,15 @@ var overloadCallers = []int{1_100, 3_000}
 func overload(o options, out io.Writer) error {
 	fmt.Fprintf(out, "overload: callers asking 10 new accounts once a second, proxy -request-timeout 1s, client timeout 2s, %v each\n", o.duration)
 	fmt.Fprintf(out, "  %7s %9s %12s %9s %8s %7s %8s %6s %6s %10s %6s %11s\n", "callers", "offered/s", "complete/s", "complete", "partial",
-		"refused", "timeouts", "wrong", "errors", "fetched/s", "acc/cl", "RSS MiB")
+		"refused", "timeouts", "wrong", "errors", "fetched/s", "acc/cl", "RSS MiB start→mid→end")
 	for _, n := range overloadCallers {
 		r, err := overloadRun(o, n)
 		if err != nil {
 			return err
 		}
 		rep.overload = append(rep.overload, r)
-		fmt.Fprintf(out, "  %7d %9.0f %12.0f %9d %8d %7d %8d %6d %6d %10.0f %6.2f %5d→%-5d\n", r.callers, r.offered, r.complete, r.completeReqs,
-			r.partial, r.refused, r.clientTimeouts, r.wrong, r.errors, r.fetched, r.accountsPerCall, r.rssStartMiB, r.rssEndMiB)
+		fmt.Fprintf(out, "  %7d %9.0f %12.0f %9d %8d %7d %8d %6d %6d %10.0f %6.2f %5d→%d→%d\n", r.callers, r.offered, r.complete, r.completeReqs,
+			r.partial, r.refused, r.clientTimeouts, r.wrong, r.errors, r.fetched, r.accountsPerCall, r.rssStartMiB, r.rssMidMiB, r.rssEndMiB)
 	}
 	if len(rep.overload) == 2 {
 		fmt.Fprintf(out, "  at 3×: %.1f %% of the saturation rate answered in complete requests\n", 100*rep.overload[1].complete/max(1, rep.overload[0].complete))
@@ -291,6 +300,8 @@ func overloadRun(o options, callers int) (overloadResult, error) {
 	rss0 := e.p.rssBytes() >> 20
 	measuring.Store(true)
 	start := time.Now()
+	time.Sleep(o.duration / 2)
+	rssMid := e.p.rssBytes() >> 20
 	<-ctx.Done()
 	elapsed := time.Since(start)
 	st, err := simStats(context.Background(), e.simURL)
@@ -306,5 +317,5 @@ func overloadRun(o options, callers int) (overloadResult, error) {
 	return overloadResult{callers: callers, offered: 10 * float64(sent.Load()) / sec, complete: 10 * float64(complete.Load()) / sec,
 		completeReqs: complete.Load(), refused: refused.Load(), partial: partial.Load(), clientTimeouts: timeouts.Load(),
 		wrong: wrong.Load(), errors: errs.Load(), fetched: float64(st.Accounts) / sec, accountsPerCall: st.AccountsPerCall(),
-		rssStartMiB: rss0, rssEndMiB: rss1}, nil
+		maxCalls: st.MaxCallsPerSec, throttled: st.Throttled, rssStartMiB: rss0, rssMidMiB: rssMid, rssEndMiB: rss1}, nil
 }

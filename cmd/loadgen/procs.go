@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -30,11 +31,14 @@ type proc struct {
 var addrRE = regexp.MustCompile(`https?://([0-9.]+:[0-9]+)`)
 
 // startProc runs bin with args and env and waits for a stdout line holding
-// at least n http:// addresses.
+// at least n http:// addresses. A child that exits first (a build that
+// refuses a flag, say) is reported at once with the first line it wrote
+// to stderr.
 func startProc(bin string, args, env []string, n int) (*proc, error) {
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), env...)
-	cmd.Stderr = os.Stderr
+	head := &headWriter{max: 4096}
+	cmd.Stderr = io.MultiWriter(os.Stderr, head)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
@@ -43,7 +47,9 @@ func startProc(bin string, args, env []string, n int) (*proc, error) {
 		return nil, err
 	}
 	lines := make(chan []string, 1)
+	ended := make(chan struct{})
 	go func() {
+		defer close(ended)
 		sc := bufio.NewScanner(out)
 		sent := false
 		for sc.Scan() {
@@ -60,11 +66,47 @@ func startProc(bin string, args, env []string, n int) (*proc, error) {
 	select {
 	case addrs := <-lines:
 		return &proc{cmd: cmd, addrs: addrs}, nil
+	case <-ended:
+		select {
+		case addrs := <-lines:
+			return &proc{cmd: cmd, addrs: addrs}, nil
+		default:
+		}
+		err := cmd.Wait()
+		return nil, fmt.Errorf("%s exited before printing its address (%v): %s", filepath.Base(bin), err, head.firstLine())
 	case <-time.After(15 * time.Second):
 		cmd.Process.Kill()
 		cmd.Wait()
 		return nil, fmt.Errorf("%s did not print its address in 15s", filepath.Base(bin))
 	}
+}
+
+// headWriter keeps the first max bytes written to it.
+type headWriter struct {
+	mu  sync.Mutex
+	max int
+	b   []byte
+}
+
+func (h *headWriter) Write(p []byte) (int, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if room := h.max - len(h.b); room > 0 {
+		h.b = append(h.b, p[:min(room, len(p))]...)
+	}
+	return len(p), nil
+}
+
+// firstLine is the first non-empty line written.
+func (h *headWriter) firstLine() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for l := range strings.SplitSeq(string(h.b), "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			return l
+		}
+	}
+	return "(nothing on stderr)"
 }
 
 // stop sends SIGTERM and waits (SIGKILL after 15s).

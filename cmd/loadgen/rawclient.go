@@ -7,10 +7,68 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 )
+
+// poster sends request bodies to one URL and returns the answers' bodies
+// (valid until the next call).
+type poster interface {
+	post(body string) ([]byte, error)
+	close()
+}
+
+func rawDial(url string) (poster, error) { return newRawConn(url) }
+
+// httpPoster posts with net/http, as the app servers call the proxy: one
+// client shared by every caller, its keep-alive pool holding a connection
+// per concurrent caller.
+type httpPoster struct {
+	client *http.Client
+	url    string
+	body   bytes.Buffer
+}
+
+// appClient is an app server's client for callers concurrent callers: the
+// default transport with an idle pool large enough to keep every caller's
+// connection alive.
+func appClient(callers int) *http.Client {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.MaxIdleConns, tr.MaxIdleConnsPerHost = callers, callers
+	return &http.Client{Transport: tr, Timeout: 30 * time.Second}
+}
+
+// httpDial returns a dial function for startColdLoopWith whose callers
+// share client.
+func httpDial(client *http.Client) func(url string) (poster, error) {
+	return func(url string) (poster, error) { return &httpPoster{client: client, url: url}, nil }
+}
+
+func (h *httpPoster) post(body string) ([]byte, error) {
+	req, err := http.NewRequest(http.MethodPost, h.url, strings.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := h.client.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	h.body.Reset()
+	if _, err := h.body.ReadFrom(resp.Body); err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("HTTP %d", resp.StatusCode)
+	}
+	return h.body.Bytes(), nil
+}
+
+func (h *httpPoster) close() {}
 
 // rawConn is a minimal HTTP/1.1 keep-alive client for one connection:
 // it writes a POST and reads a Content-Length answer. net/http's client

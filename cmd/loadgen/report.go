@@ -29,19 +29,28 @@ type report struct {
 	coldSteps []*step
 	lowload   *lowloadResult
 	hot       []hotResult
-	hotRounds [][2]float64 // bare, proxy lookups/s of each interleaved round
+	hotRounds [][3]float64 // bare, proxy, previous build's proxy (0: none) lookups/s of each interleaved round
 	hotSteps  []*step      // the proxy, open loop, at fractions of its closed-loop maximum
 	bareHalf  *step        // the bare handler, open loop, at half the proxy's maximum
-	replicas  []replicaResult
-	fresh     *freshResult
-	outage    *outageResult
-	poisoned  []poisonedResult
-	tagMix    []tagMixResult
-	overload  []overloadResult
-	forward   *forwardResult
-	micro     string // go test -bench output
-	benchstat string // comparison with the previous run
-	plotExt   string // svg or png
+	hotPrev   *hotResult   // the previous build's proxy, median of its rounds
+	prevHalf  *step        // the previous build's proxy, open loop, at half this build's maximum
+	// hotProfiles are CPU profiles of this build's proxy and the previous
+	// one's under the hot rounds' load.
+	hotProfiles [2]*profile
+	coldHTTP    []coldHTTPResult
+	base        *baseBuild // nil: no previous build asked for
+	profileDir  string
+	prevFresh   [2]time.Duration // the last report's fresh p99s (set, callback); 0: unknown
+	replicas    []replicaResult
+	fresh       *freshResult
+	outage      *outageResult
+	poisoned    []poisonedResult
+	tagMix      []tagMixResult
+	overload    []overloadResult
+	forward     *forwardResult
+	micro       string // go test -bench output
+	benchstat   string // comparison with the previous run
+	plotExt     string // svg or png
 }
 
 var rep = &report{started: time.Now()}
@@ -163,7 +172,12 @@ func (r *report) saturation() float64 {
 	return best
 }
 
-type microResult struct{ pkg, name, ns, bytes, allocs, other string }
+type microResult struct {
+	pkg, name, ns, bytes, allocs, other string
+	// allocsN is the median allocs/op, allocsLookup the median of a
+	// benchmark's own allocs/lookup metric; -1 when not reported.
+	allocsN, allocsLookup float64
+}
 
 var microWhat = map[string]string{
 	"Verify":               "UserSig check: inflate, JSON, HMAC",
@@ -235,7 +249,7 @@ func parseMicro(out string) []microResult {
 	var rows []microResult
 	for _, k := range order {
 		a := byName[k]
-		m := microResult{pkg: a.pkg, name: strings.TrimPrefix(k, a.pkg+" ")}
+		m := microResult{pkg: a.pkg, name: strings.TrimPrefix(k, a.pkg+" "), allocsN: -1, allocsLookup: -1}
 		var other []string
 		for _, u := range a.units {
 			v := median(a.values[u])
@@ -248,7 +262,10 @@ func parseMicro(out string) []microResult {
 			case "B/op":
 				m.bytes = thousands(v)
 			case "allocs/op":
-				m.allocs = thousands(v)
+				m.allocs, m.allocsN = thousands(v), v
+			case "allocs/lookup":
+				m.allocsLookup = v
+				other = append(other, strconv.FormatFloat(v, 'f', 2, 64)+" "+u)
 			default:
 				other = append(other, strconv.FormatFloat(v, 'f', 2, 64)+" "+u)
 			}
@@ -294,8 +311,10 @@ func (r *report) write(path, plotDir string) error {
 	p("is due at *start + i/rate* and is sent then, whatever happened to earlier ones, and its latency runs from when it\n")
 	p("was due (no coordinated omission).\n\n")
 
-	// Targets.
-	p("## Targets\n\n| target | measured | | why, where missed |\n|---|---|---|---|\n")
+	r.writeTargets17(p)
+	earlier := len(b.String())
+	p("## Earlier targets, still checked\n\n| target | measured | | why, where missed |\n|---|---|---|---|\n")
+	header := len(b.String())
 	sat := r.saturation()
 	if len(r.coldSteps) > 0 {
 		p("| cold: ≥ 98%% of the physical limit (%s lookups/s) | %s lookups/s (%.1f%%) | %s | %s |\n", thousands(0.98*limit), thousands(sat), 100*sat/limit, yes(sat >= 0.98*limit),
@@ -330,19 +349,6 @@ func (r *report) write(path, plotDir string) error {
 		n := stepNear(r.coldSteps, 0.9*sat)
 		p("| cold: p99 ≤ 1 s at 90%% of saturation | %s at %s/s offered | %s | |\n", ms(pct(n.lat, .99)), thousands(n.offered), yes(pct(n.lat, .99) <= time.Second))
 	}
-	if len(r.hot) >= 2 {
-		ratio := r.hot[1].rate / r.hot[0].rate
-		p("| hot: ≥ 0.9 of the bare handler's throughput | %.2f (%s vs %s lookups/s) | %s | |\n", ratio, thousands(r.hot[1].rate), thousands(r.hot[0].rate), yes(ratio >= 0.9))
-	}
-	if len(r.hotSteps) > 1 {
-		h := r.hotSteps[1]
-		why := ""
-		if r.bareHalf != nil {
-			why = fmt.Sprintf("the bare handler at the same offered rate: p99 %s — the load generator, sending %s lookups/s, shares the two cores", ms(pct(r.bareHalf.lat, .99)), thousands(h.offered))
-		}
-		p("| hot: p99 ≤ 5 ms at half the maximum rate | %s at %s/s | %s | %s |\n", ms(pct(h.lat, .99)), thousands(h.offered), yes(pct(h.lat, .99) <= 5*time.Millisecond),
-			ifMissed(pct(h.lat, .99) <= 5*time.Millisecond, why))
-	}
 	var three []replicaResult
 	for _, rr := range r.replicas {
 		if rr.n == 3 && rr.flags == "" {
@@ -364,33 +370,23 @@ func (r *report) write(path, plotDir string) error {
 			ifMissed(med >= 9000, "three proxies, Redis, the emulator and the generator share the two cores; see Replicas"))
 		p("| 3 replicas: ≤ 1.01 upstream fetches per distinct account | %.3f (worst run) | %s | |\n", worst, yes(worst <= 1.01))
 	}
-	var throttled, wrong int64
-	for _, s := range append(append([]*step{}, r.coldSteps...), r.hotSteps...) {
-		throttled += s.throttled
-		wrong += s.wrong
-	}
-	for _, h := range r.hot {
-		wrong += h.wrong
-	}
-	for _, rr := range r.replicas {
-		throttled += rr.throttled
-		wrong += rr.wrong
-	}
 	if u := r.outage; u != nil {
 		ok := u.maxCalls <= o.quota && u.throttled == 0 && u.errors == 0 && u.wrong == 0
 		p("| Redis killed under 3 replicas: the quota holds, nothing fails | max %d calls in a sliding s, %d throttled, %d errors, %d wrong; %s lookups/s during the outage | %s | |\n",
 			u.maxCalls, u.throttled, u.errors, u.wrong, thousands(u.during), yes(ok))
-		throttled += u.throttled
-		wrong += u.wrong
 	}
-	p("| zero throttled calls and zero wrong answers in every scenario | %d throttled, %d wrong | %s | |\n", throttled, wrong, yes(throttled == 0 && wrong == 0))
-	if f := r.fresh; f != nil {
-		p("| fresh: other replicas serve a change within a small bound | set: p99 %s; callback: p99 %s | measured | |\n", ms(pct(f.setLat, .99)), ms(pct(f.cbLat, .99)))
+	if len(b.String()) == header { // no row: no table
+		s := b.String()[:earlier]
+		b.Reset()
+		b.WriteString(s)
+	} else {
+		p("\n")
 	}
-	p("\n")
 
 	// Baselines.
-	p("## Baselines, measured in this run\n\n")
+	if r.direct != nil || len(r.hot) > 0 || r.base.ok() {
+		p("## Baselines, measured in this run\n\n")
+	}
 	if r.direct != nil {
 		p("- **What users do today** — one portrait_get call per lookup, straight to the emulator, 50 callers: %s lookups/s\n", thousands(r.direct.rate))
 		p("  answered, %s calls/s throttled. The proxy answers %.0f× as many from the same quota.\n", thousands(r.direct.throttledPerSec), sat/max(1, r.direct.rate))
@@ -399,7 +395,13 @@ func (r *report) write(path, plotDir string) error {
 		p("- **The hit-path floor** — a bare handler that only decodes the request JSON and encodes the answer JSON, in its own\n")
 		p("  process: %s lookups/s closed loop (64 callers), p50 %s, p99 %s, %.0f µs of server CPU per lookup.\n", thousands(r.hot[0].rate), ms(r.hot[0].p50), ms(r.hot[0].p99), r.hot[0].perLookup)
 	}
-	p("\n")
+	if r.base.ok() {
+		p("- **The previous build** — the proxy of %s, measured beside this one: next section.\n", r.base.short())
+	}
+	if r.direct != nil || len(r.hot) > 0 || r.base.ok() {
+		p("\n")
+	}
+	r.writeComparison(p)
 
 	// Cold.
 	if len(r.coldSteps) > 0 {
@@ -431,15 +433,9 @@ func (r *report) write(path, plotDir string) error {
 	if len(r.hot) > 0 {
 		p("## Hot: lookups of warm accounts\n\n")
 		p("Closed loop, 64 callers, against the bare handler measured in the same run. The bare handler and the proxy's\n")
-		p("in-process hits run in turns, three rounds of %v each, and the medians are shown", o.duration/4)
-		if len(r.hotRounds) > 0 {
-			var rounds []string
-			for _, x := range r.hotRounds {
-				rounds = append(rounds, fmt.Sprintf("%s / %s (%.2f)", thousands(x[0]), thousands(x[1]), x[1]/x[0]))
-			}
-			p(" (rounds, bare / proxy: %s)", strings.Join(rounds, "; "))
-		}
-		p("; the other runs take %v each.\n\n", o.duration/2)
+		p("in-process hits run in turns, three rounds of %v each, and the medians are shown (the rounds: \"This build, the\n", o.duration/4)
+		p("previous build and the bare handler\" above);\n")
+		p("the other runs take %v each.\n\n", o.duration/2)
 		p("| server | lookups/s | ratio to bare | hit ratio | p50 | p99 | server CPU | CPU per lookup | RSS | errors | wrong | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, h := range r.hot {
 			hr := "—"
@@ -514,6 +510,9 @@ func (r *report) write(path, plotDir string) error {
 
 	r.writePoisoned(p)
 	r.writeForward(p)
+	r.writeTagMix(p)
+	r.writeOverload(p)
+	r.writeProfiles(p)
 
 	if r.micro != "" {
 		p("## Go micro-benchmarks (`-benchmem`, medians of %d runs)\n\n", microRuns(r.micro))

@@ -1,0 +1,141 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"slices"
+	"sync/atomic"
+	"time"
+)
+
+// coldHTTPResult is one cold run with net/http callers.
+type coldHTTPResult struct {
+	name                     string
+	previous                 bool // the previous build
+	replicas                 int
+	rate, apc                float64
+	maxCalls                 int
+	throttled, errors, wrong int64
+	p50, p99                 time.Duration
+	cpuPerLookup             float64 // proxy CPU µs per answered lookup (all replicas)
+	rssMiB                   int64
+	prof                     *profile // of the proxy after the measured window; nil: none asked
+}
+
+// profileSeconds is how long a CPU profile of a proxy runs.
+func profileSeconds(o options) int { return max(2, int((o.duration * 2 / 5).Seconds())) }
+
+// coldHTTP is cold load from o.callers net/http keep-alive callers, the
+// way the app servers call the proxy (the other cold scenarios use the
+// raw client, which costs the shared cores less): this build with one
+// proxy, the previous build with one, and this build with three replicas
+// on one Redis, one run each. Each one-proxy run goes on under the same
+// load for a CPU profile of the proxy after its measured window, so the
+// profiler's cost is in no figure.
+func coldHTTP(o options, out io.Writer) error {
+	fmt.Fprintf(out, "cold, net/http callers: %d callers on one shared keep-alive client, each one new account at a time, %v measured\n",
+		o.callers, o.duration)
+	type run struct {
+		name     string
+		o        options
+		replicas int
+		profile  string
+	}
+	runs := []run{{"this build", o, 1, "cold-current"}}
+	if rep.base.ok() {
+		po := o
+		po.proxyBin = rep.base.proxy
+		runs = append(runs, run{rep.base.name(), po, 1, "cold-previous"})
+	}
+	runs = append(runs, run{"this build, 3 replicas on one Redis", o, 3, ""})
+	for _, r := range runs {
+		res, err := coldHTTPRun(r.o, r.replicas, r.profile)
+		if err != nil && r.o.proxyBin != "" {
+			rep.base.note("cold (net/http): the previous build did not run: %v", err)
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		res.name, res.previous = r.name, r.o.proxyBin != ""
+		rep.coldHTTP = append(rep.coldHTTP, res)
+		fmt.Fprintf(out, "  %-40s %7.0f lookups/s, %6.2f accounts per call, max %d calls in a sliding s, throttled %d, errors %d, wrong %d, p50 %v p99 %v, proxy CPU %.0f µs per lookup, RSS %d MiB\n",
+			res.name, res.rate, res.apc, res.maxCalls, res.throttled, res.errors, res.wrong, res.p50.Round(time.Millisecond),
+			res.p99.Round(time.Millisecond), res.cpuPerLookup, res.rssMiB)
+		if res.prof != nil && res.prof.note != "" {
+			fmt.Fprintf(out, "  %-40s no CPU profile: %s\n", "", res.prof.note)
+		}
+	}
+	fmt.Fprintln(out)
+	return nil
+}
+
+func coldHTTPRun(o options, replicas int, profName string) (coldHTTPResult, error) {
+	var e *env
+	var err error
+	profiled := false
+	if replicas == 1 {
+		e, profiled, err = startProfiled(o)
+	} else {
+		e, err = startReplicas(o, replicas)
+	}
+	if err != nil {
+		return coldHTTPResult{}, err
+	}
+	defer e.stop()
+	client := appClient(o.callers)
+	defer client.CloseIdleConnections()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var next atomic.Int64
+	mine := make([][]time.Duration, o.callers) // answered lookups' latencies, per caller
+	loop := startColdLoopWith(ctx, httpDial(client), e.urls, o.callers, &next, func(caller int, _ time.Time, d time.Duration) {
+		mine[caller] = append(mine[caller], d)
+	})
+	defer loop.wg.Wait() // after cancel (deferred later, run first)
+	defer cancel()
+	time.Sleep(time.Second)
+	if err := simReset(e.simURL); err != nil {
+		return coldHTTPResult{}, err
+	}
+	cpu := func() (t time.Duration) {
+		for _, p := range e.ps {
+			t += p.cpu()
+		}
+		return t
+	}
+	cpu0 := cpu()
+	loop.measuring.Store(true)
+	start := time.Now()
+	time.Sleep(o.duration)
+	loop.measuring.Store(false)
+	elapsed := time.Since(start)
+	used := cpu() - cpu0
+	var rss int64
+	for _, p := range e.ps {
+		rss += p.rssBytes()
+	}
+	st, err := simStats(context.Background(), e.simURL)
+	if err != nil {
+		return coldHTTPResult{}, err
+	}
+	var prof *profile
+	switch {
+	case profName != "" && profiled:
+		prof = takeProfile(e.admin, profileSeconds(o), rep.profileDir, profName)
+	case profName != "":
+		prof = &profile{note: "that build has no -pprof flag"}
+	}
+	cancel()
+	loop.wg.Wait()
+	var lat []time.Duration
+	for _, m := range mine {
+		lat = append(lat, m...)
+	}
+	slices.Sort(lat)
+	return coldHTTPResult{replicas: replicas, rate: float64(len(lat)) / elapsed.Seconds(), apc: st.AccountsPerCall(),
+		maxCalls: st.MaxCallsPerSec, throttled: st.Throttled, errors: loop.errs.Load(), wrong: loop.wrong.Load(),
+		p50: pct(lat, .5), p99: pct(lat, .99), cpuPerLookup: float64(used.Microseconds()) / float64(max(1, len(lat))),
+		rssMiB: rss >> 20, prof: prof}, nil
+}
