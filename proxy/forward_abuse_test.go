@@ -16,6 +16,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
@@ -64,7 +65,7 @@ func TestCanceledNonAdminAccountCallKeepsCache(t *testing.T) {
 // that asks for gzip still gets a known outcome (the deleted account is
 // "not found" from the cache at once, with no fetch) and a readable answer.
 func TestAccountCallReadWhenCallerAcceptsGzip(t *testing.T) {
-	sim, _ := startSim(t, imsim.Config{})
+	sim, _ := simtest.Start(t, imsim.Config{})
 	var asked atomic.Value
 	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rec := httptest.NewRecorder()

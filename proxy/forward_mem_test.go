@@ -13,6 +13,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
@@ -27,7 +28,7 @@ func TestStalledForwardBodiesHeapBounded(t *testing.T) {
 	// The upstream here reads bodies without keeping them (the emulator,
 	// in this process too, keeps what it sees): the heap measured is the
 	// proxy's.
-	sim, _ := startSim(t, imsim.Config{})
+	sim, _ := simtest.Start(t, imsim.Config{})
 	sink := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		w.Write([]byte(`{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}`))
@@ -94,7 +95,7 @@ func TestForwardBodyLimitWhenStreamed(t *testing.T) {
 // A caller that leaves mid-answer is still counted (the reverse proxy
 // aborts the handler with a panic there).
 func TestForwardCountedWhenCallerLeavesMidAnswer(t *testing.T) {
-	sim, _ := startSim(t, imsim.Config{})
+	sim, _ := simtest.Start(t, imsim.Config{})
 	sent := make(chan struct{}, 1)
 	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte(`{"ActionStatus":"OK",`))

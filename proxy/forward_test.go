@@ -19,6 +19,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
@@ -223,7 +224,7 @@ func TestForwardOff(t *testing.T) {
 // a clear ErrorInfo) and counted; the call is not retried.
 func TestForwardUpstreamDown(t *testing.T) {
 	t.Run("refused", func(t *testing.T) {
-		sim, srv := startSim(t, imsim.Config{})
+		sim, srv := simtest.Start(t, imsim.Config{})
 		r := startProxy(t, sim, srv.URL, proxy.Config{})
 		srv.Close()
 		status, raw := r.call(t, http.MethodPost, "/v4/openim/sendmsg", callerQuery(sim, sim.Identifier(), sim.Key()), "application/json", []byte(`{}`))
@@ -363,7 +364,7 @@ func waitResult(t *testing.T, r *rig, account string, want int, from time.Time) 
 func TestImportedFoundOnAllReplicas(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
-			sim, srv := startSim(t, imsim.Config{})
+			sim, srv := simtest.Start(t, imsim.Config{})
 			rigs := threeReplicas(t, setup(t), sim, srv.URL, proxy.Config{NegativeTTL: time.Hour})
 			for _, r := range rigs {
 				for _, a := range []string{"newbie", "multi1", "multi2"} {
@@ -400,7 +401,7 @@ func TestImportedFoundOnAllReplicas(t *testing.T) {
 func TestDeletedNotFoundOnAllReplicas(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
-			sim, srv := startSim(t, imsim.Config{})
+			sim, srv := simtest.Start(t, imsim.Config{})
 			rigs := threeReplicas(t, setup(t), sim, srv.URL, proxy.Config{})
 			for _, r := range rigs {
 				checkItem(t, r.get(t, []string{"user5"}, nickTag).UserProfileItem[0], "user5", nickTag)
@@ -433,7 +434,7 @@ func TestDeletedNotFoundOnAllReplicas(t *testing.T) {
 // asks the upstream, whatever it did.
 func TestDeleteUnknownOutcomeDropsProfiles(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{})
 	for _, r := range rigs {
 		r.get(t, []string{"user6"}, nickTag)
@@ -511,9 +512,7 @@ func TestShutdownWithForwardedCallInFlight(t *testing.T) {
 // per cause), and neither the caller's UserSig nor the query is in the
 // line.
 func TestForwardFailuresLoggedWithoutSecrets(t *testing.T) {
-	sim := imsim.New(imsim.Config{Key: "s3cr3t-app-key-0123456789abcdef", Faults: imsim.Faults{Drop: 1}})
-	srv := httptest.NewServer(sim)
-	defer srv.Close()
+	sim, srv := simtest.Start(t, imsim.Config{Key: "s3cr3t-app-key-0123456789abcdef", Faults: imsim.Faults{Drop: 1}})
 	logs := &syncBuffer{}
 	p, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", AdminListen: "-", Upstream: srv.URL, SDKAppID: sim.SDKAppID(), SecretKey: sim.Key(),
 		Logger: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})

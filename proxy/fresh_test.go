@@ -13,6 +13,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
@@ -95,7 +96,7 @@ func seededNick(account string) string {
 func TestSetThroughOneReplicaSeenByAll(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
-			sim, srv := startSim(t, imsim.Config{})
+			sim, srv := simtest.Start(t, imsim.Config{})
 			rigs := threeReplicas(t, setup(t), sim, srv.URL, proxy.Config{})
 			const acc = "user7"
 			for _, r := range rigs {
@@ -137,7 +138,7 @@ func TestSetThroughOneReplicaSeenByAll(t *testing.T) {
 // as the upstream's callback, here delivered (signed) to replica C: A and B
 // serve it too.
 func TestCallbackToOneReplicaUpdatesAll(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	t.Cleanup(sim.Close)
 	rigs := threeReplicas(t, singleRedis(t), sim, srv.URL, proxy.Config{CallbackToken: "cb-token"})
 	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback", Token: "cb-token"})
@@ -189,7 +190,7 @@ func TestCallbackToOneReplicaUpdatesAll(t *testing.T) {
 // Callbacks delivered late, twice and out of order leave every replica
 // (and the shared tier a new replica reads) with the newest value.
 func TestCallbacksDuplicatedAndReordered(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	t.Cleanup(sim.Close)
 	rs := singleRedis(t)
 	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{CallbackToken: "tok"})
@@ -238,7 +239,7 @@ func TestCallbacksDuplicatedAndReordered(t *testing.T) {
 // replica refetches and serves the upstream's value, and a forged callback
 // (right SdkAppid, made-up value) never gets its value served.
 func TestUnsignedCallbackInvalidates(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	t.Cleanup(sim.Close)
 	rigs := threeReplicas(t, singleRedis(t), sim, srv.URL, proxy.Config{CallbackUnsigned: true})
 	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback"})
@@ -272,7 +273,7 @@ func TestUnsignedCallbackInvalidates(t *testing.T) {
 // the change reached the cache, does not overwrite it: not in the replica
 // that fetched, not in the others, not in Redis.
 func TestInFlightFetchLosesToChange(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{Faults: imsim.Faults{Latency: 300 * time.Millisecond}})
+	sim, srv := simtest.Start(t, imsim.Config{Faults: imsim.Faults{Latency: 300 * time.Millisecond}})
 	rs := singleRedis(t)
 	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{})
 	const acc = "user11"
@@ -373,7 +374,7 @@ func TestSetErrors(t *testing.T) {
 // refreshed; the refresh reads the old value, a portrait_set lands while
 // it is in flight, and the refresh's late answer does not undo the set.
 func TestRefreshLosesToChange(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	rs := singleRedis(t)
 	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{TTL: 50 * time.Millisecond})
 	const acc = "user12"

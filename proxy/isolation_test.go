@@ -16,6 +16,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
@@ -78,7 +79,7 @@ func isolationCalls(r *rig, cause string) float64 {
 // another on the same Redis spends a call on it again.
 func TestPoisonedTagCallerIsolated(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: -1}})
+	sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: -1}})
 	cfg := proxy.Config{Redis: rs.spec, BatchWindow: 5 * time.Millisecond}
 	a := startProxy(t, sim, srv.URL, cfg)
 	b := startProxy(t, sim, srv.URL, cfg)

@@ -8,7 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"slices"
 	"strings"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
@@ -43,16 +43,8 @@ type rig struct {
 // start runs an emulator and a proxy in front of it on loopback ports.
 func start(t *testing.T, simCfg imsim.Config, cfg proxy.Config) *rig {
 	t.Helper()
-	sim, srv := startSim(t, simCfg)
+	sim, srv := simtest.Start(t, simCfg)
 	return startProxy(t, sim, srv.URL, cfg)
-}
-
-func startSim(t *testing.T, simCfg imsim.Config) (*imsim.Server, *httptest.Server) {
-	t.Helper()
-	sim := imsim.New(simCfg)
-	srv := httptest.NewServer(sim)
-	t.Cleanup(srv.Close)
-	return sim, srv
 }
 
 // startProxy runs a proxy in front of an emulator that already runs.
@@ -360,7 +352,7 @@ func TestShutdownWithLookupsInFlight(t *testing.T) {
 
 func TestAdminEndpointsAndMetrics(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	r := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
 	r.get(t, accounts(0, 150), "Tag_Profile_IM_Nick")
 	r.get(t, []string{"user1"}, "Tag_Profile_IM_Nick")

@@ -13,6 +13,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
 
@@ -66,7 +67,7 @@ func TestFreshReplicaServesWarmedAccounts(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
 			rs := setup(t)
-			sim, srv := startSim(t, imsim.Config{})
+			sim, srv := simtest.Start(t, imsim.Config{})
 			a := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
 			accs := accounts(0, 200)
 			tags := []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Level", "Tag_Profile_IM_SelfSignature"}
@@ -100,7 +101,7 @@ func TestFreshReplicaServesWarmedAccounts(t *testing.T) {
 // value keeps being served.
 func TestStaleFromRedis(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	cfg := proxy.Config{Redis: rs.spec, TTL: 200 * time.Millisecond, StaleTTL: time.Hour}
 	a := startProxy(t, sim, srv.URL, cfg)
 	accs := accounts(40, 30)
@@ -144,7 +145,7 @@ func TestStaleFromRedis(t *testing.T) {
 
 func TestNegativeEntryShared(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	a := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
 	out := a.get(t, []string{"ghost"}, "Tag_Profile_IM_Nick")
 	if out.UserProfileItem[0].ResultCode != 40003 {
@@ -162,8 +163,8 @@ func TestNegativeEntryShared(t *testing.T) {
 // TestPerAppIsolation: two apps on one Redis never see each other's entries.
 func TestPerAppIsolation(t *testing.T) {
 	rs := singleRedis(t)
-	sim1, srv1 := startSim(t, imsim.Config{SDKAppID: 1400000001})
-	sim2, srv2 := startSim(t, imsim.Config{SDKAppID: 1400000002})
+	sim1, srv1 := simtest.Start(t, imsim.Config{SDKAppID: 1400000001})
+	sim2, srv2 := simtest.Start(t, imsim.Config{SDKAppID: 1400000002})
 	sim2.Put("user1", "Tag_Profile_IM_Nick", json.RawMessage(`"app2-nick"`))
 	a := startProxy(t, sim1, srv1.URL, proxy.Config{Redis: rs.spec})
 	b := startProxy(t, sim2, srv2.URL, proxy.Config{Redis: rs.spec})
@@ -182,7 +183,7 @@ func TestHostileAccountIDs(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
 			rs := setup(t)
-			sim, srv := startSim(t, imsim.Config{})
+			sim, srv := simtest.Start(t, imsim.Config{})
 			for _, id := range ids {
 				b, _ := json.Marshal("nick of " + id)
 				sim.Put(id, "Tag_Profile_IM_Nick", b)
@@ -210,7 +211,7 @@ func TestHostileAccountIDs(t *testing.T) {
 // fails, none is wrong, and Redis is used again afterwards.
 func TestRedisKilledMidLoad(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{Faults: imsim.Faults{Latency: 2 * time.Millisecond}})
+	sim, srv := simtest.Start(t, imsim.Config{Faults: imsim.Faults{Latency: 2 * time.Millisecond}})
 	a := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
 	warm := accounts(0, 300)
 	a.get(t, warm[:100], "Tag_Profile_IM_Nick")

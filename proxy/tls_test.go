@@ -25,6 +25,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
 
@@ -74,7 +75,7 @@ func TestTLSServedAndRotated(t *testing.T) {
 	c2, k2, x2 := selfSigned(t, 2)
 	writeAtomic(t, certFile, c1)
 	writeAtomic(t, keyFile, k1)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	r := startProxy(t, sim, srv.URL, proxy.Config{TLSCert: certFile, TLSKey: keyFile, TLSReloadEvery: 5 * time.Millisecond})
 	roots := x509.NewCertPool()
 	roots.AddCert(x1)
