@@ -16,6 +16,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
@@ -56,13 +57,7 @@ func TestChangeCallbacks(t *testing.T) {
 	if err := sim.ClientSet("nobody", nil); err == nil {
 		t.Fatal("ClientSet on a missing account accepted")
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for sim.Stats().CallbacksSent < 4 {
-		if time.Now().After(deadline) {
-			t.Fatalf("stats %+v", sim.Stats())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	wait.For(t, 5*time.Second, "4 callbacks sent", func() bool { return sim.Stats().CallbacksSent >= 4 })
 	mu.Lock()
 	defer mu.Unlock()
 	if len(got) != 4 {
