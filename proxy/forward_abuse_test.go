@@ -17,6 +17,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
@@ -44,7 +45,7 @@ func TestCanceledNonAdminAccountCallKeepsCache(t *testing.T) {
 		t.Fatal(err)
 	}
 	fmt.Fprintf(c, "POST /v4/im_open_login_svc/account_delete?%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", q, len(body), body)
-	time.Sleep(50 * time.Millisecond)
+	wait.For(t, 5*time.Second, "the account_delete to reach the upstream", func() bool { return r.sim.Stats().Other != 0 })
 	c.Close() // hang up before the (refusing) answer
 	time.Sleep(600 * time.Millisecond)
 	r.sim.SetFaults(imsim.Faults{})

@@ -14,6 +14,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
@@ -112,12 +113,7 @@ func TestForwardCountedWhenCallerLeavesMidAnswer(t *testing.T) {
 	fmt.Fprintf(c, "POST /v4/openim/sendmsg?%s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", callerQuery(r.sim, "user1", r.sim.Key()))
 	<-sent
 	c.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for forwarded(r, "openim", metrics.ForwardCanceled) != 1 {
-		if time.Now().After(deadline) {
-			t.Fatalf("a call whose caller left mid-answer was not counted: ok %v, canceled %v",
-				forwarded(r, "openim", metrics.ForwardOK), forwarded(r, "openim", metrics.ForwardCanceled))
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	wait.For(t, 10*time.Second, "the call whose caller left mid-answer to be counted as canceled", func() bool {
+		return forwarded(r, "openim", metrics.ForwardCanceled) == 1
+	})
 }

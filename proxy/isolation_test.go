@@ -17,6 +17,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
@@ -114,13 +115,7 @@ func TestPoisonedTagCallerIsolated(t *testing.T) {
 	}
 	t.Logf("upstream calls %d (refused %d), isolation calls %v, offender answers %d", st.Calls, st.Rejected, isolationCalls(a, metrics.IsolateTag), len(offended))
 	// The other replica learned it through Redis: no call for it there either.
-	deadline := time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(b.p.Metrics().LearnedTags) < 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("replica B never learned the refused tag")
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	wait.For(t, 5*time.Second, "replica B to learn the refused tag", func() bool { return testutil.ToFloat64(b.p.Metrics().LearnedTags) >= 1 })
 	calls := sim.Stats().Calls
 	for _, r := range []*rig{a, b} {
 		out := r.get(t, []string{"user6"}, "Tag_Profile_Custom_Nope", "Tag_Profile_IM_Nick")

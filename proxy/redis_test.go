@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -14,6 +15,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
 	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
 
@@ -47,13 +49,7 @@ func clusterRedis(t *testing.T) redisSetup {
 
 func waitDBSize(t *testing.T, rs redisSetup, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for rs.dbsize() < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("Redis holds %d keys, want %d", rs.dbsize(), n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	wait.For(t, 10*time.Second, fmt.Sprintf("Redis to hold %d keys", n), func() bool { return rs.dbsize() >= n })
 }
 
 func redisHits(r *rig) float64 {
@@ -115,17 +111,10 @@ func TestStaleFromRedis(t *testing.T) {
 	if v := string(out.UserProfileItem[0].ProfileItem[0].Value); v != `"nick-user40"` {
 		t.Fatalf("stale serve = %s, want the old value at once", v)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	wait.For(t, 5*time.Second, "the background refresh to land", func() bool {
 		out = b.get(t, []string{"user40"}, "Tag_Profile_IM_Nick")
-		if string(out.UserProfileItem[0].ProfileItem[0].Value) == `"renamed"` {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the background refresh never landed")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return string(out.UserProfileItem[0].ProfileItem[0].Value) == `"renamed"`
+	})
 
 	// The upstream now fails every call: a third fresh replica still
 	// serves every account (stale), with no error.
@@ -250,28 +239,22 @@ func TestRedisKilledMidLoad(t *testing.T) {
 			}
 		})
 	}
-	time.Sleep(400 * time.Millisecond)
+	// progress waits until another n lookups are answered (right or not).
+	progress := func(n int64, what string) {
+		t.Helper()
+		from := done.Load() + failed.Load()
+		wait.For(t, 10*time.Second, what, func() bool { return done.Load()+failed.Load() >= from+n })
+	}
+	progress(200, "200 lookups with Redis up")
 	rs.kill()
 	// The tier learns of the death from its next read or write; every
 	// caller may be waiting in the batcher then (the shared limiter, which
 	// saw it first, grants nothing for a window on its fallback).
-	deadline := time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(b.p.Metrics().RedisUp) != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("redis_up still 1 5s after Redis died")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	time.Sleep(200 * time.Millisecond) // lookups go on without Redis
+	wait.For(t, 5*time.Second, "redis_up 0 after Redis died", func() bool { return testutil.ToFloat64(b.p.Metrics().RedisUp) == 0 })
+	progress(100, "100 lookups without Redis")
 	rs.revive()
-	deadline = time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(b.p.Metrics().RedisUp) != 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("the proxy never went back to Redis")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	time.Sleep(300 * time.Millisecond)
+	wait.For(t, 5*time.Second, "the proxy to go back to Redis (redis_up 1)", func() bool { return testutil.ToFloat64(b.p.Metrics().RedisUp) == 1 })
+	progress(200, "200 lookups with Redis back")
 	close(stop)
 	wg.Wait()
 	if failed.Load() != 0 || wrong.Load() != 0 {
