@@ -59,7 +59,7 @@ func TestSlidingWindowIsExact(t *testing.T) {
 				mu.Lock()
 				codes[code]++
 				mu.Unlock()
-				time.Sleep(2 * time.Millisecond)
+				time.Sleep(2 * time.Millisecond) // each caller's pace over real HTTP
 			}
 		})
 	}

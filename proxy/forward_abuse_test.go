@@ -47,6 +47,8 @@ func TestCanceledNonAdminAccountCallKeepsCache(t *testing.T) {
 	fmt.Fprintf(c, "POST /v4/im_open_login_svc/account_delete?%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", q, len(body), body)
 	wait.For(t, 5*time.Second, "the account_delete to reach the upstream", func() bool { return r.sim.Stats().Other != 0 })
 	c.Close() // hang up before the (refusing) answer
+	// Room for the answer (300 ms away) and for a wrong drop after it:
+	// nothing signals a drop that does not happen.
 	time.Sleep(600 * time.Millisecond)
 	r.sim.SetFaults(imsim.Faults{})
 	for _, s := range r.sim.Seen() {

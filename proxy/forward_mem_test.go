@@ -51,7 +51,7 @@ func TestStalledForwardBodiesHeapBounded(t *testing.T) {
 		defer c.Close()
 		fmt.Fprintf(c, "POST /v4/openim/sendmsg?%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s", q, 1<<20, chunk)
 	}
-	time.Sleep(2 * time.Second)
+	time.Sleep(2 * time.Second) // room for the proxy to buffer what it would: the heap is measured after
 	runtime.GC()
 	runtime.ReadMemStats(&ms)
 	delta := int64(ms.HeapInuse) - int64(before)

@@ -192,7 +192,7 @@ func TestCallbacksDuplicatedAndReordered(t *testing.T) {
 		if err := sim.ClientSet(acc, []im.ProfileItem{nickItem(last)}); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Millisecond)
+		time.Sleep(time.Millisecond) // a millisecond apart: EventTimes stay on the emulator's clock instead of running ahead of it
 	}
 	wait.For(t, 5*time.Second, fmt.Sprintf("%d callbacks delivered", 2*changes), func() bool { return sim.Stats().CallbacksSent >= 2*changes })
 	// The feed reaches A and B just after C has answered the last callback.

@@ -104,7 +104,7 @@ func TestStaleFromRedis(t *testing.T) {
 	a.get(t, accs, "Tag_Profile_IM_Nick")
 	waitDBSize(t, rs, 30)
 	sim.Put("user40", "Tag_Profile_IM_Nick", json.RawMessage(`"renamed"`))
-	time.Sleep(250 * time.Millisecond)
+	time.Sleep(250 * time.Millisecond) // past the 200 ms TTL on the wall clock the proxy keeps
 
 	b := startProxy(t, sim, srv.URL, cfg)
 	out := b.get(t, []string{"user40"}, "Tag_Profile_IM_Nick")
