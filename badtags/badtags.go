@@ -397,7 +397,10 @@ func (s *Set) share(ctx context.Context, tag string) {
 		p.PExpire(ctx, s.key, s.cfg.TTL)
 		p.Publish(ctx, s.key, tag+"\x00"+v)
 		if len(expired) > 0 {
-			dropScript.Run(ctx, p, []string{s.key}, toAny(expired)...)
+			// Eval, not Run: in a pipeline Run cannot fall back from
+			// EVALSHA to EVAL, and a Redis that has not seen the script
+			// answers NOSCRIPT. Expiries are rare; the script is short.
+			dropScript.Eval(ctx, p, []string{s.key}, toAny(expired)...)
 		}
 		return nil
 	})

@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -86,16 +88,6 @@ func run(t *testing.T, s *Set) {
 	t.Cleanup(func() { cancel(); <-done })
 }
 
-// eventually polls cond until it holds (no timing claim: a bound for hangs).
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(2 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("never: %s", what)
-		}
-	}
-}
-
 // TestSharedThroughRedis: a tag learned on one replica is refused by
 // another at once (announced), and by a replica that starts later (read
 // from the hash).
@@ -107,15 +99,15 @@ func TestSharedThroughRedis(t *testing.T) {
 	run(t, a)
 	run(t, b)
 	run(t, other)
-	eventually(t, "b subscribed", func() bool {
+	wait.For(t, 5*time.Second, "b subscribed", func() bool {
 		n, _ := newClient(t, srv).PubSubNumSub(context.Background(), "pp:v2:1400000000:badtags").Result()
 		return n["pp:v2:1400000000:badtags"] == 2
 	})
 	a.Learn("Tag_Profile_Custom_Nope", 40009, "tag does not exist: Tag_Profile_Custom_Nope")
-	eventually(t, "b learns", func() bool { return b.Refused("Tag_Profile_Custom_Nope") })
+	wait.For(t, 5*time.Second, "b learns", func() bool { return b.Refused("Tag_Profile_Custom_Nope") })
 	late, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000})
 	run(t, late)
-	eventually(t, "a replica started later learns", func() bool { return late.Refused("Tag_Profile_Custom_Nope") })
+	wait.For(t, 5*time.Second, "a replica started later learns", func() bool { return late.Refused("Tag_Profile_Custom_Nope") })
 	if other.Refused("Tag_Profile_Custom_Nope") {
 		t.Fatal("another app learned this app's tag")
 	}
@@ -141,12 +133,12 @@ func TestForgedRedisEntries(t *testing.T) {
 		"Tag_Profile_Custom_Huge", "40007|"+soon+"|"+strings.Repeat("y", 1<<20))
 	s, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, TTL: time.Minute})
 	run(t, s)
-	eventually(t, "the valid entry read", func() bool { return s.Refused("Tag_Profile_Custom_Ok") })
+	wait.For(t, 5*time.Second, "the valid entry read", func() bool { return s.Refused("Tag_Profile_Custom_Ok") })
 	c.Publish(ctx, key, "Tag_Profile_Custom_FarPub\x0040009|"+future+"|announced")
 	c.Publish(ctx, key, "no separator at all")
 	c.Publish(ctx, key, "Tag_Profile_Custom_Bad\x0070009|"+future+"|wrong code")
 	c.Publish(ctx, key, "Tag_Profile_Custom_Pub\x0040009|"+soon+"|announced") // last: read after the others
-	eventually(t, "the valid announcement read", func() bool { return s.Refused("Tag_Profile_Custom_Pub") })
+	wait.For(t, 5*time.Second, "the valid announcement read", func() bool { return s.Refused("Tag_Profile_Custom_Pub") })
 	got := s.Learned()
 	want := []string{"Tag_Profile_Custom_Huge", "Tag_Profile_Custom_Ok", "Tag_Profile_Custom_Pub"}
 	if strings.Join(got, ",") != strings.Join(want, ",") {
@@ -180,7 +172,7 @@ func TestForgedSharedEntriesIgnored(t *testing.T) {
 		t.Fatal(err)
 	}
 	run(t, s)
-	eventually(t, "the plausible entry learned", func() bool { return s.Refused("Tag_Profile_Custom_Real") })
+	wait.For(t, 5*time.Second, "the plausible entry learned", func() bool { return s.Refused("Tag_Profile_Custom_Real") })
 	for _, tag := range []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Gender", "Tag_Profile_Custom_Test", "Tag_Profile_Custom_Far"} {
 		if code, info, bad := s.Check([]string{tag}); bad {
 			t.Errorf("forged entry refuses %s: %d %q", tag, code, info)
@@ -198,18 +190,23 @@ func TestForgedSharedEntriesIgnored(t *testing.T) {
 // hash holds no more fields than live refusals.
 func TestSharedHashPruned(t *testing.T) {
 	srv := redistest.Start(t)
-	s, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, TTL: 300 * time.Millisecond})
+	// The refusals expire on a clock the test moves (the hash's own PEXPIRE
+	// is on Redis's clock, a minute ahead: it does not race the test).
+	var now atomic.Int64
+	now.Store(time.Now().UnixNano())
+	s, _ := New(Config{Client: newClient(t, srv), SDKAppID: 1400000000, TTL: time.Minute,
+		Now: func() time.Time { return time.Unix(0, now.Load()) }})
 	run(t, s)
 	c := newClient(t, srv)
 	key := "pp:v2:1400000000:badtags"
 	for i, tag := range []string{"Tag_Profile_Custom_A", "Tag_Profile_Custom_B", "Tag_Profile_Custom_C", "Tag_Profile_Custom_D"} {
 		s.Learn(tag, 40009, "x")
-		eventually(t, "shared", func() bool { return c.HExists(context.Background(), key, tag).Val() })
+		wait.For(t, 5*time.Second, "shared", func() bool { return c.HExists(context.Background(), key, tag).Val() })
 		if i < 3 {
-			time.Sleep(200 * time.Millisecond)
+			now.Add(int64(40 * time.Second))
 		}
 	}
-	eventually(t, "expired fields removed", func() bool {
+	wait.For(t, 5*time.Second, "expired fields removed", func() bool {
 		return c.HLen(context.Background(), key).Val() <= int64(len(s.Learned()))
 	})
 	if c.HExists(context.Background(), key, "Tag_Profile_Custom_A").Val() {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/im"
@@ -19,6 +20,7 @@ import (
 // ride in the space the misses leave; a miss for an account queued as a
 // refresh is served as a miss.
 func TestRefreshesYieldToMisses(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	g := newGate()
 	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: rated{g, 10}, MaxQueue: 200})
@@ -48,8 +50,9 @@ func TestRefreshesYieldToMisses(t *testing.T) {
 		t.Fatalf("refresh over the bound: %v", err)
 	}
 	g.ch <- struct{}{}
-	for len(h.up.Calls()) == 0 {
-		time.Sleep(time.Millisecond)
+		synctest.Wait() // the first call is made before the second grant
+		if n := len(h.up.Calls()); n != 1 {
+			t.Fatalf("%d calls after the first grant, want 1", n)
 	}
 	g.ch <- struct{}{}
 	for i, ch := range misses {
@@ -91,11 +94,13 @@ func TestRefreshesYieldToMisses(t *testing.T) {
 		t.Fatalf("calls of %d (%d refreshes) and %d (%d refreshes), want 100 misses, then 50 misses + 50 refreshes",
 			len(calls[0].ToAccount), first, len(calls[1].ToAccount), second)
 	}
+	})
 }
 
 // TestPromoteMovesRefreshAhead: a foreground caller joining a queued
 // refresh without a Load of its own (Promote) puts it among the misses.
 func TestPromoteMovesRefreshAhead(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	g := newGate()
 	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: g, MaxAccounts: 2})
@@ -119,20 +124,18 @@ func TestPromoteMovesRefreshAhead(t *testing.T) {
 	if len(calls) != 2 || strings.Join(calls[0].ToAccount, ",") != "m,b" || strings.Join(calls[1].ToAccount, ",") != "a" {
 		t.Fatalf("calls %+v, want [m b] then [a]", calls)
 	}
+	})
 }
 
-// waitForeground blocks until n foreground accounts are queued.
+// waitForeground waits until every other goroutine in the bubble is blocked
+// and checks that n foreground accounts are queued then.
 func waitForeground(t *testing.T, b *Batcher, n int) {
 	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+	synctest.Wait()
 		b.mu.Lock()
 		q := b.queued
 		b.mu.Unlock()
-		if q == n {
-			return
-		}
-		if time.Now().After(deadline) {
+	if q != n {
 			t.Fatalf("%d foreground accounts queued, want %d", q, n)
 		}
-	}
 }

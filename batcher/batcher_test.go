@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -129,39 +130,37 @@ func start(t *testing.T, cfg Config) *harness {
 	return h
 }
 
-// waitQueued blocks until n accounts are queued.
+// The tests that run a Batcher run in a synctest bubble: the Batcher, its
+// callers and the fakes use the standard clock and channels only, so
+// synctest.Wait returns once every Load has queued and Run is blocked (on
+// the gate, a window's timer or an empty queue), and the windows and
+// timeouts pass at once on the bubble's clock.
+
+// waitQueued waits until every other goroutine in the bubble is blocked and
+// checks that n accounts are queued then.
 func (h *harness) waitQueued(t *testing.T, n int) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(h.m.QueueAccounts) != float64(n) {
-		if time.Now().After(deadline) {
-			t.Fatalf("queue holds %v accounts, want %d", testutil.ToFloat64(h.m.QueueAccounts), n)
-		}
-		time.Sleep(time.Millisecond)
+	synctest.Wait()
+	if got := testutil.ToFloat64(h.m.QueueAccounts); got != float64(n) {
+		t.Fatalf("queue holds %v accounts, want %d", got, n)
 	}
 }
 
-// waitWaiters waits until account's pending entry has n waiters (a Load
-// that joins an account already queued changes no gauge).
+// waitWaiters waits until every other goroutine in the bubble is blocked and
+// checks that account's pending entry has n waiters then (a Load that joins
+// an account already queued changes no gauge).
 func (h *harness) waitWaiters(t *testing.T, account string, n int) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	synctest.Wait()
 		h.b.mu.Lock()
-		e := h.b.pending[account]
 		got := 0
-		if e != nil {
+	if e := h.b.pending[account]; e != nil {
 			got = len(e.waiters)
 		}
 		h.b.mu.Unlock()
-		if got == n {
-			return
-		}
-		if time.Now().After(deadline) {
+	if got != n {
 			t.Fatalf("%s has %d waiters, want %d", account, got, n)
 		}
-		time.Sleep(time.Millisecond)
-	}
 }
 
 type loaded struct {
@@ -193,6 +192,7 @@ func value(r Result, tag string) string {
 // and checks that they leave as 100 + 100 + 50, each caller answered with
 // its own account.
 func TestFillsWhileWaitingForToken(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	g := newGate()
 	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }}, Limiter: g})
 	var chans []chan loaded
@@ -218,11 +218,13 @@ func TestFillsWhileWaitingForToken(t *testing.T) {
 	if !slices.Equal(sizes, []int{50, 100, 100}) {
 		t.Fatalf("call sizes %v, want [100 100 50]", sizes)
 	}
+	})
 }
 
 // TestTagUnion checks that one account asked for different tags takes one
 // slot, and the call fetches the union plus the default tags.
 func TestTagUnion(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	g := newGate()
 	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: g, DefaultTags: []string{"Tag_Profile_IM_Level"}})
@@ -230,7 +232,7 @@ func TestTagUnion(t *testing.T) {
 	b := loadAsync(h.b, context.Background(), "u1", "Tag_Profile_IM_Gender", "Tag_Profile_IM_Nick")
 	c := loadAsync(h.b, context.Background(), "u2", "Tag_Profile_Custom_Test")
 	h.waitQueued(t, 2)
-	time.Sleep(5 * time.Millisecond) // both u1 callers are queued once the gauge says 2; give the second Load its turn
+		h.waitWaiters(t, "u1", 2)
 	g.ch <- struct{}{}
 	for _, ch := range []chan loaded{a, b, c} {
 		if l := <-ch; l.err != nil {
@@ -246,9 +248,11 @@ func TestTagUnion(t *testing.T) {
 	if calls[0].TagList[0] != "Tag_Profile_IM_Level" || !slices.Equal(got, want) {
 		t.Fatalf("TagList %v, want %v", calls[0].TagList, want)
 	}
+	})
 }
 
 func TestWholeCallNotFoundIsolated(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	up := &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) {
 		if slices.Contains(r.ToAccount, "bad") {
 			return &im.GetResponse{ActionStatus: "FAIL", ErrorCode: 40003},
@@ -296,9 +300,11 @@ func TestWholeCallNotFoundIsolated(t *testing.T) {
 	if n := len(up.Calls()); n > 1+2*7 {
 		t.Fatalf("isolation took %d calls", n)
 	}
+	})
 }
 
 func TestThrottledRetried(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	up := &fakeUpstream{fn: func(n int, r im.GetRequest) (*im.GetResponse, error) {
 		switch n {
 		case 1:
@@ -327,6 +333,7 @@ func TestThrottledRetried(t *testing.T) {
 	if got := testutil.ToFloat64(h.m.UpstreamRetries.WithLabelValues("throttled")); got != 2 {
 		t.Fatalf("throttled retries %v", got)
 	}
+	})
 }
 
 // cutGate is a gate whose rate is cut to f.
@@ -341,6 +348,7 @@ func (c cutGate) Factor() float64 { return c.f }
 // includes the pause asked of the limiter (a minute after 70050) and the
 // cut rate, so lookups that cannot be served in time are answered at once.
 func TestAdmitCountsCutAndPause(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	up := &fakeUpstream{fn: func(n int, r im.GetRequest) (*im.GetResponse, error) {
 		if n == 1 {
 			return nil, &upstream.Error{Kind: im.KindThrottled, Code: 70050}
@@ -382,9 +390,11 @@ func TestAdmitCountsCutAndPause(t *testing.T) {
 	for range 4 {
 		g2.ch <- struct{}{}
 	}
+	})
 }
 
 func TestTransientRetriesBounded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	up := &fakeUpstream{fn: func(int, im.GetRequest) (*im.GetResponse, error) {
 		return nil, &upstream.Error{Kind: im.KindHTTP, Status: 502}
 	}}
@@ -397,9 +407,11 @@ func TestTransientRetriesBounded(t *testing.T) {
 	if n := len(up.Calls()); n != 3 {
 		t.Fatalf("%d calls, want 3", n)
 	}
+	})
 }
 
 func TestAuthErrorNotRetried(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	up := &fakeUpstream{fn: func(int, im.GetRequest) (*im.GetResponse, error) {
 		return nil, &upstream.Error{Kind: im.KindAuth, Code: 70009}
 	}}
@@ -410,9 +422,11 @@ func TestAuthErrorNotRetried(t *testing.T) {
 	if n := len(up.Calls()); n != 1 {
 		t.Fatalf("%d calls", n)
 	}
+	})
 }
 
 func TestPerItemTransientRetried(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	up := &fakeUpstream{fn: func(n int, r im.GetRequest) (*im.GetResponse, error) {
 		resp := found(r)
 		for i := range resp.UserProfileItem {
@@ -447,11 +461,13 @@ func TestPerItemTransientRetried(t *testing.T) {
 	if len(calls) != 2 || !slices.Equal(calls[1].ToAccount, []string{"flaky"}) {
 		t.Fatalf("calls %+v", calls)
 	}
+	})
 }
 
 // TestCancellation: one caller leaving does not cancel a shared slot; an
 // account whose every caller left is not sent.
 func TestCancellation(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	g := newGate()
 	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }}, Limiter: g})
 	ctx1, cancel1 := context.WithCancel(context.Background())
@@ -460,7 +476,7 @@ func TestCancellation(t *testing.T) {
 	stayer := loadAsync(h.b, context.Background(), "shared", "Tag_Profile_IM_Nick")
 	gone := loadAsync(h.b, ctx2, "gone", "Tag_Profile_IM_Nick")
 	h.waitQueued(t, 2)
-	time.Sleep(5 * time.Millisecond)
+		h.waitWaiters(t, "shared", 2)
 	cancel1()
 	cancel2()
 	if l := <-leaver; !errors.Is(l.err, context.Canceled) {
@@ -477,11 +493,13 @@ func TestCancellation(t *testing.T) {
 	if len(calls) != 1 || !slices.Equal(calls[0].ToAccount, []string{"shared"}) {
 		t.Fatalf("calls %+v: the abandoned account was sent", calls)
 	}
+	})
 }
 
 // TestShutdownFlushes stops Run with lookups queued: they are still sent
 // (under the limiter) and answered; later loads fail with ErrClosed.
 func TestShutdownFlushes(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	g := newGate()
 	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }}, Limiter: g})
 	var chans []chan loaded
@@ -502,11 +520,13 @@ func TestShutdownFlushes(t *testing.T) {
 	if _, err := h.b.Load(context.Background(), "late", nil); !errors.Is(err, ErrClosed) {
 		t.Fatalf("Load after shutdown: %v", err)
 	}
+	})
 }
 
 // TestShutdownDrainTimeout: when no token comes, queued lookups are failed
 // with ErrClosed after DrainTimeout, not left hanging.
 func TestShutdownDrainTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	g := newGate()
 	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: g, DrainTimeout: 50 * time.Millisecond})
@@ -516,6 +536,7 @@ func TestShutdownDrainTimeout(t *testing.T) {
 	if l := <-ch; !errors.Is(l.err, ErrClosed) {
 		t.Fatalf("err = %v", l.err)
 	}
+	})
 }
 
 func TestNewValidates(t *testing.T) {

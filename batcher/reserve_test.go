@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/im"
@@ -17,6 +18,7 @@ import (
 // requests) are admitted whole, the rest refused whole, though nothing is
 // queued yet when they arrive; MaxQueue counts reserved places too.
 func TestReserveAdmitsRequestsWhole(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 	g := newGate()
 	h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 		Limiter: rated{g, 10}, MaxQueue: 1000})
@@ -87,4 +89,5 @@ func TestReserveAdmitsRequestsWhole(t *testing.T) {
 			t.Fatal(l.err)
 		}
 	}
+	})
 }

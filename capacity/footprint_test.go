@@ -2,6 +2,7 @@ package capacity
 
 import (
 	"context"
+	"fmt"
 	"runtime"
 	"strconv"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 )
 
 // footprintTags are added one by one: the emulator's values for them are
@@ -119,18 +121,13 @@ func redisFootprint(b *testing.B, srv *redistest.Server, c *cache.Cache, n int, 
 	for i, rec := range recs {
 		r.Put(ctx, []string{imsim.AccountName(i)}, []*cache.Record{rec})
 	}
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+	wait.For(b, 30*time.Second, fmt.Sprintf("DBSIZE %d", n), func() bool {
 		got, err := srv.Do("DBSIZE")
 		if err != nil {
 			b.Fatal(err)
 		}
-		if got == strconv.Itoa(n) {
-			break
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("DBSIZE %s, want %d", got, n)
-		}
-	}
+		return got == strconv.Itoa(n)
+	})
 	used = (usedMemory() - base) / float64(n)
 	const sample = 500
 	for i := range sample {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
@@ -43,7 +44,7 @@ func code(m map[string]any) int { v, _ := m["ErrorCode"].(float64); return int(v
 // real answers' shapes; each checks the caller's own UserSig and admin
 // rights first, and is recorded.
 func TestAccountCalls(t *testing.T) {
-	sim, srv := start(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	c := client(t, sim, srv.URL)
 	admin := sim.Identifier()
 	must := func(path, body string) map[string]any {
@@ -108,7 +109,7 @@ func TestAccountCalls(t *testing.T) {
 // Other APIs get a generic OK, within a quota of their own each; Drop
 // closes the connection without an answer.
 func TestOtherAPIs(t *testing.T) {
-	sim, srv := start(t, imsim.Config{Behaviour: imsim.Behaviour{APIQuota: 2}})
+	sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{APIQuota: 2}})
 	for i, want := range []int{0, 0, im.CodeFreqLimit} {
 		out, err := callOther(t, srv.URL, sim, "/v4/openim/sendmsg", sim.Identifier(), sim.Key(), `{}`)
 		if err != nil || code(out) != want {

@@ -15,6 +15,8 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
@@ -42,7 +44,7 @@ func TestChangeCallbacks(t *testing.T) {
 		w.Write([]byte(`{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}`))
 	}))
 	defer recv.Close()
-	sim, srv := start(t, imsim.Config{Callback: imsim.Callback{URL: recv.URL + "/cb", Token: "tok", Duplicate: 1}})
+	sim, srv := simtest.Start(t, imsim.Config{Callback: imsim.Callback{URL: recv.URL + "/cb", Token: "tok", Duplicate: 1}})
 	defer sim.Close()
 	c := client(t, sim, srv.URL)
 	if err := c.PortraitSet(context.Background(), im.SetRequest{FromAccount: "user1",
@@ -55,13 +57,7 @@ func TestChangeCallbacks(t *testing.T) {
 	if err := sim.ClientSet("nobody", nil); err == nil {
 		t.Fatal("ClientSet on a missing account accepted")
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for sim.Stats().CallbacksSent < 4 {
-		if time.Now().After(deadline) {
-			t.Fatalf("stats %+v", sim.Stats())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	wait.For(t, 5*time.Second, "4 callbacks sent", func() bool { return sim.Stats().CallbacksSent >= 4 })
 	mu.Lock()
 	defer mu.Unlock()
 	if len(got) != 4 {
@@ -100,7 +96,7 @@ func TestChangeCallbacks(t *testing.T) {
 
 // TestSetQuota: portrait_set has its own sliding-second quota.
 func TestSetQuota(t *testing.T) {
-	sim, srv := start(t, imsim.Config{Behaviour: imsim.Behaviour{SetQuota: 5}})
+	sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{SetQuota: 5}})
 	c := client(t, sim, srv.URL)
 	throttled := 0
 	for range 8 {

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
@@ -16,21 +15,14 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
-func start(t *testing.T, cfg imsim.Config) (*imsim.Server, *httptest.Server) {
-	t.Helper()
-	sim := imsim.New(cfg)
-	srv := httptest.NewServer(sim)
-	t.Cleanup(srv.Close)
-	return sim, srv
-}
-
 func client(t *testing.T, sim *imsim.Server, base string) *upstream.Client {
 	t.Helper()
-	c, err := upstream.New(upstream.Config{BaseURL: base, Signer: usersig.NewSigner(sim.Key(), sim.SDKAppID(), sim.Identifier(), time.Hour, nil)})
+	c, err := upstream.New(upstream.Config{BaseURL: base, Signer: simtest.Signer(sim, sim.Key())})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +39,7 @@ func get(c *upstream.Client, accounts ...string) (*im.GetResponse, error) {
 // had room.
 func TestSlidingWindowIsExact(t *testing.T) {
 	const quota = 20
-	sim, srv := start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota, ThrottleCode: 60018}})
+	sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota, ThrottleCode: 60018}})
 	c := client(t, sim, srv.URL)
 	deadline := time.Now().Add(1500 * time.Millisecond)
 	var wg sync.WaitGroup
@@ -67,7 +59,7 @@ func TestSlidingWindowIsExact(t *testing.T) {
 				mu.Lock()
 				codes[code]++
 				mu.Unlock()
-				time.Sleep(2 * time.Millisecond)
+				time.Sleep(2 * time.Millisecond) // each caller's pace over real HTTP
 			}
 		})
 	}
@@ -116,7 +108,7 @@ func rawCall(t *testing.T, base string, query url.Values, body string) im.GetRes
 }
 
 func TestQueryAndSigChecks(t *testing.T) {
-	sim, srv := start(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	good := func() url.Values {
 		return url.Values{"sdkappid": {"1400000000"}, "identifier": {"administrator"}, "random": {"7"}, "contenttype": {"json"},
 			"usersig": {usersig.Sign(sim.Key(), sim.SDKAppID(), "administrator", time.Now(), time.Hour)}}
@@ -176,7 +168,7 @@ func TestUnsetTagBehaviours(t *testing.T) {
 			sparse = imsim.AccountName(i)
 		}
 	}
-	sim, srv := start(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	c := client(t, sim, srv.URL)
 	resp, err := get(c, sparse)
 	if err != nil {
@@ -196,7 +188,7 @@ func TestUnsetTagBehaviours(t *testing.T) {
 }
 
 func TestFaults(t *testing.T) {
-	sim, srv := start(t, imsim.Config{Faults: imsim.Faults{Latency: 30 * time.Millisecond}})
+	sim, srv := simtest.Start(t, imsim.Config{Faults: imsim.Faults{Latency: 30 * time.Millisecond}})
 	c := client(t, sim, srv.URL)
 	begin := time.Now()
 	if _, err := get(c, "user1"); err != nil {
@@ -215,7 +207,7 @@ func TestFaults(t *testing.T) {
 }
 
 func TestAdminEndpoints(t *testing.T) {
-	sim, srv := start(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	c := client(t, sim, srv.URL)
 	if _, err := get(c, "user1", "user2", "user1"); err != nil {
 		t.Fatal(err)
@@ -257,7 +249,7 @@ func TestAdminEndpoints(t *testing.T) {
 // TestTagListLimitAndRepeats: the emulator refuses a TagList longer than
 // im.MaxTagsPerCall with 40001 and answers a repeated tag once.
 func TestTagListLimitAndRepeats(t *testing.T) {
-	sim, srv := start(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	c := client(t, sim, srv.URL)
 	long := make([]string, im.MaxTagsPerCall+1)
 	for i := range long {
@@ -283,7 +275,7 @@ func TestTagListLimitAndRepeats(t *testing.T) {
 // whole call (40001) naming the account; accounts without standard or custom
 // data fail only their item, by the class of tags asked (40807 / 40809).
 func TestRefusalsAndNoData(t *testing.T) {
-	sim, srv := start(t, imsim.Config{Behaviour: imsim.Behaviour{
+	sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{
 		CustomTags:     []string{"Tag_Profile_Custom_Test", "Tag_Profile_Custom_Secret"},
 		UnreadableTags: []string{"Tag_Profile_Custom_Secret"},
 		NoStandardData: []string{"nostd"}, NoCustomData: []string{"nocustom"},

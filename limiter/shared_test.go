@@ -12,6 +12,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 )
 
 // drive runs callers goroutines acquiring from lims in turn for d; each
@@ -135,7 +136,15 @@ func TestSharedFallbackAndRecovery(t *testing.T) {
 		t.Fatalf("only %d calls in 3s on the fallback", len(at))
 	}
 	srv.Restart()
-	time.Sleep(1100 * time.Millisecond) // the fallback retries Redis after a second
+	// Each replica tries Redis again once its second on the fallback is over.
+	wait.For(t, 5*time.Second, "every replica's second on the fallback over", func() bool {
+		for _, l := range lims {
+			if l.(*Shared).offline() {
+				return false
+			}
+		}
+		return true
+	})
 	at = drive(t, lims, 12, 5*time.Millisecond, 2*time.Second)
 	if recoveries.Load() != 3 {
 		t.Fatalf("%d replicas came back, want 3", recoveries.Load())

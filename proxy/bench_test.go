@@ -12,6 +12,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
@@ -19,9 +20,7 @@ import (
 // BenchmarkHitPath measures one single-account lookup answered from the
 // in-process tier, handler included, without the network.
 func BenchmarkHitPath(b *testing.B) {
-	sim := imsim.New(imsim.Config{})
-	srv := httptest.NewServer(sim)
-	defer srv.Close()
+	sim, srv := simtest.Start(b, imsim.Config{})
 	p, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", AdminListen: "-", Upstream: srv.URL, SDKAppID: sim.SDKAppID(),
 		SecretKey: sim.Key(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
@@ -67,9 +66,7 @@ func runProxy(b *testing.B, p *proxy.Proxy) func() {
 // caller side in-process) to an emulator over loopback HTTP: the proxy's
 // own work per forwarded call plus one upstream round trip.
 func BenchmarkForward(b *testing.B) {
-	sim := imsim.New(imsim.Config{Behaviour: imsim.Behaviour{APIQuota: -1}})
-	srv := httptest.NewServer(sim)
-	defer srv.Close()
+	sim, srv := simtest.Start(b, imsim.Config{Behaviour: imsim.Behaviour{APIQuota: -1}})
 	p, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", AdminListen: "-", Upstream: srv.URL, SDKAppID: sim.SDKAppID(),
 		SecretKey: sim.Key(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
 
@@ -30,7 +31,7 @@ func TestUpstreamFaultsUnderLoad(t *testing.T) {
 		}, map[int]bool{70169: true, 60007: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			sim, srv := startSim(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota}})
+			sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota}})
 			const timeout = 1500 * time.Millisecond
 			r := startProxy(t, sim, srv.URL, proxy.Config{Rate: quota, RequestTimeout: timeout, UpstreamTimeout: 500 * time.Millisecond})
 			warm := accounts(0, 300)

@@ -16,6 +16,8 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
@@ -43,8 +45,10 @@ func TestCanceledNonAdminAccountCallKeepsCache(t *testing.T) {
 		t.Fatal(err)
 	}
 	fmt.Fprintf(c, "POST /v4/im_open_login_svc/account_delete?%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", q, len(body), body)
-	time.Sleep(50 * time.Millisecond)
+	wait.For(t, 5*time.Second, "the account_delete to reach the upstream", func() bool { return r.sim.Stats().Other != 0 })
 	c.Close() // hang up before the (refusing) answer
+	// Room for the answer (300 ms away) and for a wrong drop after it:
+	// nothing signals a drop that does not happen.
 	time.Sleep(600 * time.Millisecond)
 	r.sim.SetFaults(imsim.Faults{})
 	for _, s := range r.sim.Seen() {
@@ -64,7 +68,7 @@ func TestCanceledNonAdminAccountCallKeepsCache(t *testing.T) {
 // that asks for gzip still gets a known outcome (the deleted account is
 // "not found" from the cache at once, with no fetch) and a readable answer.
 func TestAccountCallReadWhenCallerAcceptsGzip(t *testing.T) {
-	sim, _ := startSim(t, imsim.Config{})
+	sim, _ := simtest.Start(t, imsim.Config{})
 	var asked atomic.Value
 	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rec := httptest.NewRecorder()

@@ -13,6 +13,8 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
@@ -27,7 +29,7 @@ func TestStalledForwardBodiesHeapBounded(t *testing.T) {
 	// The upstream here reads bodies without keeping them (the emulator,
 	// in this process too, keeps what it sees): the heap measured is the
 	// proxy's.
-	sim, _ := startSim(t, imsim.Config{})
+	sim, _ := simtest.Start(t, imsim.Config{})
 	sink := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		w.Write([]byte(`{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}`))
@@ -49,7 +51,7 @@ func TestStalledForwardBodiesHeapBounded(t *testing.T) {
 		defer c.Close()
 		fmt.Fprintf(c, "POST /v4/openim/sendmsg?%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s", q, 1<<20, chunk)
 	}
-	time.Sleep(2 * time.Second)
+	time.Sleep(2 * time.Second) // room for the proxy to buffer what it would: the heap is measured after
 	runtime.GC()
 	runtime.ReadMemStats(&ms)
 	delta := int64(ms.HeapInuse) - int64(before)
@@ -94,7 +96,7 @@ func TestForwardBodyLimitWhenStreamed(t *testing.T) {
 // A caller that leaves mid-answer is still counted (the reverse proxy
 // aborts the handler with a panic there).
 func TestForwardCountedWhenCallerLeavesMidAnswer(t *testing.T) {
-	sim, _ := startSim(t, imsim.Config{})
+	sim, _ := simtest.Start(t, imsim.Config{})
 	sent := make(chan struct{}, 1)
 	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte(`{"ActionStatus":"OK",`))
@@ -111,12 +113,7 @@ func TestForwardCountedWhenCallerLeavesMidAnswer(t *testing.T) {
 	fmt.Fprintf(c, "POST /v4/openim/sendmsg?%s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", callerQuery(r.sim, "user1", r.sim.Key()))
 	<-sent
 	c.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for forwarded(r, "openim", metrics.ForwardCanceled) != 1 {
-		if time.Now().After(deadline) {
-			t.Fatalf("a call whose caller left mid-answer was not counted: ok %v, canceled %v",
-				forwarded(r, "openim", metrics.ForwardOK), forwarded(r, "openim", metrics.ForwardCanceled))
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	wait.For(t, 10*time.Second, "the call whose caller left mid-answer to be counted as canceled", func() bool {
+		return forwarded(r, "openim", metrics.ForwardCanceled) == 1
+	})
 }

@@ -19,6 +19,8 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
@@ -223,7 +225,7 @@ func TestForwardOff(t *testing.T) {
 // a clear ErrorInfo) and counted; the call is not retried.
 func TestForwardUpstreamDown(t *testing.T) {
 	t.Run("refused", func(t *testing.T) {
-		sim, srv := startSim(t, imsim.Config{})
+		sim, srv := simtest.Start(t, imsim.Config{})
 		r := startProxy(t, sim, srv.URL, proxy.Config{})
 		srv.Close()
 		status, raw := r.call(t, http.MethodPost, "/v4/openim/sendmsg", callerQuery(sim, sim.Identifier(), sim.Key()), "application/json", []byte(`{}`))
@@ -340,20 +342,23 @@ func forwardAccount(t *testing.T, r *rig, path, body string) []byte {
 	return raw
 }
 
-// waitResult looks account up through r until its ResultCode is want.
+// waitResult looks account up through r until its ResultCode is want, at
+// most 2 s from from, and returns the item and how long after from it came
+// (as fine as wait.For's polls: the propagation itself is measured in make
+// bench).
 func waitResult(t *testing.T, r *rig, account string, want int, from time.Time) (im.UserProfile, time.Duration) {
 	t.Helper()
-	deadline := from.Add(2 * time.Second)
-	for {
+	var it im.UserProfile
+	var d time.Duration
+	wait.For(t, time.Until(from.Add(2*time.Second)), fmt.Sprintf("%s to answer ResultCode %d for %s", r.p.Addr(), want, account), func() bool {
 		out := r.get(t, []string{account}, nickTag)
-		if out.ErrorCode == 0 && out.UserProfileItem[0].ResultCode == want {
-			return out.UserProfileItem[0], time.Since(from)
+		if out.ErrorCode != 0 || out.UserProfileItem[0].ResultCode != want {
+			return false
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %s answers %+v, want ResultCode %d", r.p.Addr(), account, out, want)
-		}
-		time.Sleep(200 * time.Microsecond)
-	}
+		it, d = out.UserProfileItem[0], time.Since(from)
+		return true
+	})
+	return it, d
 }
 
 // An account looked up (and remembered as not found) on three replicas,
@@ -363,7 +368,7 @@ func waitResult(t *testing.T, r *rig, account string, want int, from time.Time) 
 func TestImportedFoundOnAllReplicas(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
-			sim, srv := startSim(t, imsim.Config{})
+			sim, srv := simtest.Start(t, imsim.Config{})
 			rigs := threeReplicas(t, setup(t), sim, srv.URL, proxy.Config{NegativeTTL: time.Hour})
 			for _, r := range rigs {
 				for _, a := range []string{"newbie", "multi1", "multi2"} {
@@ -400,7 +405,7 @@ func TestImportedFoundOnAllReplicas(t *testing.T) {
 func TestDeletedNotFoundOnAllReplicas(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
-			sim, srv := startSim(t, imsim.Config{})
+			sim, srv := simtest.Start(t, imsim.Config{})
 			rigs := threeReplicas(t, setup(t), sim, srv.URL, proxy.Config{})
 			for _, r := range rigs {
 				checkItem(t, r.get(t, []string{"user5"}, nickTag).UserProfileItem[0], "user5", nickTag)
@@ -433,7 +438,7 @@ func TestDeletedNotFoundOnAllReplicas(t *testing.T) {
 // asks the upstream, whatever it did.
 func TestDeleteUnknownOutcomeDropsProfiles(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{})
 	for _, r := range rigs {
 		r.get(t, []string{"user6"}, nickTag)
@@ -452,17 +457,11 @@ func TestDeleteUnknownOutcomeDropsProfiles(t *testing.T) {
 	deadline := time.Now().Add(2 * time.Second)
 	for _, r := range rigs {
 		misses := r.p.Metrics().CacheLookups.WithLabelValues("local", "miss")
-		for {
+		wait.For(t, time.Until(deadline), r.p.Addr()+" to stop serving a profile it cannot know is there", func() bool {
 			m := testutil.ToFloat64(misses)
 			checkItem(t, r.get(t, []string{"user6"}, nickTag).UserProfileItem[0], "user6", nickTag)
-			if testutil.ToFloat64(misses) > m {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s still serves a profile it cannot know is there", r.p.Addr())
-			}
-			time.Sleep(time.Millisecond)
-		}
+			return testutil.ToFloat64(misses) > m
+		})
 	}
 	// The first replica fetched it; the others read that fetch from Redis
 	// or, when its write-back had not landed yet, fetched it themselves.
@@ -491,13 +490,7 @@ func TestShutdownWithForwardedCallInFlight(t *testing.T) {
 		resp.Body.Close()
 		got <- result{resp.StatusCode, raw}
 	}()
-	deadline := time.Now().Add(5 * time.Second)
-	for r.sim.Stats().Other == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the call never reached the upstream")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	wait.For(t, 5*time.Second, "the call to reach the upstream", func() bool { return r.sim.Stats().Other > 0 })
 	if err := r.stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -511,9 +504,7 @@ func TestShutdownWithForwardedCallInFlight(t *testing.T) {
 // per cause), and neither the caller's UserSig nor the query is in the
 // line.
 func TestForwardFailuresLoggedWithoutSecrets(t *testing.T) {
-	sim := imsim.New(imsim.Config{Key: "s3cr3t-app-key-0123456789abcdef", Faults: imsim.Faults{Drop: 1}})
-	srv := httptest.NewServer(sim)
-	defer srv.Close()
+	sim, srv := simtest.Start(t, imsim.Config{Key: "s3cr3t-app-key-0123456789abcdef", Faults: imsim.Faults{Drop: 1}})
 	logs := &syncBuffer{}
 	p, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", AdminListen: "-", Upstream: srv.URL, SDKAppID: sim.SDKAppID(), SecretKey: sim.Key(),
 		Logger: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})

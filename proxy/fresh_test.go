@@ -13,6 +13,8 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
@@ -55,22 +57,19 @@ func nickOn(t *testing.T, r *rig, account string) string {
 	return s
 }
 
-// waitNick reads through r until it serves want, and returns how long that
-// took. Bound is generous: it only catches a change that never arrives;
-// the figure itself is logged and measured in make bench.
+// waitNick reads through r until it serves want, and returns how long
+// after from that was (as fine as wait.For's polls). Bound is generous: it
+// only catches a change that never arrives; the figure itself is logged
+// and measured in make bench.
 func waitNick(t *testing.T, r *rig, account, want string, from time.Time) time.Duration {
 	t.Helper()
-	deadline := from.Add(2 * time.Second)
-	for {
-		got := nickOn(t, r, account)
-		if got == want {
-			return time.Since(from)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s still serves %q for %s, want %q", r.p.Addr(), got, account, want)
-		}
-		time.Sleep(200 * time.Microsecond)
-	}
+	var d time.Duration
+	wait.For(t, time.Until(from.Add(2*time.Second)), fmt.Sprintf("%s to serve %q for %s", r.p.Addr(), want, account), func() bool {
+		ok := nickOn(t, r, account) == want
+		d = time.Since(from)
+		return ok
+	})
+	return d
 }
 
 func threeReplicas(t *testing.T, rs redisSetup, sim *imsim.Server, simURL string, cfg proxy.Config) []*rig {
@@ -95,7 +94,7 @@ func seededNick(account string) string {
 func TestSetThroughOneReplicaSeenByAll(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
-			sim, srv := startSim(t, imsim.Config{})
+			sim, srv := simtest.Start(t, imsim.Config{})
 			rigs := threeReplicas(t, setup(t), sim, srv.URL, proxy.Config{})
 			const acc = "user7"
 			for _, r := range rigs {
@@ -122,10 +121,8 @@ func TestSetThroughOneReplicaSeenByAll(t *testing.T) {
 				t.Fatalf("the upstream holds %s", v)
 			}
 			applied := rigs[1].p.Metrics().Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied)
-			deadline := time.Now().Add(5 * time.Second)
-			for testutil.ToFloat64(applied) == 0 && time.Now().Before(deadline) { // counted just after it is applied
-				time.Sleep(time.Millisecond)
-			}
+			// counted just after it is applied
+			wait.For(t, 5*time.Second, "B to count the feed change", func() bool { return testutil.ToFloat64(applied) != 0 })
 			if n := testutil.ToFloat64(applied); n != 1 {
 				t.Fatalf("B applied %v feed changes", n)
 			}
@@ -137,7 +134,7 @@ func TestSetThroughOneReplicaSeenByAll(t *testing.T) {
 // as the upstream's callback, here delivered (signed) to replica C: A and B
 // serve it too.
 func TestCallbackToOneReplicaUpdatesAll(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	t.Cleanup(sim.Close)
 	rigs := threeReplicas(t, singleRedis(t), sim, srv.URL, proxy.Config{CallbackToken: "cb-token"})
 	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback", Token: "cb-token"})
@@ -156,13 +153,10 @@ func TestCallbackToOneReplicaUpdatesAll(t *testing.T) {
 	// The other replicas can serve the change before C has answered the
 	// callback (the feed is sent first): wait for the emulator to have C's
 	// answer, which C gives after counting the callback.
-	deadline := time.Now().Add(5 * time.Second)
-	for sim.Stats().CallbacksSent+sim.Stats().CallbackErrors == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the emulator never got C's answer")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	wait.For(t, 5*time.Second, "the emulator to get C's answer", func() bool {
+		st := sim.Stats()
+		return st.CallbacksSent+st.CallbackErrors != 0
+	})
 	if st := sim.Stats(); st.CallbacksSent != 1 || st.CallbackErrors != 0 {
 		t.Fatalf("emulator: %d callbacks sent, %d failed", st.CallbacksSent, st.CallbackErrors)
 	}
@@ -172,13 +166,7 @@ func TestCallbackToOneReplicaUpdatesAll(t *testing.T) {
 	// A callback with a wrong signature changes nothing.
 	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback", Token: "wrong"})
 	sim.ClientSet(acc, []im.ProfileItem{nickItem("forged")})
-	deadline = time.Now().Add(5 * time.Second)
-	for sim.Stats().CallbackErrors == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the badly signed callback was not refused")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	wait.For(t, 5*time.Second, "the badly signed callback to be refused", func() bool { return sim.Stats().CallbackErrors != 0 })
 	for _, r := range rigs {
 		if got := nickOn(t, r, acc); got != "from a client" {
 			t.Fatalf("a badly signed callback changed the value to %q", got)
@@ -189,7 +177,7 @@ func TestCallbackToOneReplicaUpdatesAll(t *testing.T) {
 // Callbacks delivered late, twice and out of order leave every replica
 // (and the shared tier a new replica reads) with the newest value.
 func TestCallbacksDuplicatedAndReordered(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	t.Cleanup(sim.Close)
 	rs := singleRedis(t)
 	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{CallbackToken: "tok"})
@@ -204,20 +192,14 @@ func TestCallbacksDuplicatedAndReordered(t *testing.T) {
 		if err := sim.ClientSet(acc, []im.ProfileItem{nickItem(last)}); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Millisecond)
+		time.Sleep(time.Millisecond) // a millisecond apart: EventTimes stay on the emulator's clock instead of running ahead of it
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for sim.Stats().CallbacksSent < 2*changes {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d of %d callbacks delivered", sim.Stats().CallbacksSent, 2*changes)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-	time.Sleep(50 * time.Millisecond) // the feed is sub-millisecond; give it room
+	wait.For(t, 5*time.Second, fmt.Sprintf("%d callbacks delivered", 2*changes), func() bool { return sim.Stats().CallbacksSent >= 2*changes })
+	// The feed reaches A and B just after C has answered the last callback.
+	delivered := time.Now()
 	for i, r := range rigs {
-		if got := nickOn(t, r, acc); got != last {
-			t.Fatalf("replica %c serves %q, want %q", 'A'+i, got, last)
-		}
+		d := waitNick(t, r, acc, last, delivered)
+		t.Logf("replica %c served the newest value %v after the last callback was delivered", 'A'+i, d)
 	}
 	fresh := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
 	if got := nickOn(t, fresh, acc); got != last {
@@ -238,7 +220,7 @@ func TestCallbacksDuplicatedAndReordered(t *testing.T) {
 // replica refetches and serves the upstream's value, and a forged callback
 // (right SdkAppid, made-up value) never gets its value served.
 func TestUnsignedCallbackInvalidates(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	t.Cleanup(sim.Close)
 	rigs := threeReplicas(t, singleRedis(t), sim, srv.URL, proxy.Config{CallbackUnsigned: true})
 	sim.SetCallback(imsim.Callback{URL: "http://" + rigs[2].p.Addr() + "/im/callback"})
@@ -272,7 +254,7 @@ func TestUnsignedCallbackInvalidates(t *testing.T) {
 // the change reached the cache, does not overwrite it: not in the replica
 // that fetched, not in the others, not in Redis.
 func TestInFlightFetchLosesToChange(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{Faults: imsim.Faults{Latency: 300 * time.Millisecond}})
+	sim, srv := simtest.Start(t, imsim.Config{Faults: imsim.Faults{Latency: 300 * time.Millisecond}})
 	rs := singleRedis(t)
 	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{})
 	const acc = "user11"
@@ -287,13 +269,8 @@ func TestInFlightFetchLosesToChange(t *testing.T) {
 		json.Unmarshal(out.UserProfileItem[0].ProfileItem[0].Value, &s)
 		got <- s
 	}()
-	deadline := time.Now().Add(5 * time.Second)
-	for sim.Stats().Served == 0 { // the fetch has read the old value; its answer is 300 ms away
-		if time.Now().After(deadline) {
-			t.Fatal("the fetch never reached the emulator")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	// Served: the fetch has read the old value; its answer is 300 ms away.
+	wait.For(t, 5*time.Second, "the fetch to reach the emulator", func() bool { return sim.Stats().Served != 0 })
 	if e := rigs[1].set(t, acc, nickItem("changed mid-fetch")); e.ErrorCode != 0 {
 		t.Fatalf("portrait_set: %+v", e)
 	}
@@ -373,7 +350,7 @@ func TestSetErrors(t *testing.T) {
 // refreshed; the refresh reads the old value, a portrait_set lands while
 // it is in flight, and the refresh's late answer does not undo the set.
 func TestRefreshLosesToChange(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	rs := singleRedis(t)
 	rigs := threeReplicas(t, rs, sim, srv.URL, proxy.Config{TTL: 50 * time.Millisecond})
 	const acc = "user12"
@@ -384,13 +361,8 @@ func TestRefreshLosesToChange(t *testing.T) {
 	if got := nickOn(t, rigs[0], acc); got != seededNick(acc) {
 		t.Fatalf("stale read %q", got)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for sim.Stats().Served == served { // the refresh has read the old value
-		if time.Now().After(deadline) {
-			t.Fatal("no refresh reached the emulator")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	// Served: the refresh has read the old value.
+	wait.For(t, 5*time.Second, "the refresh to reach the emulator", func() bool { return sim.Stats().Served != served })
 	if e := rigs[1].set(t, acc, nickItem("changed mid-refresh")); e.ErrorCode != 0 {
 		t.Fatalf("portrait_set: %+v", e)
 	}

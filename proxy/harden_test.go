@@ -16,13 +16,14 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
 
 // Without -callback-token the receiver is not there unless
 // -callback-unsigned asks for it: a forged callback reaches nothing.
 func TestCallbackReceiverOffWithoutToken(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	post := func(r *rig) int {
 		body := `{"CallbackCommand":"Profile.CallbackPortraitSet","From_Account":"user1","EventTime":` +
 			fmt.Sprint(time.Now().UnixMilli()) + `,"ProfileItem":[{"Tag":"Tag_Profile_Custom_Aa","Value":"x"}]}`
@@ -48,7 +49,7 @@ func TestCallbackReceiverOffWithoutToken(t *testing.T) {
 func TestRedisACLUserDocumented(t *testing.T) {
 	srv := redistest.Start(t, "--requirepass", "admin-pw", "--user", "proxy", "on", ">pw", "~pp:*", "~{pp:*", "&pp:*",
 		"+@read", "+@write", "+@scripting", "+@pubsub", "+@connection", "+@keyspace", "+time")
-	sim, simSrv := startSim(t, imsim.Config{})
+	sim, simSrv := simtest.Start(t, imsim.Config{})
 	t.Cleanup(sim.Close)
 	cfg := proxy.Config{Redis: "redis://proxy@" + srv.Addr() + "/0", RedisPassword: "pw", CrossReplica: true, CallbackToken: "tok"}
 	a, b := startProxy(t, sim, simSrv.URL, cfg), startProxy(t, sim, simSrv.URL, cfg)
@@ -78,7 +79,7 @@ func TestRedisACLUserDocumented(t *testing.T) {
 // The -auth none warning says what is open: reads always, writes only with
 // -auth-none-writes.
 func TestAuthNoneWarningSaysWhatIsOpen(t *testing.T) {
-	sim, simSrv := startSim(t, imsim.Config{})
+	sim, simSrv := simtest.Start(t, imsim.Config{})
 	for _, writes := range []bool{false, true} {
 		logs := &syncBuffer{}
 		p, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", AdminListen: "-", Upstream: simSrv.URL, SDKAppID: sim.SDKAppID(),

@@ -16,6 +16,8 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
@@ -78,7 +80,7 @@ func isolationCalls(r *rig, cause string) float64 {
 // another on the same Redis spends a call on it again.
 func TestPoisonedTagCallerIsolated(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: -1}})
+	sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: -1}})
 	cfg := proxy.Config{Redis: rs.spec, BatchWindow: 5 * time.Millisecond}
 	a := startProxy(t, sim, srv.URL, cfg)
 	b := startProxy(t, sim, srv.URL, cfg)
@@ -113,13 +115,7 @@ func TestPoisonedTagCallerIsolated(t *testing.T) {
 	}
 	t.Logf("upstream calls %d (refused %d), isolation calls %v, offender answers %d", st.Calls, st.Rejected, isolationCalls(a, metrics.IsolateTag), len(offended))
 	// The other replica learned it through Redis: no call for it there either.
-	deadline := time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(b.p.Metrics().LearnedTags) < 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("replica B never learned the refused tag")
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	wait.For(t, 5*time.Second, "replica B to learn the refused tag", func() bool { return testutil.ToFloat64(b.p.Metrics().LearnedTags) >= 1 })
 	calls := sim.Stats().Calls
 	for _, r := range []*rig{a, b} {
 		out := r.get(t, []string{"user6"}, "Tag_Profile_Custom_Nope", "Tag_Profile_IM_Nick")

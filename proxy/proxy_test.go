@@ -8,7 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"slices"
 	"strings"
@@ -21,6 +20,8 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
@@ -43,16 +44,8 @@ type rig struct {
 // start runs an emulator and a proxy in front of it on loopback ports.
 func start(t *testing.T, simCfg imsim.Config, cfg proxy.Config) *rig {
 	t.Helper()
-	sim, srv := startSim(t, simCfg)
+	sim, srv := simtest.Start(t, simCfg)
 	return startProxy(t, sim, srv.URL, cfg)
-}
-
-func startSim(t *testing.T, simCfg imsim.Config) (*imsim.Server, *httptest.Server) {
-	t.Helper()
-	sim := imsim.New(simCfg)
-	srv := httptest.NewServer(sim)
-	t.Cleanup(srv.Close)
-	return sim, srv
 }
 
 // startProxy runs a proxy in front of an emulator that already runs.
@@ -312,13 +305,14 @@ func TestCancellationLeavesOthersServed(t *testing.T) {
 	r := start(t, imsim.Config{Faults: imsim.Faults{Latency: 300 * time.Millisecond}}, proxy.Config{})
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
+	calls := r.sim.Stats().Calls
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		if _, err := r.try(ctx, []string{"user7"}, "Tag_Profile_IM_Nick"); err == nil {
 			t.Error("impatient caller got an answer before its deadline")
 		}
 	})
-	time.Sleep(20 * time.Millisecond)
+	wait.For(t, 5*time.Second, "the impatient caller's fetch to reach the upstream", func() bool { return r.sim.Stats().Calls > calls })
 	out := r.get(t, []string{"user7"}, "Tag_Profile_IM_Nick")
 	checkItem(t, out.UserProfileItem[0], "user7", "Tag_Profile_IM_Nick")
 	wg.Wait()
@@ -346,9 +340,7 @@ func TestShutdownWithLookupsInFlight(t *testing.T) {
 	// Stop once every lookup is inside the proxy, waiting on the upstream
 	// (requests still in the kernel's accept queue are the load balancer's
 	// business: -shutdown-delay keeps them from coming).
-	for r.sim.Stats().Accounts < 50 {
-		time.Sleep(time.Millisecond)
-	}
+	wait.For(t, 10*time.Second, "the 50 lookups to reach the upstream", func() bool { return r.sim.Stats().Accounts >= 50 })
 	if err := r.stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -360,7 +352,7 @@ func TestShutdownWithLookupsInFlight(t *testing.T) {
 
 func TestAdminEndpointsAndMetrics(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	r := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
 	r.get(t, accounts(0, 150), "Tag_Profile_IM_Nick")
 	r.get(t, []string{"user1"}, "Tag_Profile_IM_Nick")

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -13,6 +14,8 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
 
@@ -46,13 +49,7 @@ func clusterRedis(t *testing.T) redisSetup {
 
 func waitDBSize(t *testing.T, rs redisSetup, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for rs.dbsize() < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("Redis holds %d keys, want %d", rs.dbsize(), n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	wait.For(t, 10*time.Second, fmt.Sprintf("Redis to hold %d keys", n), func() bool { return rs.dbsize() >= n })
 }
 
 func redisHits(r *rig) float64 {
@@ -66,7 +63,7 @@ func TestFreshReplicaServesWarmedAccounts(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
 			rs := setup(t)
-			sim, srv := startSim(t, imsim.Config{})
+			sim, srv := simtest.Start(t, imsim.Config{})
 			a := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
 			accs := accounts(0, 200)
 			tags := []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Level", "Tag_Profile_IM_SelfSignature"}
@@ -100,31 +97,24 @@ func TestFreshReplicaServesWarmedAccounts(t *testing.T) {
 // value keeps being served.
 func TestStaleFromRedis(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	cfg := proxy.Config{Redis: rs.spec, TTL: 200 * time.Millisecond, StaleTTL: time.Hour}
 	a := startProxy(t, sim, srv.URL, cfg)
 	accs := accounts(40, 30)
 	a.get(t, accs, "Tag_Profile_IM_Nick")
 	waitDBSize(t, rs, 30)
 	sim.Put("user40", "Tag_Profile_IM_Nick", json.RawMessage(`"renamed"`))
-	time.Sleep(250 * time.Millisecond)
+	time.Sleep(250 * time.Millisecond) // past the 200 ms TTL on the wall clock the proxy keeps
 
 	b := startProxy(t, sim, srv.URL, cfg)
 	out := b.get(t, []string{"user40"}, "Tag_Profile_IM_Nick")
 	if v := string(out.UserProfileItem[0].ProfileItem[0].Value); v != `"nick-user40"` {
 		t.Fatalf("stale serve = %s, want the old value at once", v)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	wait.For(t, 5*time.Second, "the background refresh to land", func() bool {
 		out = b.get(t, []string{"user40"}, "Tag_Profile_IM_Nick")
-		if string(out.UserProfileItem[0].ProfileItem[0].Value) == `"renamed"` {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the background refresh never landed")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return string(out.UserProfileItem[0].ProfileItem[0].Value) == `"renamed"`
+	})
 
 	// The upstream now fails every call: a third fresh replica still
 	// serves every account (stale), with no error.
@@ -144,7 +134,7 @@ func TestStaleFromRedis(t *testing.T) {
 
 func TestNegativeEntryShared(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	a := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
 	out := a.get(t, []string{"ghost"}, "Tag_Profile_IM_Nick")
 	if out.UserProfileItem[0].ResultCode != 40003 {
@@ -162,8 +152,8 @@ func TestNegativeEntryShared(t *testing.T) {
 // TestPerAppIsolation: two apps on one Redis never see each other's entries.
 func TestPerAppIsolation(t *testing.T) {
 	rs := singleRedis(t)
-	sim1, srv1 := startSim(t, imsim.Config{SDKAppID: 1400000001})
-	sim2, srv2 := startSim(t, imsim.Config{SDKAppID: 1400000002})
+	sim1, srv1 := simtest.Start(t, imsim.Config{SDKAppID: 1400000001})
+	sim2, srv2 := simtest.Start(t, imsim.Config{SDKAppID: 1400000002})
 	sim2.Put("user1", "Tag_Profile_IM_Nick", json.RawMessage(`"app2-nick"`))
 	a := startProxy(t, sim1, srv1.URL, proxy.Config{Redis: rs.spec})
 	b := startProxy(t, sim2, srv2.URL, proxy.Config{Redis: rs.spec})
@@ -182,7 +172,7 @@ func TestHostileAccountIDs(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
 			rs := setup(t)
-			sim, srv := startSim(t, imsim.Config{})
+			sim, srv := simtest.Start(t, imsim.Config{})
 			for _, id := range ids {
 				b, _ := json.Marshal("nick of " + id)
 				sim.Put(id, "Tag_Profile_IM_Nick", b)
@@ -210,7 +200,7 @@ func TestHostileAccountIDs(t *testing.T) {
 // fails, none is wrong, and Redis is used again afterwards.
 func TestRedisKilledMidLoad(t *testing.T) {
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{Faults: imsim.Faults{Latency: 2 * time.Millisecond}})
+	sim, srv := simtest.Start(t, imsim.Config{Faults: imsim.Faults{Latency: 2 * time.Millisecond}})
 	a := startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec})
 	warm := accounts(0, 300)
 	a.get(t, warm[:100], "Tag_Profile_IM_Nick")
@@ -249,28 +239,22 @@ func TestRedisKilledMidLoad(t *testing.T) {
 			}
 		})
 	}
-	time.Sleep(400 * time.Millisecond)
+	// progress waits until another n lookups are answered (right or not).
+	progress := func(n int64, what string) {
+		t.Helper()
+		from := done.Load() + failed.Load()
+		wait.For(t, 10*time.Second, what, func() bool { return done.Load()+failed.Load() >= from+n })
+	}
+	progress(200, "200 lookups with Redis up")
 	rs.kill()
 	// The tier learns of the death from its next read or write; every
 	// caller may be waiting in the batcher then (the shared limiter, which
 	// saw it first, grants nothing for a window on its fallback).
-	deadline := time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(b.p.Metrics().RedisUp) != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("redis_up still 1 5s after Redis died")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	time.Sleep(200 * time.Millisecond) // lookups go on without Redis
+	wait.For(t, 5*time.Second, "redis_up 0 after Redis died", func() bool { return testutil.ToFloat64(b.p.Metrics().RedisUp) == 0 })
+	progress(100, "100 lookups without Redis")
 	rs.revive()
-	deadline = time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(b.p.Metrics().RedisUp) != 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("the proxy never went back to Redis")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	time.Sleep(300 * time.Millisecond)
+	wait.For(t, 5*time.Second, "the proxy to go back to Redis (redis_up 1)", func() bool { return testutil.ToFloat64(b.p.Metrics().RedisUp) == 1 })
+	progress(200, "200 lookups with Redis back")
 	close(stop)
 	wg.Wait()
 	if failed.Load() != 0 || wrong.Load() != 0 {

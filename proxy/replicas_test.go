@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
 
@@ -55,7 +56,7 @@ func TestThreeReplicasShareTheQuota(t *testing.T) {
 	for name, setup := range map[string]func(*testing.T) redisSetup{"single": singleRedis, "cluster": clusterRedis} {
 		t.Run(name, func(t *testing.T) {
 			rs := setup(t)
-			sim, srv := startSim(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota}, Faults: imsim.Faults{Latency: 5 * time.Millisecond, Jitter: 5 * time.Millisecond}})
+			sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota}, Faults: imsim.Faults{Latency: 5 * time.Millisecond, Jitter: 5 * time.Millisecond}})
 			var rigs []*rig
 			for range 3 {
 				rigs = append(rigs, startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec, Rate: quota}))
@@ -85,7 +86,7 @@ func TestThreeReplicasShareTheQuota(t *testing.T) {
 func TestReplicasRedisKilledUnderLoad(t *testing.T) {
 	const quota = 30
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota}, Faults: imsim.Faults{Latency: 5 * time.Millisecond}})
+	sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota}, Faults: imsim.Faults{Latency: 5 * time.Millisecond}})
 	var rigs []*rig
 	for range 3 {
 		rigs = append(rigs, startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec, Rate: quota, RateFallbackShare: 0.3}))
@@ -127,7 +128,7 @@ func TestCrossReplicaCoalescing(t *testing.T) {
 	for _, off := range []bool{false, true} {
 		t.Run(map[bool]string{false: "on", true: "off"}[off], func(t *testing.T) {
 			rs := singleRedis(t)
-			sim, srv := startSim(t, imsim.Config{Faults: imsim.Faults{Latency: 100 * time.Millisecond}})
+			sim, srv := simtest.Start(t, imsim.Config{Faults: imsim.Faults{Latency: 100 * time.Millisecond}})
 			var rigs []*rig
 			for range 3 {
 				rigs = append(rigs, startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec, CrossReplica: !off}))
@@ -175,7 +176,7 @@ func TestCrossReplicaCoalescing(t *testing.T) {
 func TestReplicasYieldToAnotherClient(t *testing.T) {
 	const quota, rate = 30, 100
 	rs := singleRedis(t)
-	sim, srv := startSim(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota}, Faults: imsim.Faults{Latency: 5 * time.Millisecond}})
+	sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: quota}, Faults: imsim.Faults{Latency: 5 * time.Millisecond}})
 	var rigs []*rig
 	for range 3 {
 		rigs = append(rigs, startProxy(t, sim, srv.URL, proxy.Config{Redis: rs.spec, Rate: rate}))

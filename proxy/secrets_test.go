@@ -6,7 +6,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"regexp"
 	"strings"
 	"sync"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
@@ -38,10 +38,8 @@ func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return 
 // appears in the logs or in any answer.
 func TestNoSecretsInLogsOrErrors(t *testing.T) {
 	rs := singleRedis(t)
-	sim := imsim.New(imsim.Config{Key: "s3cr3t-app-key-0123456789abcdef", Faults: imsim.Faults{Fail502: 0.3, Timeout: 0.1, TimeoutAfter: time.Second},
+	sim, srv := simtest.Start(t, imsim.Config{Key: "s3cr3t-app-key-0123456789abcdef", Faults: imsim.Faults{Fail502: 0.3, Timeout: 0.1, TimeoutAfter: time.Second},
 		Behaviour: imsim.Behaviour{Quota: 5}})
-	srv := httptest.NewServer(sim)
-	defer srv.Close()
 	logs := &syncBuffer{}
 	p, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", AdminListen: "-", Upstream: srv.URL, SDKAppID: sim.SDKAppID(),
 		SecretKey: sim.Key(), Redis: rs.spec, Rate: 50, UpstreamTimeout: 300 * time.Millisecond, RequestTimeout: 2 * time.Second,

@@ -25,6 +25,8 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/proxy"
 )
 
@@ -74,7 +76,7 @@ func TestTLSServedAndRotated(t *testing.T) {
 	c2, k2, x2 := selfSigned(t, 2)
 	writeAtomic(t, certFile, c1)
 	writeAtomic(t, keyFile, k1)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	r := startProxy(t, sim, srv.URL, proxy.Config{TLSCert: certFile, TLSKey: keyFile, TLSReloadEvery: 5 * time.Millisecond})
 	roots := x509.NewCertPool()
 	roots.AddCert(x1)
@@ -125,13 +127,9 @@ func TestTLSServedAndRotated(t *testing.T) {
 	// A half-written pair does not load; the current certificate stays.
 	writeAtomic(t, keyFile, []byte("-----BEGIN EC PRIVATE KEY-----\nnot a key\n-----END EC PRIVATE KEY-----\n"))
 	reloads := r.p.Metrics().TLSReloads
-	deadline := time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(reloads.WithLabelValues("error")) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("a broken key file was never noticed")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	wait.For(t, 5*time.Second, "the broken key file to be noticed (a reload error counted)", func() bool {
+		return testutil.ToFloat64(reloads.WithLabelValues("error")) != 0
+	})
 	fresh := &http.Transport{DisableKeepAlives: true, TLSClientConfig: &tls.Config{RootCAs: roots}}
 	if resp := post(fresh, nil); serial(resp) != 1 {
 		t.Fatalf("serving certificate %d after a broken rotation", serial(resp))
@@ -140,13 +138,7 @@ func TestTLSServedAndRotated(t *testing.T) {
 	// The rotation proper: both files replaced.
 	writeAtomic(t, certFile, c2)
 	writeAtomic(t, keyFile, k2)
-	deadline = time.Now().Add(5 * time.Second)
-	for serial(post(fresh, nil)) != 2 {
-		if time.Now().After(deadline) {
-			t.Fatal("the rotated certificate was never served")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	wait.For(t, 5*time.Second, "the rotated certificate to be served", func() bool { return serial(post(fresh, nil)) == 2 })
 	// Connections opened before go on, with the certificate they have.
 	for name, tr := range map[string]*http.Transport{"h1": h1, "h2": h2} {
 		var reused bool

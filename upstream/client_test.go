@@ -15,21 +15,14 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
+	"github.com/portrait-proxy/portrait-proxy/internal/simtest"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
-func startSim(t *testing.T, cfg imsim.Config) (*imsim.Server, *httptest.Server) {
-	t.Helper()
-	sim := imsim.New(cfg)
-	srv := httptest.NewServer(sim)
-	t.Cleanup(srv.Close)
-	return sim, srv
-}
-
 func newClient(t *testing.T, sim *imsim.Server, base string, key string) (*upstream.Client, *usersig.Signer) {
 	t.Helper()
-	signer := usersig.NewSigner(key, sim.SDKAppID(), sim.Identifier(), time.Hour, nil)
+	signer := simtest.Signer(sim, key)
 	c, err := upstream.New(upstream.Config{BaseURL: base, Signer: signer, Timeout: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -46,7 +39,7 @@ func accounts(n int) []string {
 }
 
 func TestPortraitGetHundredAccounts(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	c, _ := newClient(t, sim, srv.URL, sim.Key())
 	accs := accounts(100)
 	tags := []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Level", "Tag_Profile_Custom_Test"}
@@ -81,7 +74,7 @@ func TestPortraitGetHundredAccounts(t *testing.T) {
 }
 
 func TestPortraitGetKeepsUint64Exact(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	c, _ := newClient(t, sim, srv.URL, sim.Key())
 	sim.Put("user1", "Tag_Profile_IM_Level", json.RawMessage("18446744073709551615"))
 	sim.Put("user1", "Tag_Profile_IM_Nick", json.RawMessage(`"12345678901234567890"`))
@@ -118,7 +111,7 @@ func TestPortraitGetErrorClasses(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			sim, srv := startSim(t, tt.cfg)
+			sim, srv := simtest.Start(t, tt.cfg)
 			key := tt.key
 			if key == "" {
 				key = sim.Key()
@@ -144,7 +137,7 @@ func TestPortraitGetErrorClasses(t *testing.T) {
 }
 
 func TestPortraitGetPerAccountFailure(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	c, _ := newClient(t, sim, srv.URL, sim.Key())
 	resp, err := c.PortraitGet(context.Background(), im.GetRequest{ToAccount: []string{"user1", "ghost", "user2"}, TagList: []string{"Tag_Profile_IM_Nick"}})
 	if err != nil {
@@ -167,7 +160,7 @@ func TestPortraitGetPerAccountFailure(t *testing.T) {
 }
 
 func TestPortraitGetThrottledAfterQuota(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: 5}})
+	sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: 5}})
 	c, _ := newClient(t, sim, srv.URL, sim.Key())
 	var ok, throttled int
 	for range 12 {
@@ -213,7 +206,7 @@ func TestTransportErrorsAreRedacted(t *testing.T) {
 
 	sim := imsim.New(imsim.Config{})
 	for _, base := range []string{closed, slow.URL} {
-		signer := usersig.NewSigner(sim.Key(), sim.SDKAppID(), sim.Identifier(), time.Hour, nil)
+		signer := simtest.Signer(sim, sim.Key())
 		c, err := upstream.New(upstream.Config{BaseURL: base, Signer: signer, Timeout: 200 * time.Millisecond})
 		if err != nil {
 			t.Fatal(err)
@@ -233,8 +226,8 @@ func TestTransportErrorsAreRedacted(t *testing.T) {
 }
 
 func TestObserveCountsEveryCall(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: 3}})
-	signer := usersig.NewSigner(sim.Key(), sim.SDKAppID(), sim.Identifier(), time.Hour, nil)
+	sim, srv := simtest.Start(t, imsim.Config{Behaviour: imsim.Behaviour{Quota: 3}})
+	signer := simtest.Signer(sim, sim.Key())
 	var mu sync.Mutex
 	kinds := map[im.Kind]int{}
 	c, err := upstream.New(upstream.Config{BaseURL: srv.URL, Signer: signer, Observe: func(k im.Kind, d time.Duration, _ error) {
@@ -269,7 +262,7 @@ func TestNewRejectsBadConfig(t *testing.T) {
 }
 
 func TestPortraitSet(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	c, _ := newClient(t, sim, srv.URL, sim.Key())
 	err := c.PortraitSet(context.Background(), im.SetRequest{FromAccount: "user3", ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"changed"`)}}})
 	if err != nil {

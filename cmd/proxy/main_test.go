@@ -5,12 +5,16 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"net/http/httptrace"
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 )
 
 func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
@@ -123,10 +127,22 @@ func TestSIGTERMLosesNoLookup(t *testing.T) {
 		err  error
 	}
 	answers := make(chan answer, 20)
+	// A lookup sent with "Expect: 100-continue" is answered 100 Continue
+	// when the proxy's handler starts reading its body: from then on it is
+	// the proxy's to answer.
+	var reading atomic.Int32
+	traced := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{Got100Continue: func() { reading.Add(1) }})
 	for i := range 20 {
 		go func() {
 			body := `{"To_Account":["user` + strconv.Itoa(100+i) + `"],"TagList":["Tag_Profile_IM_Nick"]}`
-			resp, err := http.Post(u, "application/json", strings.NewReader(body))
+			req, err := http.NewRequestWithContext(traced, http.MethodPost, u, strings.NewReader(body))
+			if err != nil {
+				answers <- answer{err: err}
+				return
+			}
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Expect", "100-continue")
+			resp, err := http.DefaultClient.Do(req)
 			if err != nil {
 				answers <- answer{err: err}
 				return
@@ -136,7 +152,7 @@ func TestSIGTERMLosesNoLookup(t *testing.T) {
 			answers <- answer{string(raw), err}
 		}()
 	}
-	time.Sleep(100 * time.Millisecond) // the lookups are in flight: the upstream takes 300ms
+	wait.For(t, 10*time.Second, "the proxy reading the 20 lookups", func() bool { return reading.Load() == 20 }) // the upstream takes 300ms
 	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
