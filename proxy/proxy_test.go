@@ -415,7 +415,7 @@ func TestAdminEndpointsAndMetrics(t *testing.T) {
 }
 
 func TestDemoCurlExampleWorks(t *testing.T) {
-	sim, srv := startSim(t, imsim.Config{Faults: imsim.Faults{Latency: time.Millisecond}})
+	sim, srv := simtest.Start(t, imsim.Config{Faults: imsim.Faults{Latency: time.Millisecond}})
 	p, err := proxy.New(proxy.Config{Upstream: srv.URL, SDKAppID: sim.SDKAppID(), AdminIdentifier: sim.Identifier(), SecretKey: sim.Key(),
 		Listen: "127.0.0.1:0", AdminListen: "-", Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {

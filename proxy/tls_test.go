@@ -175,7 +175,7 @@ func TestTLSConfigErrors(t *testing.T) {
 	certFile, keyFile := filepath.Join(dir, "c"), filepath.Join(dir, "k")
 	writeAtomic(t, certFile, c1)
 	writeAtomic(t, keyFile, k2)
-	sim, srv := startSim(t, imsim.Config{})
+	sim, srv := simtest.Start(t, imsim.Config{})
 	for _, cfg := range []proxy.Config{{TLSCert: certFile, TLSKey: keyFile}, {TLSCert: certFile}, {TLSCert: certFile, TLSKey: filepath.Join(dir, "missing")}} {
 		cfg.Listen, cfg.AdminListen = "127.0.0.1:0", "-"
 		cfg.Upstream, cfg.SDKAppID, cfg.AdminIdentifier, cfg.SecretKey = srv.URL, sim.SDKAppID(), sim.Identifier(), sim.Key()
