@@ -41,12 +41,12 @@ type Metrics struct {
 	Changes            *prometheus.CounterVec // profile_changes_total{source,result}
 	FeedDelay          prometheus.Histogram   // change_feed_delay_seconds
 
-	// Isolation of whole-call refusals caused by one caller (issue 14).
+	// Isolation of whole-call refusals caused by one caller.
 	IsolationCalls  *prometheus.CounterVec // isolation_calls_total{cause}
 	IsolationGaveUp prometheus.Counter     // isolation_unresolved_total
 	RefusedTags     *prometheus.CounterVec // refused_tag_requests_total{source}
 	LearnedTags     prometheus.Gauge       // learned_bad_tags
-	// Forwarded calls and the API listener's TLS (issue 15).
+	// Forwarded calls and the API listener's TLS.
 	Forwarded       *prometheus.CounterVec   // forwarded_requests_total{service,result}
 	ForwardDuration *prometheus.HistogramVec // forwarded_request_duration_seconds{service}
 	TLSReloads      *prometheus.CounterVec   // tls_certificate_reloads_total{result}
@@ -242,7 +242,7 @@ func (m *Metrics) newChanges(reg prometheus.Registerer) {
 	reg.MustRegister(m.SetRequests, m.Callbacks, m.Changes, m.FeedDelay)
 }
 
-// newIsolation are the figures of whole-call refusals isolated (issue 14).
+// newIsolation are the figures of whole-call refusals isolated.
 func (m *Metrics) newIsolation(reg prometheus.Registerer) {
 	m.IsolationCalls = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "isolation_calls_total",
 		Help: "Upstream calls made to isolate a whole-call refusal caused by one caller's request, by cause."}, []string{"cause"})
@@ -260,7 +260,7 @@ func (m *Metrics) newIsolation(reg prometheus.Registerer) {
 	reg.MustRegister(m.IsolationCalls, m.IsolationGaveUp, m.RefusedTags, m.LearnedTags)
 }
 
-// newForward are the forwarded calls' and the API listener's TLS figures (issue 15).
+// newForward are the forwarded calls' and the API listener's TLS figures.
 func (m *Metrics) newForward(reg prometheus.Registerer) {
 	m.Forwarded = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "forwarded_requests_total",
 		Help: "Calls to other IM APIs forwarded to the upstream (or refused before it), by IM service and result (ok, http, unreachable, timeout, rejected, canceled)."}, []string{"service", "result"})
