@@ -340,7 +340,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	if p.redis != nil && cfg.CrossReplica {
 		coord = p.redis
 	}
-	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote, Coordinator: coord,
+	p.cache, err = cache.New(cache.Config{Loader: batchLoader{p.batcher}, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote, Coordinator: coord,
 		TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, NegativeTTL: cfg.NegativeTTL, ClockSkew: cfg.ClockSkew, Metrics: p.m})
 	if err != nil {
 		return nil, err
