@@ -24,10 +24,10 @@ func TestRefreshesYieldToMisses(t *testing.T) {
 		g := newGate()
 		h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 			Limiter: rated{g, 10}, MaxQueue: 200})
-		bg := WithBackground(context.Background(), nil)
+		bg := LoadOptions{Background: func() bool { return true }}
 		var refreshes []chan loaded
 		for i := range 150 {
-			refreshes = append(refreshes, loadAsync(h.b, bg, fmt.Sprintf("r%d", i), "Tag_Profile_IM_Nick"))
+			refreshes = append(refreshes, loadAsyncWith(h.b, context.Background(), bg, fmt.Sprintf("r%d", i), "Tag_Profile_IM_Nick"))
 		}
 		h.waitQueued(t, 150)
 		// 150 queued refreshes would be two calls at 10/s ahead; they are none.
@@ -46,7 +46,7 @@ func TestRefreshesYieldToMisses(t *testing.T) {
 			t.Fatalf("refresh_shed_total %v, want 99", n)
 		}
 		// A refresh beyond the bound, with live refreshes queued, is refused.
-		if _, err := h.b.Load(bg, "late", []string{"Tag_Profile_IM_Nick"}); !errors.Is(err, ErrOverloaded) {
+		if _, err := h.b.LoadWith(context.Background(), "late", []string{"Tag_Profile_IM_Nick"}, bg); !errors.Is(err, ErrOverloaded) {
 			t.Fatalf("refresh over the bound: %v", err)
 		}
 		g.ch <- struct{}{}
@@ -104,10 +104,10 @@ func TestPromoteMovesRefreshAhead(t *testing.T) {
 		g := newGate()
 		h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 			Limiter: g, MaxAccounts: 2})
-		bg := WithBackground(context.Background(), nil)
-		a := loadAsync(h.b, bg, "a", "Tag_Profile_IM_Nick")
+		bg := LoadOptions{Background: func() bool { return true }}
+		a := loadAsyncWith(h.b, context.Background(), bg, "a", "Tag_Profile_IM_Nick")
 		h.waitQueued(t, 1)
-		b := loadAsync(h.b, bg, "b", "Tag_Profile_IM_Nick")
+		b := loadAsyncWith(h.b, context.Background(), bg, "b", "Tag_Profile_IM_Nick")
 		h.waitQueued(t, 2)
 		m := loadAsync(h.b, context.Background(), "m", "Tag_Profile_IM_Nick")
 		h.waitQueued(t, 3)

@@ -22,7 +22,7 @@
 // throttled calls are retried after a backoff and transient failures a few
 // times, while their callers still wait.
 //
-// Background refreshes (see WithBackground) ride only in the space the
+// Background refreshes (see LoadOptions.Background) ride only in the space the
 // foreground lookups leave: they wait in a queue of their own, fill a call
 // the foreground accounts do not fill, are not counted by Admit, are the
 // first shed when the queue is at MaxQueue, and go alone in a call only
@@ -146,41 +146,28 @@ type Config struct {
 	Now func() time.Time
 }
 
-type deadlineKey struct{}
-
-// WithDeadlineHint returns ctx carrying a function that tells the latest
-// deadline among the callers a shared lookup serves (false: none). The
-// batcher drops an account at dispatch when that deadline cannot be met,
-// so quota is not spent on answers nobody will read. The cache uses it for
-// its flights, whose own contexts carry no deadline.
-func WithDeadlineHint(ctx context.Context, hint func() (time.Time, bool)) context.Context {
-	return context.WithValue(ctx, deadlineKey{}, hint)
-}
-
-type backgroundKey struct{}
-
-// WithBackground returns ctx marking a lookup as a background refresh for
-// as long as still says so (nil: always): such a lookup never takes a
-// grant or a queue place a foreground lookup needs (see Batcher). still is
-// asked when the lookup is queued, under the batcher's lock; a lookup that
-// stops being background after that is moved with Promote.
-func WithBackground(ctx context.Context, still func() bool) context.Context {
-	if still == nil {
-		still = func() bool { return true }
-	}
-	return context.WithValue(ctx, backgroundKey{}, still)
-}
-
-func backgroundOf(ctx context.Context) bool {
-	still, ok := ctx.Value(backgroundKey{}).(func() bool)
-	return ok && still()
-}
-
-func deadlineOf(ctx context.Context) (time.Time, bool) {
-	if hint, ok := ctx.Value(deadlineKey{}).(func() (time.Time, bool)); ok {
-		return hint()
-	}
-	return ctx.Deadline()
+// LoadOptions are what a Load may say beyond its account and tags. The
+// zero value is a plain foreground lookup bounded by its context.
+type LoadOptions struct {
+	// Deadline, if set, tells the latest deadline among the callers the
+	// lookup serves (false: some caller has none), in place of the
+	// context's: the batcher drops an account at dispatch when that
+	// deadline cannot be met, so quota is not spent on answers nobody will
+	// read. A shared lookup (the cache's flight) runs under a context with
+	// no deadline of its own while its callers come and go. It is called
+	// under the batcher's lock: it must not block nor take a lock that
+	// is held while calling into the batcher.
+	Deadline func() (time.Time, bool)
+	// Background, if set, marks the lookup as a background refresh for as
+	// long as it returns true: such a lookup never takes a grant or a
+	// queue place a foreground lookup needs (see Batcher). It is asked
+	// once, when the lookup is queued, under the batcher's lock (the same
+	// rules as Deadline); a lookup that stops being background after that
+	// is moved with Promote.
+	Background func() bool
+	// Reservation, if set, holds the lookup's place in the queue (see
+	// Reserve); a background lookup takes none.
+	Reservation *Reservation
 }
 
 // Result is one account's answer: the upstream's item (every fetched tag it
@@ -200,9 +187,18 @@ type outcome struct {
 }
 
 type waiter struct {
-	ctx  context.Context
-	tags []string     // what this caller asked for (isolation splits by it)
-	done chan outcome // buffered 1: completed exactly once
+	ctx      context.Context
+	deadline func() (time.Time, bool) // LoadOptions.Deadline; nil: ctx's
+	tags     []string                 // what this caller asked for (isolation splits by it)
+	done     chan outcome             // buffered 1: completed exactly once
+}
+
+// until is the latest time w's answer is still wanted (false: none).
+func (w *waiter) until() (time.Time, bool) {
+	if w.deadline != nil {
+		return w.deadline()
+	}
+	return w.ctx.Deadline()
 }
 
 type entry struct {
@@ -237,7 +233,7 @@ func (e *entry) live() bool {
 // is left.
 func (e *entry) hopeless(now time.Time, lat time.Duration) bool {
 	e.waiters = slices.DeleteFunc(e.waiters, func(w *waiter) bool {
-		if d, ok := deadlineOf(w.ctx); ok && d.Before(now.Add(lat)) {
+		if d, ok := w.until(); ok && d.Before(now.Add(lat)) {
 			w.done <- outcome{err: ErrWouldMiss}
 			return true
 		}
@@ -346,19 +342,25 @@ func (b *Batcher) poke() {
 // shutdown, and otherwise the call's error when no per-account answer
 // could be had (an *upstream.Error, ErrMissing).
 func (b *Batcher) Load(ctx context.Context, account string, tags []string) (Result, error) {
+	return b.LoadWith(ctx, account, tags, LoadOptions{})
+}
+
+// LoadWith is Load for a lookup that says more (see LoadOptions): a shared
+// one's deadline, a background refresh, a reserved place.
+func (b *Batcher) LoadWith(ctx context.Context, account string, tags []string, opt LoadOptions) (Result, error) {
 	if err := b.rejected.get(account, tags, b.now()); err != nil {
 		return Result{}, err
 	}
-	w := &waiter{ctx: ctx, tags: tags, done: make(chan outcome, 1)}
+	w := &waiter{ctx: ctx, deadline: opt.Deadline, tags: tags, done: make(chan outcome, 1)}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
 		return Result{}, ErrClosed
 	}
-	bg := backgroundOf(ctx)
+	bg := opt.Background != nil && opt.Background()
 	reserved := false
-	if r, ok := ctx.Value(reservationKey{}).(*Reservation); ok && !bg {
-		reserved = r.take()
+	if opt.Reservation != nil && !bg {
+		reserved = opt.Reservation.take()
 	}
 	e := b.pending[account]
 	if e != nil && e.bg && !bg {
@@ -487,19 +489,12 @@ func (b *Batcher) admit(n int, deadline time.Time, ok bool) error {
 }
 
 // Reservation holds places in the queue for the accounts of one request,
-// admitted whole by Reserve. A Load whose context carries it
-// (WithReservation) takes one place; Release gives back the places not
-// taken. A Reservation is safe for concurrent use.
+// admitted whole by Reserve. A foreground LoadWith given it
+// (LoadOptions.Reservation) takes one place; Release gives back the places
+// not taken. A Reservation is safe for concurrent use.
 type Reservation struct {
 	b    *Batcher
 	left int // guarded by b.mu
-}
-
-type reservationKey struct{}
-
-// WithReservation returns ctx carrying r, for the Loads of r's accounts.
-func WithReservation(ctx context.Context, r *Reservation) context.Context {
-	return context.WithValue(ctx, reservationKey{}, r)
 }
 
 // take uses one of r's places, if any is left; b.mu is held.
@@ -526,7 +521,7 @@ func (r *Reservation) Release() {
 // n must be answered by deadline (ErrWouldMiss otherwise) and fit within
 // MaxQueue (ErrOverloaded). Admitted, the n places are held, so requests
 // admitted at the same time do not each count on the same quota, until
-// their Loads (with WithReservation) take them or Release. A refused
+// their Loads (LoadOptions.Reservation) take them or Release. A refused
 // request's accounts never enter a batch.
 func (b *Batcher) Reserve(n int, deadline time.Time, ok bool) (*Reservation, error) {
 	b.mu.Lock()

@@ -169,9 +169,13 @@ type loaded struct {
 }
 
 func loadAsync(b *Batcher, ctx context.Context, account string, tags ...string) chan loaded {
+	return loadAsyncWith(b, ctx, LoadOptions{}, account, tags...)
+}
+
+func loadAsyncWith(b *Batcher, ctx context.Context, opt LoadOptions, account string, tags ...string) chan loaded {
 	ch := make(chan loaded, 1)
 	go func() {
-		r, err := b.Load(ctx, account, tags)
+		r, err := b.LoadWith(ctx, account, tags, opt)
 		ch <- loaded{r, err}
 	}()
 	return ch

@@ -64,10 +64,10 @@ func TestReserveAdmitsRequestsWhole(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ctx := WithReservation(context.Background(), r)
+		opt := LoadOptions{Reservation: r}
 		var chans []chan loaded
 		for i := range 2 {
-			chans = append(chans, loadAsync(h.b, ctx, fmt.Sprint("u", i), "Tag_Profile_IM_Nick"))
+			chans = append(chans, loadAsyncWith(h.b, context.Background(), opt, fmt.Sprint("u", i), "Tag_Profile_IM_Nick"))
 		}
 		h.waitQueued(t, 2)
 		h.b.mu.Lock()

@@ -21,8 +21,8 @@ package cache
 import (
 	"context"
 	"errors"
+	"math"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -31,34 +31,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/singleflight"
 
-	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 )
-
-// Loader fetches one account's tags from the upstream; the batcher
-// satisfies it. The Result may carry more tags than asked for.
-type Loader interface {
-	Load(ctx context.Context, account string, tags []string) (batcher.Result, error)
-}
-
-// promoter is the optional part of a Loader that queues background
-// refreshes apart (see batcher.WithBackground) and can move one to the
-// foreground when a foreground caller joins its flight.
-type promoter interface{ Promote(account string) }
-
-// reserver is the optional part of a Loader that admits a request's
-// missed accounts whole or refuses them whole (the batcher has it); the
-// Loads of admitted accounts carry the reservation in their context.
-type reserver interface {
-	Reserve(n int, deadline time.Time, ok bool) (*batcher.Reservation, error)
-}
-
-// admitter is the optional part of a Loader that refuses lookups it cannot
-// serve before their deadline (the batcher has it).
-type admitter interface {
-	Admit(deadline time.Time, ok bool) error
-}
 
 // Remote is a shared tier behind Local. Get answers for all accounts in one
 // round trip (nil where it holds nothing); Put writes records, merging with
@@ -88,7 +63,7 @@ type Coordinator interface {
 
 // Config configures a Cache. Loader is required.
 type Config struct {
-	Loader Loader
+	Loader Loader // see loader.go
 	// Local is the in-process tier; nil means NewLocal(0).
 	Local *Local
 	// Remote is the shared tier; nil means none.
@@ -147,10 +122,9 @@ type Cache struct {
 	local  *Local
 	m      *metrics.Metrics
 	now    func() time.Time
-	sf     singleflight.Group
-	gen    atomic.Uint64
-	fmu    sync.Mutex
-	flight map[string]*flight
+	sf     singleflight.Group // the only de-duplication of loads; see flight
+	fmu    sync.Mutex         // guards flight; taken before sf's own lock (Forget), never after
+	flight map[string]*flight // by singleflight key
 
 	// counters of the hit path, resolved once instead of per lookup
 	localHit, localStale, localMiss prometheus.Counter
@@ -216,18 +190,64 @@ func newestVer(rec *Record) int64 {
 	return v
 }
 
-// flight counts the callers waiting on one singleflight call, so the call's
-// context ends when the last of them leaves (and the batcher drops the
-// account if it has not been sent yet).
+// flight is the record of one singleflight call, by the same key (account
+// + "\x01" + keyOf(tags)): it counts the callers waiting on the call, so
+// the call's context ends when the last of them leaves (and the batcher
+// drops the account if it has not been sent yet), and it merges what the
+// Loader reads about those callers while it waits. It holds no result:
+// singleflight is the only de-duplication.
+//
+// A caller joins under c.fmu (find or create the record, count in), then
+// calls sf.DoChan(key) while counted in. The record ends under c.fmu when
+// its count falls to zero: its context is cancelled, it is deleted and
+// sf.Forget(key) drops its call from singleflight if still running. So a
+// caller never joins a cancelled call: no record ends while one of its
+// callers has yet to call DoChan, and when it ends its call is forgotten
+// before a new record for the key can exist; every call DoChan finds was
+// started by a caller of the live record, under that record's context. (A
+// caller joining after the record's call returned starts a new call under
+// the same live context.)
 type flight struct {
-	key      string // singleflight key, unique per flight
-	ctx      context.Context
-	cancel   context.CancelFunc
-	refs     int
-	deadline time.Time // the latest caller deadline; zero: some caller has none
-	bounded  bool      // every caller so far had a deadline
-	bg       bool      // every caller so far is a background refresh
+	key    string
+	ctx    context.Context
+	cancel context.CancelFunc
+	ticket Ticket // the first caller's admission, for the Loads of the flight
+	refs   int    // guarded by c.fmu
+
+	// What the Loader reads about the callers while the lookup waits, read
+	// without c.fmu: the batcher reads them under its own lock, and taking
+	// c.fmu there would order the two locks. Written under c.fmu.
+	latest atomic.Int64 // the latest caller deadline, Unix ns; unbounded: some caller has none
+	bg     atomic.Bool  // every caller so far is a background refresh
 }
+
+const unbounded = math.MaxInt64
+
+// join counts a caller in: its deadline (ok false: none) and whether it
+// is a background refresh. c.fmu is held.
+func (f *flight) join(deadline time.Time, ok, bg bool) {
+	f.refs++
+	if !ok {
+		f.latest.Store(unbounded)
+	} else if n := deadline.UnixNano(); n > f.latest.Load() {
+		f.latest.Store(n)
+	}
+	if !bg {
+		f.bg.Store(false)
+	}
+}
+
+// deadline is Lookup.Deadline: the latest deadline among the callers.
+func (f *flight) deadline() (time.Time, bool) {
+	n := f.latest.Load()
+	if n == unbounded {
+		return time.Time{}, false
+	}
+	return time.Unix(0, n), true
+}
+
+// background is Lookup.Background: every caller is a background refresh.
+func (f *flight) background() bool { return f.bg.Load() }
 
 // New validates cfg and returns a Cache.
 func New(cfg Config) (*Cache, error) {
@@ -362,14 +382,8 @@ func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 	// Refuse at once what the quota cannot serve in time — every missed
 	// account of the request, or none: a stale value if there is one, else
 	// the error, instead of queueing to die or answering the request in part.
-	var res *batcher.Reservation
-	err := error(nil)
-	if rs, ok := c.cfg.Loader.(reserver); ok {
-		dl, hasDL := ctx.Deadline()
-		res, err = rs.Reserve(len(miss), dl, hasDL)
-	} else if ad, ok := c.cfg.Loader.(admitter); ok {
-		err = ad.Admit(ctx.Deadline())
-	}
+	dl, hasDL := ctx.Deadline()
+	ticket, err := c.cfg.Loader.Admit(len(miss), dl, hasDL)
 	if err != nil {
 		c.m.Shed.Add(float64(len(miss)))
 		for _, i := range miss {
@@ -377,11 +391,11 @@ func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 		}
 		return answers
 	}
-	if res != nil {
-		defer res.Release()
+	if ticket != nil {
+		defer ticket.Release()
 	}
 	for _, i := range miss {
-		f, ch := c.load(ctx, accounts[i], tags, tagKey, false, res)
+		f, ch := c.load(ctx, accounts[i], tags, tagKey, false, ticket)
 		waits = append(waits, pending{i, ch, f})
 	}
 	for _, w := range waits {
@@ -456,81 +470,68 @@ func keyOf(tags []string) string {
 
 // load joins (or starts) the flight for account and tags; bg says the
 // caller is a background refresh. A flight only refreshes have joined is
-// loaded as a background lookup (batcher.WithBackground), and promoted when
-// a foreground caller joins it.
-//
-// res, if set, holds the caller's place in the batcher's queue: a flight
-// this caller starts loads with it.
-func (c *Cache) load(caller context.Context, account string, tags []string, tagKey string, bg bool, res *batcher.Reservation) (*flight, <-chan singleflight.Result) {
-	k := account + "\x01" + tagKey
+// loaded as a background lookup (Lookup.Background), and promoted when a
+// foreground caller joins it. A flight this caller starts loads with its
+// ticket (nil: none).
+func (c *Cache) load(caller context.Context, account string, tags []string, tagKey string, bg bool, ticket Ticket) (*flight, <-chan singleflight.Result) {
+	key := account + "\x01" + tagKey
 	dl, hasDL := caller.Deadline()
 	promote := false
 	c.fmu.Lock()
-	f := c.flight[k]
+	f := c.flight[key]
 	if f == nil {
 		ctx, cancel := context.WithCancel(context.Background())
-		f = &flight{key: k + "\x01" + strconv.FormatUint(c.gen.Add(1), 36), cancel: cancel, bounded: true, bg: bg}
-		f.ctx = batcher.WithDeadlineHint(ctx, func() (time.Time, bool) {
-			c.fmu.Lock()
-			defer c.fmu.Unlock()
-			return f.deadline, f.bounded
-		})
-		if res != nil {
-			f.ctx = batcher.WithReservation(f.ctx, res)
-		}
-		if bg {
-			f.ctx = batcher.WithBackground(f.ctx, func() bool {
-				c.fmu.Lock()
-				defer c.fmu.Unlock()
-				return f.bg
-			})
-		}
-		c.flight[k] = f
+		f = &flight{key: key, ctx: ctx, cancel: cancel, ticket: ticket}
+		f.latest.Store(math.MinInt64)
+		f.bg.Store(bg)
+		c.flight[key] = f
 	} else {
 		c.m.SingleflightShared.Inc()
-		promote = f.bg && !bg
-		f.bg = f.bg && bg
+		promote = f.bg.Load() && !bg
 	}
-	f.refs++
-	if !hasDL {
-		f.bounded = false
-	} else if dl.After(f.deadline) {
-		f.deadline = dl
-	}
+	f.join(dl, hasDL, bg)
 	c.fmu.Unlock()
-	if p, ok := c.cfg.Loader.(promoter); ok && promote {
-		p.Promote(account)
+	if promote {
+		c.cfg.Loader.Promote(account)
 	}
-	ch := c.sf.DoChan(f.key, func() (any, error) {
-		if c.cfg.Coordinator != nil {
-			if res, ok := c.fromOtherReplica(f.ctx, account, tags); ok {
-				return res, nil
-			}
-		}
-		start := c.now()
-		res, err := c.cfg.Loader.Load(f.ctx, account, tags)
-		if res.Sent.IsZero() {
-			res.Sent = start // a loader that does not say: the earliest it could have been
-		}
-		if err == nil {
-			c.store(account, res)
-		}
-		if c.cfg.Coordinator != nil && (err != nil || c.recordOf(res, c.now()) == nil) {
-			c.cfg.Coordinator.Release(account) // nothing will be written: let waiters fetch
-		}
-		return res, err
-	})
+	ch := c.sf.DoChan(key, func() (any, error) { return c.fetch(f, account, tags) })
 	return f, ch
+}
+
+// fetch is a flight's call: the result of another replica's fetch, or
+// else the Loader's, written to both tiers.
+func (c *Cache) fetch(f *flight, account string, tags []string) (Fetched, error) {
+	if c.cfg.Coordinator != nil {
+		if res, ok := c.fromOtherReplica(f.ctx, account, tags); ok {
+			return res, nil
+		}
+	}
+	lk := Lookup{Account: account, Tags: tags, Deadline: f.deadline, Ticket: f.ticket}
+	if f.bg.Load() {
+		lk.Background = f.background
+	}
+	start := c.now()
+	res, err := c.cfg.Loader.Load(f.ctx, lk)
+	if res.Sent.IsZero() {
+		res.Sent = start // a loader that does not say: the earliest it could have been
+	}
+	if err == nil {
+		c.store(account, res)
+	}
+	if c.cfg.Coordinator != nil && (err != nil || c.recordOf(res, c.now()) == nil) {
+		c.cfg.Coordinator.Release(account) // nothing will be written: let waiters fetch
+	}
+	return res, err
 }
 
 // fromOtherReplica claims account; when another replica holds the claim it
 // waits for that replica's result in the shared tier. ok is false when this
 // replica should fetch: it holds the claim, the coordinator failed, or the
 // other fetch ended without a usable result.
-func (c *Cache) fromOtherReplica(ctx context.Context, account string, tags []string) (batcher.Result, bool) {
+func (c *Cache) fromOtherReplica(ctx context.Context, account string, tags []string) (Fetched, bool) {
 	owned, rec, err := c.cfg.Coordinator.Claim(ctx, account, tags)
 	if err != nil {
-		return batcher.Result{}, false
+		return Fetched{}, false
 	}
 	now := c.now()
 	rec = c.bounded(rec, now)
@@ -541,23 +542,23 @@ func (c *Cache) fromOtherReplica(ctx context.Context, account string, tags []str
 		}
 		c.m.CrossReplica.WithLabelValues("waited").Inc()
 		c.local.Merge(account, rec, now)
-		return batcher.Result{Item: pick(account, rec, tags, now), Tags: tags}, true
+		return Fetched{Item: pick(account, rec, tags, now), Tags: tags}, true
 	}
 	if owned {
 		c.m.CrossReplica.WithLabelValues("claimed").Inc()
-		return batcher.Result{}, false
+		return Fetched{}, false
 	}
 	t := time.NewTicker(c.cfg.PollEvery)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return batcher.Result{}, false
+			return Fetched{}, false
 		case <-t.C:
 		}
 		rec, claimed, err := c.cfg.Coordinator.Poll(ctx, account, tags)
 		if err != nil {
-			return batcher.Result{}, false
+			return Fetched{}, false
 		}
 		now := c.now()
 		rec = c.bounded(rec, now)
@@ -566,25 +567,24 @@ func (c *Cache) fromOtherReplica(ctx context.Context, account string, tags []str
 			c.m.CrossReplica.WithLabelValues("waited").Inc()
 			c.local.Merge(account, rec, now)
 			it := pick(account, rec, tags, now)
-			return batcher.Result{Item: it, Tags: tags}, true
+			return Fetched{Item: it, Tags: tags}, true
 		}
 		if !claimed { // the other fetch failed or its claim expired: fetch here
 			c.m.CrossReplica.WithLabelValues("taken_over").Inc()
-			return batcher.Result{}, false
+			return Fetched{}, false
 		}
 	}
 }
 
-// leave drops one caller from f; the last one out ends the flight's context.
+// leave drops one caller from f; the last one out ends the flight (see
+// flight).
 func (c *Cache) leave(f *flight) {
 	c.fmu.Lock()
 	defer c.fmu.Unlock()
 	if f.refs--; f.refs == 0 {
 		f.cancel()
-		k := f.key[:strings.LastIndexByte(f.key, '\x01')]
-		if c.flight[k] == f {
-			delete(c.flight, k)
-		}
+		delete(c.flight, f.key)
+		c.sf.Forget(f.key)
 	}
 }
 
@@ -613,7 +613,7 @@ func (c *Cache) refresh(account string, tags []string) {
 		ok := false
 		select {
 		case r := <-ch:
-			ok = r.Err == nil && im.Classify(r.Val.(batcher.Result).Item.ResultCode) != im.KindTransient
+			ok = r.Err == nil && im.Classify(r.Val.(Fetched).Item.ResultCode) != im.KindTransient
 		case <-ctx.Done():
 		}
 		c.leave(f)
@@ -783,7 +783,7 @@ func (c *Cache) bounded(rec *Record, now time.Time) *Record {
 }
 
 // store writes a loaded result to both tiers.
-func (c *Cache) store(account string, res batcher.Result) {
+func (c *Cache) store(account string, res Fetched) {
 	now := c.now()
 	rec := c.recordOf(res, now)
 	if rec == nil {
@@ -805,7 +805,7 @@ func (c *Cache) store(account string, res batcher.Result) {
 
 // recordOf turns a loaded result into a record, or nil for outcomes that
 // must not be cached (transient per-account failures).
-func (c *Cache) recordOf(res batcher.Result, now time.Time) *Record {
+func (c *Cache) recordOf(res Fetched, now time.Time) *Record {
 	it := res.Item
 	ver := res.Sent.UnixMilli()
 	switch im.Classify(it.ResultCode) {
@@ -839,7 +839,7 @@ func (c *Cache) answerLoaded(account string, tags []string, r singleflight.Resul
 	if r.Err != nil {
 		return c.failed(account, tags, r.Err, known)
 	}
-	res := r.Val.(batcher.Result)
+	res := r.Val.(Fetched)
 	if res.Item.ResultCode != 0 {
 		if im.Classify(res.Item.ResultCode) == im.KindTransient && known.state(tags, c.now()) == stateStale {
 			c.m.Lookups.WithLabelValues(metrics.LookupStale).Inc()

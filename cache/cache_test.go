@@ -17,7 +17,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
 
-	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
@@ -30,12 +29,21 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction("github.com/redis/go-redis/v9/internal/pool.(*ConnPool).tryDial"))
 }
 
-// loaderFunc adapts a function to Loader.
-type loaderFunc func(ctx context.Context, account string, tags []string) (batcher.Result, error)
+// loaderFunc adapts a function to Loader, admitting everything.
+type loaderFunc func(ctx context.Context, account string, tags []string) (Fetched, error)
 
-func (f loaderFunc) Load(ctx context.Context, account string, tags []string) (batcher.Result, error) {
-	return f(ctx, account, tags)
+func (f loaderFunc) Load(ctx context.Context, l Lookup) (Fetched, error) {
+	return f(ctx, l.Account, l.Tags)
 }
+func (loaderFunc) Admit(int, time.Time, bool) (Ticket, error) { return nil, nil }
+func (loaderFunc) Promote(string)                             {}
+
+// admitAll is the admission part of a fake Loader: every request admitted,
+// no place held, nothing to promote.
+type admitAll struct{}
+
+func (admitAll) Admit(int, time.Time, bool) (Ticket, error) { return nil, nil }
+func (admitAll) Promote(string)                             {}
 
 // clock is a settable time source.
 type clock struct {
@@ -59,18 +67,20 @@ func item(a string, kv ...string) im.UserProfile {
 // Tag_Profile_IM_Location (unset), ghost accounts (40003) and failures
 // injected through fail.
 type fakeUpstream struct {
+	admitAll
 	calls   atomic.Int32
 	version atomic.Int32
 	fail    atomic.Pointer[error]
 }
 
-func (f *fakeUpstream) Load(ctx context.Context, account string, tags []string) (batcher.Result, error) {
+func (f *fakeUpstream) Load(ctx context.Context, l Lookup) (Fetched, error) {
+	account, tags := l.Account, l.Tags
 	f.calls.Add(1)
 	if e := f.fail.Load(); e != nil {
-		return batcher.Result{}, *e
+		return Fetched{}, *e
 	}
 	if account == "ghost" {
-		return batcher.Result{Tags: tags, Item: im.UserProfile{ToAccount: account, ResultCode: 40003, ResultInfo: "no such account"}}, nil
+		return Fetched{Tags: tags, Item: im.UserProfile{ToAccount: account, ResultCode: 40003, ResultInfo: "no such account"}}, nil
 	}
 	it := im.UserProfile{ToAccount: account}
 	for _, t := range tags {
@@ -78,7 +88,7 @@ func (f *fakeUpstream) Load(ctx context.Context, account string, tags []string) 
 			it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: t, Value: raw(fmt.Sprintf("%s:%s:%d", account, t, f.version.Load()))})
 		}
 	}
-	return batcher.Result{Tags: tags, Item: it}, nil
+	return Fetched{Tags: tags, Item: it}, nil
 }
 
 func newCache(t *testing.T, l Loader, clk *clock) (*Cache, *metrics.Metrics) {
@@ -224,9 +234,9 @@ func TestNegativeEntries(t *testing.T) {
 
 func TestTransientNotCached(t *testing.T) {
 	var calls atomic.Int32
-	l := loaderFunc(func(ctx context.Context, a string, tags []string) (batcher.Result, error) {
+	l := loaderFunc(func(ctx context.Context, a string, tags []string) (Fetched, error) {
 		calls.Add(1)
-		return batcher.Result{Tags: tags, Item: im.UserProfile{ToAccount: a, ResultCode: 40006}}, nil
+		return Fetched{Tags: tags, Item: im.UserProfile{ToAccount: a, ResultCode: 40006}}, nil
 	})
 	c, _ := newCache(t, l, newClock())
 	for range 2 {
@@ -246,14 +256,14 @@ func TestSingleflight(t *testing.T) {
 	release := make(chan struct{})
 	var calls atomic.Int32
 	ended := make(chan error, 1)
-	l := loaderFunc(func(ctx context.Context, a string, tags []string) (batcher.Result, error) {
+	l := loaderFunc(func(ctx context.Context, a string, tags []string) (Fetched, error) {
 		calls.Add(1)
 		select {
 		case <-release:
-			return batcher.Result{Tags: tags, Item: item(a, "Tag_Profile_IM_Nick", "n-"+a)}, nil
+			return Fetched{Tags: tags, Item: item(a, "Tag_Profile_IM_Nick", "n-"+a)}, nil
 		case <-ctx.Done():
 			ended <- ctx.Err()
-			return batcher.Result{}, ctx.Err()
+			return Fetched{}, ctx.Err()
 		}
 	})
 	c, m := newCache(t, l, newClock())

@@ -13,7 +13,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
@@ -229,15 +228,17 @@ func TestWriteAfterScriptFlush(t *testing.T) {
 // gate is a loader whose calls block until released; each call answers
 // with the value current at release.
 type gate struct {
+	admitAll
 	started chan struct{}
 	release chan string
 }
 
-func (g *gate) Load(ctx context.Context, account string, tags []string) (batcher.Result, error) {
+func (g *gate) Load(ctx context.Context, l Lookup) (Fetched, error) {
+	account, tags := l.Account, l.Tags
 	sent := time.Now()
 	g.started <- struct{}{}
 	v := <-g.release
-	return batcher.Result{Tags: tags, Sent: sent, Item: item(account, nick, v)}, nil
+	return Fetched{Tags: tags, Sent: sent, Item: item(account, nick, v)}, nil
 }
 
 func newReplica(t *testing.T, l Loader, spec string) (*Cache, *Local, *tier) {

@@ -1,8 +1,6 @@
 package cache
 
-import "github.com/portrait-proxy/portrait-proxy/batcher"
-
-// The optional parts of Remote and Loader are found by type assertion at run
+// The optional parts of Remote are found by type assertion at run
 // time; a changed signature would switch a feature off without a word (it
 // happened once: Feed.Change gained a parameter and the capacity simulator's
 // tier stopped following the feed). These fail the build instead.
@@ -10,7 +8,4 @@ var (
 	_ Feed        = (*Redis)(nil)
 	_ Coordinator = (*Redis)(nil)
 	_ allFeed     = (*Redis)(nil)
-	_ reserver    = (*batcher.Batcher)(nil)
-	_ admitter    = (*batcher.Batcher)(nil)
-	_ promoter    = (*batcher.Batcher)(nil)
 )

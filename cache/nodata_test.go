@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
 )
@@ -15,9 +14,13 @@ import (
 // classLoader plays the upstream's "no data" answers: "nostd" holds no
 // standard data (40807 when a standard tag is asked), "nocustom" no custom
 // data (40809), "ghost" does not exist (40003); other tags are "<tag>".
-type classLoader struct{ calls atomic.Int32 }
+type classLoader struct {
+	admitAll
+	calls atomic.Int32
+}
 
-func (l *classLoader) Load(_ context.Context, account string, tags []string) (batcher.Result, error) {
+func (l *classLoader) Load(_ context.Context, lk Lookup) (Fetched, error) {
+	account, tags := lk.Account, lk.Tags
 	l.calls.Add(1)
 	it := im.UserProfile{ToAccount: account}
 	cls := im.ClassesOf(tags)
@@ -33,7 +36,7 @@ func (l *classLoader) Load(_ context.Context, account string, tags []string) (ba
 			it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: t, Value: raw(t)})
 		}
 	}
-	return batcher.Result{Tags: tags, Item: it, Sent: time.Now()}, nil
+	return Fetched{Tags: tags, Item: it, Sent: time.Now()}, nil
 }
 
 type lookupCase struct {
@@ -169,17 +172,19 @@ func TestRedisNoDataPerClass(t *testing.T) {
 // flipLoader answers 40807 for standard tags until hasStd is set, then
 // the tags unset (the account now holds standard data).
 type flipLoader struct {
+	admitAll
 	calls  atomic.Int32
 	hasStd atomic.Bool
 }
 
-func (l *flipLoader) Load(_ context.Context, account string, tags []string) (batcher.Result, error) {
+func (l *flipLoader) Load(_ context.Context, lk Lookup) (Fetched, error) {
+	account, tags := lk.Account, lk.Tags
 	l.calls.Add(1)
 	it := im.UserProfile{ToAccount: account}
 	if !l.hasStd.Load() && im.ClassesOf(tags)&im.ClassStandard != 0 {
 		it.ResultCode, it.ResultInfo = 40807, "no standard data"
 	}
-	return batcher.Result{Tags: tags, Item: it, Sent: time.Now()}, nil
+	return Fetched{Tags: tags, Item: it, Sent: time.Now()}, nil
 }
 
 // TestNoDataEntryClearedBySetOfItsClass: a portrait_set of a standard tag

@@ -1,10 +1,6 @@
 package cache
 
-import (
-	"time"
-
-	"github.com/portrait-proxy/portrait-proxy/batcher"
-)
+import "time"
 
 // State is how well a record serves a set of tags at a time (see Serves).
 type State int
@@ -27,4 +23,4 @@ func (r *Record) Serves(tags []string, now time.Time) State { return State(r.sta
 // for TTL, servable stale for StaleTTL after, a negative entry for
 // NegativeTTL when the account does not exist, and nil for an outcome that
 // is not cached (a transient failure).
-func (c *Cache) Fetched(res batcher.Result, now time.Time) *Record { return c.recordOf(res, now) }
+func (c *Cache) Fetched(res Fetched, now time.Time) *Record { return c.recordOf(res, now) }

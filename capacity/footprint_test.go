@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
@@ -30,7 +29,7 @@ func footprintRecords(c *cache.Cache, n int, tags []string, now time.Time) []*ca
 			v, _ := imsim.SeededValue(a, t)
 			it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: t, Value: v})
 		}
-		recs[i] = c.Fetched(batcher.Result{Item: it, Tags: tags, Sent: now}, now)
+		recs[i] = c.Fetched(cache.Fetched{Item: it, Tags: tags, Sent: now}, now)
 	}
 	return recs
 }

@@ -204,10 +204,14 @@ func (noLimiter) Factor() float64         { return 1 }
 func (noLimiter) Paused() time.Duration   { return 0 }
 func (noLimiter) Rate() float64           { return 0 }
 
+// noLoader is the simulated caches' Loader: the simulator fetches itself
+// and stores results through Cache.Fetched, so a Load is a bug.
 type noLoader struct{}
 
-func (noLoader) Load(context.Context, string, []string) (batcher.Result, error) {
-	return batcher.Result{}, errors.New("capacity: no loader")
+func (noLoader) Admit(int, time.Time, bool) (cache.Ticket, error) { return nil, nil }
+func (noLoader) Promote(string)                                   {}
+func (noLoader) Load(context.Context, cache.Lookup) (cache.Fetched, error) {
+	return cache.Fetched{}, errors.New("capacity: no loader")
 }
 
 // account is one simulated account.
@@ -790,7 +794,7 @@ func (s *sim) fetched(i, j int) {
 		it.ResultCode, it.ResultInfo = im.CodeAccountNotFound, "account not found"
 	}
 	now := s.at(s.now)
-	rec := s.caches[j].Fetched(batcher.Result{Item: it, Tags: f.tags, Sent: s.at(f.sent)}, now)
+	rec := s.caches[j].Fetched(cache.Fetched{Item: it, Tags: f.tags, Sent: s.at(f.sent)}, now)
 	if rec == nil {
 		return
 	}

@@ -251,7 +251,7 @@ func (p *Proxy) buildCache() (err error) {
 			coord = p.redis
 		}
 	}
-	p.cache, err = cache.New(cache.Config{Loader: p.batcher, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote, Coordinator: coord,
+	p.cache, err = cache.New(cache.Config{Loader: batchLoader{p.batcher}, Local: cache.NewLocal(cfg.LocalAccounts), Remote: remote, Coordinator: coord,
 		TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, NegativeTTL: cfg.NegativeTTL, ClockSkew: cfg.ClockSkew, Metrics: p.m})
 	return err
 }
