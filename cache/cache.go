@@ -2,7 +2,8 @@
 // loads what is missing.
 //
 // A lookup goes: the in-process tier (Local) → the shared tier (Remote,
-// e.g. Redis: one round trip for the whole request) → for each account
+// e.g. the Redis tier of cache/redistier: one round trip for the whole
+// request) → for each account
 // still missing, one singleflight per account and tag set → the Loader (the
 // batcher) → results written back to both tiers → every waiter answered from
 // the same result.
@@ -70,8 +71,8 @@ type Remote interface {
 }
 
 // Coordinator lets replicas agree on who fetches a missed account, so an
-// account missed on several replicas at once is fetched once. *Redis
-// satisfies it.
+// account missed on several replicas at once is fetched once. The Redis
+// tier (cache/redistier) satisfies it.
 type Coordinator interface {
 	// Claim makes this replica the fetcher of account, unless another
 	// replica is (owned false). It also returns the shared tier's record
@@ -113,7 +114,7 @@ type Config struct {
 	RefreshBackoff time.Duration
 	// ClockSkew is how far apart the clocks of the replicas and the
 	// upstream may be (see supersedes); set the same value on the Redis
-	// tier. Zero means 1s.
+	// tier (cache/redistier). Zero means 1s.
 	ClockSkew time.Duration
 	Metrics   *metrics.Metrics
 	Now       func() time.Time
@@ -236,10 +237,10 @@ func New(cfg Config) (*Cache, error) {
 		cfg.Local = NewLocal(0)
 	}
 	if cfg.TTL <= 0 {
-		cfg.TTL = 60 * time.Second
+		cfg.TTL = DefaultTTL
 	}
 	if cfg.StaleTTL <= 0 {
-		cfg.StaleTTL = time.Hour
+		cfg.StaleTTL = DefaultStaleTTL
 	}
 	if cfg.NegativeTTL <= 0 {
 		cfg.NegativeTTL = 30 * time.Second

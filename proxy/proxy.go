@@ -36,6 +36,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/badtags"
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/cache/redistier"
 	"github.com/portrait-proxy/portrait-proxy/httpapi"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
@@ -75,7 +76,7 @@ type Config struct {
 	StaleTTL      time.Duration
 	NegativeTTL   time.Duration
 	LocalAccounts int    // in-process tier size in accounts
-	Redis         string // shared tier: see cache.NewRedisClient; empty: none
+	Redis         string // shared tier: see redistier.NewClient; empty: none
 	// RedisPassword replaces the password of the Redis URL (AUTH/ACL);
 	// RedisCA is a PEM file of roots for rediss:// (default: the system's).
 	RedisPassword string
@@ -150,7 +151,7 @@ type Proxy struct {
 	simLn    net.Listener
 	batcher  *batcher.Batcher
 	cache    *cache.Cache
-	redis    *cache.Redis
+	redis    *redistier.Tier
 	badTags  *badtags.Set
 	rclient  redis.UniversalClient
 	api      *http.Server
@@ -273,7 +274,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	}
 	var remote cache.Remote
 	if cfg.Redis != "" {
-		if p.rclient, err = cache.NewRedisClient(cfg.Redis, cache.RedisClientOptions{Password: cfg.RedisPassword, CAFile: cfg.RedisCA}); err != nil {
+		if p.rclient, err = redistier.NewClient(cfg.Redis, redistier.ClientOptions{Password: cfg.RedisPassword, CAFile: cfg.RedisCA}); err != nil {
 			return nil, err
 		}
 		rc := p.rclient
@@ -282,15 +283,8 @@ func New(cfg Config) (_ *Proxy, err error) {
 			return metrics.PoolStats{Hits: st.Hits, Misses: st.Misses, Timeouts: st.Timeouts,
 				TotalConns: st.TotalConns, IdleConns: st.IdleConns, StaleConns: st.StaleConns}
 		})
-		ttl, stale := cfg.TTL, cfg.StaleTTL
-		if ttl <= 0 {
-			ttl = time.Minute
-		}
-		if stale <= 0 {
-			stale = time.Hour
-		}
-		if p.redis, err = cache.NewRedis(cache.RedisConfig{Client: p.rclient, SDKAppID: cfg.SDKAppID,
-			KeyTTL: ttl + stale, ClockSkew: cfg.ClockSkew, Metrics: p.m}); err != nil {
+		if p.redis, err = redistier.New(redistier.Config{Client: p.rclient, SDKAppID: cfg.SDKAppID,
+			TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, ClockSkew: cfg.ClockSkew, Metrics: p.m}); err != nil {
 			return nil, err
 		}
 		remote = p.redis
