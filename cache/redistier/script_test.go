@@ -5,8 +5,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math/rand/v2"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -219,5 +222,120 @@ func TestNegativeEntryDropsTagsAndOlderFetches(t *testing.T) {
 	got, _ = tr.r.Get(context.Background(), []string{"acct"}, []string{nick})
 	if d := sameRecord(mem, got[0], []string{nick}); d != "" || mem.NotFoundCode != 0 {
 		t.Fatalf("%s / %+v", d, mem)
+	}
+}
+
+// luaLayout returns the `local NAME = value  -- layout: …` lines of a
+// script (NAME → value), and the script without them.
+func luaLayout(t *testing.T, script string) (map[string]string, string) {
+	t.Helper()
+	re := regexp.MustCompile(`(?m)^local ([A-Z_]+) = (\S+) +-- layout: .*\n`)
+	layout := map[string]string{}
+	for _, m := range re.FindAllStringSubmatch(script, -1) {
+		if _, dup := layout[m[1]]; dup {
+			t.Fatalf("layout %s named twice", m[1])
+		}
+		layout[m[1]] = m[2]
+	}
+	return layout, re.ReplaceAllString(script, "")
+}
+
+// TestWriteScriptLayout: the numbers and names write.lua reads fields by
+// are Go's (codec.go and cache's record model), and the script has no
+// other copy of them: changing either side alone fails here.
+func TestWriteScriptLayout(t *testing.T) {
+	lua := func(s string) string { return "'" + s + "'" }
+	want := map[string]string{
+		"FIELD_HEAD":        strconv.Itoa(fieldHead),
+		"VER_AT":            strconv.Itoa(fieldVer + 1),
+		"EVENT_AT":          strconv.Itoa(fieldEvent + 1),
+		"VER_LEN":           strconv.Itoa(verLen),
+		"NEG_VER_AT":        strconv.Itoa(negVer + 1),
+		"ORIGIN_UNIT":       strconv.Itoa(1 << originShift),
+		"ORIGIN_FETCH":      strconv.Itoa(int(cache.FromFetch)),
+		"ORIGIN_SET":        strconv.Itoa(int(cache.FromSet)),
+		"ORIGIN_CALLBACK":   strconv.Itoa(int(cache.FromCallback)),
+		"ORIGIN_INVALIDATE": strconv.Itoa(int(cache.FromInvalidate)),
+		"NEG_FIELD":         lua(negField),
+		"MARKER_STD":        lua(cache.MarkerStandard),
+		"MARKER_CUSTOM":     lua(cache.MarkerCustom),
+		"STD_FIELD_LEN":     strconv.Itoa(len(fieldOf(im.StandardTags[0]))),
+		"MODE_RELEASE":      lua(writeRelease),
+		"MODE_EXISTING":     lua(writeExisting),
+	}
+	got, body := luaLayout(t, writeLua)
+	body = regexp.MustCompile(`--.*`).ReplaceAllString(body, "") // comments may name numbers
+	if !maps.Equal(got, want) {
+		t.Fatalf("write.lua's layout\n%v\nGo's\n%v", got, want)
+	}
+	derived := map[string]string{"FIELD_HEAD + 1": strconv.Itoa(fieldHead + 1), "EVENT_AT - 1": strconv.Itoa(fieldEvent)}
+	for name, v := range merged(want, derived) {
+		if n, err := strconv.Atoi(v); err == nil && n <= 5 {
+			continue // small numbers are loop bounds and indexes too
+		}
+		if regexp.MustCompile(`(^|[^\w'])` + regexp.QuoteMeta(v) + `($|[^\w'])`).MatchString(body) {
+			t.Errorf("write.lua spells %s (%s) out instead of naming it", name, v)
+		}
+	}
+
+	// The Go side of the same facts: the field names the script classifies
+	// by length, and where encodeTag and encodeNeg put what.
+	for _, tag := range im.StandardTags {
+		if len(fieldOf(tag)) != len(fieldOf(im.StandardTags[0])) {
+			t.Fatalf("standard fields of different lengths: %q", fieldOf(tag))
+		}
+	}
+	if f := fieldOf(customTag); len(f) == len(fieldOf(nick)) || f == cache.MarkerStandard || f == cache.MarkerCustom || f == negField {
+		t.Fatalf("custom field %q is classified as standard or as an entry", f)
+	}
+	v := cache.TagValue{Set: true, Origin: cache.FromCallback, Ver: 0x0102030405, Event: 0x0a0b0c0d0e, Fresh: time.UnixMilli(1), Stale: time.UnixMilli(2)}
+	b := encodeTag(nil, v)
+	if b[0] != byte(v.Origin)<<originShift|1 || be48(b[fieldVer:fieldVer+verLen]) != v.Ver ||
+		be48(b[fieldEvent:fieldEvent+verLen]) != v.Event || fieldHead != fieldEvent+verLen || b[fieldHead] != 1 {
+		t.Fatalf("encodeTag's layout is not codec.go's constants: % x", b)
+	}
+	neg := encodeNeg(nil, &cache.Record{NotFoundCode: 40003, NotFoundVer: 0x0102030405})
+	if be48(neg[negVer:negVer+verLen]) != 0x0102030405 {
+		t.Fatalf("encodeNeg's layout is not codec.go's constants: % x", neg)
+	}
+}
+
+func merged(a, b map[string]string) map[string]string {
+	m := maps.Clone(a)
+	maps.Copy(m, b)
+	return m
+}
+
+// TestWriteScriptArguments: the names write.lua gives its KEYS and ARGV
+// are where writeArgs puts them.
+func TestWriteScriptArguments(t *testing.T) {
+	rec := &cache.Record{NotFoundCode: 40003, NotFoundVer: 7, Tags: []cache.TagValue{{Tag: nick, Origin: cache.FromSet, Ver: 9}}}
+	a := writeArgs{hash: "H", claim: "C", keyTTLMs: 1234, skewMs: 567, mode: writeRelease, rec: rec}
+	keys, argv := a.keys(), a.argv()
+	want := map[string]any{
+		"KEYS hash_key": "H", "KEYS claim_key": "C",
+		"ARGV key_ttl_ms": int64(1234), "ARGV skew": int64(567), "ARGV neg": string(encodeNeg(nil, rec)), "ARGV mode": writeRelease,
+	}
+	re := regexp.MustCompile(`(?m)^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]`)
+	named := 0
+	for _, m := range re.FindAllStringSubmatch(writeLua, -1) {
+		i, _ := strconv.Atoi(m[3])
+		var got any
+		if m[2] == "KEYS" {
+			got = keys[i-1]
+		} else {
+			got = argv[i-1]
+		}
+		if w, ok := want[m[2]+" "+m[1]]; !ok || got != w {
+			t.Errorf("write.lua's %s[%d] is %s: writeArgs puts %q there, want %q", m[2], i, m[1], got, w)
+		}
+		named++
+	}
+	if named != len(want) {
+		t.Fatalf("write.lua names %d keys and arguments, want %d", named, len(want))
+	}
+	first, _, _ := strings.Cut(strings.SplitN(writeLua, "local FIRST_PAIR = ", 2)[1], " ")
+	if n, _ := strconv.Atoi(first); n != len(want)-len(keys)+1 || argv[n-1] != fieldOf(nick) {
+		t.Fatalf("write.lua's field/value pairs start at ARGV[%s]; writeArgs puts them after %d arguments", first, len(argv)-2)
 	}
 }
