@@ -85,6 +85,16 @@ type Config struct {
 	Metrics *metrics.Metrics
 }
 
+// The cache finds a Remote's optional parts by type assertion; a changed
+// signature would switch a feature off without a word (it happened once:
+// Feed.Change gained a parameter). These fail the build instead.
+var (
+	_ cache.Remote      = (*Tier)(nil)
+	_ cache.Coordinator = (*Tier)(nil)
+	_ cache.Feed        = (*Tier)(nil)
+	_ cache.BatchFeed   = (*Tier)(nil)
+)
+
 type write struct {
 	account string
 	rec     *cache.Record
