@@ -3,10 +3,9 @@
 //
 // A lookup goes: the in-process tier (Local) → the shared tier (Remote,
 // e.g. the Redis tier of cache/redistier: one round trip for the whole
-// request) → for each account
-// still missing, one singleflight per account and tag set → the Loader (the
-// batcher) → results written back to both tiers → every waiter answered from
-// the same result.
+// request) → for each account still missing, one singleflight per account
+// and tag set → the Loader (the batcher) → results written back to both
+// tiers → every waiter answered from the same result.
 //
 // Three kinds of entry are kept: fresh values (TTL), values servable past
 // fresh (StaleTTL: served while one background refresh runs, and whenever

@@ -43,14 +43,10 @@ type clock struct {
 	now time.Time
 }
 
-func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
-
+func (c *clock) Now() time.Time      { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
 func (c *clock) Add(d time.Duration) { c.mu.Lock(); c.now = c.now.Add(d); c.mu.Unlock() }
-
-func newClock() *clock { return &clock{now: time.Unix(1_700_000_000, 0)} }
-
-func raw(s string) json.RawMessage { b, _ := json.Marshal(s); return b }
-
+func newClock() *clock               { return &clock{now: time.Unix(1_700_000_000, 0)} }
+func raw(s string) json.RawMessage   { b, _ := json.Marshal(s); return b }
 func item(a string, kv ...string) im.UserProfile {
 	it := im.UserProfile{ToAccount: a}
 	for i := 0; i+1 < len(kv); i += 2 {
