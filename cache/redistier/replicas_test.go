@@ -10,16 +10,22 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // Tests of the cache with this tier as its Remote, Coordinator and Feed,
 // against real redis-servers: what one replica changes, another serves.
+// (They were cache's tests; they need this package's internals and cache's
+// exported API, and cache's own tests cannot import this package without a
+// cycle, so they live here. The loaders and helpers gate, nickOf,
+// fakeUpstream, clock, raw, item, values, classLoader and checkLookups are
+// copies of cache's test helpers of those names.)
 
 const nick = "Tag_Profile_IM_Nick"
 

@@ -14,10 +14,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // Tests of the write script: against cache.Merge, after a SCRIPT FLUSH,
