@@ -2,10 +2,10 @@
 // loads what is missing.
 //
 // A lookup goes: the in-process tier (Local) → the shared tier (Remote,
-// e.g. Redis: one round trip for the whole request) → for each account
-// still missing, one singleflight per account and tag set → the Loader (the
-// batcher) → results written back to both tiers → every waiter answered from
-// the same result.
+// e.g. the Redis tier of cache/redistier: one round trip for the whole
+// request) → for each account still missing, one singleflight per account
+// and tag set → the Loader (the batcher) → results written back to both
+// tiers → every waiter answered from the same result.
 //
 // Three kinds of entry are kept: fresh values (TTL), values servable past
 // fresh (StaleTTL: served while one background refresh runs, and whenever
@@ -45,8 +45,8 @@ type Remote interface {
 }
 
 // Coordinator lets replicas agree on who fetches a missed account, so an
-// account missed on several replicas at once is fetched once. *Redis
-// satisfies it.
+// account missed on several replicas at once is fetched once. The Redis
+// tier (cache/redistier) satisfies it.
 type Coordinator interface {
 	// Claim makes this replica the fetcher of account, unless another
 	// replica is (owned false). It also returns the shared tier's record
@@ -90,7 +90,7 @@ type Config struct {
 	RefreshBackoff time.Duration
 	// ClockSkew is how far apart the clocks of the replicas and the
 	// upstream may be (see supersedes); set the same value on the Redis
-	// tier. Zero means DefaultClockSkew (1s).
+	// tier (cache/redistier). Zero means DefaultClockSkew (1s).
 	ClockSkew time.Duration
 	Metrics   *metrics.Metrics
 	Now       func() time.Time

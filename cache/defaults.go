@@ -14,9 +14,10 @@ const (
 	DefaultRefreshBackoff = 5 * time.Second  // Config.RefreshBackoff
 )
 
-// KeyLifetime is how long a shared tier must keep a value stored by a
-// cache of these TTL and StaleTTL (zero or negative: the defaults, as in
-// Config): as long as the cache may serve it.
+// KeyLifetime is how long a value learned now may still be served: fresh
+// for ttl, then stale for staleTTL (zero or negative: the defaults, as in
+// Config). A shared tier keeps an account's entry that long after its last
+// write.
 func KeyLifetime(ttl, staleTTL time.Duration) time.Duration {
 	if ttl <= 0 {
 		ttl = DefaultTTL

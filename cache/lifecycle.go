@@ -11,9 +11,10 @@ import (
 // importTags are the tags an account_import may set (Nick, FaceUrl).
 var importTags = []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Image"}
 
-// allFeed is the optional part of a Feed that changes several accounts in
-// one round trip; *Redis has it.
-type allFeed interface {
+// BatchFeed is the optional part of a Feed that changes several accounts
+// in one round trip (the Redis tier of cache/redistier has it): Change for
+// accounts[i] and recs[i], for every i.
+type BatchFeed interface {
 	ChangeAll(ctx context.Context, accounts []string, recs []*Record, existing bool) error
 }
 
@@ -69,7 +70,7 @@ func (c *Cache) changeAll(ctx context.Context, accounts []string, recs []*Record
 	if len(accounts) == 0 {
 		return nil
 	}
-	f, ok := c.cfg.Remote.(allFeed)
+	f, ok := c.cfg.Remote.(BatchFeed)
 	if !ok {
 		var first error
 		for i, a := range accounts {

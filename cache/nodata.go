@@ -28,19 +28,20 @@ import (
 // in the record is newer than it. Tags of the other class are never
 // affected.
 
-// Marker entries of the two classes.
+// Marker entries of the two classes: the tag names under which records
+// hold them (a shared tier stores them as fields of these names).
 const (
-	markerStd    = "!s"
-	markerCustom = "!c"
+	MarkerStandard = "!s"
+	MarkerCustom   = "!c"
 )
 
-func isMarker(tag string) bool { return tag == markerStd || tag == markerCustom }
+func isMarker(tag string) bool { return tag == MarkerStandard || tag == MarkerCustom }
 
 func markerOf(cls im.TagClass) string {
 	if cls == im.ClassStandard {
-		return markerStd
+		return MarkerStandard
 	}
-	return markerCustom
+	return MarkerCustom
 }
 
 func classCode(cls im.TagClass) int {
@@ -50,17 +51,17 @@ func classCode(cls im.TagClass) int {
 	return im.CodeNoCustomData
 }
 
-// readTags is what a tier reads for tags: tags and the markers of their
+// ReadTags is what a tier reads for tags: tags and the markers of their
 // classes.
-func readTags(tags []string) []string {
+func ReadTags(tags []string) []string {
 	cls := im.ClassesOf(tags)
 	out := make([]string, len(tags), len(tags)+2)
 	copy(out, tags)
 	if cls&im.ClassStandard != 0 {
-		out = append(out, markerStd)
+		out = append(out, MarkerStandard)
 	}
 	if cls&im.ClassCustom != 0 {
-		out = append(out, markerCustom)
+		out = append(out, MarkerCustom)
 	}
 	return out
 }
@@ -106,7 +107,7 @@ func (r *Record) clearEntries(wrote []TagValue, skew int64) {
 }
 
 func classOfEntry(tag string) im.TagClass {
-	if tag == markerStd {
+	if tag == MarkerStandard {
 		return im.ClassStandard
 	}
 	return im.ClassCustom

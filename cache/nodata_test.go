@@ -2,13 +2,11 @@ package cache
 
 import (
 	"context"
-	"encoding/json"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/im"
-	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
 )
 
 // classLoader plays the upstream's "no data" answers: "nostd" holds no
@@ -106,124 +104,6 @@ func TestNoDataMarkerOrdering(t *testing.T) {
 		}
 		if it := pick("a", rec, []string{customTag}, now); it.ResultCode != 0 {
 			t.Fatalf("standard marker answered a customTag tag: %+v", it)
-		}
-	}
-}
-
-// TestRedisNoDataPerClass: through a real Redis (the write script orders
-// markers like any field), a replica that never called the upstream serves
-// what another learned: 40809 for customTag tags, the standard value for
-// standard ones; and neither becomes account-wide.
-func TestRedisNoDataPerClass(t *testing.T) {
-	srv := redistest.Start(t)
-	trA, trB := startTier(t, srv.URL(), 1), startTier(t, srv.URL(), 1)
-	la, lb := &classLoader{}, &classLoader{}
-	ca, err := New(Config{Loader: la, Remote: trA.r, Metrics: trA.m, NegativeTTL: time.Minute})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ca.Close)
-	cb, err := New(Config{Loader: lb, Remote: trB.r, Metrics: trB.m, NegativeTTL: time.Minute})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cb.Close)
-	checkLookups(t, ca, la, []lookupCase{
-		{"nocustom", []string{nick}, 0, 1},
-		{"nocustom", []string{customTag}, 40809, 1},
-		{"nostd", []string{customTag}, 0, 1},
-		{"nostd", []string{nick}, 40807, 1},
-	})
-	// Write-backs are queued: wait until B sees all four.
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		recs, _ := trB.r.Get(context.Background(), []string{"nocustom", "nostd"}, []string{nick, customTag})
-		if recs[0].state([]string{customTag}, time.Now()) == stateNotFound && recs[1].state([]string{nick}, time.Now()) == stateNotFound &&
-			recs[0].state([]string{nick}, time.Now()) == stateFresh && recs[1].state([]string{customTag}, time.Now()) == stateFresh {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("B never saw A's entries: %+v %+v", recs[0], recs[1])
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-	checkLookups(t, cb, lb, []lookupCase{
-		{"nocustom", []string{nick}, 0, 0},
-		{"nocustom", []string{customTag}, 40809, 0},
-		{"nostd", []string{customTag}, 0, 0},
-		{"nostd", []string{nick}, 40807, 0},
-	})
-	// The script keeps the newer of a marker and a value of its class.
-	ctx := context.Background()
-	now := time.Now()
-	v := TagValue{Tag: nick, Value: json.RawMessage(`"n"`), Set: true, Ver: now.UnixMilli() + 10_000, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)}
-	trA.r.Put(ctx, []string{"nostd"}, []*Record{{Tags: []TagValue{v}}})
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(2 * time.Millisecond) {
-		recs, _ := trB.r.Get(ctx, []string{"nostd"}, []string{nick})
-		if it := pick("nostd", recs[0], []string{nick}, time.Now()); it.ResultCode == 0 && len(it.ProfileItem) == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("a value newer than the marker is not served")
-		}
-	}
-}
-
-// flipLoader answers 40807 for standard tags until hasStd is set, then
-// the tags unset (the account now holds standard data).
-type flipLoader struct {
-	admitAll
-	calls  atomic.Int32
-	hasStd atomic.Bool
-}
-
-func (l *flipLoader) Load(_ context.Context, lk Lookup) (Fetched, error) {
-	account, tags := lk.Account, lk.Tags
-	l.calls.Add(1)
-	it := im.UserProfile{ToAccount: account}
-	if !l.hasStd.Load() && im.ClassesOf(tags)&im.ClassStandard != 0 {
-		it.ResultCode, it.ResultInfo = 40807, "no standard data"
-	}
-	return Fetched{Tags: tags, Item: it, Sent: time.Now()}, nil
-}
-
-// TestNoDataEntryClearedBySetOfItsClass: a portrait_set of a standard tag
-// (through a real Redis) ends the account's "no standard data" entry, so
-// another standard tag is fetched, not answered 40807.
-func TestNoDataEntryClearedBySetOfItsClass(t *testing.T) {
-	srv := redistest.Start(t)
-	tr := startTier(t, srv.URL(), 1)
-	l := &flipLoader{}
-	c, err := New(Config{Loader: l, Remote: tr.r, Metrics: tr.m, NegativeTTL: time.Minute})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	ctx := context.Background()
-	if a := c.Get(ctx, []string{"acct"}, []string{nick})[0]; a.Item.ResultCode != 40807 {
-		t.Fatalf("first lookup: %+v", a)
-	}
-	waitWritten(t, tr, "acct")
-	time.Sleep(5 * time.Millisecond)
-	l.hasStd.Store(true)
-	if err := c.Change(ctx, "acct", []im.ProfileItem{{Tag: nick, Value: raw("n")}}, FromSet, 0, time.Now()); err != nil {
-		t.Fatal(err)
-	}
-	if a := c.Get(ctx, []string{"acct"}, []string{nick})[0]; a.Item.ResultCode != 0 {
-		t.Fatalf("the set nickname: %+v", a.Item)
-	}
-	// Another replica, which only reads Redis, and then this one.
-	tr2 := startTier(t, srv.URL(), 1)
-	c2, err := New(Config{Loader: l, Remote: tr2.r, Metrics: tr2.m, NegativeTTL: time.Minute})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c2.Close)
-	for i, c := range []*Cache{c2, c} {
-		a := c.Get(ctx, []string{"acct"}, []string{"Tag_Profile_IM_Gender"})[0]
-		if a.Item.ResultCode != 0 {
-			t.Fatalf("replica %d: after a portrait_set of a standard tag, another standard tag answered %d %q (source %s)",
-				i, a.Item.ResultCode, a.Item.ResultInfo, a.Source)
 		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/cache/redistier"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
@@ -102,12 +103,12 @@ func redisFootprint(b *testing.B, srv *redistest.Server, c *cache.Cache, n int, 
 		b.Fatal("no used_memory in INFO")
 		return 0
 	}
-	client, err := cache.NewRedisClient(srv.URL(), cache.RedisClientOptions{})
+	client, err := redistier.NewClient(srv.URL(), redistier.ClientOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer client.Close()
-	r, err := cache.NewRedis(cache.RedisConfig{Client: client, SDKAppID: 1400000000})
+	r, err := redistier.New(redistier.Config{Client: client, SDKAppID: 1400000000})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package limiter
 
 import (
 	"context"
+	_ "embed"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -97,20 +98,8 @@ type SharedConfig struct {
 	Metrics *metrics.Metrics
 }
 
-// factorLua computes f, the part of the rate in force (see Cut), from the
-// cut hash KEYS[4] (fields f and t, t in ms of Redis's clock), with now in
-// ms and the climb per second in recover, and cutAt, the last cut's time.
-const factorLua = `
-local f, cutAt = 1, nil
-local cut = redis.call('HMGET', KEYS[4], 'f', 't')
-if cut[1] then
-  cutAt = tonumber(cut[2])
-  f = math.min(1, tonumber(cut[1]) + (now - cutAt) * recover / 1000)
-end
-`
-
 // acquireScript grants a permit when the window has room and the shared
-// spacing allows: grants of all replicas are spaced 1/rate apart (KEYS[3]
+// spacing allows: grants of all replicas are spaced 1/rate apart (next_key
 // holds the theoretical time of the next grant, in µs of Redis's clock; a
 // grant may come up to one interval early, so a replica that wakes late
 // does not lose the slot). Without the shared spacing each replica's own
@@ -119,134 +108,101 @@ end
 // Window and spacing both shrink by the factor a throttling cut left.
 //
 // Slots go first come, first served across replicas: an acquirer that is
-// refused registers in KEYS[5] (member → when it first asked, µs) and
-// KEYS[6] (member → when it last asked, ms). When a slot is free and the
+// refused registers in wait_key (member → when it first asked, µs) and
+// seen_key (member → when it last asked, ms). When a slot is free and the
 // caller is not the longest waiter, the slot is reserved for that waiter
-// (KEYS[7]; its window entry is made at once) and the caller waits for the
+// (held_key; its window entry is made at once) and the caller waits for the
 // next one: the waiter finds the reservation when it wakes, which is about
 // then, as every waiter is told the same time. Without this the replicas
 // race for each slot, and one can lose many in a row. A waiter that stops
-// asking for ARGV[7] ms is forgotten, and a reservation it never took
+// asking for staleMs is forgotten, and a reservation it never took
 // frees its slot.
 //
 // It returns {1, 0, f·1000} for a grant, else {0, µs to wait, f·1000}
 // (wait -1: every slot is in flight, poll).
-var acquireScript = redis.NewScript(`
-local t = redis.call('TIME')
-local nowus = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local now = math.floor(nowus / 1000)
-local quota, span, hold = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local me, staleMs = ARGV[4], tonumber(ARGV[7])
-local recover = tonumber(ARGV[6])
-` + factorLua + `
-local fk = math.floor(f * 1000)
-if redis.call('HDEL', KEYS[7], me) == 1 then
-  redis.call('ZREM', KEYS[5], me)
-  redis.call('ZREM', KEYS[6], me)
-  return {1, 0, fk}
-end
-local gone = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now - staleMs)
-for _, m in ipairs(gone) do
-  redis.call('ZREM', KEYS[5], m)
-  redis.call('ZREM', KEYS[6], m)
-  if redis.call('HDEL', KEYS[7], m) == 1 then redis.call('ZREM', KEYS[1], m) end
-end
-local function wait(us)
-  redis.call('ZADD', KEYS[5], 'NX', nowus, me)
-  redis.call('ZADD', KEYS[6], now, me)
-  redis.call('PEXPIRE', KEYS[5], staleMs + 1000)
-  redis.call('PEXPIRE', KEYS[6], staleMs + 1000)
-  return {0, us, fk}
-end
-local interval = tonumber(ARGV[5]) / f
-quota = math.max(1, math.floor(quota * f))
-local pause = redis.call('PTTL', KEYS[2])
-if pause > 0 then return wait(pause * 1000) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - span)
-local n = redis.call('ZCARD', KEYS[1])
-if n < quota then
-  local tat = tonumber(redis.call('GET', KEYS[3]) or '0')
-  if tat - interval > nowus then return wait(tat - interval - nowus) end
-  local taker = me
-  local head = redis.call('ZRANGE', KEYS[5], 0, 0)[1]
-  if head and head ~= me then taker = head end
-  redis.call('ZADD', KEYS[1], now + hold, taker)
-  redis.call('PEXPIRE', KEYS[1], span + hold + 1000)
-  redis.call('SET', KEYS[3], string.format('%.0f', math.max(tat, nowus) + interval), 'PX', 1000 + math.ceil(2 * interval / 1000))
-  redis.call('ZREM', KEYS[5], taker)
-  if taker == me then
-    redis.call('ZREM', KEYS[6], me)
-    return {1, 0, fk}
-  end
-  redis.call('HSET', KEYS[7], taker, '1')
-  redis.call('PEXPIRE', KEYS[7], staleMs + 1000)
-  return wait(interval)
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-local s = tonumber(first[2])
-if s > now then return wait(-1) end
-local w = s + span - now
-if f < 1 then w = math.min(w, 100) end -- the rate climbs back: look again
-return wait(w * 1000)
-`)
+var acquireScript = redis.NewScript(acquireLua)
+
+//go:embed scripts/acquire.lua
+var acquireLua string
+
+// acquireArgs are acquireScript's arguments (its keys are Shared.keys).
+type acquireArgs struct {
+	quota         int     // calls per window at the full rate
+	spanMs        int64   // the window
+	holdMs        int64   // how long a permit may stay in flight
+	member        string  // the acquirer's place in the queue, and its permit
+	intervalUs    float64 // the spacing of grants at the full rate
+	recoverPerSec float64 // RecoverPerSecond
+	staleMs       int64   // waiterStale
+}
+
+func (a acquireArgs) argv() []any {
+	return []any{a.quota, a.spanMs, a.holdMs, a.member, a.intervalUs, a.recoverPerSec, a.staleMs}
+}
 
 // waiterStale is how long an acquirer may go without asking before the
 // shared queue forgets it; Acquire asks at least every waiterStale/2.
 const waiterStale = time.Second
 
-// releaseScript ends a permit (ARGV[2] = 1: the call was made, its slot
-// counts until a window after now) or gives it up (0: the slot is free
-// again), and takes the member out of the waiting queue (KEYS[2..4]) and
-// any reservation.
-var releaseScript = redis.NewScript(`
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[2] == '1' then
-  redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
-else
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('HDEL', KEYS[4], ARGV[1])
-end
-return 1
-`)
+// releaseScript ends a permit (called: the call was made, its slot counts
+// until a window after now) or gives it up (the slot is free again), and
+// takes the member out of the waiting queue and any reservation.
+var releaseScript = redis.NewScript(releaseLua)
 
-// recordScript adds calls made offline: ARGV pairs of member, age in ms
-// (how long ago the call was answered; -1 while still in flight).
-var recordScript = redis.NewScript(`
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local hold, span = tonumber(ARGV[1]), tonumber(ARGV[2])
-for i = 3, #ARGV, 2 do
-  local age = tonumber(ARGV[i+1])
-  local score = now + hold
-  if age >= 0 then score = now - age end
-  redis.call('ZADD', KEYS[1], score, ARGV[i])
-end
-redis.call('PEXPIRE', KEYS[1], span + hold + 1000)
-return 1
-`)
+//go:embed scripts/release.lua
+var releaseLua string
 
-// throttleScript pauses every replica for ARGV[1] ms (KEYS[2]; the keys
-// are acquireScript's) and cuts the rate (KEYS[4]) unless it was cut
-// within the last ARGV[2] ms: by ARGV[3], not below ARGV[4]; it climbs
-// back by ARGV[5] per second. It returns the factor·1000 now in force.
-var throttleScript = redis.NewScript(`
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
-end
-local recover = tonumber(ARGV[5])
-` + factorLua + `
-if cutAt == nil or now - cutAt >= tonumber(ARGV[2]) then
-  f = math.max(tonumber(ARGV[4]), f * tonumber(ARGV[3]))
-  redis.call('HSET', KEYS[4], 'f', string.format('%.6f', f), 't', string.format('%.0f', now))
-  redis.call('PEXPIRE', KEYS[4], math.ceil((1 - f) / recover * 1000) + 1000)
-end
-return math.floor(f * 1000)
-`)
+// releaseArgs are releaseScript's arguments (its keys are
+// Shared.releaseKeys).
+type releaseArgs struct {
+	member string
+	called bool
+}
+
+func (a releaseArgs) argv() []any {
+	flag := "0"
+	if a.called {
+		flag = "1"
+	}
+	return []any{a.member, flag}
+}
+
+// recordScript adds calls made offline: pairs of member, age in ms (how
+// long ago the call was answered; -1 while still in flight).
+var recordScript = redis.NewScript(recordLua)
+
+//go:embed scripts/record.lua
+var recordLua string
+
+// recordArgs are recordScript's arguments (its key is Shared.zkey).
+type recordArgs struct {
+	holdMs, spanMs int64
+	calls          []any // member, age in ms (-1: in flight), …
+}
+
+func (a recordArgs) argv() []any { return append([]any{a.holdMs, a.spanMs}, a.calls...) }
+
+// throttleScript pauses every replica for pauseMs (pause_key; the keys
+// are acquireScript's) and cuts the rate (cut_key) unless it was cut
+// within the last cutEveryMs: by cutFactor, not below minFactor; it climbs
+// back by recoverPerSec per second. It returns the factor·1000 now in force.
+// The factor's computation is the same in acquire.lua and throttle.lua
+// (between "-- factor: begin" and "-- factor: end"): each script is whole,
+// readable and loadable on its own, and a test keeps the copies equal.
+var throttleScript = redis.NewScript(throttleLua)
+
+//go:embed scripts/throttle.lua
+var throttleLua string
+
+// throttleArgs are throttleScript's arguments (its keys are Shared.keys).
+type throttleArgs struct {
+	pauseMs, cutEveryMs                 int64
+	cutFactor, minFactor, recoverPerSec float64
+}
+
+func (a throttleArgs) argv() []any {
+	return []any{a.pauseMs, a.cutEveryMs, a.cutFactor, a.minFactor, a.recoverPerSec}
+}
 
 // NewShared validates cfg and returns a Shared limiter.
 func NewShared(cfg SharedConfig) (*Shared, error) {
@@ -280,6 +236,7 @@ func NewShared(cfg SharedConfig) (*Shared, error) {
 		spacer: rate.NewLimiter(rate.Limit(cfg.Rate*spacerHeadroom), 1),
 		zkey:   tag + ":quota", pkey: tag + ":pause", nkey: tag + ":next", ckey: tag + ":cut",
 		wkey: tag + ":wait", skey: tag + ":seen", rkey: tag + ":held", prefix: cfg.Replica + ":"}
+	// In the order acquire.lua and release.lua name them.
 	s.keys = []string{s.zkey, s.pkey, s.nkey, s.ckey, s.wkey, s.skey, s.rkey}
 	s.releaseKeys = []string{s.zkey, s.wkey, s.skey, s.rkey}
 	s.factor.Store(1000)
@@ -352,9 +309,9 @@ func (s *Shared) acquire(ctx context.Context) (*Permit, error) {
 		var err error
 		for attempt, timeout := range []time.Duration{redisTimeout, 2 * redisTimeout} {
 			rctx, cancel := context.WithTimeout(ctx, timeout)
-			res, err = acquireScript.Run(rctx, s.cfg.Client, s.keys,
-				int(s.cfg.Rate), (time.Second + s.cfg.Guard).Milliseconds(), s.cfg.MaxHold.Milliseconds(), member,
-				1e6/s.cfg.Rate, RecoverPerSecond, waiterStale.Milliseconds()).Int64Slice()
+			res, err = acquireScript.Run(rctx, s.cfg.Client, s.keys, acquireArgs{quota: int(s.cfg.Rate),
+				spanMs: (time.Second + s.cfg.Guard).Milliseconds(), holdMs: s.cfg.MaxHold.Milliseconds(), member: member,
+				intervalUs: 1e6 / s.cfg.Rate, recoverPerSec: RecoverPerSecond, staleMs: waiterStale.Milliseconds()}.argv()...).Int64Slice()
 			cancel()
 			if err == nil || !isTimeout(err) || ctx.Err() != nil || attempt == 1 {
 				break
@@ -411,13 +368,9 @@ func (s *Shared) acquire(ctx context.Context) (*Permit, error) {
 }
 
 func (s *Shared) release(member string, called bool) {
-	flag := "0"
-	if called {
-		flag = "1"
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
-	if err := releaseScript.Run(ctx, s.cfg.Client, s.releaseKeys, member, flag).Err(); err != nil {
+	if err := releaseScript.Run(ctx, s.cfg.Client, s.releaseKeys, releaseArgs{member: member, called: called}.argv()...).Err(); err != nil {
 		// The entry stays in flight until MaxHold: conservative, never over.
 		s.goDown()
 	}
@@ -466,23 +419,23 @@ func (s *Shared) recover(ctx context.Context) bool {
 		return true
 	}
 	span := time.Second + s.cfg.Guard
-	args := []any{s.cfg.MaxHold.Milliseconds(), span.Milliseconds()}
+	args := recordArgs{holdMs: s.cfg.MaxHold.Milliseconds(), spanMs: span.Milliseconds()}
 	now := time.Now()
 	recorded := make([]string, 0, len(s.offlineCalls))
 	for m, at := range s.offlineCalls {
 		recorded = append(recorded, m)
 		switch {
 		case at.IsZero():
-			args = append(args, m, -1)
+			args.calls = append(args.calls, m, -1)
 		case now.Sub(at) < span:
-			args = append(args, m, now.Sub(at).Milliseconds())
+			args.calls = append(args.calls, m, now.Sub(at).Milliseconds())
 		}
 	}
 	s.mu.Unlock()
-	if len(args) > 2 {
+	if len(args.calls) > 0 {
 		rctx, cancel := context.WithTimeout(ctx, redisTimeout)
 		defer cancel()
-		if err := recordScript.Run(rctx, s.cfg.Client, []string{s.zkey}, args...).Err(); err != nil {
+		if err := recordScript.Run(rctx, s.cfg.Client, []string{s.zkey}, args.argv()...).Err(); err != nil {
 			s.goDown()
 			return false
 		}
@@ -529,8 +482,8 @@ func (s *Shared) Throttled(pause time.Duration) {
 	s.fallback.Throttled(pause)
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
-	f, err := throttleScript.Run(ctx, s.cfg.Client, s.keys, pause.Milliseconds(),
-		CutEvery.Milliseconds(), CutFactor, MinFactor, RecoverPerSecond).Int64()
+	f, err := throttleScript.Run(ctx, s.cfg.Client, s.keys, throttleArgs{pauseMs: pause.Milliseconds(),
+		cutEveryMs: CutEvery.Milliseconds(), cutFactor: CutFactor, minFactor: MinFactor, recoverPerSec: RecoverPerSecond}.argv()...).Int64()
 	if err != nil {
 		s.goDown()
 	} else {

@@ -17,6 +17,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/badtags"
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/cache/redistier"
 	"github.com/portrait-proxy/portrait-proxy/httpapi"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/limiter"
@@ -174,7 +175,7 @@ func (p *Proxy) buildRedis() (err error) {
 		p.m.RedisUp.Set(0)
 		return nil
 	}
-	if p.rclient, err = cache.NewRedisClient(cfg.Redis, cache.RedisClientOptions{Password: cfg.RedisPassword, CAFile: cfg.RedisCA}); err != nil {
+	if p.rclient, err = redistier.NewClient(cfg.Redis, redistier.ClientOptions{Password: cfg.RedisPassword, CAFile: cfg.RedisCA}); err != nil {
 		return err
 	}
 	rc := p.rclient
@@ -183,8 +184,8 @@ func (p *Proxy) buildRedis() (err error) {
 		return metrics.PoolStats{Hits: st.Hits, Misses: st.Misses, Timeouts: st.Timeouts,
 			TotalConns: st.TotalConns, IdleConns: st.IdleConns, StaleConns: st.StaleConns}
 	})
-	p.redis, err = cache.NewRedis(cache.RedisConfig{Client: p.rclient, SDKAppID: cfg.SDKAppID,
-		KeyTTL: cache.KeyLifetime(cfg.TTL, cfg.StaleTTL), ClockSkew: cfg.ClockSkew, Metrics: p.m})
+	p.redis, err = redistier.New(redistier.Config{Client: p.rclient, SDKAppID: cfg.SDKAppID,
+		TTL: cfg.TTL, StaleTTL: cfg.StaleTTL, ClockSkew: cfg.ClockSkew, Metrics: p.m})
 	return err
 }
 

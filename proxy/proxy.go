@@ -30,6 +30,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/badtags"
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
+	"github.com/portrait-proxy/portrait-proxy/cache/redistier"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
@@ -67,7 +68,7 @@ type Config struct {
 	StaleTTL      time.Duration // default cache.DefaultStaleTTL
 	NegativeTTL   time.Duration // default cache.DefaultNegativeTTL
 	LocalAccounts int           // in-process tier size in accounts; default cache.DefaultLocalAccounts
-	Redis         string        // shared tier: see cache.NewRedisClient; empty: none
+	Redis         string        // shared tier: see redistier.NewClient; empty: none
 	// RedisPassword replaces the password of the Redis URL (AUTH/ACL);
 	// RedisCA is a PEM file of roots for rediss:// (default: the system's).
 	RedisPassword string
@@ -141,7 +142,7 @@ type Proxy struct {
 	m       *metrics.Metrics
 	batcher *batcher.Batcher
 	cache   *cache.Cache
-	redis   *cache.Redis
+	redis   *redistier.Tier
 	badTags *badtags.Set
 	rclient redis.UniversalClient
 	api     *http.Server

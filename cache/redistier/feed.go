@@ -1,4 +1,4 @@
-package cache
+package redistier
 
 import (
 	"context"
@@ -6,35 +6,22 @@ import (
 	"errors"
 	"time"
 
+	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/redis/go-redis/v9"
 )
-
-// Feed is the optional part of a Remote that carries profile changes to
-// every replica. *Redis satisfies it with a pub/sub channel per app.
-type Feed interface {
-	// Change writes account's changed tags to the tier (versioned: never
-	// over newer values) and announces them to every replica, before it
-	// returns. With existing, only fields the tier already holds are
-	// written, and no key is created or kept longer.
-	Change(ctx context.Context, account string, rec *Record, existing bool) error
-	// Follow calls apply for each change another replica announces, and
-	// lost when changes may have been missed (the feed was cut and is
-	// back). It returns when ctx ends.
-	Follow(ctx context.Context, apply func(account string, rec *Record, sent time.Time), lost func())
-}
 
 // Change writes rec (a change's tags) for account and publishes it on the
 // app's change channel, in one round trip. With existing, only fields
 // already in account's hash are written (see writeScript).
-func (r *Redis) Change(ctx context.Context, account string, rec *Record, existing bool) error {
-	return r.ChangeAll(ctx, []string{account}, []*Record{rec}, existing)
+func (r *Tier) Change(ctx context.Context, account string, rec *cache.Record, existing bool) error {
+	return r.ChangeAll(ctx, []string{account}, []*cache.Record{rec}, existing)
 }
 
 // ChangeAll is Change for several accounts (recs[i] for accounts[i]), all
 // in one round trip.
-func (r *Redis) ChangeAll(ctx context.Context, accounts []string, recs []*Record, existing bool) error {
+func (r *Tier) ChangeAll(ctx context.Context, accounts []string, recs []*cache.Record, existing bool) error {
 	if !r.up.Load() {
-		return ErrRedisDown
+		return ErrDown
 	}
 	ctx, cancel := context.WithTimeout(ctx, 4*r.cfg.Timeout)
 	defer cancel()
@@ -61,7 +48,7 @@ func (r *Redis) ChangeAll(ctx context.Context, accounts []string, recs []*Record
 // Follow subscribes to the app's change channel until ctx ends. A
 // resubscription after a cut calls lost: what was published meanwhile is
 // gone.
-func (r *Redis) Follow(ctx context.Context, apply func(account string, rec *Record, sent time.Time), lost func()) {
+func (r *Tier) Follow(ctx context.Context, apply func(account string, rec *cache.Record, sent time.Time), lost func()) {
 	ps := r.cfg.Client.Subscribe(ctx, r.feed)
 	stop := context.AfterFunc(ctx, func() { ps.Close() })
 	defer stop()
@@ -106,7 +93,7 @@ func (r *Redis) Follow(ctx context.Context, apply func(account string, rec *Reco
 // time in Unix microseconds (uvarint), then length-prefixed account and
 // (tag, encoded field) pairs; a negative entry (an account_delete) is the
 // pair (negField, its encoded form).
-func encodeChange(replica string, sent time.Time, account string, rec *Record) string {
+func encodeChange(replica string, sent time.Time, account string, rec *cache.Record) string {
 	b := []byte{1}
 	b = appendLP(b, replica)
 	b = binary.AppendUvarint(b, uint64(sent.UnixMicro()))
@@ -129,7 +116,7 @@ func appendLP(b []byte, s string) []byte {
 	return append(b, s...)
 }
 
-func decodeChange(s string) (replica string, sent time.Time, account string, rec *Record, ok bool) {
+func decodeChange(s string) (replica string, sent time.Time, account string, rec *cache.Record, ok bool) {
 	if len(s) == 0 || s[0] != 1 {
 		return
 	}
@@ -155,7 +142,7 @@ func decodeChange(s string) (replica string, sent time.Time, account string, rec
 	if account, ok = next(); !ok {
 		return
 	}
-	rec = &Record{}
+	rec = &cache.Record{}
 	for len(s) > 0 {
 		tag, ok1 := next()
 		field, ok2 := next()
@@ -172,8 +159,8 @@ func decodeChange(s string) (replica string, sent time.Time, account string, rec
 		if !ok3 {
 			return "", time.Time{}, "", nil, false
 		}
-		v.Tag = intern(tag)
-		rec.put(v)
+		v.Tag = tag
+		rec.Put(v)
 	}
 	return replica, sent, account, rec, true
 }

@@ -1,4 +1,4 @@
-package cache
+package redistier
 
 import (
 	"context"
@@ -22,9 +22,9 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
 )
 
-func ping(t *testing.T, spec string, o RedisClientOptions) error {
+func ping(t *testing.T, spec string, o ClientOptions) error {
 	t.Helper()
-	c, err := NewRedisClient(spec, o)
+	c, err := NewClient(spec, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,14 +39,14 @@ func ping(t *testing.T, spec string, o RedisClientOptions) error {
 
 // roundTrip writes and reads accounts through a tier on spec (the write
 // script, HMGET pipelines), across cluster slots when it is a cluster.
-func roundTrip(t *testing.T, spec string, o RedisClientOptions) {
+func roundTrip(t *testing.T, spec string, o ClientOptions) {
 	t.Helper()
-	client, err := NewRedisClient(spec, o)
+	client, err := NewClient(spec, o)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer client.Close()
-	r, err := NewRedis(RedisConfig{Client: client, SDKAppID: 1400000000})
+	r, err := New(Config{Client: client, SDKAppID: 1400000000})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,21 +75,21 @@ func TestRedisAuthAndACLUser(t *testing.T) {
 	a := srv.Addr()
 	for _, c := range []struct {
 		spec string
-		o    RedisClientOptions
+		o    ClientOptions
 		ok   bool
 	}{
-		{"redis://" + a + "/0", RedisClientOptions{}, false},
-		{"redis://" + a + "/0", RedisClientOptions{Password: "pw-default"}, true},
-		{"redis://:pw-default@" + a + "/0", RedisClientOptions{}, true},
-		{"redis://proxy:pw-proxy@" + a + "/0", RedisClientOptions{}, true},
-		{"redis://proxy:wrong@" + a + "/0", RedisClientOptions{}, false},
-		{"redis://proxy@" + a + "/0", RedisClientOptions{Password: "pw-proxy"}, true},
+		{"redis://" + a + "/0", ClientOptions{}, false},
+		{"redis://" + a + "/0", ClientOptions{Password: "pw-default"}, true},
+		{"redis://:pw-default@" + a + "/0", ClientOptions{}, true},
+		{"redis://proxy:pw-proxy@" + a + "/0", ClientOptions{}, true},
+		{"redis://proxy:wrong@" + a + "/0", ClientOptions{}, false},
+		{"redis://proxy@" + a + "/0", ClientOptions{Password: "pw-proxy"}, true},
 	} {
 		if err := ping(t, c.spec, c.o); (err == nil) != c.ok {
 			t.Errorf("%s %+v: %v, want ok %v", c.spec, c.o, err, c.ok)
 		}
 	}
-	roundTrip(t, "redis://proxy:pw-proxy@"+a+"/0", RedisClientOptions{})
+	roundTrip(t, "redis://proxy:pw-proxy@"+a+"/0", ClientOptions{})
 	// The ACL user may touch only pp:* keys: the tier keeps to them.
 	if reply, err := srv.Do("ACL", "DRYRUN", "proxy", "GET", "other"); err != nil || reply == "OK" {
 		t.Fatal("the ACL user may read keys outside pp:*; the test proves nothing")
@@ -98,7 +98,7 @@ func TestRedisAuthAndACLUser(t *testing.T) {
 
 func TestRedisURLErrorsHideThePassword(t *testing.T) {
 	for _, spec := range []string{"redis://u:s3cret@host:notaport/0", "redis://u:s3cret@h1:1,h2:2?dial_timeout=soon", "http://u:s3cret@host:1/0", "redis://u:s3cret@host:1/notadb"} {
-		_, err := NewRedisClient(spec, RedisClientOptions{})
+		_, err := NewClient(spec, ClientOptions{})
 		if err == nil || strings.Contains(err.Error(), "s3cret") {
 			t.Errorf("%s: %v", spec, err)
 		}
@@ -109,17 +109,17 @@ func TestRedisURLErrorsHideThePassword(t *testing.T) {
 // master answering, writes and reads across slots.
 func TestRedisClusterAuth(t *testing.T) {
 	cl := redistest.StartCluster(t, 3, "--requirepass", "pw", "--masterauth", "pw")
-	if err := ping(t, cl.Addrs(), RedisClientOptions{}); err == nil {
+	if err := ping(t, cl.Addrs(), ClientOptions{}); err == nil {
 		t.Fatal("cluster without the password answered")
 	}
-	if err := ping(t, cl.Addrs(), RedisClientOptions{Password: "pw"}); err != nil {
+	if err := ping(t, cl.Addrs(), ClientOptions{Password: "pw"}); err != nil {
 		t.Fatal(err)
 	}
 	url := "redis://:pw@" + cl.Addrs()
-	if err := ping(t, url, RedisClientOptions{}); err != nil {
+	if err := ping(t, url, ClientOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	roundTrip(t, url, RedisClientOptions{})
+	roundTrip(t, url, ClientOptions{})
 }
 
 // selfSigned writes a CA-less self-signed certificate for 127.0.0.1 and its
@@ -171,17 +171,17 @@ func TestRedisTLS(t *testing.T) {
 	redistest.Start(t, "--tls-port", port, "--tls-cert-file", cert, "--tls-key-file", key, "--tls-auth-clients", "no",
 		"--requirepass", "pw")
 	spec := "rediss://:pw@127.0.0.1:" + port + "/0"
-	if err := ping(t, spec, RedisClientOptions{CAFile: cert}); err != nil {
+	if err := ping(t, spec, ClientOptions{CAFile: cert}); err != nil {
 		t.Fatal(err)
 	}
-	roundTrip(t, spec, RedisClientOptions{CAFile: cert})
-	if err := ping(t, spec, RedisClientOptions{}); err == nil {
+	roundTrip(t, spec, ClientOptions{CAFile: cert})
+	if err := ping(t, spec, ClientOptions{}); err == nil {
 		t.Fatal("a certificate of an unknown authority was accepted")
 	}
-	if err := ping(t, "redis://:pw@127.0.0.1:"+port+"/0", RedisClientOptions{}); err == nil {
+	if err := ping(t, "redis://:pw@127.0.0.1:"+port+"/0", ClientOptions{}); err == nil {
 		t.Fatal("plain text to the TLS port answered")
 	}
-	if _, err := NewRedisClient("redis://127.0.0.1:"+port+"/0", RedisClientOptions{CAFile: cert}); err == nil {
+	if _, err := NewClient("redis://127.0.0.1:"+port+"/0", ClientOptions{CAFile: cert}); err == nil {
 		t.Fatal("a CA file without TLS was accepted")
 	}
 }
@@ -190,7 +190,7 @@ func TestRedisTLS(t *testing.T) {
 // under its own host name.
 func TestRedisClusterURLOptions(t *testing.T) {
 	cert, _ := selfSigned(t)
-	c, err := NewRedisClient("rediss://proxy:pw@10.0.0.1:7000,10.0.0.2:7001, 10.0.0.3:7002?dial_timeout=1s", RedisClientOptions{CAFile: cert})
+	c, err := NewClient("rediss://proxy:pw@10.0.0.1:7000,10.0.0.2:7001, 10.0.0.3:7002?dial_timeout=1s", ClientOptions{CAFile: cert})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -209,7 +209,7 @@ func TestRedisClusterURLOptions(t *testing.T) {
 	if o.MaxRetries != -1 || o.ReadTimeout != 250*time.Millisecond {
 		t.Fatalf("retries %d, read timeout %v", o.MaxRetries, o.ReadTimeout)
 	}
-	single, err := NewRedisClient("rediss://u:p@host.example:6380/2", RedisClientOptions{Password: "from-env"})
+	single, err := NewClient("rediss://u:p@host.example:6380/2", ClientOptions{Password: "from-env"})
 	if err != nil {
 		t.Fatal(err)
 	}

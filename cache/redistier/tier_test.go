@@ -1,4 +1,4 @@
-package cache
+package redistier
 
 import (
 	"context"
@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 )
@@ -28,7 +29,7 @@ var hostileIDs = []string{
 }
 
 type tier struct {
-	r      *Redis
+	r      *Tier
 	m      *metrics.Metrics
 	stop   func()
 	client redis.UniversalClient
@@ -36,12 +37,12 @@ type tier struct {
 
 func startTier(t *testing.T, spec string, app uint64) *tier {
 	t.Helper()
-	client, err := NewRedisClient(spec, RedisClientOptions{})
+	client, err := NewClient(spec, ClientOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	m := metrics.New(prometheus.NewRegistry())
-	r, err := NewRedis(RedisConfig{Client: client, SDKAppID: app, Metrics: m, ProbeEvery: 20 * time.Millisecond})
+	r, err := New(Config{Client: client, SDKAppID: app, Metrics: m, ProbeEvery: 20 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,8 +55,8 @@ func startTier(t *testing.T, spec string, app uint64) *tier {
 	return tr
 }
 
-func testRecord(account string, now time.Time) *Record {
-	return &Record{Tags: []TagValue{
+func testRecord(account string, now time.Time) *cache.Record {
+	return &cache.Record{Tags: []cache.TagValue{
 		{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(strconv.Quote("nick-" + account)), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
 		{Tag: "Tag_Profile_IM_Level", Value: json.RawMessage("18446744073709551615"), Set: true, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)},
 		{Tag: "Tag_Profile_IM_Location", Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)}, // unset
@@ -80,7 +81,7 @@ func checkRoundTrip(t *testing.T, tr *tier) {
 	ctx := context.Background()
 	now := time.Now().Truncate(time.Millisecond)
 	for _, id := range hostileIDs {
-		if err := tr.r.Put(ctx, []string{id}, []*Record{testRecord(id, now)}); err != nil {
+		if err := tr.r.Put(ctx, []string{id}, []*cache.Record{testRecord(id, now)}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -112,7 +113,7 @@ func checkRoundTrip(t *testing.T, tr *tier) {
 				t.Fatalf("%q %s: got %+v want %+v", id, tag, g, w)
 			}
 		}
-		if rec.state(tags[:4], now) != stateFresh || rec.state(tags, now) != stateMiss {
+		if rec.Serves(tags[:4], now) != cache.StateFresh || rec.Serves(tags, now) != cache.StateMiss {
 			t.Fatalf("%q: states wrong", id)
 		}
 	}
@@ -144,7 +145,7 @@ func TestRedisKeysPerApp(t *testing.T) {
 	a := startTier(t, srv.URL(), 1)
 	b := startTier(t, srv.URL(), 2)
 	now := time.Now()
-	a.r.Put(context.Background(), []string{"u1"}, []*Record{testRecord("u1", now)})
+	a.r.Put(context.Background(), []string{"u1"}, []*cache.Record{testRecord("u1", now)})
 	waitWritten(t, a, "u1")
 	recs, err := b.r.Get(context.Background(), []string{"u1"}, []string{"Tag_Profile_IM_Nick"})
 	if err != nil || recs[0] != nil {
@@ -160,14 +161,14 @@ func TestRedisNegativeAndClear(t *testing.T) {
 	tr := startTier(t, srv.URL(), 1)
 	ctx := context.Background()
 	now := time.Now().Truncate(time.Millisecond)
-	tr.r.Put(ctx, []string{"ghost"}, []*Record{{NotFoundCode: 40003, NotFoundInfo: "gone", NotFoundUntil: now.Add(30 * time.Second)}})
+	tr.r.Put(ctx, []string{"ghost"}, []*cache.Record{{NotFoundCode: 40003, NotFoundInfo: "gone", NotFoundUntil: now.Add(30 * time.Second)}})
 	waitWritten(t, tr, "ghost")
 	recs, _ := tr.r.Get(ctx, []string{"ghost"}, []string{"Tag_Profile_IM_Nick"})
 	if recs[0] == nil || recs[0].NotFoundCode != 40003 || recs[0].NotFoundInfo != "gone" || !recs[0].NotFoundUntil.Equal(now.Add(30*time.Second)) {
 		t.Fatalf("negative entry %+v", recs[0])
 	}
 	// Found later: the negative entry is cleared.
-	tr.r.Put(ctx, []string{"ghost"}, []*Record{testRecord("ghost", now)})
+	tr.r.Put(ctx, []string{"ghost"}, []*cache.Record{testRecord("ghost", now)})
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		recs, _ = tr.r.Get(ctx, []string{"ghost"}, []string{"Tag_Profile_IM_Nick"})
@@ -211,14 +212,14 @@ func TestRedisDownSkippedThenBack(t *testing.T) {
 	}
 	start := time.Now()
 	for range 100 {
-		if _, err := tr.r.Get(ctx, []string{"u1"}, []string{"Tag_Profile_IM_Nick"}); !errors.Is(err, ErrRedisDown) {
+		if _, err := tr.r.Get(ctx, []string{"u1"}, []string{"Tag_Profile_IM_Nick"}); !errors.Is(err, ErrDown) {
 			t.Fatalf("while down: %v", err)
 		}
 	}
 	if d := time.Since(start); d > 50*time.Millisecond {
 		t.Fatalf("100 skipped Gets took %v", d)
 	}
-	if err := tr.r.Put(ctx, []string{"u1"}, []*Record{testRecord("u1", time.Now())}); !errors.Is(err, ErrRedisDown) {
+	if err := tr.r.Put(ctx, []string{"u1"}, []*cache.Record{testRecord("u1", time.Now())}); !errors.Is(err, ErrDown) {
 		t.Fatalf("Put while down: %v", err)
 	}
 	srv.Restart()
@@ -229,7 +230,7 @@ func TestRedisDownSkippedThenBack(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	tr.r.Put(ctx, []string{"u1"}, []*Record{testRecord("u1", time.Now())})
+	tr.r.Put(ctx, []string{"u1"}, []*cache.Record{testRecord("u1", time.Now())})
 	waitWritten(t, tr, "u1")
 }
 
@@ -242,7 +243,7 @@ func TestRedisBytesPerEntry(t *testing.T) {
 	const n = 2000
 	for i := range n {
 		id := "user" + strconv.Itoa(i)
-		tr.r.Put(ctx, []string{id}, []*Record{testRecord(id, now)})
+		tr.r.Put(ctx, []string{id}, []*cache.Record{testRecord(id, now)})
 	}
 	waitWritten(t, tr, "user"+strconv.Itoa(n-1))
 	var total int64
@@ -272,7 +273,7 @@ func TestRedisConcurrentReadsShare(t *testing.T) {
 			accs := make([]string, n)
 			for i := range accs {
 				accs[i] = fmt.Sprint("u", i)
-				tr.r.Put(ctx, accs[i:i+1], []*Record{testRecord(accs[i], now)})
+				tr.r.Put(ctx, accs[i:i+1], []*cache.Record{testRecord(accs[i], now)})
 			}
 			for _, a := range accs {
 				waitWritten(t, tr, a)
