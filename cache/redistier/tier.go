@@ -77,7 +77,7 @@ type Config struct {
 	// Zero means 100,000.
 	WriteQueue int
 	// ClockSkew is how far apart the clocks of the replicas and the
-	// upstream may be; see cache.Merge. Zero means 1s.
+	// upstream may be; see cache.Merge. Zero means cache.DefaultClockSkew.
 	ClockSkew time.Duration
 	// Replica names this process on the change feed (its own changes are
 	// not applied twice); empty means random.
@@ -121,7 +121,7 @@ func New(cfg Config) (*Tier, error) {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
 	if cfg.ClockSkew <= 0 {
-		cfg.ClockSkew = time.Second
+		cfg.ClockSkew = cache.DefaultClockSkew
 	}
 	if cfg.Replica == "" {
 		cfg.Replica = strconv.FormatUint(rand.Uint64(), 36)
