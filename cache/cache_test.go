@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -144,33 +145,32 @@ func TestHitsAndSubsets(t *testing.T) {
 	}
 }
 
+// TestStaleWhileRevalidate: a value past fresh is served as it is while
+// one background refresh fetches the new one, which later lookups serve.
+// The bubble lets the refresh run to its end before the next lookup.
 func TestStaleWhileRevalidate(t *testing.T) {
-	up := &fakeUpstream{}
-	clk := newClock()
-	c, _ := newCache(t, up, clk)
-	ctx := context.Background()
-	tags := []string{"Tag_Profile_IM_Nick"}
-	c.Get(ctx, []string{"u1"}, tags)
-	up.version.Store(1)
-	clk.Add(2 * time.Minute) // past fresh, within stale
-	a := c.Get(ctx, []string{"u1"}, tags)
-	if got := values(a[0].Item); got[0] != "Tag_Profile_IM_Nick=u1:Tag_Profile_IM_Nick:0" {
-		t.Fatalf("stale serve = %v", got)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		a = c.Get(ctx, []string{"u1"}, tags)
-		if values(a[0].Item)[0] == "Tag_Profile_IM_Nick=u1:Tag_Profile_IM_Nick:1" {
-			break
+	synctest.Test(t, func(t *testing.T) {
+		up := &fakeUpstream{}
+		clk := newClock()
+		c, _ := newCache(t, up, clk)
+		ctx := context.Background()
+		tags := []string{"Tag_Profile_IM_Nick"}
+		c.Get(ctx, []string{"u1"}, tags)
+		up.version.Store(1)
+		clk.Add(2 * time.Minute) // past fresh, within stale
+		a := c.Get(ctx, []string{"u1"}, tags)
+		if got := values(a[0].Item); got[0] != "Tag_Profile_IM_Nick=u1:Tag_Profile_IM_Nick:0" {
+			t.Fatalf("stale serve = %v", got)
 		}
-		if time.Now().After(deadline) {
+		synctest.Wait() // the background refresh has landed or is stuck
+		a = c.Get(ctx, []string{"u1"}, tags)
+		if values(a[0].Item)[0] != "Tag_Profile_IM_Nick=u1:Tag_Profile_IM_Nick:1" {
 			t.Fatal("background refresh never landed")
 		}
-		time.Sleep(time.Millisecond)
-	}
-	if n := up.calls.Load(); n != 2 {
-		t.Fatalf("%d upstream calls, want 2 (one refresh)", n)
-	}
+		if n := up.calls.Load(); n != 2 {
+			t.Fatalf("%d upstream calls, want 2 (one refresh)", n)
+		}
+	})
 }
 
 // TestStaleIfError: with the upstream failing, a value past fresh is still
@@ -253,58 +253,62 @@ func TestTransientNotCached(t *testing.T) {
 // TestSingleflight: concurrent misses of one account and tag set make one
 // load; when every caller leaves, the load's context ends.
 func TestSingleflight(t *testing.T) {
-	release := make(chan struct{})
-	var calls atomic.Int32
-	ended := make(chan error, 1)
-	l := loaderFunc(func(ctx context.Context, a string, tags []string) (Fetched, error) {
-		calls.Add(1)
-		select {
-		case <-release:
-			return Fetched{Tags: tags, Item: item(a, "Tag_Profile_IM_Nick", "n-"+a)}, nil
-		case <-ctx.Done():
-			ended <- ctx.Err()
-			return Fetched{}, ctx.Err()
-		}
-	})
-	c, m := newCache(t, l, newClock())
-	var wg sync.WaitGroup
-	for range 20 {
-		wg.Go(func() {
-			a := c.Get(context.Background(), []string{"u1"}, []string{"Tag_Profile_IM_Nick"})
-			if got := values(a[0].Item); len(got) != 1 || got[0] != "Tag_Profile_IM_Nick=n-u1" {
-				t.Errorf("got %v %v", got, a[0].Err)
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		var calls atomic.Int32
+		ended := make(chan error, 1)
+		l := loaderFunc(func(ctx context.Context, a string, tags []string) (Fetched, error) {
+			calls.Add(1)
+			select {
+			case <-release:
+				return Fetched{Tags: tags, Item: item(a, "Tag_Profile_IM_Nick", "n-"+a)}, nil
+			case <-ctx.Done():
+				ended <- ctx.Err()
+				return Fetched{}, ctx.Err()
 			}
 		})
-	}
-	for testutil.ToFloat64(m.SingleflightShared) < 19 {
-		time.Sleep(time.Millisecond)
-	}
-	close(release)
-	wg.Wait()
-	if calls.Load() != 1 {
-		t.Fatalf("%d loads for 20 concurrent misses", calls.Load())
-	}
-
-	// Every caller leaves: the flight's context is cancelled.
-	release = make(chan struct{})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan []Answer)
-	go func() { done <- c.Get(ctx, []string{"u2"}, []string{"Tag_Profile_IM_Nick"}) }()
-	for calls.Load() != 2 {
-		time.Sleep(time.Millisecond)
-	}
-	cancel()
-	if a := <-done; !errors.Is(a[0].Err, context.Canceled) {
-		t.Fatalf("leaver got %+v", a[0])
-	}
-	select {
-	case err := <-ended:
-		if !errors.Is(err, context.Canceled) {
-			t.Fatalf("flight ended with %v", err)
+		c, m := newCache(t, l, newClock())
+		var wg sync.WaitGroup
+		for range 20 {
+			wg.Go(func() {
+				a := c.Get(context.Background(), []string{"u1"}, []string{"Tag_Profile_IM_Nick"})
+				if got := values(a[0].Item); len(got) != 1 || got[0] != "Tag_Profile_IM_Nick=n-u1" {
+					t.Errorf("got %v %v", got, a[0].Err)
+				}
+			})
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("flight context not cancelled after its last caller left")
-	}
+		synctest.Wait() // every caller is in: one loading, the others waiting on it
+		if n := testutil.ToFloat64(m.SingleflightShared); n < 19 {
+			t.Fatalf("%v of 20 concurrent callers shared the load, want 19", n)
+		}
+		close(release)
+		wg.Wait()
+		if calls.Load() != 1 {
+			t.Fatalf("%d loads for 20 concurrent misses", calls.Load())
+		}
+
+		// Every caller leaves: the flight's context is cancelled.
+		release = make(chan struct{})
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan []Answer)
+		go func() { done <- c.Get(ctx, []string{"u2"}, []string{"Tag_Profile_IM_Nick"}) }()
+		synctest.Wait() // the caller's load has started
+		if n := calls.Load(); n != 2 {
+			t.Fatalf("%d loads, want the new caller's second", n)
+		}
+		cancel()
+		if a := <-done; !errors.Is(a[0].Err, context.Canceled) {
+			t.Fatalf("leaver got %+v", a[0])
+		}
+		select {
+		case err := <-ended:
+			if !errors.Is(err, context.Canceled) {
+				t.Fatalf("flight ended with %v", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("flight context not cancelled after its last caller left")
+		}
+	})
 }
 
 func TestLocalBounded(t *testing.T) {

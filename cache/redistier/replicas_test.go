@@ -15,6 +15,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 )
 
@@ -76,6 +77,8 @@ func TestFetchBeforeChangeLoses(t *testing.T) {
 	done := make(chan string)
 	go func() { done <- nickOf(t, c, "u1") }()
 	<-g.started // the fetch is out, carrying the old value
+	// Versions are ms: let the clock pass the fetch's send time, so the
+	// change is versioned after it.
 	time.Sleep(2 * time.Millisecond)
 	if err := c.Change(context.Background(), "u1", []im.ProfileItem{{Tag: nick, Value: raw("new")}}, cache.FromSet, 0, time.Now()); err != nil {
 		t.Fatal(err)
@@ -142,18 +145,13 @@ func TestFeedAcrossReplicas(t *testing.T) {
 	if got := nickOf(t, b, "u3"); got != "u3:"+nick+":0" {
 		t.Fatalf("b fetched %q", got)
 	}
-	waitSubscribed(t, trB, 2)
+	wait.For(t, 5*time.Second, "2 feed subscribers", subscribed(trB, 2))
 	if err := a.Change(context.Background(), "u3", []im.ProfileItem{{Tag: nick, Value: raw("changed")}}, cache.FromSet, 0, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	applied := trB.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied)
-	deadline := time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(applied) == 0 { // counted right after it is applied
-		if time.Now().After(deadline) {
-			t.Fatal("replica b never heard of the change")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	// counted right after it is applied
+	wait.For(t, 5*time.Second, "replica b to hear of the change", func() bool { return testutil.ToFloat64(applied) != 0 })
 	if v, _ := localB.Get("u3", time.Now()).Tag(nick); string(v.Value) != `"changed"` {
 		t.Fatalf("b holds %s", v.Value)
 	}
@@ -165,42 +163,21 @@ func TestFeedAcrossReplicas(t *testing.T) {
 	}
 	srv.Kill()
 	srv.Restart()
-	deadline = time.Now().Add(10 * time.Second)
-	for localB.Len() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("b kept its in-process tier after the feed was cut")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	wait.For(t, 10*time.Second, "b to drop its in-process tier after the feed was cut", func() bool { return localB.Len() == 0 })
 }
 
-// waitSubscribed waits until n replicas listen on the feed.
-func waitSubscribed(t *testing.T, tr *tier, n int64) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		got := tr.client.PubSubNumSub(context.Background(), tr.r.feed).Val()[tr.r.feed]
-		if got == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d subscribers, want %d", got, n)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+// subscribed tells whether n replicas listen on the feed (for wait.For:
+// a replica subscribes off New's path).
+func subscribed(tr *tier, n int64) func() bool {
+	return func() bool { return tr.client.PubSubNumSub(context.Background(), tr.r.feed).Val()[tr.r.feed] == n }
 }
 
-// waitFeed waits until tr's replica has counted n feed changes (applied or
+// heard tells whether tr's replica has counted n feed changes (applied or
 // old).
-func waitFeed(t *testing.T, tr *tier, n float64) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(tr.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied))+
-		testutil.ToFloat64(tr.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeOld)) < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("replica never heard of %v feed changes", n)
-		}
-		time.Sleep(time.Millisecond)
+func heard(tr *tier, n float64) func() bool {
+	return func() bool {
+		return testutil.ToFloat64(tr.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeApplied))+
+			testutil.ToFloat64(tr.m.Changes.WithLabelValues(metrics.ChangeFeed, metrics.ChangeOld)) >= n
 	}
 }
 
@@ -212,7 +189,7 @@ func TestRepeatedCallbackNeverUndoesLaterSet(t *testing.T) {
 	var up fakeUpstream
 	a, _, trA := newReplica(t, &up, srv.URL())
 	b, _, trB := newReplica(t, &up, srv.URL())
-	waitSubscribed(t, trB, 2)
+	wait.For(t, 5*time.Second, "2 feed subscribers", subscribed(trB, 2))
 	e := time.Now().UnixMilli()
 	cb := []im.ProfileItem{{Tag: nick, Value: raw("A")}}
 	if err := a.Change(context.Background(), "u9", cb, cache.FromCallback, e, time.Now()); err != nil {
@@ -224,13 +201,13 @@ func TestRepeatedCallbackNeverUndoesLaterSet(t *testing.T) {
 	// b has heard of A and of the set. (A repeat that reaches b within the
 	// feed's delay of a set made on another replica, before b hears of it,
 	// is not covered: b orders the two by their arrival there.)
-	waitFeed(t, trB, 2)
+	wait.For(t, 5*time.Second, "2 feed changes at the replica", heard(trB, 2))
 	for _, c := range []*cache.Cache{a, b} { // the repeat reaches either replica
 		if err := c.Change(context.Background(), "u9", cb, cache.FromCallback, e, time.Now().Add(10*time.Millisecond)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	waitFeed(t, trB, 3)
+	wait.For(t, 5*time.Second, "3 feed changes at the replica", heard(trB, 3))
 	for i, c := range []*cache.Cache{a, b} {
 		if got := nickOf(t, c, "u9"); got != "B" {
 			t.Fatalf("replica %d serves %q after a repeated callback", i, got)
@@ -253,7 +230,7 @@ func TestDropCreatesNothing(t *testing.T) {
 	var up fakeUpstream
 	a, localA, trA := newReplica(t, &up, srv.URL())
 	_, localB, trB := newReplica(t, &up, srv.URL())
-	waitSubscribed(t, trB, 2)
+	wait.For(t, 5*time.Second, "2 feed subscribers", subscribed(trB, 2))
 	custom := func(i int) string { return "Tag_Profile_Custom_T" + strings.Repeat("x", i%7) }
 	var tags []string
 	for i := range 7 {
@@ -264,7 +241,7 @@ func TestDropCreatesNothing(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitFeed(t, trB, 50)
+	wait.For(t, 5*time.Second, "50 feed changes at the replica", heard(trB, 50))
 	if n, _ := srv.Do("DBSIZE"); n != "0" {
 		t.Fatalf("forged drops created %s Redis keys", n)
 	}
@@ -277,7 +254,7 @@ func TestDropCreatesNothing(t *testing.T) {
 	if got := nickOf(t, a, "u5"); got != "u5:"+nick+":0" {
 		t.Fatalf("fetched %q", got)
 	}
-	waitWritten(t, trA, "u5")
+	wait.For(t, 5*time.Second, writeBack("u5"), written(trA, "u5"))
 	if _, err := srv.Do("PEXPIRE", trA.r.Key("u5"), "60000"); err != nil {
 		t.Fatal(err)
 	}
@@ -314,14 +291,14 @@ func TestFeedClaimsBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Close)
-	waitSubscribed(t, tr, 1)
+	wait.For(t, 5*time.Second, "1 feed subscriber", subscribed(tr, 1))
 	far := clk.Now().AddDate(10, 0, 0)
 	poison := &cache.Record{Tags: []cache.TagValue{{Tag: nick, Value: raw("poison"), Set: true, Origin: cache.FromCallback,
 		Ver: far.UnixMilli(), Event: far.UnixMilli(), Fresh: far, Stale: far}}}
 	if err := tr.client.Publish(context.Background(), tr.r.feed, encodeChange("attacker", clk.Now(), "u7", poison)).Err(); err != nil {
 		t.Fatal(err)
 	}
-	waitFeed(t, tr, 1)
+	wait.For(t, 5*time.Second, "1 feed change at the replica", heard(tr, 1))
 	now := clk.Now()
 	v, ok := local.Get("u7", now).Tag(nick)
 	if !ok || v.Ver > now.Add(time.Second).UnixMilli() || v.Event > now.Add(time.Second).UnixMilli() ||
@@ -373,7 +350,7 @@ func TestWrongTypeKeyIsAMissForThatKeyOnly(t *testing.T) {
 	var up fakeUpstream
 	c, _, tr := newReplica(t, &up, srv.URL())
 	nickOf(t, c, "good") // fetched, written back
-	waitWritten(t, tr, "good")
+	wait.For(t, 5*time.Second, writeBack("good"), written(tr, "good"))
 	if _, err := srv.Do("SET", tr.r.Key("bad"), "not a hash"); err != nil {
 		t.Fatal(err)
 	}
@@ -412,20 +389,14 @@ func TestLateFetchAfterFeedClearNotReinstated(t *testing.T) {
 	srv := redistest.Start(t)
 	g := &gate{started: make(chan struct{}), release: make(chan string)}
 	c, local, tr := newReplica(t, g, srv.URL())
-	waitSubscribed(t, tr, 1)
+	wait.For(t, 5*time.Second, "1 feed subscriber", subscribed(tr, 1))
 	local.Merge("marker", testRecord("marker", time.Now()), time.Now())
 	done := make(chan string)
 	go func() { done <- nickOf(t, c, "u1") }()
 	<-g.started
 	srv.Kill() // a change made now is missed
 	srv.Restart()
-	deadline := time.Now().Add(10 * time.Second)
-	for local.Len() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the in-process tier was not cleared after the feed cut")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	wait.For(t, 10*time.Second, "the in-process tier cleared after the feed cut", func() bool { return local.Len() == 0 })
 	g.release <- "old"
 	<-done
 	if rec := local.Get("u1", time.Now()); rec != nil {
@@ -442,7 +413,7 @@ func TestLifecycleAcrossReplicas(t *testing.T) {
 	var up fakeUpstream
 	a, _, _ := newReplica(t, &up, srv.URL())
 	b, localB, trB := newReplica(t, &up, srv.URL())
-	waitSubscribed(t, trB, 2)
+	wait.For(t, 5*time.Second, "2 feed subscribers", subscribed(trB, 2))
 	ctx := context.Background()
 	if ans := b.Get(ctx, []string{"ghost"}, []string{nick}); ans[0].Item.ResultCode != 40003 {
 		t.Fatalf("ghost: %+v", ans[0])
@@ -450,7 +421,7 @@ func TestLifecycleAcrossReplicas(t *testing.T) {
 	if err := a.Imported(ctx, []string{"ghost"}, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	waitLocal(t, func() bool {
+	wait.For(t, 5*time.Second, "the import at the other replica's in-process tier", func() bool {
 		return localB.Get("ghost", time.Now()).Serves([]string{nick}, time.Now()) == cache.StateMiss
 	})
 	nickOf(t, b, "u1")
@@ -458,7 +429,7 @@ func TestLifecycleAcrossReplicas(t *testing.T) {
 	if err := a.Deleted(ctx, []string{"u1"}, time.Now(), true); err != nil {
 		t.Fatal(err)
 	}
-	waitLocal(t, func() bool {
+	wait.For(t, 5*time.Second, "the deletion at the other replica's in-process tier", func() bool {
 		return localB.Get("u1", time.Now()).Serves([]string{nick}, time.Now()) == cache.StateNotFound
 	})
 	if ans := b.Get(ctx, []string{"u1"}, []string{nick}); ans[0].Item.ResultCode != 40003 || up.calls.Load() != calls {
@@ -468,17 +439,6 @@ func TestLifecycleAcrossReplicas(t *testing.T) {
 	c, _, _ := newReplica(t, &up, srv.URL())
 	if ans := c.Get(ctx, []string{"u1"}, []string{nick}); ans[0].Item.ResultCode != 40003 || up.calls.Load() != calls {
 		t.Fatalf("deleted u1 on a new replica: %+v", ans[0])
-	}
-}
-
-func waitLocal(t *testing.T, ok func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatal("the change never reached the other replica's in-process tier")
-		}
-		time.Sleep(time.Millisecond)
 	}
 }
 
@@ -493,14 +453,14 @@ func TestChangeOlderThanDeletionKeepsNotFound(t *testing.T) {
 		var up fakeUpstream
 		a, _, _ := newReplica(t, &up, srv.URL())
 		b, localB, trB := newReplica(t, &up, srv.URL())
-		waitSubscribed(t, trB, 2)
+		wait.For(t, 5*time.Second, "2 feed subscribers", subscribed(trB, 2))
 		ctx := context.Background()
 		nickOf(t, b, "u1")
 		at := time.Now()
 		if err := a.Deleted(ctx, []string{"u1"}, at, true); err != nil {
 			t.Fatal(err)
 		}
-		waitLocal(t, func() bool {
+		wait.For(t, 5*time.Second, "the deletion at the other replica's in-process tier", func() bool {
 			return localB.Get("u1", time.Now()).Serves([]string{nick}, time.Now()) == cache.StateNotFound
 		})
 		// The change happened 200 ms before the deletion.
@@ -594,18 +554,11 @@ func TestRedisNoDataPerClass(t *testing.T) {
 		{"nostd", []string{nick}, 40807, 1},
 	})
 	// Write-backs are queued: wait until B sees all four.
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	wait.For(t, 5*time.Second, "B to see A's four entries", func() bool {
 		recs, _ := trB.r.Get(context.Background(), []string{"nocustom", "nostd"}, []string{nick, customTag})
-		if recs[0].Serves([]string{customTag}, time.Now()) == cache.StateNotFound && recs[1].Serves([]string{nick}, time.Now()) == cache.StateNotFound &&
-			recs[0].Serves([]string{nick}, time.Now()) == cache.StateFresh && recs[1].Serves([]string{customTag}, time.Now()) == cache.StateFresh {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("B never saw A's entries: %+v %+v", recs[0], recs[1])
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+		return recs[0].Serves([]string{customTag}, time.Now()) == cache.StateNotFound && recs[1].Serves([]string{nick}, time.Now()) == cache.StateNotFound &&
+			recs[0].Serves([]string{nick}, time.Now()) == cache.StateFresh && recs[1].Serves([]string{customTag}, time.Now()) == cache.StateFresh
+	})
 	checkLookups(t, cb, lb, []lookupCase{
 		{"nocustom", []string{nick}, 0, 0},
 		{"nocustom", []string{customTag}, 40809, 0},
@@ -617,15 +570,11 @@ func TestRedisNoDataPerClass(t *testing.T) {
 	now := time.Now()
 	v := cache.TagValue{Tag: nick, Value: json.RawMessage(`"n"`), Set: true, Ver: now.UnixMilli() + 10_000, Fresh: now.Add(time.Minute), Stale: now.Add(time.Hour)}
 	trA.r.Put(ctx, []string{"nostd"}, []*cache.Record{{Tags: []cache.TagValue{v}}})
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(2 * time.Millisecond) {
+	wait.For(t, 5*time.Second, "a value newer than the marker to be served", func() bool {
 		recs, _ := trB.r.Get(ctx, []string{"nostd"}, []string{nick})
-		if it := recs[0].Answer("nostd", []string{nick}, time.Now()); it.ResultCode == 0 && len(it.ProfileItem) == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("a value newer than the marker is not served")
-		}
-	}
+		it := recs[0].Answer("nostd", []string{nick}, time.Now())
+		return it.ResultCode == 0 && len(it.ProfileItem) == 1
+	})
 }
 
 // flipLoader answers 40807 for standard tags until hasStd is set, then
@@ -662,8 +611,8 @@ func TestNoDataEntryClearedBySetOfItsClass(t *testing.T) {
 	if a := c.Get(ctx, []string{"acct"}, []string{nick})[0]; a.Item.ResultCode != 40807 {
 		t.Fatalf("first lookup: %+v", a)
 	}
-	waitWritten(t, tr, "acct")
-	time.Sleep(5 * time.Millisecond)
+	wait.For(t, 5*time.Second, writeBack("acct"), written(tr, "acct"))
+	time.Sleep(5 * time.Millisecond) // versions are ms: the set must be newer than the marker, not equal
 	l.hasStd.Store(true)
 	if err := c.Change(ctx, "acct", []im.ProfileItem{{Tag: nick, Value: raw("n")}}, cache.FromSet, 0, time.Now()); err != nil {
 		t.Fatal(err)

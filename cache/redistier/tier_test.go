@@ -18,6 +18,7 @@ import (
 
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/internal/redistest"
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 )
 
@@ -35,11 +36,14 @@ type tier struct {
 	client redis.UniversalClient
 }
 
-func startTier(t *testing.T, spec string, app uint64) *tier {
+func startTier(t *testing.T, spec string, app uint64, hooks ...redis.Hook) *tier {
 	t.Helper()
 	client, err := NewClient(spec, ClientOptions{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, h := range hooks {
+		client.AddHook(h)
 	}
 	m := metrics.New(prometheus.NewRegistry())
 	r, err := New(Config{Client: client, SDKAppID: app, Metrics: m, ProbeEvery: 20 * time.Millisecond})
@@ -64,17 +68,14 @@ func testRecord(account string, now time.Time) *cache.Record {
 	}}
 }
 
-// waitWritten polls until account's hash exists.
-func waitWritten(t *testing.T, tr *tier, account string) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for tr.client.Exists(context.Background(), tr.r.Key(account)).Val() == 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("write-back of %q never landed", account)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+// written tells whether account's hash exists: the tier writes back off
+// the caller's path, so tests wait (wait.For) until it does.
+func written(tr *tier, account string) func() bool {
+	return func() bool { return tr.client.Exists(context.Background(), tr.r.Key(account)).Val() != 0 }
 }
+
+// writeBack names account's write-back in a wait's failure.
+func writeBack(account string) string { return fmt.Sprintf("the write-back of %q", account) }
 
 func checkRoundTrip(t *testing.T, tr *tier) {
 	t.Helper()
@@ -86,7 +87,7 @@ func checkRoundTrip(t *testing.T, tr *tier) {
 		}
 	}
 	for _, id := range hostileIDs {
-		waitWritten(t, tr, id)
+		wait.For(t, 5*time.Second, writeBack(id), written(tr, id))
 	}
 	tags := []string{"Tag_Profile_IM_Nick", "Tag_Profile_IM_Level", "Tag_Profile_IM_Location", "Tag_Profile_Custom_Test", "Tag_Profile_IM_Gender"}
 	trips := testutil.ToFloat64(tr.m.RedisRoundTrips)
@@ -146,7 +147,7 @@ func TestRedisKeysPerApp(t *testing.T) {
 	b := startTier(t, srv.URL(), 2)
 	now := time.Now()
 	a.r.Put(context.Background(), []string{"u1"}, []*cache.Record{testRecord("u1", now)})
-	waitWritten(t, a, "u1")
+	wait.For(t, 5*time.Second, writeBack("u1"), written(a, "u1"))
 	recs, err := b.r.Get(context.Background(), []string{"u1"}, []string{"Tag_Profile_IM_Nick"})
 	if err != nil || recs[0] != nil {
 		t.Fatalf("app 2 read app 1's entry: %+v %v", recs[0], err)
@@ -162,24 +163,21 @@ func TestRedisNegativeAndClear(t *testing.T) {
 	ctx := context.Background()
 	now := time.Now().Truncate(time.Millisecond)
 	tr.r.Put(ctx, []string{"ghost"}, []*cache.Record{{NotFoundCode: 40003, NotFoundInfo: "gone", NotFoundUntil: now.Add(30 * time.Second)}})
-	waitWritten(t, tr, "ghost")
+	wait.For(t, 5*time.Second, writeBack("ghost"), written(tr, "ghost"))
 	recs, _ := tr.r.Get(ctx, []string{"ghost"}, []string{"Tag_Profile_IM_Nick"})
 	if recs[0] == nil || recs[0].NotFoundCode != 40003 || recs[0].NotFoundInfo != "gone" || !recs[0].NotFoundUntil.Equal(now.Add(30*time.Second)) {
 		t.Fatalf("negative entry %+v", recs[0])
 	}
 	// Found later: the negative entry is cleared.
 	tr.r.Put(ctx, []string{"ghost"}, []*cache.Record{testRecord("ghost", now)})
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		recs, _ = tr.r.Get(ctx, []string{"ghost"}, []string{"Tag_Profile_IM_Nick"})
-		if recs[0] != nil && recs[0].NotFoundCode == 0 && func() bool { v, _ := recs[0].Tag("Tag_Profile_IM_Nick"); return v.Set }() {
-			break
+	wait.For(t, 5*time.Second, "the negative entry cleared by the found record", func() bool {
+		recs, _ := tr.r.Get(ctx, []string{"ghost"}, []string{"Tag_Profile_IM_Nick"})
+		if recs[0] == nil || recs[0].NotFoundCode != 0 {
+			return false
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("negative entry not cleared: %+v", recs[0])
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+		v, _ := recs[0].Tag("Tag_Profile_IM_Nick")
+		return v.Set
+	})
 	if ttl := tr.client.PTTL(ctx, tr.r.Key("ghost")).Val(); ttl <= 0 || ttl > time.Hour+time.Minute {
 		t.Fatalf("key TTL %v", ttl)
 	}
@@ -223,15 +221,9 @@ func TestRedisDownSkippedThenBack(t *testing.T) {
 		t.Fatalf("Put while down: %v", err)
 	}
 	srv.Restart()
-	deadline := time.Now().Add(5 * time.Second)
-	for !tr.r.Up() {
-		if time.Now().After(deadline) {
-			t.Fatal("tier never came back")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	wait.For(t, 5*time.Second, "the tier to come back", tr.r.Up)
 	tr.r.Put(ctx, []string{"u1"}, []*cache.Record{testRecord("u1", time.Now())})
-	waitWritten(t, tr, "u1")
+	wait.For(t, 5*time.Second, writeBack("u1"), written(tr, "u1"))
 }
 
 // TestRedisBytesPerEntry reports the memory one cached account+tag takes.
@@ -245,7 +237,8 @@ func TestRedisBytesPerEntry(t *testing.T) {
 		id := "user" + strconv.Itoa(i)
 		tr.r.Put(ctx, []string{id}, []*cache.Record{testRecord(id, now)})
 	}
-	waitWritten(t, tr, "user"+strconv.Itoa(n-1))
+	last := "user" + strconv.Itoa(n-1)
+	wait.For(t, 5*time.Second, writeBack(last), written(tr, last))
 	var total int64
 	for i := range n {
 		total += tr.client.MemoryUsage(ctx, tr.r.Key("user"+strconv.Itoa(i))).Val()
@@ -276,11 +269,9 @@ func TestRedisConcurrentReadsShare(t *testing.T) {
 				tr.r.Put(ctx, accs[i:i+1], []*cache.Record{testRecord(accs[i], now)})
 			}
 			for _, a := range accs {
-				waitWritten(t, tr, a)
+				wait.For(t, 5*time.Second, writeBack(a), written(tr, a))
 			}
-			for !tr.r.readersOn.Load() {
-				time.Sleep(time.Millisecond)
-			}
+			wait.For(t, 5*time.Second, "the readers to start", tr.r.readersOn.Load)
 			trips := testutil.ToFloat64(tr.m.RedisRoundTrips)
 			start := make(chan struct{})
 			var wg sync.WaitGroup
@@ -323,15 +314,31 @@ func TestRedisConcurrentReadsShare(t *testing.T) {
 	}
 }
 
+// hmgetCounter counts the HMGETs of the pipelines a client sends, as
+// they are sent: one per account a reader reads.
+type hmgetCounter struct{ n atomic.Int64 }
+
+func (*hmgetCounter) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (*hmgetCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h *hmgetCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, c := range cmds {
+			if c.Name() == "hmget" {
+				h.n.Add(1)
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
 // TestRedisReadsEndWithRun: Gets waiting for a reader while Redis hangs
 // fail when the read times out, or when Run ends, but none hangs; after
 // Run, Gets read on their own.
 func TestRedisReadsEndWithRun(t *testing.T) {
 	srv := redistest.Start(t)
-	tr := startTier(t, srv.URL(), 1)
-	for !tr.r.readersOn.Load() {
-		time.Sleep(time.Millisecond)
-	}
+	sent := &hmgetCounter{}
+	tr := startTier(t, srv.URL(), 1, sent)
+	wait.For(t, 5*time.Second, "the readers to start", tr.r.readersOn.Load)
 	srv.Pause()
 	var wg sync.WaitGroup
 	var failed atomic.Int32
@@ -342,7 +349,12 @@ func TestRedisReadsEndWithRun(t *testing.T) {
 			}
 		})
 	}
-	time.Sleep(100 * time.Millisecond) // readers stuck on the hung server, the rest queued
+	// Every Get is on the hung server with a reader or queued for one, unless
+	// the readers' timeout has already taken the tier down.
+	wait.For(t, 5*time.Second, "50 Gets sent or queued", func() bool {
+		return sent.n.Load()+int64(len(tr.r.reads)) == 50 || !tr.r.Up()
+	})
+	t.Logf("%d Gets sent, %d queued, tier up %v", sent.n.Load(), len(tr.r.reads), tr.r.Up())
 	tr.stop()
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
