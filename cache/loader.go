@@ -2,6 +2,7 @@ package cache
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/im"
@@ -27,6 +28,17 @@ type Loader interface {
 	// refresh, a foreground one.
 	Promote(account string)
 }
+
+// Errors a Loader reports through (errors.Is) so that callers of the cache
+// can answer them without knowing the Loader: the HTTP layer maps them to
+// IM codes.
+var (
+	// ErrOverloaded: the lookup was refused, or shed, because the upstream
+	// quota cannot serve it in time; asking again later may succeed.
+	ErrOverloaded = errors.New("cache: loader overloaded")
+	// ErrClosed: the Loader is shutting down.
+	ErrClosed = errors.New("cache: loader closed")
+)
 
 // Ticket is the places Admit holds for one request. Release gives back
 // those no Load used; it may be called more than once.

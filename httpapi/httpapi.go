@@ -27,7 +27,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
 
-	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
@@ -449,9 +448,9 @@ func ErrorCode(err error) (int, string) {
 		return im.CodeInternalTimeout, "timed out waiting for the upstream; retry"
 	case errors.Is(err, context.Canceled):
 		return im.CodeInternalTimeout, "request cancelled"
-	case errors.Is(err, batcher.ErrOverloaded), errors.Is(err, batcher.ErrWouldMiss):
-		return im.CodeFreqLimit, "too many lookups for the app's upstream quota: " + strings.TrimPrefix(err.Error(), "batcher: ") + "; retry later"
-	case errors.Is(err, batcher.ErrClosed):
+	case errors.Is(err, cache.ErrOverloaded):
+		return im.CodeFreqLimit, "too many lookups for the app's upstream quota: " + overloadCause(err) + "; retry later"
+	case errors.Is(err, cache.ErrClosed):
 		return im.CodeInternal, "proxy shutting down; retry"
 	case errors.As(err, &ue):
 		return im.CodeInternal, "upstream unreachable; retry"
@@ -578,4 +577,14 @@ func (c *sigCache) verify(sig, identifier, key string, app uint64, now time.Time
 	c.m[sig] = verified{identifier, until}
 	c.mu.Unlock()
 	return nil
+}
+
+// overloadCause is the loader's own words for an overload ("cache: loader
+// overloaded: batcher: the upstream quota cannot serve ..."): the last part.
+func overloadCause(err error) string {
+	msg := err.Error()
+	if i := strings.LastIndex(msg, ": batcher: "); i >= 0 {
+		return msg[i+len(": batcher: "):]
+	}
+	return strings.TrimPrefix(msg, "cache: ")
 }

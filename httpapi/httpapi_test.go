@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
@@ -187,7 +186,7 @@ func TestWholeFailureEnvelope(t *testing.T) {
 	l := &fakeLookup{err: map[string]error{
 		"u1": context.DeadlineExceeded,
 		"u2": &upstream.Error{Kind: im.KindThrottled, Code: 60007, Info: "too frequent"},
-		"u3": batcher.ErrClosed,
+		"u3": cache.ErrClosed,
 	}}
 	h := newHandler(t, l, AuthUserSig)
 	for _, tc := range []struct {
