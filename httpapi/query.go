@@ -35,7 +35,7 @@ func (h *Handler) verifyQuery(r *http.Request, admin bool) *im.GetResponse {
 // unescaped into a buffer on the stack.
 func (h *Handler) verifyQueryAt(r *http.Request, admin bool, now time.Time) *im.GetResponse {
 	var sigBuf [512]byte
-	q, e := parseAuthQuery(r.URL.RawQuery, sigBuf[:0])
+	q, sigBytes, e := parseAuthQuery(r.URL.RawQuery, sigBuf[:0])
 	if e != nil {
 		return e
 	}
@@ -57,9 +57,9 @@ func (h *Handler) verifyQueryAt(r *http.Request, admin bool, now time.Time) *im.
 		now = h.cfg.Now()
 	}
 	var known bool
-	if q.sigBytes != nil {
-		if known = h.sigs.knownBytes(q.sigBytes, q.identifier, now); !known {
-			q.sig = string(q.sigBytes)
+	if sigBytes != nil {
+		if known = h.sigs.knownBytes(sigBytes, q.identifier, now); !known {
+			q.sig = string(sigBytes)
 		}
 	} else {
 		known = h.sigs.known(q.sig, q.identifier, now)
@@ -76,15 +76,14 @@ func (h *Handler) verifyQueryAt(r *http.Request, admin bool, now time.Time) *im.
 }
 
 // authQuery is what a query says of its caller.
-type authQuery struct {
-	app, identifier, sig string
-	sigBytes             []byte // the UserSig instead of sig, when it came escaped
-}
+type authQuery struct{ app, identifier, sig string }
 
 // parseAuthQuery reads the auth parameters of a raw query as the upstream
 // does, refusing what it may read otherwise: a ';', a malformed escape, a
-// repeated auth parameter. An escaped UserSig is unescaped into sigBuf.
-func parseAuthQuery(raw string, sigBuf []byte) (q authQuery, _ *im.GetResponse) {
+// repeated auth parameter. An escaped UserSig is unescaped into sigBuf
+// and returned as sigBytes instead of q.sig (apart, so that sigBuf can
+// stay on the caller's stack: escape analysis does not tell fields apart).
+func parseAuthQuery(raw string, sigBuf []byte) (q authQuery, sigBytes []byte, _ *im.GetResponse) {
 	var seen [4]bool // sdkappid, identifier, usersig, contenttype
 	semicolon := strings.IndexByte(raw, ';') >= 0
 	for rest := raw; rest != ""; {
@@ -92,13 +91,13 @@ func parseAuthQuery(raw string, sigBuf []byte) (q authQuery, _ *im.GetResponse) 
 		kv, rest, _ = strings.Cut(rest, "&")
 		if semicolon && strings.IndexByte(kv, ';') >= 0 {
 			// url.ParseQuery refuses it; an upstream may split on it.
-			return q, fail(im.CodeHTTPParse, "query holds a ';'")
+			return q, nil, fail(im.CodeHTTPParse, "query holds a ';'")
 		}
 		k, v, _ := strings.Cut(kv, "=")
 		var err error
 		if indexEscape(k) >= 0 {
 			if k, err = url.QueryUnescape(k); err != nil {
-				return q, fail(im.CodeHTTPParse, "query is not well-formed")
+				return q, nil, fail(im.CodeHTTPParse, "query is not well-formed")
 			}
 		}
 		i := slices.Index(authParams[:], k)
@@ -108,13 +107,13 @@ func parseAuthQuery(raw string, sigBuf []byte) (q authQuery, _ *im.GetResponse) 
 			case -1:
 				ok = validEscapes(v)
 			case 2:
-				q.sigBytes, ok = unescapeQuery(sigBuf, v)
+				sigBytes, ok = unescapeQuery(sigBuf, v)
 			default:
 				v, err = url.QueryUnescape(v)
 				ok = err == nil
 			}
 			if !ok {
-				return q, fail(im.CodeHTTPParse, "query is not well-formed")
+				return q, nil, fail(im.CodeHTTPParse, "query is not well-formed")
 			}
 		}
 		if i < 0 {
@@ -124,7 +123,7 @@ func parseAuthQuery(raw string, sigBuf []byte) (q authQuery, _ *im.GetResponse) 
 			// The upstream may read another copy than the one checked
 			// here: a forged UserSig, or another app's sdkappid, behind a
 			// valid one.
-			return q, fail(im.CodeHTTPParse, "query repeats "+k)
+			return q, nil, fail(im.CodeHTTPParse, "query repeats "+k)
 		}
 		seen[i] = true
 		switch i {
@@ -136,7 +135,7 @@ func parseAuthQuery(raw string, sigBuf []byte) (q authQuery, _ *im.GetResponse) 
 			q.sig = v
 		}
 	}
-	return q, nil
+	return q, sigBytes, nil
 }
 
 // authParams are the query parameters the upstream authenticates and reads
