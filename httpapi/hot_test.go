@@ -20,7 +20,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
@@ -78,7 +77,7 @@ func assembleRef(m *metrics.Metrics, accounts []string, answers []cache.Answer) 
 }
 
 func TestAppendAnswersMatchesAssemble(t *testing.T) {
-	errs := []error{context.DeadlineExceeded, context.Canceled, batcher.ErrClosed, batcher.ErrOverloaded,
+	errs := []error{context.DeadlineExceeded, context.Canceled, fmt.Errorf("wrapped: %w", context.DeadlineExceeded),
 		&upstream.Error{Kind: im.KindThrottled, Code: 60007, Info: "too <frequent>"},
 		&upstream.Error{Kind: im.KindHTTP, Status: 502}, errors.New("other")}
 	names := []string{"u1", "u2", "ghost", "", strings.Repeat("x", 33), "bad\x01id", "é", `q"uote`, "<&>"}
