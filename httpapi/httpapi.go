@@ -17,11 +17,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
-	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -31,10 +28,11 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/upstream"
-	"github.com/portrait-proxy/portrait-proxy/usersig"
 )
 
-// Lookup answers accounts for tags; *cache.Cache satisfies it.
+// Lookup answers accounts for tags; *cache.Cache satisfies it. Get must
+// not change accounts or tags: the tag list of a request is shared with
+// others of the same TagList.
 type Lookup interface {
 	Get(ctx context.Context, accounts, tags []string) []cache.Answer
 }
@@ -110,12 +108,16 @@ type Handler struct {
 	cfg Config
 	m   *metrics.Metrics
 	// counters of every request, resolved once
-	requestsOK, lookupsFound prometheus.Counter
-	sigs                     sigCache
-	mux                      *http.ServeMux
-	fwd                      *forwarder
-	replays                  replayMemo
-	unsigned                 *rate.Limiter // unsigned callbacks' bound
+	requestsOK prometheus.Counter
+	lookups    lookupCounters
+	realClock  bool   // cfg.Now is time.Now: a request's start time serves as now
+	appID      string // cfg.SDKAppID in decimal
+	sigs       sigCache
+	tagSets    tagSets
+	mux        *http.ServeMux
+	fwd        *forwarder
+	replays    replayMemo
+	unsigned   *rate.Limiter // unsigned callbacks' bound
 }
 
 // New validates cfg and returns a Handler.
@@ -148,7 +150,8 @@ func New(cfg Config) (*Handler, error) {
 	if cfg.RequestTimeout <= 0 {
 		cfg.RequestTimeout = DefaultRequestTimeout
 	}
-	if cfg.Now == nil {
+	realClock := cfg.Now == nil
+	if realClock {
 		cfg.Now = time.Now
 	}
 	if cfg.ClockSkew <= 0 {
@@ -163,10 +166,10 @@ func New(cfg Config) (*Handler, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
-	h := &Handler{cfg: cfg, m: cfg.Metrics, sigs: sigCache{m: map[string]verified{}},
-		requestsOK:   cfg.Metrics.Requests.WithLabelValues("ok"),
-		lookupsFound: cfg.Metrics.Lookups.WithLabelValues(metrics.LookupFound),
-		unsigned:     rate.NewLimiter(rate.Limit(cfg.CallbackUnsignedRate), max(1, int(cfg.CallbackUnsignedRate)))}
+	h := &Handler{cfg: cfg, m: cfg.Metrics, realClock: realClock, appID: strconv.FormatUint(cfg.SDKAppID, 10),
+		requestsOK: cfg.Metrics.Requests.WithLabelValues("ok"),
+		lookups:    newLookupCounters(cfg.Metrics),
+		unsigned:   rate.NewLimiter(rate.Limit(cfg.CallbackUnsignedRate), max(1, int(cfg.CallbackUnsignedRate)))}
 	h.mux = http.NewServeMux()
 	h.mux.HandleFunc(im.PathGet, h.portraitGet)
 	if cfg.Setter != nil && cfg.Changer != nil {
@@ -226,6 +229,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		r2.URL = &u
 		r = &r2
 	}
+	if r.URL.Path == im.PathGet && r.URL.RawPath == "" {
+		// The mux's choice for this path, without its matching.
+		h.portraitGet(w, r)
+		return
+	}
 	h.mux.ServeHTTP(w, r)
 }
 
@@ -255,19 +263,11 @@ func canonicalPath(p string) (string, bool) {
 	return b.String(), true
 }
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
-
 func (h *Handler) write(w http.ResponseWriter, status int, resp *im.GetResponse) {
-	bp := bufPool.Get().(*[]byte)
-	b := resp.AppendJSON((*bp)[:0])
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
-	w.WriteHeader(status)
-	w.Write(b)
-	if cap(b) <= 1<<20 {
-		*bp = b
-		bufPool.Put(bp)
-	}
+	bp := getBuf()
+	b := resp.AppendJSON(*bp)
+	writeJSON(w, status, b)
+	putBuf(bp, b)
 }
 
 func fail(code int, info string) *im.GetResponse {
@@ -308,130 +308,133 @@ func decode(raw []byte, maxAccounts int) (accounts, tags []string, e *im.GetResp
 		}
 		return nil, nil, fail(im.CodeBadRequest, "TagList holds a value that is not a string")
 	}
-	if len(req.ToAccount) == 0 {
-		return nil, nil, fail(im.CodeNoAccount, "To_Account is missing or empty")
+	if e := checkAccounts(len(req.ToAccount), maxAccounts); e != nil {
+		return nil, nil, e
 	}
-	if len(req.ToAccount) > maxAccounts {
-		return nil, nil, fail(im.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts; this proxy serves at most %d per request", len(req.ToAccount), maxAccounts))
-	}
-	if len(req.TagList) == 0 {
-		return nil, nil, fail(im.CodeBadRequest, "TagList is missing or empty")
-	}
-	if len(req.TagList) > im.MaxTagsPerCall {
-		return nil, nil, fail(im.CodeBadRequest, fmt.Sprintf("TagList has %d entries; at most %d are accepted", len(req.TagList), im.MaxTagsPerCall))
-	}
-	for _, t := range req.TagList {
-		if !im.ValidTag(t) {
-			return nil, nil, fail(im.CodeInvalidTag, "invalid tag name: "+strconv.Quote(t))
-		}
+	if e := checkTags(req.TagList); e != nil {
+		return nil, nil, e
 	}
 	// Each tag is answered once, as the upstream does, however often it is
 	// named. Repeated accounts are answered once per mention, in order.
 	return req.ToAccount, im.DedupTags(req.TagList), nil
 }
 
+// checkAccounts checks the number of accounts a body names.
+func checkAccounts(n, maxAccounts int) *im.GetResponse {
+	if n == 0 {
+		return fail(im.CodeNoAccount, "To_Account is missing or empty")
+	}
+	if n > maxAccounts {
+		return fail(im.CodeBadRequest, fmt.Sprintf("To_Account has %d accounts; this proxy serves at most %d per request", n, maxAccounts))
+	}
+	return nil
+}
+
+// checkTags checks a body's TagList as given (repeats included).
+func checkTags(tags []string) *im.GetResponse {
+	if len(tags) == 0 {
+		return fail(im.CodeBadRequest, "TagList is missing or empty")
+	}
+	if len(tags) > im.MaxTagsPerCall {
+		return fail(im.CodeBadRequest, fmt.Sprintf("TagList has %d entries; at most %d are accepted", len(tags), im.MaxTagsPerCall))
+	}
+	for _, t := range tags {
+		if !im.ValidTag(t) {
+			return fail(im.CodeInvalidTag, "invalid tag name: "+strconv.Quote(t))
+		}
+	}
+	return nil
+}
+
 func (h *Handler) portraitGet(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	resp := h.serve(r)
-	if resp.ErrorCode == 0 {
+	sc := scratchPool.Get().(*getScratch)
+	b, code := h.serve(r, start, sc)
+	if code == 0 {
 		h.requestsOK.Inc()
 	} else {
-		h.m.Requests.WithLabelValues(strconv.Itoa(resp.ErrorCode)).Inc()
+		h.m.Requests.WithLabelValues(strconv.Itoa(code)).Inc()
 	}
-	h.write(w, http.StatusOK, resp)
+	writeJSON(w, http.StatusOK, b)
+	sc.out = b
+	putScratch(sc)
 	h.m.RequestDuration.Observe(time.Since(start).Seconds())
 }
 
-func (h *Handler) serve(r *http.Request) *im.GetResponse {
+// serve returns the answer to r, appended to sc.out, and its ErrorCode.
+func (h *Handler) serve(r *http.Request, start time.Time, sc *getScratch) ([]byte, int) {
+	b := sc.out
 	if r.Method != http.MethodPost {
-		return fail(im.CodeHTTPParse, "portrait_get takes POST, not "+r.Method)
+		return appendFail(b, im.CodeHTTPParse, "portrait_get takes POST, not "+r.Method)
 	}
-	if e := h.authenticate(r); e != nil {
-		return e
+	now := start
+	if !h.realClock {
+		now = h.cfg.Now()
 	}
-	raw, bad := h.readBody(r)
-	if bad != nil {
-		return fail(bad.ErrorCode, bad.ErrorInfo)
+	if e := h.verifyQueryAt(r, true, now); e != nil {
+		return e.AppendJSON(b), e.ErrorCode
 	}
-	accounts, tags, e := decode(raw, h.cfg.MaxAccounts)
-	if e != nil {
-		return e
+	// One allocation holds the lookup's context and a small request's
+	// account list. It is not reused: the lookup may keep the context.
+	call := &getCall{}
+	raw, bad := h.readBodyInto(r, sc.body)
+	sc.body = raw
+	var accounts, tags []string
+	var e *im.GetResponse
+	if bad == nil {
+		accounts, tags, e = h.decodeGet(raw, &sc.scan, call.accounts[:0])
+	}
+	switch {
+	case bad != nil:
+		return appendFail(b, bad.ErrorCode, bad.ErrorInfo)
+	case e != nil:
+		return e.AppendJSON(b), e.ErrorCode
 	}
 	if h.cfg.Tags != nil {
 		// The upstream refuses the whole call for such a tag: so do we,
 		// without spending a call on it.
 		if code, info, refused := h.cfg.Tags.Check(tags); refused {
-			return fail(code, info)
+			return appendFail(b, code, info)
 		}
 	}
-	valid := make([]string, 0, len(accounts))
-	var invalid []string
-	for _, a := range accounts {
-		if validAccount(a) {
-			valid = append(valid, a)
-		} else {
-			invalid = append(invalid, a)
+	valid := accounts
+	if !allValid(accounts) {
+		valid = make([]string, 0, len(accounts))
+		for _, a := range accounts {
+			if validAccount(a) {
+				valid = append(valid, a)
+			}
 		}
 	}
-
-	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.RequestTimeout)
-	defer cancel()
 	var answers []cache.Answer
 	if len(valid) > 0 {
+		ctx := &call.ctx
+		// start's monotonic clock plus the time since: time.Now without
+		// reading the wall clock.
+		ctx.parent, ctx.deadline = r.Context(), start.Add(time.Since(start)+h.cfg.RequestTimeout)
 		answers = h.cfg.Lookup.Get(ctx, valid, tags)
+		ctx.end()
 	}
-	return h.assemble(accounts, answers, invalid)
+	return h.appendAnswers(b, accounts, answers)
 }
 
-// assemble builds the answer in request order. When every account failed
-// with the same error, the whole call fails with its code, as the upstream
-// does for whole-call errors.
-func (h *Handler) assemble(accounts []string, answers []cache.Answer, invalid []string) *im.GetResponse {
-	resp := &im.GetResponse{ActionStatus: im.StatusOK, UserProfileItem: make([]im.UserProfile, 0, len(accounts)),
-		FailAccount: []string{}, InvalidAccount: []string{}}
-	if invalid != nil {
-		resp.InvalidAccount = invalid
-	}
-	errCount, firstCode, sameCode, firstInfo := 0, 0, true, ""
-	k := 0
+// getCall is what a portrait_get needs beyond its buffers.
+type getCall struct {
+	ctx      deadlineCtx
+	accounts [4]string
+}
+
+func appendFail(b []byte, code int, info string) ([]byte, int) {
+	return fail(code, info).AppendJSON(b), code
+}
+
+func allValid(accounts []string) bool {
 	for _, a := range accounts {
 		if !validAccount(a) {
-			h.m.Lookups.WithLabelValues(metrics.LookupInvalid).Inc()
-			resp.UserProfileItem = append(resp.UserProfileItem, im.UserProfile{ToAccount: a, ProfileItem: []im.ProfileItem{},
-				ResultCode: im.CodeAccountNotFound, ResultInfo: "invalid account id: 1-32 bytes of printable ASCII"})
-			continue
+			return false
 		}
-		ans := answers[k]
-		k++
-		item := ans.Item
-		switch {
-		case ans.Err != nil:
-			code, info := ErrorCode(ans.Err)
-			item = im.UserProfile{ToAccount: a, ProfileItem: []im.ProfileItem{}, ResultCode: code, ResultInfo: info}
-			if errCount == 0 {
-				firstCode, firstInfo = code, info
-			} else if code != firstCode {
-				sameCode = false
-			}
-			errCount++
-			resp.FailAccount = append(resp.FailAccount, a)
-			h.m.Lookups.WithLabelValues(metrics.LookupError).Inc()
-		case item.ResultCode != 0:
-			resp.FailAccount = append(resp.FailAccount, a)
-			if im.Classify(item.ResultCode) == im.KindNotFound {
-				h.m.Lookups.WithLabelValues(metrics.LookupNotFound).Inc()
-			} else {
-				h.m.Lookups.WithLabelValues(metrics.LookupFailed).Inc()
-			}
-		default:
-			h.lookupsFound.Inc()
-		}
-		resp.UserProfileItem = append(resp.UserProfileItem, item)
 	}
-	if errCount > 0 && errCount == len(accounts) && sameCode {
-		return fail(firstCode, firstInfo)
-	}
-	return resp
+	return true
 }
 
 // ErrorCode turns a lookup error into the IM code and text a caller gets.
@@ -457,126 +460,6 @@ func ErrorCode(err error) (int, string) {
 	default:
 		return im.CodeInternal, "internal error; retry"
 	}
-}
-
-// authenticate checks the query as the upstream does: the app, the admin
-// identifier and (in AuthUserSig mode) the UserSig.
-func (h *Handler) authenticate(r *http.Request) *im.GetResponse {
-	return h.verifyQuery(r, true)
-}
-
-// verifyQuery checks the query's app and (in AuthUserSig mode) UserSig,
-// and with admin that the identifier is the proxy's admin. Without admin,
-// any identifier with a valid UserSig for this app passes: a forwarded
-// call's identifier is checked by the upstream (the app may have several
-// admins).
-func (h *Handler) verifyQuery(r *http.Request, admin bool) *im.GetResponse {
-	var app, identifier, sig string
-	var seen [4]bool // sdkappid, identifier, usersig, contenttype
-	for rest := r.URL.RawQuery; rest != ""; {
-		var kv string
-		kv, rest, _ = strings.Cut(rest, "&")
-		if strings.Contains(kv, ";") {
-			// url.ParseQuery refuses it; an upstream may split on it.
-			return fail(im.CodeHTTPParse, "query holds a ';'")
-		}
-		k, v, _ := strings.Cut(kv, "=")
-		var err error
-		if strings.ContainsAny(k, "%+") {
-			if k, err = url.QueryUnescape(k); err != nil {
-				return fail(im.CodeHTTPParse, "query is not well-formed")
-			}
-		}
-		if strings.ContainsAny(v, "%+") {
-			if v, err = url.QueryUnescape(v); err != nil {
-				return fail(im.CodeHTTPParse, "query is not well-formed")
-			}
-		}
-		i := slices.Index(authParams[:], k)
-		if i < 0 {
-			continue
-		}
-		if seen[i] {
-			// The upstream may read another copy than the one checked
-			// here: a forged UserSig, or another app's sdkappid, behind a
-			// valid one.
-			return fail(im.CodeHTTPParse, "query repeats "+k)
-		}
-		seen[i] = true
-		switch i {
-		case 0:
-			app = v
-		case 1:
-			identifier = v
-		case 2:
-			sig = v
-		}
-	}
-	if app == "" {
-		if h.cfg.Auth == AuthNone {
-			return nil
-		}
-		return fail(im.CodeSDKAppIDMissing, "sdkappid is missing")
-	}
-	if id, err := strconv.ParseUint(app, 10, 64); err != nil || id != h.cfg.SDKAppID {
-		return fail(im.CodeSDKAppIDInvalid, "sdkappid is not this proxy's app")
-	}
-	if h.cfg.Auth == AuthNone {
-		return nil
-	}
-	if err := h.sigs.verify(sig, identifier, h.cfg.Key, h.cfg.SDKAppID, h.cfg.Now()); err != nil {
-		return fail(usersig.Code(err), err.Error())
-	}
-	if admin && identifier != h.cfg.Identifier {
-		return fail(im.CodeNeedAdmin, "identifier is not the app admin")
-	}
-	return nil
-}
-
-// authParams are the query parameters the upstream authenticates and reads
-// a call's format from; each may appear once.
-var authParams = [...]string{"sdkappid", "identifier", "usersig", "contenttype"}
-
-// sigCache remembers verified sigs briefly, so the hit path does not pay an
-// inflate and an HMAC per request. Entries last at most sigCacheTTL and never
-// past the sig's expiry; the map is cleared when it reaches sigCacheMax.
-type sigCache struct {
-	mu sync.RWMutex
-	m  map[string]verified // by sig
-}
-
-type verified struct {
-	identifier string
-	until      time.Time
-}
-
-const (
-	sigCacheTTL = 5 * time.Minute
-	sigCacheMax = 4096
-)
-
-func (c *sigCache) verify(sig, identifier, key string, app uint64, now time.Time) error {
-	c.mu.RLock()
-	v, ok := c.m[sig]
-	c.mu.RUnlock()
-	if ok && v.identifier == identifier && now.Before(v.until) {
-		return nil
-	}
-	claims, err := usersig.Verify(sig, key, app, identifier, now)
-	if err != nil {
-		return err
-	}
-	until := now.Add(sigCacheTTL)
-	if claims.Expires.Before(until) {
-		until = claims.Expires.Add(time.Second) // Verify accepts up to the expiry second inclusive
-	}
-	c.mu.Lock()
-	if len(c.m) >= sigCacheMax {
-		clear(c.m)
-	}
-	c.m[sig] = verified{identifier, until}
-	c.mu.Unlock()
-	return nil
 }
 
 // overloadCause is the loader's own words for an overload ("cache: loader

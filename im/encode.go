@@ -23,7 +23,7 @@ func (r *GetResponse) AppendJSON(b []byte) []byte {
 			if i > 0 {
 				b = append(b, ',')
 			}
-			b = r.UserProfileItem[i].appendJSON(b)
+			b = r.UserProfileItem[i].AppendJSON(b)
 		}
 		b = append(b, `],"Fail_Account":`...)
 		b = appendStrings(b, r.FailAccount)
@@ -53,7 +53,9 @@ func (r *GetResponse) AppendJSON(b []byte) []byte {
 	return append(b, '}')
 }
 
-func (u *UserProfile) appendJSON(b []byte) []byte {
+// AppendJSON appends the JSON encoding of u to b, as it appears in a
+// GetResponse.
+func (u *UserProfile) AppendJSON(b []byte) []byte {
 	b = append(b, `{"To_Account":`...)
 	b = AppendString(b, u.ToAccount)
 	b = append(b, `,"ProfileItem":[`...)

@@ -1,0 +1,64 @@
+package httpapi
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// deadlineCtx is context.WithDeadline(parent, deadline), made the first
+// time anything but Deadline is asked of it. A lookup answered from the
+// cache never waits on its context, so the hit path pays neither the
+// timer nor the registration with the parent that WithDeadline costs;
+// a lookup that waits gets the real thing. Its deadline is fixed when it
+// is created, as WithDeadline's.
+type deadlineCtx struct {
+	parent   context.Context
+	deadline time.Time
+	made     atomic.Bool // ctx and cancel are set
+	mu       sync.Mutex
+	ctx      context.Context
+	cancel   context.CancelFunc
+	ended    bool // end was called: a context made now is made cancelled
+}
+
+func (c *deadlineCtx) real() context.Context {
+	if c.made.Load() {
+		return c.ctx
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.made.Load() {
+		c.ctx, c.cancel = context.WithDeadline(c.parent, c.deadline)
+		if c.ended {
+			c.cancel()
+		}
+		c.made.Store(true)
+	}
+	return c.ctx
+}
+
+// Deadline is WithDeadline's: the parent's when that is sooner.
+func (c *deadlineCtx) Deadline() (time.Time, bool) {
+	if d, ok := c.parent.Deadline(); ok && d.Before(c.deadline) {
+		return d, true
+	}
+	return c.deadline, true
+}
+
+func (c *deadlineCtx) Done() <-chan struct{} { return c.real().Done() }
+func (c *deadlineCtx) Err() error            { return c.real().Err() }
+func (c *deadlineCtx) Value(key any) any     { return c.real().Value(key) }
+
+// end is the CancelFunc: it releases what the context holds, if it was
+// made, and cancels it either way.
+func (c *deadlineCtx) end() {
+	c.mu.Lock()
+	c.ended = true
+	made := c.made.Load()
+	c.mu.Unlock()
+	if made {
+		c.cancel()
+	}
+}
