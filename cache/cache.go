@@ -217,8 +217,13 @@ type flight struct {
 	// What the Loader reads about the callers while the lookup waits, read
 	// without c.fmu: the batcher reads them under its own lock, and taking
 	// c.fmu there would order the two locks. Written under c.fmu.
-	latest atomic.Int64 // the latest caller deadline, Unix ns; unbounded: some caller has none
+	latest atomic.Int64 // the latest caller deadline as time.Duration after base; unbounded: some caller has none
 	bg     atomic.Bool  // every caller so far is a background refresh
+	// base is when the record was made. Deadlines are kept relative to it
+	// (time.Time.Sub keeps the monotonic clock, so a step of the wall clock
+	// does not move them, and saturates instead of overflowing: a deadline
+	// centuries ahead counts as none).
+	base time.Time
 }
 
 const unbounded = math.MaxInt64
@@ -229,7 +234,7 @@ func (f *flight) join(deadline time.Time, ok, bg bool) {
 	f.refs++
 	if !ok {
 		f.latest.Store(unbounded)
-	} else if n := deadline.UnixNano(); n > f.latest.Load() {
+	} else if n := int64(deadline.Sub(f.base)); n > f.latest.Load() {
 		f.latest.Store(n)
 	}
 	if !bg {
@@ -243,7 +248,7 @@ func (f *flight) deadline() (time.Time, bool) {
 	if n == unbounded {
 		return time.Time{}, false
 	}
-	return time.Unix(0, n), true
+	return f.base.Add(time.Duration(n)), true
 }
 
 // background is Lookup.Background: every caller is a background refresh.
@@ -481,7 +486,7 @@ func (c *Cache) load(caller context.Context, account string, tags []string, tagK
 	f := c.flight[key]
 	if f == nil {
 		ctx, cancel := context.WithCancel(context.Background())
-		f = &flight{key: key, ctx: ctx, cancel: cancel, ticket: ticket}
+		f = &flight{key: key, ctx: ctx, cancel: cancel, ticket: ticket, base: time.Now()}
 		f.latest.Store(math.MinInt64)
 		f.bg.Store(bg)
 		c.flight[key] = f
