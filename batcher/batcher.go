@@ -214,6 +214,14 @@ type entry struct {
 	bg bool
 }
 
+// newEntry is an entry with its first waiter and room for it in waiters,
+// in one allocation: most accounts have one caller.
+type newEntry struct {
+	entry
+	first waiter
+	slot  [1]*waiter
+}
+
 func (e *entry) addTags(tags []string) {
 	for _, t := range tags {
 		if !slices.Contains(e.tags, t) {
@@ -255,7 +263,8 @@ type Batcher struct {
 	m   *metrics.Metrics
 	now func() time.Time
 
-	wake chan struct{} // poked on every change; capacity 1
+	wake        chan struct{} // poked on every change; capacity 1
+	windowTimer *time.Timer   // waitWindow's, only used by Run's goroutine
 
 	mu      sync.Mutex
 	pending map[string]*entry // queued and not yet dispatched, by account
@@ -351,7 +360,8 @@ func (b *Batcher) LoadWith(ctx context.Context, account string, tags []string, o
 	if err := b.rejected.get(account, tags, b.now()); err != nil {
 		return Result{}, err
 	}
-	w := &waiter{ctx: ctx, deadline: opt.Deadline, tags: tags, done: make(chan outcome, 1)}
+	done := make(chan outcome, 1)
+	var w *waiter
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -374,7 +384,9 @@ func (b *Batcher) LoadWith(ctx context.Context, account string, tags []string, o
 			}
 			return Result{}, err
 		}
-		e = &entry{account: account, queued: b.now(), bg: bg}
+		ne := &newEntry{entry: entry{account: account, queued: b.now(), bg: bg}}
+		e, w = &ne.entry, &ne.first
+		e.waiters = ne.slot[:0]
 		b.pending[account] = e
 		if bg {
 			b.bgQueue = append(b.bgQueue, e)
@@ -385,6 +397,10 @@ func (b *Batcher) LoadWith(ctx context.Context, account string, tags []string, o
 		}
 		b.m.QueueAccounts.Set(float64(b.queued + b.bgN))
 	}
+	if w == nil {
+		w = &waiter{}
+	}
+	*w = waiter{ctx: ctx, deadline: opt.Deadline, tags: tags, done: done}
 	e.addTags(tags)
 	e.waiters = append(e.waiters, w)
 	b.mu.Unlock()
@@ -625,14 +641,21 @@ func (b *Batcher) waitWindow(ctx context.Context) {
 		if left <= 0 {
 			return
 		}
-		t := time.NewTimer(left)
+		// One timer for every wait: each Load pokes this loop while a
+		// batch fills, and a new timer per poke is an allocation and a
+		// timer-heap insertion per lookup.
+		if b.windowTimer == nil {
+			b.windowTimer = time.NewTimer(left)
+		} else {
+			b.windowTimer.Reset(left)
+		}
 		select {
-		case <-t.C:
+		case <-b.windowTimer.C:
 			return
 		case <-b.wake:
-			t.Stop()
+			b.windowTimer.Stop()
 		case <-ctx.Done():
-			t.Stop()
+			b.windowTimer.Stop()
 			return
 		}
 	}
