@@ -292,7 +292,11 @@ func (r *Tier) sendReads(batch []*read) {
 // or its error.
 func (r *Tier) readBatch(ctx context.Context, batch []*read) {
 	pipe := r.cfg.Client.Pipeline()
-	var cmds []*redis.SliceCmd
+	n := 0
+	for _, q := range batch {
+		n += len(q.accounts)
+	}
+	cmds := make([]*redis.SliceCmd, 0, n)
 	for _, q := range batch {
 		fields := fieldsOf(q.tags)
 		for _, a := range q.accounts {
