@@ -222,7 +222,12 @@ func (c *Client) call(ctx context.Context, path string, body []byte, out any, st
 	if len(raw) > maxResponseBytes {
 		return &Error{Kind: im.KindTransport, Err: fmt.Errorf("answer longer than %d bytes", maxResponseBytes)}
 	}
-	if err := json.Unmarshal(raw, out); err != nil {
+	if r, ok := out.(*im.GetResponse); ok {
+		err = decodeGet(raw, r)
+	} else {
+		err = json.Unmarshal(raw, out)
+	}
+	if err != nil {
 		return &Error{Kind: im.KindTransport, Err: fmt.Errorf("decode answer: %v", err)}
 	}
 	if code, info := status(); code != 0 {
