@@ -349,8 +349,15 @@ func (c *Cache) Close() {
 func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 	now := c.now()
 	answers := make([]Answer, len(accounts))
-	recs := make([]*Record, len(accounts)) // best record known, for stale serving
-	var miss []int
+	// Most requests ask for a few accounts: their bookkeeping stays on the
+	// stack.
+	var recBuf [4]*Record
+	var missBuf [4]int
+	recs := recBuf[:0] // best record known, for stale serving
+	if len(accounts) > len(recBuf) {
+		recs = make([]*Record, len(accounts))
+	}
+	recs, miss := recs[:len(accounts)], missBuf[:0]
 	for i, a := range accounts {
 		rec := c.local.Get(a, now)
 		recs[i] = rec
@@ -382,7 +389,8 @@ func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 		ch <-chan singleflight.Result
 		f  *flight
 	}
-	waits := make([]pending, 0, len(miss))
+	var waitBuf [4]pending
+	waits := waitBuf[:0]
 	tagKey := keyOf(tags)
 	// Refuse at once what the quota cannot serve in time — every missed
 	// account of the request, or none: a stale value if there is one, else
@@ -825,7 +833,7 @@ func (c *Cache) recordOf(res Fetched, now time.Time) *Record {
 		return nil
 	}
 	fresh, stale := c.deadlines(now)
-	rec := &Record{Tags: make([]TagValue, 0, len(res.Tags))}
+	rec := newRecord(len(res.Tags))
 	for _, t := range res.Tags {
 		rec.Tags = append(rec.Tags, TagValue{Tag: intern(t), Ver: ver, Fresh: fresh, Stale: stale})
 	}
@@ -833,6 +841,23 @@ func (c *Cache) recordOf(res Fetched, now time.Time) *Record {
 		rec.put(TagValue{Tag: intern(p.Tag), Value: p.Value, Set: true, Ver: ver, Fresh: fresh, Stale: stale})
 	}
 	return rec
+}
+
+// oneTagRecord is a record of one tag with room for it, in one allocation
+// (a fetch of one tag, the usual case).
+type oneTagRecord struct {
+	Record
+	tag [1]TagValue
+}
+
+// newRecord returns an empty record with room for n tags.
+func newRecord(n int) *Record {
+	if n == 1 {
+		r := &oneTagRecord{}
+		r.Tags = r.tag[:0]
+		return &r.Record
+	}
+	return &Record{Tags: make([]TagValue, 0, n)}
 }
 
 // deadlines are the fresh and stale times of a value learned now.
