@@ -86,7 +86,7 @@ func readLimited(r io.Reader, limit int64, buf []byte) ([]byte, error) {
 			b = append(b, 0)[:len(b)]
 		}
 		room := b[len(b):cap(b)]
-		if left := limit + 1 - int64(len(b)); int64(len(room)) > left {
+		if left := limit - int64(len(b)) + 1; left > 0 && int64(len(room)) > left { // left ≤ 0: overflowed, no limit to cut at
 			room = room[:left]
 		}
 		n, err := r.Read(room)

@@ -3,7 +3,6 @@ package httpapi
 import (
 	"slices"
 	"sync"
-	"sync/atomic"
 
 	"github.com/portrait-proxy/portrait-proxy/im"
 )
@@ -192,11 +191,12 @@ func (h *Handler) decodeGet(raw []byte, s *getScan, dst []string) (accounts, tag
 // tagSets remembers the checked, deduplicated tag list of each TagList
 // text seen, so the hit path neither copies nor checks tag names: callers
 // send the same few lists over and over. The map is replaced, never
-// changed (readers take no lock), and emptied when it holds tagSetsMax
-// lists. The lists it hands out are shared: Lookup must not change them.
+// changed (see snapMap: readers of a settled list take no lock, and a new
+// text costs the same however many are held), and emptied when it holds
+// tagSetsMax lists. The lists it hands out are shared: Lookup must not
+// change them.
 type tagSets struct {
-	mu sync.Mutex
-	m  atomic.Pointer[map[string][]string]
+	m snapMap[[]string]
 }
 
 const (
@@ -206,10 +206,8 @@ const (
 
 func (t *tagSets) get(raw []byte, s *getScan) ([]string, *im.GetResponse) {
 	text := raw[s.tagList.lo:s.tagList.hi]
-	if m := t.m.Load(); m != nil {
-		if tags, ok := (*m)[string(text)]; ok {
-			return tags, nil
-		}
+	if tags, ok := t.m.getBytes(text); ok {
+		return tags, nil
 	}
 	tags := make([]string, len(s.tags))
 	for i, sp := range s.tags {
@@ -229,14 +227,5 @@ func (t *tagSets) get(raw []byte, s *getScan) ([]string, *im.GetResponse) {
 }
 
 func (t *tagSets) put(text string, tags []string) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	next := map[string][]string{}
-	if old := t.m.Load(); old != nil && len(*old) < tagSetsMax {
-		for k, v := range *old {
-			next[k] = v
-		}
-	}
-	next[text] = tags[:len(tags):len(tags)]
-	t.m.Store(&next)
+	t.m.put(text, tags[:len(tags):len(tags)])
 }

@@ -169,7 +169,7 @@ func TestEscapedSigRemembered(t *testing.T) {
 			t.Fatalf("escaped sig refused: %s", raw)
 		}
 	}
-	if m := h.sigs.m.Load(); m == nil || len(*m) != 1 {
+	if h.sigs.m.len() != 1 {
 		t.Fatalf("sig not remembered once")
 	}
 	q.Set("identifier", "bob")
@@ -191,7 +191,7 @@ func TestEscapedSigRemembered(t *testing.T) {
 
 // TestSigCacheBounded: the remembered sigs are emptied when full.
 func TestSigCacheBounded(t *testing.T) {
-	var c sigCache
+	c := sigCache{m: snapMap[verified]{max: sigCacheMax}}
 	now := time.Now()
 	for i := range sigCacheMax + 1 {
 		id := "a" + strconv.Itoa(i)
@@ -199,7 +199,7 @@ func TestSigCacheBounded(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := len(*c.m.Load()); n != 1 {
+	if n := c.m.len(); n != 1 {
 		t.Fatalf("%d sigs held after %d; want the map emptied at %d", n, sigCacheMax+1, sigCacheMax)
 	}
 }

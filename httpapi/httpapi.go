@@ -170,6 +170,7 @@ func New(cfg Config) (*Handler, error) {
 		requestsOK: cfg.Metrics.Requests.WithLabelValues("ok"),
 		lookups:    newLookupCounters(cfg.Metrics),
 		unsigned:   rate.NewLimiter(rate.Limit(cfg.CallbackUnsignedRate), max(1, int(cfg.CallbackUnsignedRate)))}
+	h.sigs.m.max, h.tagSets.m.max = sigCacheMax, tagSetsMax
 	h.mux = http.NewServeMux()
 	h.mux.HandleFunc(im.PathGet, h.portraitGet)
 	if cfg.Setter != nil && cfg.Changer != nil {

@@ -6,8 +6,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/im"
@@ -207,13 +205,12 @@ func unHex(c byte) byte {
 
 // sigCache remembers verified sigs briefly, so the hit path does not pay an
 // inflate and an HMAC per request. Entries last at most sigCacheTTL and never
-// past the sig's expiry; the map is emptied when it reaches sigCacheMax. The
-// map is replaced on every insertion, never changed, so lookups take no lock
-// and write no shared memory; insertions are rare (a caller's sig once per
-// sigCacheTTL).
+// past the sig's expiry; all are forgotten when sigCacheMax are held. Lookups
+// of a settled sig take no lock (see snapMap), and an insertion costs the
+// same however many sigs are held, so callers sending fresh sigs (any end
+// user can: a sig re-spelled with a newline decodes the same) slow no one.
 type sigCache struct {
-	mu sync.Mutex // serialises insertions
-	m  atomic.Pointer[map[string]verified]
+	m snapMap[verified]
 }
 
 type verified struct {
@@ -228,21 +225,13 @@ const (
 
 // known reports whether sig was verified for identifier and is still good.
 func (c *sigCache) known(sig, identifier string, now time.Time) bool {
-	m := c.m.Load()
-	if m == nil {
-		return false
-	}
-	v, ok := (*m)[sig]
+	v, ok := c.m.get(sig)
 	return ok && v.identifier == identifier && now.Before(v.until)
 }
 
 // knownBytes is known for a sig held in bytes (the lookup copies nothing).
 func (c *sigCache) knownBytes(sig []byte, identifier string, now time.Time) bool {
-	m := c.m.Load()
-	if m == nil {
-		return false
-	}
-	v, ok := (*m)[string(sig)]
+	v, ok := c.m.getBytes(sig)
 	return ok && v.identifier == identifier && now.Before(v.until)
 }
 
@@ -256,15 +245,6 @@ func (c *sigCache) verify(sig, identifier, key string, app uint64, now time.Time
 	if claims.Expires.Before(until) {
 		until = claims.Expires.Add(time.Second) // Verify accepts up to the expiry second inclusive
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	next := map[string]verified{}
-	if old := c.m.Load(); old != nil && len(*old) < sigCacheMax {
-		for k, v := range *old {
-			next[k] = v
-		}
-	}
-	next[strings.Clone(sig)] = verified{strings.Clone(identifier), until}
-	c.m.Store(&next)
+	c.m.put(strings.Clone(sig), verified{strings.Clone(identifier), until})
 	return nil
 }
