@@ -34,33 +34,36 @@ func serveBare(addr string) error {
 		return err
 	}
 	fmt.Printf("bare handler on http://%s\n", ln.Addr())
-	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		raw, _ := io.ReadAll(http.MaxBytesReader(nil, r.Body, 1<<20))
-		var req struct {
-			ToAccount []json.RawMessage `json:"To_Account"`
-			TagList   []json.RawMessage `json:"TagList"`
-		}
-		resp := &im.GetResponse{ActionStatus: "OK", UserProfileItem: []im.UserProfile{}, FailAccount: []string{}, InvalidAccount: []string{}}
-		if err := json.Unmarshal(raw, &req); err == nil {
-			for _, a := range req.ToAccount {
-				var account string
-				json.Unmarshal(a, &account)
-				it := im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{}}
-				for _, t := range req.TagList {
-					var tag string
-					json.Unmarshal(t, &tag)
-					if v, ok := imsim.SeededValue(account, tag); ok {
-						it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: tag, Value: v})
-					}
-				}
-				resp.UserProfileItem = append(resp.UserProfileItem, it)
+	// The proxy's API server settings (proxy/build.go), so that the two
+	// differ only in what their handlers do.
+	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 60 * time.Second,
+		IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			raw, _ := io.ReadAll(http.MaxBytesReader(nil, r.Body, 1<<20))
+			var req struct {
+				ToAccount []json.RawMessage `json:"To_Account"`
+				TagList   []json.RawMessage `json:"TagList"`
 			}
-		}
-		b := resp.AppendJSON(nil)
-		w.Header().Set("Content-Type", "application/json")
-		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
-		w.Write(b)
-	})}
+			resp := &im.GetResponse{ActionStatus: "OK", UserProfileItem: []im.UserProfile{}, FailAccount: []string{}, InvalidAccount: []string{}}
+			if err := json.Unmarshal(raw, &req); err == nil {
+				for _, a := range req.ToAccount {
+					var account string
+					json.Unmarshal(a, &account)
+					it := im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{}}
+					for _, t := range req.TagList {
+						var tag string
+						json.Unmarshal(t, &tag)
+						if v, ok := imsim.SeededValue(account, tag); ok {
+							it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: tag, Value: v})
+						}
+					}
+					resp.UserProfileItem = append(resp.UserProfileItem, it)
+				}
+			}
+			b := resp.AppendJSON(nil)
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+			w.Write(b)
+		})}
 	return srv.Serve(ln)
 }
 
