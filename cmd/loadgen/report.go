@@ -186,6 +186,9 @@ var microWhat = map[string]string{
 	"Coalesce":             "one account through the batcher (64 goroutines, instant upstream)",
 	"Hit":                  "cache lookup served by the in-process tier",
 	"HitPath":              "HTTP handler + cache hit, no network",
+	"HitPathHandler":       "HitPath without the harness's request and recorder per lookup",
+	"Miss":                 "one new account through the cache's flight to a Loader answering in groups of 100",
+	"Forward":              "a forwarded API call through the proxy to an instant emulator",
 }
 
 func microRuns(out string) int {
