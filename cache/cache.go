@@ -899,30 +899,13 @@ func pick(account string, rec *Record, tags []string, now time.Time) im.UserProf
 	if it, ok := rec.noDataItem(account, tags, now); ok {
 		return it
 	}
-	// Records never change once stored: the items of the first tag list
-	// asked are kept with the record and shared by the answers (read-only),
-	// so a hit on it allocates none. Only the first: callers alternating
-	// lists would otherwise pay for a new memo at every lookup.
-	m := rec.memo.Load()
-	if m != nil && slices.Equal(m.tags, tags) {
-		return im.UserProfile{ToAccount: account, ProfileItem: m.items}
-	}
 	items := make([]im.ProfileItem, 0, len(tags))
 	for _, t := range tags {
 		if v, _ := rec.Tag(t); v.Set {
 			items = append(items, im.ProfileItem{Tag: t, Value: v.Value})
 		}
 	}
-	if m == nil {
-		rec.memo.CompareAndSwap(nil, &itemsMemo{slices.Clone(tags), items[:len(items):len(items)]})
-	}
 	return im.UserProfile{ToAccount: account, ProfileItem: items}
-}
-
-// itemsMemo is a record's answer items for one tag list.
-type itemsMemo struct {
-	tags  []string
-	items []im.ProfileItem
 }
 
 // pickItems builds the item for tags from a fetched item.

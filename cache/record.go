@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/im"
@@ -92,7 +91,6 @@ type Record struct {
 	NotFoundUntil time.Time
 	NotFoundVer   int64 // send time (ms) of the fetch that found no account
 	Tags          []TagValue
-	memo          atomic.Pointer[itemsMemo]
 }
 
 // Tag returns the record's entry for tag.

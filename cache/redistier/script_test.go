@@ -71,7 +71,7 @@ func sameRecord(a, b *cache.Record, tags []string) string {
 	}
 	if a.NotFoundCode != b.NotFoundCode || a.NotFoundVer != b.NotFoundVer || a.NotFoundInfo != b.NotFoundInfo ||
 		!a.NotFoundUntil.Equal(b.NotFoundUntil) {
-		return fmt.Sprintf("negative entries differ: %+v / %+v", a, b)
+		return fmt.Sprintf("negative entries differ: %+v / %+v", *a, *b)
 	}
 	for _, tag := range tags {
 		x, okx := a.Tag(tag)
@@ -147,7 +147,7 @@ func TestWriteScriptMatchesMerge(t *testing.T) {
 		var seq []string
 		for i := range 1 + rng.IntN(8) {
 			upd := randomWrite(rng, now, i)
-			seq = append(seq, fmt.Sprintf("%+v", upd))
+			seq = append(seq, fmt.Sprintf("%+v", *upd))
 			mem = cache.Merge(mem, upd, tr.r.skew)
 			tr.r.flush([]write{{account, upd}})
 		}
