@@ -40,6 +40,18 @@ var (
 	ErrClosed = errors.New("cache: loader closed")
 )
 
+// Refusal is how a Loader reports a refusal: errors.Is(r, Kind) holds
+// (ErrOverloaded or ErrClosed), Cause is its own error (for errors.Is and
+// logs), and Words say why in terms a caller can read.
+type Refusal struct {
+	Kind  error
+	Cause error
+	Words string
+}
+
+func (r *Refusal) Error() string   { return r.Kind.Error() + ": " + r.Cause.Error() }
+func (r *Refusal) Unwrap() []error { return []error{r.Kind, r.Cause} }
+
 // Ticket is the places Admit holds for one request. Release gives back
 // those no Load used; it may be called more than once.
 type Ticket interface{ Release() }

@@ -463,12 +463,11 @@ func ErrorCode(err error) (int, string) {
 	}
 }
 
-// overloadCause is the loader's own words for an overload ("cache: loader
-// overloaded: batcher: the upstream quota cannot serve ..."): the last part.
+// overloadCause is the loader's words for an overload (cache.Refusal), or
+// the error's own.
 func overloadCause(err error) string {
-	msg := err.Error()
-	if i := strings.LastIndex(msg, ": batcher: "); i >= 0 {
-		return msg[i+len(": batcher: "):]
+	if r, ok := errors.AsType[*cache.Refusal](err); ok {
+		return r.Words
 	}
-	return strings.TrimPrefix(msg, "cache: ")
+	return err.Error()
 }

@@ -3,7 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
-	"fmt"
+	"strings"
 	"time"
 
 	"github.com/portrait-proxy/portrait-proxy/batcher"
@@ -32,18 +32,21 @@ func (l batchLoader) Load(ctx context.Context, lk cache.Lookup) (cache.Fetched, 
 	return cache.Fetched{Item: res.Item, Tags: res.Tags, Sent: res.Sent}, loadError(err)
 }
 
-// loadError marks the batcher's refusals with the cache's errors, which
-// the HTTP layer answers, keeping the batcher's for logs and errors.Is.
+// loadError reports the batcher's refusals as cache.Refusals, which the
+// HTTP layer answers, keeping the batcher's error for logs and errors.Is.
 func loadError(err error) error {
+	var kind error
 	switch {
 	case err == nil:
 		return nil
 	case errors.Is(err, batcher.ErrOverloaded), errors.Is(err, batcher.ErrWouldMiss):
-		return fmt.Errorf("%w: %w", cache.ErrOverloaded, err)
+		kind = cache.ErrOverloaded
 	case errors.Is(err, batcher.ErrClosed):
-		return fmt.Errorf("%w: %w", cache.ErrClosed, err)
+		kind = cache.ErrClosed
+	default:
+		return err
 	}
-	return err
+	return &cache.Refusal{Kind: kind, Cause: err, Words: strings.TrimPrefix(err.Error(), "batcher: ")}
 }
 
 func (l batchLoader) Promote(account string) { l.b.Promote(account) }
