@@ -56,6 +56,7 @@ const (
 	DefaultRequestTimeout       = 5 * time.Second // Config.RequestTimeout
 	DefaultCallbackUnsignedRate = 100             // Config.CallbackUnsignedRate
 	DefaultForwardMaxBody       = 1 << 20         // ForwardConfig.MaxBodyBytes
+	DefaultMaxBody              = 1 << 20         // Config.MaxBodyBytes
 )
 
 // Config configures a Handler. Lookup and SDKAppID are required, and Key
@@ -66,7 +67,7 @@ type Config struct {
 	Identifier string // the admin account callers must present; default im.DefaultAdministrator
 	Key        string // the app's secret key, to verify callers' UserSigs
 	Auth       string // AuthUserSig (default) or AuthNone
-	// MaxBodyBytes caps a request body. Zero means 1 MiB.
+	// MaxBodyBytes caps a request body. Zero means DefaultMaxBody.
 	MaxBodyBytes int64
 	// MaxAccounts caps accounts per request. Zero means DefaultMaxAccounts.
 	MaxAccounts int
@@ -142,7 +143,7 @@ func New(cfg Config) (*Handler, error) {
 		cfg.Identifier = im.DefaultAdministrator
 	}
 	if cfg.MaxBodyBytes <= 0 {
-		cfg.MaxBodyBytes = 1 << 20
+		cfg.MaxBodyBytes = DefaultMaxBody
 	}
 	if cfg.MaxAccounts <= 0 {
 		cfg.MaxAccounts = DefaultMaxAccounts
@@ -350,45 +351,75 @@ func checkTags(tags []string) *im.GetResponse {
 func (h *Handler) portraitGet(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	sc := scratchPool.Get().(*getScratch)
-	b, code := h.serve(r, start, sc)
+	b, code := h.serveHTTP(r, start, sc)
+	h.count(code, start)
+	writeJSON(w, http.StatusOK, b)
+	sc.out = b
+	putScratch(sc)
+}
+
+// serveHTTP returns the answer to r, appended to sc.out, and its
+// ErrorCode.
+func (h *Handler) serveHTTP(r *http.Request, start time.Time, sc *getScratch) ([]byte, int) {
+	if r.Method != http.MethodPost {
+		return appendFail(sc.out, im.CodeHTTPParse, "portrait_get takes POST, not "+r.Method)
+	}
+	if e := h.verifyRawQuery(r.URL.RawQuery, true, h.nowAt(start)); e != nil {
+		return e.AppendJSON(sc.out), e.ErrorCode
+	}
+	raw, bad := h.readBodyInto(r, sc.body)
+	sc.body = raw
+	if bad != nil {
+		return appendFail(sc.out, bad.ErrorCode, bad.ErrorInfo)
+	}
+	return h.lookup(r.Context(), raw, start, sc, sc.out)
+}
+
+// ServeFast answers a portrait_get POST the API's front read itself
+// (front.Handler): with rawQuery and body, appending the answer to out.
+// It keeps nothing of rawQuery or body.
+func (h *Handler) ServeFast(ctx context.Context, rawQuery string, body []byte, out []byte) []byte {
+	start := time.Now()
+	var code int
+	if e := h.verifyRawQuery(rawQuery, true, h.nowAt(start)); e != nil {
+		out, code = e.AppendJSON(out), e.ErrorCode
+	} else {
+		sc := scratchPool.Get().(*getScratch)
+		out, code = h.lookup(ctx, body, start, sc, out)
+		putScratch(sc)
+	}
+	h.count(code, start)
+	return out
+}
+
+// nowAt is the time a request begun at start is checked at: start
+// itself, unless the handler was given a clock.
+func (h *Handler) nowAt(start time.Time) time.Time {
+	if h.realClock {
+		return start
+	}
+	return h.cfg.Now()
+}
+
+// count counts a portrait_get answered with code, begun at start.
+func (h *Handler) count(code int, start time.Time) {
 	if code == 0 {
 		h.requestsOK.Inc()
 	} else {
 		h.m.Requests.WithLabelValues(strconv.Itoa(code)).Inc()
 	}
-	writeJSON(w, http.StatusOK, b)
-	sc.out = b
-	putScratch(sc)
 	h.m.RequestDuration.Observe(time.Since(start).Seconds())
 }
 
-// serve returns the answer to r, appended to sc.out, and its ErrorCode.
-func (h *Handler) serve(r *http.Request, start time.Time, sc *getScratch) ([]byte, int) {
-	b := sc.out
-	if r.Method != http.MethodPost {
-		return appendFail(b, im.CodeHTTPParse, "portrait_get takes POST, not "+r.Method)
-	}
-	now := start
-	if !h.realClock {
-		now = h.cfg.Now()
-	}
-	if e := h.verifyQueryAt(r, true, now); e != nil {
-		return e.AppendJSON(b), e.ErrorCode
-	}
+// lookup appends the answer to a portrait_get of raw, an authenticated
+// caller's body, to b, and returns it with its ErrorCode. ctx is the
+// request's.
+func (h *Handler) lookup(ctx context.Context, raw []byte, start time.Time, sc *getScratch, b []byte) ([]byte, int) {
 	// One allocation holds the lookup's context and a small request's
 	// account list. It is not reused: the lookup may keep the context.
 	call := &getCall{}
-	raw, bad := h.readBodyInto(r, sc.body)
-	sc.body = raw
-	var accounts, tags []string
-	var e *im.GetResponse
-	if bad == nil {
-		accounts, tags, e = h.decodeGet(raw, &sc.scan, call.accounts[:0])
-	}
-	switch {
-	case bad != nil:
-		return appendFail(b, bad.ErrorCode, bad.ErrorInfo)
-	case e != nil:
+	accounts, tags, e := h.decodeGet(raw, &sc.scan, call.accounts[:0])
+	if e != nil {
 		return e.AppendJSON(b), e.ErrorCode
 	}
 	if h.cfg.Tags != nil {
@@ -409,12 +440,12 @@ func (h *Handler) serve(r *http.Request, start time.Time, sc *getScratch) ([]byt
 	}
 	var answers []cache.Answer
 	if len(valid) > 0 {
-		ctx := &call.ctx
+		c := &call.ctx
 		// start's monotonic clock plus the time since: time.Now without
 		// reading the wall clock.
-		ctx.parent, ctx.deadline = r.Context(), start.Add(time.Since(start)+h.cfg.RequestTimeout)
-		answers = h.cfg.Lookup.Get(ctx, valid, tags)
-		ctx.end()
+		c.parent, c.deadline = ctx, start.Add(time.Since(start)+h.cfg.RequestTimeout)
+		answers = h.cfg.Lookup.Get(c, valid, tags)
+		c.end()
 	}
 	return h.appendAnswers(b, accounts, answers)
 }

@@ -32,8 +32,15 @@ func (h *Handler) verifyQuery(r *http.Request, admin bool) *im.GetResponse {
 // copy: one sent %-escaped (as url.Values.Encode sends its '*') is
 // unescaped into a buffer on the stack.
 func (h *Handler) verifyQueryAt(r *http.Request, admin bool, now time.Time) *im.GetResponse {
+	return h.verifyRawQuery(r.URL.RawQuery, admin, now)
+}
+
+// verifyRawQuery is verifyQueryAt on a raw query. It keeps nothing of
+// raw (which may alias a connection's buffer): the UserSigs it remembers
+// are copies.
+func (h *Handler) verifyRawQuery(raw string, admin bool, now time.Time) *im.GetResponse {
 	var sigBuf [512]byte
-	q, sigBytes, e := parseAuthQuery(r.URL.RawQuery, sigBuf[:0])
+	q, sigBytes, e := parseAuthQuery(raw, sigBuf[:0])
 	if e != nil {
 		return e
 	}

@@ -51,6 +51,8 @@ type Metrics struct {
 	ForwardDuration *prometheus.HistogramVec // forwarded_request_duration_seconds{service}
 	TLSReloads      *prometheus.CounterVec   // tls_certificate_reloads_total{result}
 	TLSNotAfter     prometheus.Gauge         // tls_certificate_not_after_seconds
+	// The API listener's front (package front).
+	Handoffs *prometheus.CounterVec // http_handoffs_total{reason}
 }
 
 // ForwardServices are the IM services forwarded_requests_total names; any
@@ -277,7 +279,9 @@ func (m *Metrics) newForward(reg prometheus.Registerer) {
 	}
 	m.TLSReloads.WithLabelValues("ok")
 	m.TLSReloads.WithLabelValues("error")
-	reg.MustRegister(m.Forwarded, m.ForwardDuration, m.TLSReloads, m.TLSNotAfter)
+	m.Handoffs = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "http_handoffs_total",
+		Help: "API connections the lean HTTP/1.1 front handed to net/http, by reason (other_request, http_feature, limit, malformed, h2, tls_error)."}, []string{"reason"})
+	reg.MustRegister(m.Forwarded, m.ForwardDuration, m.TLSReloads, m.TLSNotAfter, m.Handoffs)
 }
 
 // PoolStats are a connection pool's figures, as go-redis reports them.

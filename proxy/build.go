@@ -18,6 +18,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/cache/redistier"
+	"github.com/portrait-proxy/portrait-proxy/front"
 	"github.com/portrait-proxy/portrait-proxy/httpapi"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/limiter"
@@ -280,6 +281,13 @@ func (p *Proxy) buildAPI(up clients, setLim setLimiter) (err error) {
 			return err
 		}
 		p.api.TLSConfig = p.certs.tlsConfig()
+	}
+	if !cfg.NetHTTPOnly {
+		p.front, err = front.New(front.Config{Path: im.PathGet, Handler: api, Fallback: p.api, MaxBodyBytes: httpapi.DefaultMaxBody,
+			Handoffs: p.m.Handoffs})
+		if err != nil {
+			return err
+		}
 	}
 	if p.apiLn, err = net.Listen("tcp", cfg.Listen); err != nil {
 		return fmt.Errorf("proxy: listen %s: %w", cfg.Listen, err)

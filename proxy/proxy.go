@@ -31,6 +31,7 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/batcher"
 	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/cache/redistier"
+	"github.com/portrait-proxy/portrait-proxy/front"
 	"github.com/portrait-proxy/portrait-proxy/im"
 	"github.com/portrait-proxy/portrait-proxy/metrics"
 	"github.com/portrait-proxy/portrait-proxy/usersig"
@@ -124,6 +125,10 @@ type Config struct {
 	// default httpapi.DefaultForwardMaxBody.
 	DisableForward bool
 	ForwardMaxBody int64
+	// NetHTTPOnly serves every API request with net/http (-lean-http=false)
+	// instead of answering portrait_get POSTs on the lean HTTP/1.1 front
+	// (package front) and handing it the rest.
+	NetHTTPOnly bool
 	// TLSCert and TLSKey, both set, are PEM files: the API is then served
 	// over TLS (HTTP/2 and HTTP/1.1), and the files are checked every
 	// TLSReloadEvery (default 10s) and loaded again when they change.
@@ -146,6 +151,7 @@ type Proxy struct {
 	badTags *badtags.Set
 	rclient redis.UniversalClient
 	api     *http.Server
+	front   *front.Server // nil with NetHTTPOnly
 	admin   *http.Server
 	apiLn   net.Listener
 	adminLn net.Listener
@@ -292,10 +298,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}()
 	if p.certs != nil {
 		g.Go(func() error { p.certs.Run(gctx); return nil })
-		g.Go(func() error { return serveTLS(p.api, p.apiLn) })
-	} else {
-		g.Go(func() error { return serve(p.api, p.apiLn) })
 	}
+	g.Go(p.serveAPI)
 	if p.admin != nil {
 		g.Go(func() error { return serve(p.admin, p.adminLn) })
 	}
@@ -316,7 +320,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
-	err := p.api.Shutdown(sctx) // in-flight lookups finish: the batcher still runs
+	err := p.shutdownAPI(sctx) // in-flight lookups finish: the batcher still runs
 	stopBatcher()
 	<-batcherDone
 	p.cache.Close()
@@ -348,11 +352,31 @@ func loopback(addr string) string {
 	return addr
 }
 
-func serveTLS(s *http.Server, ln net.Listener) error {
-	if err := s.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+// serveAPI serves the API listener: through the front, or net/http
+// alone.
+func (p *Proxy) serveAPI() error {
+	var err error
+	switch {
+	case p.front != nil && p.certs != nil:
+		err = p.front.ServeTLS(p.apiLn)
+	case p.front != nil:
+		err = p.front.Serve(p.apiLn)
+	case p.certs != nil:
+		err = p.api.ServeTLS(p.apiLn, "", "")
+	default:
+		err = p.api.Serve(p.apiLn)
+	}
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil
+}
+
+func (p *Proxy) shutdownAPI(ctx context.Context) error {
+	if p.front != nil {
+		return p.front.Shutdown(ctx)
+	}
+	return p.api.Shutdown(ctx)
 }
 
 func serve(s *http.Server, ln net.Listener) error {

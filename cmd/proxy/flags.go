@@ -40,11 +40,12 @@ func serverFlags(fs *flag.FlagSet, o *options) {
 // -forward (Config says the opposite, DisableForward).
 type lists struct {
 	defaultTags, customTags *string
-	forward                 *bool
+	forward, leanHTTP       *bool
 }
 
 func (l lists) apply(cfg *proxy.Config) {
 	cfg.DisableForward = !*l.forward
+	cfg.NetHTTPOnly = !*l.leanHTTP
 	if *l.defaultTags != "" {
 		cfg.DefaultTags = strings.Split(*l.defaultTags, ",")
 	}
@@ -75,6 +76,7 @@ func upstreamFlags(fs *flag.FlagSet, o *options) lists {
 		defaultTags: fs.String("default-tags", "", "comma-separated tags fetched with every call (besides those asked for)"),
 		customTags:  fs.String("custom-tags", "", "comma list of the custom tags the app configured: any other custom tag is answered 40009 without a call (empty: learn the tags the upstream refuses)"),
 		forward:     fs.Bool("forward", true, "forward every other /v4/... API to the upstream unchanged, with the caller's own identifier and UserSig (false: answer them 60002)"),
+		leanHTTP:    fs.Bool("lean-http", true, "answer portrait_get POSTs over HTTP/1.1 on the proxy's lean front, handing every other request to net/http (false: net/http serves all)"),
 	}
 }
 
