@@ -139,7 +139,8 @@ func (r *report) hotTargets(row func(target, measured string, ok bool, why strin
 		if r.bareHalf != nil && pct(r.bareHalf.lat, .99) > 2*time.Millisecond {
 			why = fmt.Sprintf("the bare handler at the same rate: p99 %s — the load generator shares the two cores", ms(pct(r.bareHalf.lat, .99)))
 			if r.hotPin.on() {
-				why = fmt.Sprintf("the bare handler at the same rate, on the same pinned CPU: p99 %s — the tail is not the proxy's alone", ms(pct(r.bareHalf.lat, .99)))
+				why = fmt.Sprintf("the bare handler at the same rate, pinned to the same CPU: p99 %s, its core at %.0f%% — the tail is not the proxy's alone",
+					ms(pct(r.bareHalf.lat, .99)), 100*r.bareHalf.cpu)
 			}
 		}
 		row("hot: p99 ≤ 2 ms at half the maximum rate", fmt.Sprintf("%s at %s/s", ms(p99), thousands(h.offered)), p99 <= 2*time.Millisecond, why)
