@@ -56,6 +56,8 @@ type options struct {
 	// proxyBin is the proxy binary the scenario starts (empty: bin/proxy);
 	// the previous build's scenarios set it to bin/prev/proxy.
 	proxyBin string
+	// pin is where the proxies run (nil: unpinned); the hot scenario sets it.
+	pin *pinning
 
 	stepDuration time.Duration
 	steps        []float64 // offered lookups/s of the cold steps
@@ -266,7 +268,7 @@ func startReplicas(o options, n int, extra ...string) (*env, error) {
 	}
 	e.redis, e.redisAddr = rcmd, raddr
 	for len(e.ps) < n {
-		p, err := startProc(o.proxyPath(), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
+		p, err := startServer(o.pin, o.proxyPath(), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
 			"-upstream", e.simURL, "-sdkappid", strconv.Itoa(simApp), "-rate", strconv.Itoa(o.quota),
 			"-batch-window", o.window.String(), "-log-level", "warn"}, extra...),
 			[]string{"PROXY_SECRET_KEY=" + simKey}, 2)
@@ -291,7 +293,7 @@ func startEnvArgs(o options, extra ...string) (*env, error) {
 		return nil, err
 	}
 	simURL := "http://" + sim.addrs[0]
-	p, err := startProc(o.proxyPath(), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
+	p, err := startServer(o.pin, o.proxyPath(), append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
 		"-upstream", simURL, "-sdkappid", strconv.Itoa(simApp), "-rate", strconv.Itoa(o.quota),
 		"-batch-window", o.window.String(), "-log-level", "warn"}, extra...), []string{"PROXY_SECRET_KEY=" + simKey}, 2)
 	if err != nil {

@@ -35,7 +35,14 @@ var addrRE = regexp.MustCompile(`https?://([0-9.]+:[0-9]+)`)
 // refuses a flag, say) is reported at once with the first line it wrote
 // to stderr.
 func startProc(bin string, args, env []string, n int) (*proc, error) {
-	cmd := exec.Command(bin, args...)
+	return startServer(nil, bin, args, env, n)
+}
+
+// startServer is startProc for a server measured by the hot scenario: with
+// pin on, it runs on the servers' CPU (pin nil: unpinned).
+func startServer(pin *pinning, bin string, args, env []string, n int) (*proc, error) {
+	name, argv := pin.command(bin, args)
+	cmd := exec.Command(name, argv...)
 	cmd.Env = append(os.Environ(), env...)
 	head := &headWriter{max: 4096}
 	cmd.Stderr = io.MultiWriter(os.Stderr, head)
@@ -45,6 +52,11 @@ func startProc(bin string, args, env []string, n int) (*proc, error) {
 	}
 	if err := cmd.Start(); err != nil {
 		return nil, err
+	}
+	if err := pin.afterStart(cmd.Process.Pid); err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, fmt.Errorf("%s: pinning to CPU %d: %w", filepath.Base(bin), pin.server, err)
 	}
 	lines := make(chan []string, 1)
 	ended := make(chan struct{})

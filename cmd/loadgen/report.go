@@ -37,6 +37,7 @@ type report struct {
 	// hotProfiles are CPU profiles of this build's proxy and the previous
 	// one's under the hot rounds' load.
 	hotProfiles [2]*profile
+	hotPin      *pinning // where the hot scenario's servers and generator ran (nil: no hot scenario)
 	coldHTTP    []coldHTTPResult
 	base        *baseBuild // nil: no previous build asked for
 	profileDir  string
@@ -306,7 +307,7 @@ func (r *report) write(path, plotDir string) error {
 		r.started.UTC().Format("2006-01-02 15:04 MST"), time.Since(r.started).Round(time.Second))
 	p("run `make bench` again.\n\n")
 	p("**Machine:** %s. The load generator, the emulator, Redis and the proxies all share these cores, so every figure\n", machineFacts())
-	p("includes the load generator's own CPU; the machine is a shared VM, so runs vary by a few per cent.\n\n")
+	p("includes the load generator's own CPU%s; the machine is a shared VM, so runs vary by a few per cent.\n\n", r.hotPinAside())
 	p("**Setup:** the emulator (`bin/imsim`: %v added latency, quota %d calls/s over a sliding second, 100 accounts per call)\n", o.latency, o.quota)
 	p("and each proxy (`bin/proxy`, `-rate %d`, `-batch-window %v`) run as separate processes on loopback. Lookups are\n", o.quota, o.window)
 	p("single-account portrait_get calls to the drop-in endpoint over keep-alive HTTP/1.1, and every answer is compared\n")
@@ -396,7 +397,8 @@ func (r *report) write(path, plotDir string) error {
 	}
 	if len(r.hot) > 0 {
 		p("- **The hit-path floor** — a bare handler that only decodes the request JSON and encodes the answer JSON, in its own\n")
-		p("  process with the proxy's API server settings (timeouts, header limit): %s lookups/s closed loop (64 callers), p50 %s, p99 %s, %.0f µs of server CPU per lookup.\n", thousands(r.hot[0].rate), ms(r.hot[0].p50), ms(r.hot[0].p99), r.hot[0].perLookup)
+		p("  process with the proxy's API server settings (timeouts, header limit): %s lookups/s closed loop (64 callers), p50 %s, p99 %s, %.0f µs of server CPU per lookup\n", thousands(r.hot[0].rate), ms(r.hot[0].p50), ms(r.hot[0].p99), r.hot[0].perLookup)
+		p("  (%s).\n", r.hotPin.words())
 	}
 	if r.base.ok() {
 		p("- **The previous build** — the proxy of %s, measured beside this one: next section.\n", r.base.short())
@@ -438,7 +440,7 @@ func (r *report) write(path, plotDir string) error {
 		p("Closed loop, 64 callers, against the bare handler measured in the same run. The bare handler and the proxy's\n")
 		p("in-process hits run in turns, three rounds of %v each, and the medians are shown (the rounds: \"This build, the\n", o.duration/4)
 		p("previous build and the bare handler\" above);\n")
-		p("the other runs take %v each.\n\n", o.duration/2)
+		p("the other runs take %v each. %s.\n\n", o.duration/2, capitalize(r.hotPin.words()))
 		p("| server | lookups/s | ratio to bare | hit ratio | p50 | p99 | server CPU | CPU per lookup | RSS | errors | wrong | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, h := range r.hot {
 			hr := "—"
@@ -461,8 +463,15 @@ func (r *report) write(path, plotDir string) error {
 			p("\n![hot latency](%s/hot-latency.%s)\n\n", rel, r.plotExt)
 		}
 		p("The hit path costs the handler's JSON work plus auth (a verified UserSig is remembered up to 5 minutes) and\n")
-		p("one sharded map read. On this machine the load generator takes a large share of the two cores, so the\n")
-		p("ratio is of servers competing for the same CPU with it.\n\n")
+		if r.hotPin.on() {
+			p("one sharded map read. Every run in this section has the servers on CPU %d and the load generator on CPU %d\n", r.hotPin.server, r.hotPin.gen)
+			p("(the rounds, the open-loop runs including the bare handler's and the previous build's, Zipf, mixed and the\n")
+			p("Redis tier, whose redis-server runs on the generator's CPU): a server's CPU is of its one core (at most\n")
+			p("100 %%), and the ratios compare the servers alone, not servers competing with the generator for the cores.\n\n")
+		} else {
+			p("one sharded map read. On this machine the load generator takes a large share of the cores, so the\n")
+			p("ratio is of servers competing for the same CPU with it.\n\n")
+		}
 	}
 
 	if len(r.replicas) > 0 {

@@ -29,6 +29,7 @@ func TestReportTargets(t *testing.T) {
 		hotSteps:  []*step{st(25), st(50)}, bareHalf: st(50), prevHalf: st(50),
 		hotPrev:     &hotResult{name: "prev", rate: 80},
 		hotProfiles: [2]*profile{prof, {note: "that build has no -pprof flag"}},
+		hotPin:      &pinning{server: 1, gen: 0, taskset: "/usr/bin/taskset"},
 		coldHTTP: []coldHTTPResult{{name: "this build", replicas: 1, rate: 9000, cpuPerLookup: 73, prof: prof},
 			{name: "previous", previous: true, replicas: 1, rate: 9500, cpuPerLookup: 74}, {name: "3", replicas: 3, rate: 8000}},
 		base:     &baseBuild{rev: "abc", desc: "abc1234 2026-12-01 subject", proxy: "/x", dir: "bin/prev", notes: []string{"a note"}},
@@ -74,7 +75,10 @@ func TestReportTargets(t *testing.T) {
 		}
 	}
 	for _, section := range []string{"## This build, the previous build and the bare handler, in one run", "### Cold, net/http callers",
-		"## CPU profiles: before (previous build) and after (this build)", "linux.Syscall6 20.59%", "## Overload", "## Tag mixes", "**Note:** a note."} {
+		"## CPU profiles: before (previous build) and after (this build)", "linux.Syscall6 20.59%", "## Overload", "## Tag mixes", "**Note:** a note.",
+		"except the hot scenario's: servers pinned to CPU 1 (`taskset -c 1`) and the load generator (all its threads, with the emulator and Redis) to CPU 0",
+		"three rounds; servers pinned to CPU 1", "Every run in this section has the servers on CPU 1 and the load generator on CPU 0",
+		"(rounds: 0.90, 1.10, 1.20); previous build 0.90; servers on CPU 1, generator on CPU 0 | met |"} {
 		if !strings.Contains(string(raw), section) {
 			t.Errorf("report without %q", section)
 		}

@@ -126,6 +126,9 @@ func (r *report) hotTargets(row func(target, measured string, ok bool, why strin
 		if prev != nil {
 			m += fmt.Sprintf("; previous build %.2f", median(prev))
 		}
+		if r.hotPin != nil {
+			m += "; " + r.hotPin.short()
+		}
 		row("hot: ≥ 1.1× the bare handler's lookups/s (median of interleaved rounds)", m, med >= 1.1,
 			fmt.Sprintf("the hit path costs %.0f µs of server CPU per lookup against the bare handler's %.0f µs%s", r.hot[1].perLookup, r.hot[0].perLookup, r.hotProfiles[0].top(3)))
 	}
@@ -135,6 +138,10 @@ func (r *report) hotTargets(row func(target, measured string, ok bool, why strin
 		why := "the proxy's tail at that rate; see the hot profile"
 		if r.bareHalf != nil && pct(r.bareHalf.lat, .99) > 2*time.Millisecond {
 			why = fmt.Sprintf("the bare handler at the same rate: p99 %s — the load generator shares the two cores", ms(pct(r.bareHalf.lat, .99)))
+			if r.hotPin.on() {
+				why = fmt.Sprintf("the bare handler at the same rate, pinned to the same CPU: p99 %s, its core at %.0f%% — the tail is not the proxy's alone",
+					ms(pct(r.bareHalf.lat, .99)), 100*r.bareHalf.cpu)
+			}
 		}
 		row("hot: p99 ≤ 2 ms at half the maximum rate", fmt.Sprintf("%s at %s/s", ms(p99), thousands(h.offered)), p99 <= 2*time.Millisecond, why)
 	}
@@ -318,7 +325,7 @@ func (r *report) writeComparison(p func(string, ...any)) {
 func (r *report) writeHotComparison(p func(string, ...any)) {
 	p("### Hot: in-process tier hits\n\n")
 	p("Closed loop, 64 callers, uniform over 20,000 warm accounts; the bare handler, this build and the previous build in\n")
-	p("turn, %v each, three rounds. Ratios are per round; the last row has the medians.\n\n", r.opts.duration/4)
+	p("turn, %v each, three rounds; %s. Ratios are per round; the last row has the medians.\n\n", r.opts.duration/4, r.hotPin.words())
 	p("| round | bare handler | this build | previous build | this / bare | previous / bare | this / previous |\n|---|---|---|---|---|---|---|\n")
 	cell := func(v float64) string {
 		if v <= 0 {
