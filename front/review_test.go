@@ -1,0 +1,49 @@
+package front
+
+import (
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// A head claiming a large body costs the server memory only as the body's
+// bytes arrive: an unauthenticated client sending heads with Content-Length
+// at the limit (and then nothing) on many connections must not make the
+// front hold the limit for each (net/http's handler grows its buffer as
+// bytes are read, and refuses a bad query before reading the body at all).
+func TestBodyBufferGrowsWithBytesRead(t *testing.T) {
+	s, err := New(Config{Path: testPath, Handler: &echo{}, Fallback: &http.Server{}, MaxBodyBytes: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	c := &conn{s: s, nc: a, buf: make([]byte, bufSize)}
+	head := "POST " + testPath + " HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n"
+	go b.Write([]byte(head + "0123456789"))
+	h, v, _, err := c.next()
+	if err != nil || v != serve || h.bodyLen != 1<<20 {
+		t.Fatalf("head: %v %v %+v", err, v, h)
+	}
+	go b.Write([]byte("0123456789"))
+	if err := c.read(time.Time{}, h.size+h.bodyLen); err != nil {
+		t.Fatal(err)
+	}
+	if c.w-c.r != len(head)+20 || len(c.buf) > 2*bufSize {
+		t.Fatalf("after %d bytes of a 1 MiB body the buffer holds %d bytes", c.w-c.r-len(head), len(c.buf))
+	}
+	// The whole body still arrives, however it is split.
+	body := strings.Repeat("x", 1<<20-20)
+	go b.Write([]byte(body))
+	for c.w-c.r < h.size+h.bodyLen {
+		if err := c.read(time.Time{}, h.size+h.bodyLen); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c.w-c.r != h.size+h.bodyLen || string(c.buf[c.r+h.size+20:c.w]) != body {
+		t.Fatalf("body: %d bytes", c.w-c.r-h.size)
+	}
+}
