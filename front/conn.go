@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
+	"net/http"
+	"runtime"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -43,6 +45,7 @@ type conn struct {
 // run serves c until it ends or is handed off.
 func (c *conn) run(tc *tls.Conn) {
 	defer c.s.live.Done()
+	defer c.recover()
 	reason := ""
 	if tc != nil {
 		reason = c.handshake(tc)
@@ -62,6 +65,23 @@ func (c *conn) run(tc *tls.Conn) {
 		nc = &prefixConn{Conn: c.nc, pending: c.buf[c.r:c.w]}
 	}
 	c.s.handoff.give(nc)
+}
+
+// recover ends c after a panic in the handler as net/http does: the
+// panic is logged (but http.ErrAbortHandler) and the connection closed,
+// and the server goes on serving the others.
+func (c *conn) recover() {
+	v := recover()
+	if v == nil {
+		return
+	}
+	if v != http.ErrAbortHandler {
+		stack := make([]byte, 64<<10)
+		stack = stack[:runtime.Stack(stack, false)]
+		c.s.logf("front: panic serving %v: %v\n%s", c.nc.RemoteAddr(), v, stack)
+	}
+	c.s.forget(c)
+	c.nc.Close()
 }
 
 // handshake completes a TLS handshake within the server's timeouts and

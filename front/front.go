@@ -29,6 +29,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"log"
 	"net"
 	"net/http"
 	"sync"
@@ -272,6 +273,15 @@ func (s *Server) forget(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
 	s.mu.Unlock()
+}
+
+// logf logs with Fallback.ErrorLog, or the log package's logger.
+func (s *Server) logf(format string, args ...any) {
+	if l := s.cfg.Fallback.ErrorLog; l != nil {
+		l.Printf(format, args...)
+		return
+	}
+	log.Printf(format, args...)
 }
 
 func (s *Server) countHandoff(reason string) {

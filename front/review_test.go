@@ -1,9 +1,13 @@
 package front
 
 import (
+	"bytes"
+	"context"
+	"log"
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -47,3 +51,56 @@ func TestBodyBufferGrowsWithBytesRead(t *testing.T) {
 		t.Fatalf("body: %d bytes", c.w-c.r-h.size)
 	}
 }
+
+// panicky panics on a body "panic", and echoes otherwise.
+type panicky struct{ echo }
+
+func (p *panicky) ServeFast(ctx context.Context, rawQuery string, body []byte, out []byte) []byte {
+	if string(body) == "panic" {
+		panic("handler bug")
+	}
+	return p.echo.ServeFast(ctx, rawQuery, body, out)
+}
+
+// A panic in the handler ends its connection, as net/http's recovery
+// does, not the process: the server goes on serving others, and the panic
+// is logged.
+func TestHandlerPanicClosesOnlyItsConnection(t *testing.T) {
+	var logged bytes.Buffer
+	var mu sync.Mutex
+	fb := &http.Server{Handler: http.HandlerFunc(fallbackHandler),
+		ErrorLog: log.New(writerFunc(func(b []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return logged.Write(b) }), "", 0)}
+	s, err := New(Config{Path: testPath, Handler: &panicky{}, Fallback: fb})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ln) }()
+	defer func() {
+		s.Close()
+		<-done
+	}()
+	c := dial(t, ln.Addr().String())
+	c.send(lookup("a=1", "panic"))
+	if _, err := http.ReadResponse(c.br, nil); err == nil {
+		t.Fatal("an answer to a request whose handler panicked")
+	}
+	c2 := dial(t, ln.Addr().String())
+	c2.send(lookup("a=2", "x"))
+	if _, body := c2.answer(); body != "fast q=a=2 b=x" {
+		t.Fatalf("after a panic: %q", body)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !strings.Contains(logged.String(), "panic serving") || !strings.Contains(logged.String(), "handler bug") {
+		t.Fatalf("log: %q", logged.String())
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(b []byte) (int, error) { return f(b) }
