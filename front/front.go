@@ -29,6 +29,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"log"
 	"net"
 	"net/http"
@@ -89,6 +90,7 @@ type Server struct {
 	served  chan struct{}  // closed when the accept loop has ended
 	fbErr   chan error     // Fallback.Serve's result
 	fbOnce  sync.Once      // fbErr is read once
+	stopErr error          // why Serve stopped (not closing); under mu
 }
 
 // New validates cfg and returns a Server.
@@ -147,18 +149,46 @@ func (s *Server) serve(ln net.Listener, tlsCfg *tls.Config) error {
 	s.handoff = &handoffListener{addr: ln.Addr(), conns: make(chan net.Conn), done: make(chan struct{})}
 	s.live.Add(1)
 	s.mu.Unlock()
-	go func() { s.fbErr <- s.cfg.Fallback.Serve(s.handoff) }()
+	go s.serveFallback(ln)
 	err := s.accept(ln, tlsCfg)
 	close(s.served)
 	s.live.Done()
 	if s.closing.Load() {
 		return http.ErrServerClosed
 	}
-	// The listener failed: stop taking connections, and let those
-	// handed off run to their end, as net/http's Serve does.
+	// The listener (or Fallback) failed: stop taking connections, and
+	// let those handed off run to their end, as net/http's Serve does.
+	err = s.stop(err, nil)
 	s.handoff.Close()
 	s.fallbackDone()
 	return err
+}
+
+// serveFallback runs Fallback on the connections handed off. Should it
+// return while the front serves (it refused to start: say an HTTP/2
+// setup error), hand-offs are closed from then on instead of waiting for
+// it forever, and Serve returns its error.
+func (s *Server) serveFallback(ln net.Listener) {
+	err := s.cfg.Fallback.Serve(s.handoff)
+	s.handoff.Close()
+	if !errors.Is(err, http.ErrServerClosed) {
+		s.stop(fmt.Errorf("front: fallback server: %w", err), ln)
+	}
+	s.fbErr <- err
+}
+
+// stop records err as why Serve stops, unless a reason came first, and
+// closes ln if given; it returns the reason recorded.
+func (s *Server) stop(err error, ln net.Listener) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopErr == nil {
+		s.stopErr = err
+		if ln != nil {
+			ln.Close()
+		}
+	}
+	return s.stopErr
 }
 
 // accept runs the accept loop, retrying temporary errors as net/http

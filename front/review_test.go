@@ -3,6 +3,8 @@ package front
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"errors"
 	"log"
 	"net"
 	"net/http"
@@ -104,3 +106,31 @@ func TestHandlerPanicClosesOnlyItsConnection(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(b []byte) (int, error) { return f(b) }
+
+// If Fallback refuses to serve (here http2's setup fails on the cipher
+// suites), Serve returns its error, as http.Server.Serve would, instead of
+// serving on with every hand-off waiting forever for a server that is
+// gone (a goroutine and a connection held per hand-off).
+func TestFallbackFailureEndsServe(t *testing.T) {
+	fb := &http.Server{Handler: http.HandlerFunc(fallbackHandler), TLSConfig: &tls.Config{
+		CipherSuites: []uint16{tls.TLS_RSA_WITH_AES_128_CBC_SHA}, NextProtos: []string{"h2"}}}
+	s, err := New(Config{Path: testPath, Handler: &echo{}, Fallback: fb})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ln) }()
+	defer s.Close()
+	select {
+	case err := <-done:
+		if err == nil || errors.Is(err, http.ErrServerClosed) || !strings.Contains(err.Error(), "http2") {
+			t.Fatalf("Serve returned %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Serve goes on without its fallback")
+	}
+}
