@@ -33,6 +33,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -129,6 +130,13 @@ func (s *Server) ServeTLS(ln net.Listener) error {
 	if cfg == nil || len(cfg.Certificates) == 0 && cfg.GetCertificate == nil && cfg.GetConfigForClient == nil {
 		ln.Close()
 		return errors.New("front: ServeTLS needs Fallback.TLSConfig with a certificate")
+	}
+	// A clone, as net/http's ServeTLS takes: Fallback.Serve sets HTTP/2
+	// up on Fallback.TLSConfig in its own goroutine while the front
+	// handshakes.
+	cfg = cfg.Clone()
+	if !slices.Contains(cfg.NextProtos, "http/1.1") {
+		cfg.NextProtos = append(cfg.NextProtos, "http/1.1")
 	}
 	return s.serve(ln, cfg)
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	"log"
 	"net"
 	"net/http"
@@ -132,5 +133,27 @@ func TestFallbackFailureEndsServe(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("Serve goes on without its fallback")
+	}
+}
+
+// ServeTLS's handshakes do not share Fallback.TLSConfig with
+// Fallback.Serve, which sets HTTP/2 up on it (appending "http/1.1" to
+// NextProtos, setting PreferServerCipherSuites) in its own goroutine, as
+// the front starts serving: a data race under -race. net/http's ServeTLS
+// hands its listener a clone.
+func TestTLSConfigNotSharedWithFallbackSetup(t *testing.T) {
+	cfg, roots := selfSigned(t)
+	cfg.NextProtos = []string{"h2"}
+	ts := start(t, nil, cfg)
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr}).Post("https://"+ts.addr+testPath+"?a=1", "application/json", strings.NewReader("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(b) != "fast q=a=1 b=x" {
+		t.Fatalf("%q", b)
 	}
 }
