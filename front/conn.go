@@ -35,8 +35,9 @@ type conn struct {
 	nc    net.Conn
 	buf   []byte // buf[r:w] is read and not yet served
 	r, w  int
-	out   []byte // answers not yet written
-	body  []byte // the handler's answer
+	out   []byte    // answers not yet written
+	body  []byte    // the handler's answer
+	hp    headParse // the head at c.r, as far as it is read
 	state atomic.Int32
 	rdl   time.Time // the read deadline set on nc
 	wdl   time.Time // the write deadline set on nc
@@ -144,8 +145,9 @@ func (c *conn) next() (head, verdict, string, error) {
 	var started time.Time
 	for {
 		if c.r < c.w {
-			h, v, why := parseHead(c.buf[c.r:c.w], c.s.cfg.Path, c.s.maxHead, c.s.cfg.MaxBodyBytes)
+			h, v, why := c.hp.parse(c.buf[c.r:c.w], c.s.cfg.Path, c.s.maxHead, c.s.cfg.MaxBodyBytes)
 			if v != needMore {
+				c.hp = headParse{}
 				return h, v, why, nil
 			}
 		}

@@ -47,39 +47,57 @@ type head struct {
 // answers a request net/http would frame or refuse differently, so the
 // two can never disagree on where a request ends.
 func parseHead(b []byte, path string, maxHead int, maxBody int64) (head, verdict, string) {
-	var h head
+	var p headParse
+	return p.parse(b, path, maxHead, maxBody)
+}
+
+// headParse is parseHead resumed as a head arrives: the lines of it read
+// so far are not read again, so a head sent a line at a time costs its
+// length, not its length squared (64 KiB sent in 5-byte lines would
+// otherwise be parsed 13,000 times over).
+type headParse struct {
+	h            head
+	at           int  // b[:at] is whole lines, read (0: none)
+	host, length bool // seen so far
+}
+
+// parse is parseHead of b, which starts with the bytes p was given
+// before; needMore leaves p ready for more of them.
+func (p *headParse) parse(b []byte, path string, maxHead int, maxBody int64) (head, verdict, string) {
 	limited := len(b) > maxHead
 	if limited {
 		b = b[:maxHead]
 	}
-	line, rest, end := cutLine(b)
-	if end != lineOK {
-		v, why := more(limited, end)
-		return h, v, why
-	}
-	v, why := requestLine(line, path, &h)
-	if v != serve {
-		return h, v, why
-	}
-	var host, length bool
-	for {
-		line, rest, end = cutLine(rest)
+	if p.at == 0 {
+		line, rest, end := cutLine(b)
 		if end != lineOK {
 			v, why := more(limited, end)
-			return h, v, why
+			return p.h, v, why
 		}
+		if v, why := requestLine(line, path, &p.h); v != serve {
+			return p.h, v, why
+		}
+		p.at = len(b) - len(rest)
+	}
+	for {
+		line, rest, end := cutLine(b[p.at:])
+		if end != lineOK {
+			v, why := more(limited, end)
+			return p.h, v, why
+		}
+		p.at = len(b) - len(rest)
 		if len(line) == 0 {
 			break
 		}
-		if v, why := h.header(line, &host, &length, maxBody); v != serve {
-			return h, v, why
+		if v, why := p.h.header(line, &p.host, &p.length, maxBody); v != serve {
+			return p.h, v, why
 		}
 	}
-	if !host {
-		return h, handOff, ReasonMalformed
+	if !p.host {
+		return p.h, handOff, ReasonMalformed
 	}
-	h.size = len(b) - len(rest)
-	return h, serve, ""
+	p.h.size = p.at
+	return p.h, serve, ""
 }
 
 // lineEnd says how cutLine found a line.
