@@ -51,7 +51,11 @@ func (c *conn) run(tc *tls.Conn) {
 	if tc != nil {
 		reason = c.handshake(tc)
 	}
-	if reason == "" {
+	switch {
+	case reason == ReasonTLSError && c.s.closing.Load():
+		// Shutdown or Close ended the handshake: no failure to report.
+		reason = ""
+	case reason == "":
 		reason = c.loop()
 	}
 	c.s.forget(c)

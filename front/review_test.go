@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/portrait-proxy/portrait-proxy/internal/wait"
 )
 
 // A head claiming a large body costs the server memory only as the body's
@@ -188,5 +190,35 @@ func TestHeadParsedAsItArrives(t *testing.T) {
 	head := "POST " + testPath + " HTTP/1.1\r\nHost: h\r\n" + strings.Repeat("a:b\r\n", 100)
 	if _, v, _ := p.parse([]byte(head), testPath, 4096, 1024); v != needMore || p.at != len(head) {
 		t.Fatalf("%v: %d of %d bytes remembered", v, p.at, len(head))
+	}
+}
+
+// A connection whose TLS handshake has not ended when Shutdown (or Close)
+// closes it is not handed to net/http as a failed handshake: that counted
+// a tls_error and logged "TLS handshake error ... use of closed network
+// connection" for every client connecting as the proxy stops.
+func TestShutdownDuringHandshakeNotAFailure(t *testing.T) {
+	cfg, _ := selfSigned(t)
+	var logged bytes.Buffer
+	var mu sync.Mutex
+	ts := start(t, func(s *http.Server) {
+		s.ErrorLog = log.New(writerFunc(func(b []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return logged.Write(b) }), "", 0)
+	}, cfg)
+	c := dial(t, ts.addr) // connected, no ClientHello yet
+	wait.For(t, 10*time.Second, "the connection accepted", func() bool {
+		ts.s.mu.Lock()
+		defer ts.s.mu.Unlock()
+		return len(ts.s.conns) == 1
+	})
+	if err := ts.s.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.br.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("connection open after Shutdown: %d %v", n, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if n := ts.handoffs(ReasonTLSError); n != 0 || logged.Len() != 0 {
+		t.Fatalf("%v tls_error hand-offs, log %q", n, logged.String())
 	}
 }
