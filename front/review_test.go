@@ -222,3 +222,57 @@ func TestShutdownDuringHandshakeNotAFailure(t *testing.T) {
 		t.Fatalf("%v tls_error hand-offs, log %q", n, logged.String())
 	}
 }
+
+// ctxWatch holds every call until its ctx ends or it is released, and
+// tells whether the ctx ended.
+type ctxWatch struct {
+	held    chan struct{}
+	release chan struct{}
+	ended   chan struct{}
+}
+
+func (w *ctxWatch) ServeFast(ctx context.Context, rawQuery string, body []byte, out []byte) []byte {
+	w.held <- struct{}{}
+	select {
+	case <-ctx.Done():
+		close(w.ended)
+	case <-w.release:
+	}
+	return append(out, "x"...)
+}
+
+// A lookup waiting on the upstream whose caller went away is cancelled,
+// as net/http cancels r.Context(): the batcher then drops the caller's
+// accounts from the batch (batcher's live) instead of spending the
+// upstream quota on them; under overload (callers timing out at 1 s, as
+// in issue 17) the front spends it on callers who left, for up to the
+// request timeout.
+func TestCallerLeavingCancelsLookup(t *testing.T) {
+	t.Skip("finding: the front does not cancel a request whose client closed its connection (documented trade-off; " +
+		"costs upstream quota on abandoned lookups under overload); fix: a ctx whose Done starts net/http's background read only when a lookup waits")
+	w := &ctxWatch{held: make(chan struct{}, 1), release: make(chan struct{}), ended: make(chan struct{})}
+	s, err := New(Config{Path: testPath, Handler: w, Fallback: &http.Server{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ln) }()
+	defer func() {
+		close(w.release)
+		s.Close()
+		<-done
+	}()
+	c := dial(t, ln.Addr().String())
+	c.send(lookup("a=1", "x"))
+	<-w.held
+	c.c.Close()
+	select {
+	case <-w.ended:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the lookup of a caller who left goes on")
+	}
+}
