@@ -159,6 +159,7 @@ func (c *conn) next() (head, verdict, string, error) {
 			return head{}, 0, "", err
 		}
 		var dl time.Time
+		var d time.Duration
 		fb := c.s.cfg.Fallback
 		if c.r == c.w {
 			c.r, c.w = 0, 0
@@ -169,20 +170,21 @@ func (c *conn) next() (head, verdict, string, error) {
 			if c.s.closing.Load() {
 				return head{}, 0, "", errStop
 			}
-			if c.s.idle > 0 {
-				dl = time.Now().Add(c.s.idle)
+			if d = c.s.idle; d > 0 {
+				dl = time.Now().Add(d)
 			}
 		} else {
 			if started.IsZero() {
 				started = time.Now()
 			}
-			if fb.ReadHeaderTimeout > 0 {
-				dl = started.Add(fb.ReadHeaderTimeout)
-			} else if fb.ReadTimeout > 0 {
-				dl = started.Add(fb.ReadTimeout)
+			if d = fb.ReadHeaderTimeout; d <= 0 {
+				d = fb.ReadTimeout
+			}
+			if d > 0 {
+				dl = started.Add(d)
 			}
 		}
-		if err := c.read(dl, c.w-c.r+1); err != nil {
+		if err := c.read(dl, d, c.w-c.r+1); err != nil {
 			return head{}, 0, "", err
 		}
 	}
@@ -195,14 +197,15 @@ func (c *conn) readBody(h head) error {
 		return nil
 	}
 	var dl time.Time
-	if d := c.s.cfg.Fallback.ReadTimeout; d > 0 {
+	d := c.s.cfg.Fallback.ReadTimeout
+	if d > 0 {
 		dl = time.Now().Add(d)
 	}
 	for c.w-c.r < need {
 		if err := c.flush(); err != nil {
 			return err
 		}
-		if err := c.read(dl, need); err != nil {
+		if err := c.read(dl, d, need); err != nil {
 			return err
 		}
 	}
@@ -225,11 +228,11 @@ func (c *conn) answer(h head) (last bool) {
 }
 
 // read reads more into the buffer, with the read deadline dl (zero:
-// none), making room for need bytes from c.r: it moves them to the
+// none; d is the timeout it was made of), making room for need bytes from c.r: it moves them to the
 // front, or once the buffer is full into a larger one (a head grows up to
 // the head limit; a body doubles, up to what it needs: a Content-Length
 // costs memory only as its bytes arrive).
-func (c *conn) read(dl time.Time, need int) error {
+func (c *conn) read(dl time.Time, d time.Duration, need int) error {
 	if need > len(c.buf)-c.r && (need <= len(c.buf) || c.w == len(c.buf)) {
 		if need <= len(c.buf) || c.r > 0 {
 			c.w = copy(c.buf, c.buf[c.r:c.w])
@@ -240,7 +243,7 @@ func (c *conn) read(dl time.Time, need int) error {
 		}
 		c.r = 0
 	}
-	if !near(c.rdl, dl) {
+	if !near(c.rdl, dl, d) {
 		if err := c.nc.SetReadDeadline(dl); err != nil {
 			return err
 		}
@@ -263,7 +266,7 @@ func (c *conn) flush() error {
 		return nil
 	}
 	if d := c.s.cfg.Fallback.WriteTimeout; d > 0 {
-		if dl := time.Now().Add(d); !near(c.wdl, dl) {
+		if dl := time.Now().Add(d); !near(c.wdl, dl, d) {
 			if err := c.nc.SetWriteDeadline(dl); err != nil {
 				return err
 			}
@@ -279,12 +282,15 @@ func (c *conn) flush() error {
 	return err
 }
 
-// near reports whether the deadline set, cur, can stand for want: the
-// same, or at most deadSlop sooner. Moving a deadline costs a timer
-// update, so a busy connection moves it about once a second.
-func near(cur, want time.Time) bool {
+// near reports whether the deadline set, cur, can stand for want, made
+// of the timeout d: the same, or sooner by at most deadSlop or an eighth
+// of d, whichever is less. Moving a deadline costs a timer update, so a
+// busy connection moves it about once a second; a timeout under a second
+// still never cuts a busy connection (a deadline a second stale may
+// already have passed).
+func near(cur, want time.Time, d time.Duration) bool {
 	if cur.IsZero() || want.IsZero() {
 		return cur.IsZero() == want.IsZero()
 	}
-	return !cur.After(want) && want.Sub(cur) <= deadSlop
+	return !cur.After(want) && want.Sub(cur) <= min(deadSlop, d/8)
 }

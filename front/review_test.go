@@ -40,7 +40,7 @@ func TestBodyBufferGrowsWithBytesRead(t *testing.T) {
 		t.Fatalf("head: %v %v %+v", err, v, h)
 	}
 	go b.Write([]byte("0123456789"))
-	if err := c.read(time.Time{}, h.size+h.bodyLen); err != nil {
+	if err := c.read(time.Time{}, 0, h.size+h.bodyLen); err != nil {
 		t.Fatal(err)
 	}
 	if c.w-c.r != len(head)+20 || len(c.buf) > 2*bufSize {
@@ -50,7 +50,7 @@ func TestBodyBufferGrowsWithBytesRead(t *testing.T) {
 	body := strings.Repeat("x", 1<<20-20)
 	go b.Write([]byte(body))
 	for c.w-c.r < h.size+h.bodyLen {
-		if err := c.read(time.Time{}, h.size+h.bodyLen); err != nil {
+		if err := c.read(time.Time{}, 0, h.size+h.bodyLen); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -321,5 +321,29 @@ func TestPipelinedAnswerNotHeldBehindWaitingLookup(t *testing.T) {
 	c.c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, body := c.answer(); body != "q=n=1" {
 		t.Fatalf("%q", body)
+	}
+}
+
+// A deadline is kept while near the one wanted, but never one that may
+// have passed: with a timeout under a second (IdleTimeout or WriteTimeout
+// of 300 ms), a deadline set 500 ms ago for a busy connection stood for
+// the new one, so the next read or write failed at once and the
+// connection was cut while in use.
+func TestNearDeadlineNeverStale(t *testing.T) {
+	t0 := time.Now()
+	for _, tc := range []struct {
+		cur, want time.Duration
+		d         time.Duration
+		near      bool
+	}{
+		{0, 500 * time.Millisecond, 300 * time.Millisecond, false}, // cur has passed by the time want is asked
+		{0, 30 * time.Millisecond, 300 * time.Millisecond, true},
+		{0, 900 * time.Millisecond, 120 * time.Second, true},
+		{0, 1100 * time.Millisecond, 120 * time.Second, false},
+		{time.Second, 0, 120 * time.Second, false}, // later than wanted: never
+	} {
+		if got := near(t0.Add(tc.cur), t0.Add(tc.want), tc.d); got != tc.near {
+			t.Errorf("near(+%v, +%v, %v) = %v", tc.cur, tc.want, tc.d, got)
+		}
 	}
 }
