@@ -1,6 +1,7 @@
 package front
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -344,6 +345,50 @@ func TestNearDeadlineNeverStale(t *testing.T) {
 	} {
 		if got := near(t0.Add(tc.cur), t0.Add(tc.want), tc.d); got != tc.near {
 			t.Errorf("near(+%v, +%v, %v) = %v", tc.cur, tc.want, tc.d, got)
+		}
+	}
+}
+
+// A client that stops reading its answers does not hold a goroutine past
+// WriteTimeout: the write fails and the connection ends.
+func TestClientNotReadingEndsAtWriteTimeout(t *testing.T) {
+	ts := start(t, func(s *http.Server) { s.WriteTimeout = 300 * time.Millisecond }, nil)
+	c := dial(t, ts.addr)
+	req := lookup("a=1", strings.Repeat("z", 1000))
+	go func() {
+		for {
+			if _, err := io.WriteString(c.c, req); err != nil {
+				return
+			}
+		}
+	}()
+	wait.For(t, 20*time.Second, "the connection ended", func() bool {
+		ts.h.mu.Lock()
+		calls := ts.h.calls
+		ts.h.mu.Unlock()
+		ts.s.mu.Lock()
+		defer ts.s.mu.Unlock()
+		return calls > 0 && len(ts.s.conns) == 0
+	})
+}
+
+// Over TLS, a connection the front served is handed to net/http in the
+// middle (another API), which serves it from then on.
+func TestTLSHandedOffMidConnection(t *testing.T) {
+	cfg, roots := selfSigned(t)
+	ts := start(t, nil, cfg)
+	tc, err := tls.Dial("tcp", ts.addr, &tls.Config{RootCAs: roots, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tc.Close()
+	tc.SetDeadline(time.Now().Add(20 * time.Second))
+	c := &client{t: t, c: tc, br: bufio.NewReader(tc)}
+	c.send(lookup("n=1", "a") + "POST /v4/other HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nab")
+	c.send("cde" + lookup("n=2", "b"))
+	for _, want := range []string{"fast q=n=1 b=a", "net/http POST /v4/other q= b=abcde", "net/http POST " + testPath + " q=n=2 b=b"} {
+		if _, body := c.answer(); body != want {
+			t.Fatalf("%q, want %q", body, want)
 		}
 	}
 }
