@@ -383,6 +383,8 @@ func (h *Handler) ServeFast(ctx context.Context, rawQuery string, body []byte, o
 	var code int
 	if e := h.verifyRawQuery(rawQuery, true, h.nowAt(start)); e != nil {
 		out, code = e.AppendJSON(out), e.ErrorCode
+	} else if int64(len(body)) > h.cfg.MaxBodyBytes { // as readBodyInto
+		out, code = appendFail(out, im.CodeBadRequest, fmt.Sprintf("request body larger than %d bytes", h.cfg.MaxBodyBytes))
 	} else {
 		sc := scratchPool.Get().(*getScratch)
 		out, code = h.lookup(ctx, body, start, sc, out)

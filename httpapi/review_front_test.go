@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 	"unsafe"
@@ -96,5 +97,22 @@ func TestServeFastKeepsNoBufferBytes(t *testing.T) {
 			r.UserProfileItem[0].ProfileItem[0].Tag != "Tag_Profile_Custom_Bb" {
 			t.Fatalf("tags after reuse: %+v", r)
 		}
+	}
+}
+
+// ServeFast holds a body to the handler's own MaxBodyBytes, as
+// ServeHTTP does: the front's limit is its own setting, and a handler
+// configured lower must still refuse what it refuses over net/http.
+func TestServeFastBodyLimit(t *testing.T) {
+	h, err := New(Config{Lookup: &fakeLookup{}, SDKAppID: app, Key: key, MaxBodyBytes: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := `{"To_Account":["alice"],"TagList":["Tag_Profile_IM_Nick"]}` + strings.Repeat(" ", 50)
+	_, want, _ := do(t, h, "POST", query(), body)
+	var f fastBuf
+	f.set(query().Encode(), body)
+	if got := f.serve(h); got.ErrorCode != want.ErrorCode || got.ErrorInfo != want.ErrorInfo || want.ErrorCode == 0 {
+		t.Fatalf("ServeFast %d %q, ServeHTTP %d %q", got.ErrorCode, got.ErrorInfo, want.ErrorCode, want.ErrorInfo)
 	}
 }
