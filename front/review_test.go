@@ -44,7 +44,7 @@ func TestBodyBufferGrowsWithBytesRead(t *testing.T) {
 	if err := c.read(time.Time{}, 0, h.size+h.bodyLen); err != nil {
 		t.Fatal(err)
 	}
-	if c.w-c.r != len(head)+20 || len(c.buf) > 2*bufSize {
+	if c.w-c.r != len(head)+20 || len(c.buf) > maxKeep {
 		t.Fatalf("after %d bytes of a 1 MiB body the buffer holds %d bytes", c.w-c.r-len(head), len(c.buf))
 	}
 	// The whole body still arrives, however it is split.
