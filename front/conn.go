@@ -228,20 +228,22 @@ func (c *conn) answer(h head) (last bool) {
 }
 
 // read reads more into the buffer, with the read deadline dl (zero:
-// none; d is the timeout it was made of), making room for need bytes from c.r: it moves them to the
-// front, or once the buffer is full into a larger one (a head grows up to
-// the head limit; a body gets what it needs up to 64 KiB, then doubles:
-// a Content-Length costs memory only as its bytes arrive).
+// none; d is the timeout it was made of), making room for need bytes
+// from c.r: it moves them to the front, or into a larger buffer (a head
+// grows up to the head limit; a body gets what it needs up to 64 KiB,
+// and beyond that doubles once the buffer is full: a Content-Length costs
+// memory only as its bytes arrive).
 func (c *conn) read(dl time.Time, d time.Duration, need int) error {
-	if need > len(c.buf)-c.r && (need <= len(c.buf) || c.w == len(c.buf)) {
-		if need <= len(c.buf) || c.r > 0 {
-			c.w = copy(c.buf, c.buf[c.r:c.w])
-		} else {
-			b := make([]byte, max(min(2*len(c.buf), c.s.maxHead+1), min(need, max(2*len(c.buf), maxKeep))))
-			c.w = copy(b, c.buf[c.r:c.w])
-			c.buf = b
-		}
+	switch {
+	case need <= len(c.buf)-c.r: // room as it is
+	case need <= len(c.buf) || need > maxKeep && c.r > 0:
+		c.w = copy(c.buf, c.buf[c.r:c.w])
 		c.r = 0
+	case need > maxKeep && c.w < len(c.buf): // fill it first
+	default:
+		b := make([]byte, max(min(2*len(c.buf), c.s.maxHead+1), min(need, max(2*len(c.buf), maxKeep))))
+		c.w = copy(b, c.buf[c.r:c.w])
+		c.buf, c.r = b, 0
 	}
 	if !near(c.rdl, dl, d) {
 		if err := c.nc.SetReadDeadline(dl); err != nil {
