@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -390,5 +391,55 @@ func TestTLSHandedOffMidConnection(t *testing.T) {
 		if _, body := c.answer(); body != want {
 			t.Fatalf("%q, want %q", body, want)
 		}
+	}
+}
+
+// bigAnswer answers every call with 60 KiB.
+type bigAnswer struct{ calls atomic.Int32 }
+
+func (b *bigAnswer) ServeFast(ctx context.Context, rawQuery string, body []byte, out []byte) []byte {
+	b.calls.Add(1)
+	return append(out, strings.Repeat("x", 60<<10)...)
+}
+
+// An idle keep-alive connection holds no more than net/http's (a 4 KiB
+// reader and writer): a thousand app-server connections that each once
+// got a large answer must not keep 128 KiB apiece (c.out and c.body are
+// kept up to 64 KiB each, per connection, for its lifetime).
+func TestIdleConnectionKeepsLittle(t *testing.T) {
+	t.Skip("finding: an idle connection keeps its answer buffers (c.out, c.body) up to 64 KiB each; " +
+		"fix: pool them, or drop them above a few KiB when the connection goes idle (costs an allocation per large answer)")
+	h := &bigAnswer{}
+	s, err := New(Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ln) }()
+	defer func() {
+		s.Close()
+		<-done
+	}()
+	c := dial(t, ln.Addr().String())
+	c.send(lookup("a=1", "x"))
+	c.answer()
+	var kept int
+	wait.For(t, 10*time.Second, "the connection idle", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for cn := range s.conns {
+			if h.calls.Load() == 1 && cn.state.Load() == stateIdle {
+				kept = cap(cn.out) + cap(cn.body) + len(cn.buf)
+				return true
+			}
+		}
+		return false
+	})
+	if kept > 16<<10 {
+		t.Fatalf("an idle connection keeps %d bytes", kept)
 	}
 }
