@@ -348,7 +348,7 @@ func (c *Cache) Close() {
 // error (their loads go on for other callers).
 func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 	now := c.now()
-	answers := make([]Answer, len(accounts))
+	answers, items := newAnswers(len(accounts), len(tags))
 	// Most requests ask for a few accounts: their bookkeeping stays on the
 	// stack.
 	var recBuf [4]*Record
@@ -357,23 +357,8 @@ func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 	if len(accounts) > len(recBuf) {
 		recs = make([]*Record, len(accounts))
 	}
-	recs, miss := recs[:len(accounts)], missBuf[:0]
-	for i, a := range accounts {
-		rec := c.local.Get(a, now)
-		recs[i] = rec
-		switch rec.state(tags, now) {
-		case stateFresh, stateNotFound:
-			c.localHit.Inc()
-			answers[i] = Answer{Item: pick(a, rec, tags, now), Source: SourceLocal}
-		case stateStale:
-			c.localStale.Inc()
-			answers[i] = Answer{Item: pick(a, rec, tags, now), Source: SourceLocal}
-			c.refresh(a, tags)
-		default:
-			c.localMiss.Inc()
-			miss = append(miss, i)
-		}
-	}
+	recs = recs[:len(accounts)]
+	miss := c.getLocal(accounts, tags, answers, items, recs, missBuf[:0], now)
 	if len(miss) == 0 {
 		return answers
 	}
@@ -422,6 +407,34 @@ func (c *Cache) Get(ctx context.Context, accounts, tags []string) []Answer {
 		}
 	}
 	return answers
+}
+
+// getLocal answers from the in-process tier what it can (the values of
+// hits appended to items), notes the records it found in recs, and returns
+// the indexes of the accounts it could not answer, appended to miss.
+func (c *Cache) getLocal(accounts, tags []string, answers []Answer, items []im.ProfileItem, recs []*Record, miss []int, now time.Time) []int {
+	for i, a := range accounts {
+		rec := c.local.Get(a, now)
+		recs[i] = rec
+		switch st := rec.state(tags, now); st {
+		case stateFresh, stateNotFound, stateStale:
+			if items == nil && st != stateNotFound { // one array for the items of every hit
+				items = make([]im.ProfileItem, 0, min((len(accounts)-i)*len(tags), maxHitItems))
+			}
+			answers[i].Item, items = appendPick(items, a, rec, tags, now)
+			answers[i].Source = SourceLocal
+			if st != stateStale {
+				c.localHit.Inc()
+				continue
+			}
+			c.localStale.Inc()
+			c.refresh(a, tags)
+		default:
+			c.localMiss.Inc()
+			miss = append(miss, i)
+		}
+	}
+	return miss
 }
 
 // getRemote looks the missing accounts up in the shared tier, fills what it
@@ -893,19 +906,55 @@ func (c *Cache) failed(account string, tags []string, err error, known *Record) 
 
 // pick builds the item for tags from a record: set tags in the order asked.
 func pick(account string, rec *Record, tags []string, now time.Time) im.UserProfile {
+	it, _ := appendPick(make([]im.ProfileItem, 0, len(tags)), account, rec, tags, now)
+	return it
+}
+
+// oneAnswer is the answer to a lookup of one account and one tag with room
+// for its value, so that such a hit costs one allocation. It holds one
+// value only: a larger object costs more to clear and scan than the
+// allocation it saves.
+type oneAnswer struct {
+	answer [1]Answer
+	items  [1]im.ProfileItem
+}
+
+// newAnswers returns Get's answers for n accounts and tags tags, and room
+// for the values of hits when it comes in the same allocation (else nil).
+func newAnswers(n, tags int) ([]Answer, []im.ProfileItem) {
+	if n == 1 && tags <= len(oneAnswer{}.items) {
+		b := &oneAnswer{}
+		return b.answer[:], b.items[:0:tags]
+	}
+	return make([]Answer, n), nil
+}
+
+// maxHitItems bounds the room Get sets aside at once for the items of its
+// hits (more tags than values set must not cost a large array).
+const maxHitItems = 256
+
+// appendPick is pick with the item's values appended to items: the item's
+// ProfileItem is the part of items it appended, capped so that appending
+// to it cannot overwrite what follows. It is never nil (an answer without
+// values encodes as an empty list). Tag strings are those of tags, Values
+// those of the record (immutable once stored), shared, not copied.
+func appendPick(items []im.ProfileItem, account string, rec *Record, tags []string, now time.Time) (im.UserProfile, []im.ProfileItem) {
 	if rec.NotFoundCode != 0 && now.Before(rec.NotFoundUntil) {
-		return im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{}, ResultCode: rec.NotFoundCode, ResultInfo: rec.NotFoundInfo}
+		return im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{}, ResultCode: rec.NotFoundCode, ResultInfo: rec.NotFoundInfo}, items
 	}
 	if it, ok := rec.noDataItem(account, tags, now); ok {
-		return it
+		return it, items
 	}
-	items := make([]im.ProfileItem, 0, len(tags))
+	start := len(items)
 	for _, t := range tags {
 		if v, _ := rec.Tag(t); v.Set {
 			items = append(items, im.ProfileItem{Tag: t, Value: v.Value})
 		}
 	}
-	return im.UserProfile{ToAccount: account, ProfileItem: items}
+	if len(items) == start {
+		return im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{}}, items
+	}
+	return im.UserProfile{ToAccount: account, ProfileItem: items[start:len(items):len(items)]}, items
 }
 
 // pickItems builds the item for tags from a fetched item.

@@ -47,3 +47,32 @@ func ExampleCache_Get() {
 	// alice Tag_Profile_IM_Nick="nick-alice" from upstream, loads so far: 1
 	// alice Tag_Profile_IM_Nick="nick-alice" from local, loads so far: 1
 }
+
+// A caller answers hits into buffers it keeps and reuses, and falls back to
+// Get when some account is not in the in-process tier (Hits then counted
+// nothing, so Get counts each account once).
+func ExampleCache_Hits() {
+	c, err := cache.New(cache.Config{Loader: &nickLoader{}, TTL: time.Minute})
+	if err != nil {
+		panic(err)
+	}
+	defer c.Close()
+
+	var answers []cache.Answer // the caller's buffers, reused call after call
+	var items []im.ProfileItem
+	tags := []string{"Tag_Profile_IM_Nick"}
+	for range 2 {
+		var ok bool
+		answers, items, ok = c.Hits(answers[:0], items[:0], []string{"alice"}, tags)
+		if !ok {
+			answers = c.Get(context.Background(), []string{"alice"}, tags)
+		}
+		// answers are valid until the buffers are passed to Hits again.
+		for _, a := range answers {
+			fmt.Printf("%s=%s from %s (hits: %v)\n", a.Item.ToAccount, a.Item.ProfileItem[0].Value, a.Source, ok)
+		}
+	}
+	// Output:
+	// alice="nick-alice" from upstream (hits: false)
+	// alice="nick-alice" from local (hits: true)
+}

@@ -4,6 +4,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/portrait-proxy/portrait-proxy/cache"
 	"github.com/portrait-proxy/portrait-proxy/im"
 )
 
@@ -34,11 +35,17 @@ type getScan struct {
 type getScratch struct {
 	body, out []byte
 	scan      getScan
+	accounts  []string
+	// The answers of a request served from the in-process tier alone
+	// (Lookup.Hits); their values are the records' own.
+	answers []cache.Answer
+	items   []im.ProfileItem
 }
 
 var scratchPool = sync.Pool{New: func() any {
 	return &getScratch{body: make([]byte, 0, 1024), out: make([]byte, 0, 4096),
-		scan: getScan{accounts: make([]span, 0, 16), tags: make([]span, 0, 8)}}
+		scan:     getScan{accounts: make([]span, 0, 16), tags: make([]span, 0, 8)},
+		accounts: make([]string, 0, 16), answers: make([]cache.Answer, 0, 16), items: make([]im.ProfileItem, 0, 32)}
 }}
 
 // Larger scratch is dropped rather than kept for the next request.
@@ -48,9 +55,14 @@ const (
 )
 
 func putScratch(s *getScratch) {
-	if cap(s.scan.accounts) <= maxPooledSpans && cap(s.scan.tags) <= maxPooledSpans &&
+	if cap(s.scan.accounts) <= maxPooledSpans && cap(s.scan.tags) <= maxPooledSpans && cap(s.accounts) <= maxPooledSpans &&
+		cap(s.answers) <= maxPooledSpans && cap(s.items) <= maxPooledSpans &&
 		cap(s.body) <= maxPooledBytes && cap(s.out) <= maxPooledBytes {
-		s.body, s.out = s.body[:0], s.out[:0]
+		// Nothing a request looked up stays reachable from the pool.
+		clear(s.accounts[:cap(s.accounts)])
+		clear(s.answers[:cap(s.answers)])
+		clear(s.items[:cap(s.items)])
+		s.body, s.out, s.accounts, s.answers, s.items = s.body[:0], s.out[:0], s.accounts[:0], s.answers[:0], s.items[:0]
 		scratchPool.Put(s)
 	}
 }

@@ -30,10 +30,14 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/upstream"
 )
 
-// Lookup answers accounts for tags; *cache.Cache satisfies it. Get must
-// not change accounts or tags: the tag list of a request is shared with
-// others of the same TagList.
+// Lookup answers accounts for tags; *cache.Cache satisfies it. Neither
+// method may change or keep accounts or tags: the tag list of a request
+// is shared with others of the same TagList, and the account list is
+// reused. Hits answers from memory alone into the caller's buffers, or
+// says ok false having counted nothing (see cache.Cache.Hits); Get then
+// answers, waiting as long as ctx allows.
 type Lookup interface {
+	Hits(dst []cache.Answer, items []im.ProfileItem, accounts, tags []string) ([]cache.Answer, []im.ProfileItem, bool)
 	Get(ctx context.Context, accounts, tags []string) []cache.Answer
 }
 
@@ -417,13 +421,11 @@ func (h *Handler) count(code int, start time.Time) {
 // caller's body, to b, and returns it with its ErrorCode. ctx is the
 // request's.
 func (h *Handler) lookup(ctx context.Context, raw []byte, start time.Time, sc *getScratch, b []byte) ([]byte, int) {
-	// One allocation holds the lookup's context and a small request's
-	// account list. It is not reused: the lookup may keep the context.
-	call := &getCall{}
-	accounts, tags, e := h.decodeGet(raw, &sc.scan, call.accounts[:0])
+	accounts, tags, e := h.decodeGet(raw, &sc.scan, sc.accounts[:0])
 	if e != nil {
 		return e.AppendJSON(b), e.ErrorCode
 	}
+	sc.accounts = accounts
 	if h.cfg.Tags != nil {
 		// The upstream refuses the whole call for such a tag: so do we,
 		// without spending a call on it.
@@ -442,20 +444,20 @@ func (h *Handler) lookup(ctx context.Context, raw []byte, start time.Time, sc *g
 	}
 	var answers []cache.Answer
 	if len(valid) > 0 {
-		c := &call.ctx
-		// start's monotonic clock plus the time since: time.Now without
-		// reading the wall clock.
-		c.parent, c.deadline = ctx, start.Add(time.Since(start)+h.cfg.RequestTimeout)
-		answers = h.cfg.Lookup.Get(c, valid, tags)
-		c.end()
+		var ok bool
+		answers, sc.items, ok = h.cfg.Lookup.Hits(sc.answers[:0], sc.items[:0], valid, tags)
+		sc.answers = answers
+		if !ok {
+			// Allocated, not pooled: the lookup may keep its context.
+			c := &deadlineCtx{parent: ctx}
+			// start's monotonic clock plus the time since: time.Now
+			// without reading the wall clock.
+			c.deadline = start.Add(time.Since(start) + h.cfg.RequestTimeout)
+			answers = h.cfg.Lookup.Get(c, valid, tags)
+			c.end()
+		}
 	}
 	return h.appendAnswers(b, accounts, answers)
-}
-
-// getCall is what a portrait_get needs beyond its buffers.
-type getCall struct {
-	ctx      deadlineCtx
-	accounts [4]string
 }
 
 func appendFail(b []byte, code int, info string) ([]byte, int) {

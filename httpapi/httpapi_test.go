@@ -31,6 +31,11 @@ type fakeLookup struct {
 	err   map[string]error // per account
 }
 
+// Hits declines: every lookup is recorded by Get.
+func (f *fakeLookup) Hits(dst []cache.Answer, items []im.ProfileItem, _, _ []string) ([]cache.Answer, []im.ProfileItem, bool) {
+	return dst, items, false
+}
+
 func (f *fakeLookup) Get(ctx context.Context, accounts, tags []string) []cache.Answer {
 	f.mu.Lock()
 	f.calls = append(f.calls, slices.Clone(accounts))

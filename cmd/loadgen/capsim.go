@@ -43,7 +43,7 @@ func capsimCheck(o options, out io.Writer) error {
 	}
 	rng := rand.New(rand.NewPCG(1, 2))
 	z := rand.NewZipf(rng, skew, 1, accounts-1) // rank k+1 is account k, as capacity numbers them
-	s := openLoop(e.urls, rate, d, maxConns, func(int64) string { return imsim.AccountName(int(z.Uint64())) })
+	s := openLoop(e.urls, rate, d, maxConns, 0, func(int64) string { return imsim.AccountName(int(z.Uint64())) })
 	st, err := simStats(context.Background(), e.simURL)
 	if err != nil {
 		return err

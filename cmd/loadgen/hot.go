@@ -24,6 +24,11 @@ import (
 	"github.com/portrait-proxy/portrait-proxy/imsim"
 )
 
+// hotOpenConns are the keep-alive connections the hot open-loop runs open
+// before their clock starts: many more than the lookups in flight at any
+// rate a server keeps up with (rate × latency).
+const hotOpenConns = 256
+
 // serveBare is the baseline: a server that only decodes the request JSON
 // and encodes the answer JSON, as the proxy does, with the value computed
 // in place. It runs in its own process (loadgen -serve-bare ADDR) so it
@@ -385,7 +390,7 @@ func hot(o options, out io.Writer) error {
 				pick := func(int64) string { return imsim.AccountName(rng.IntN(warm)) }
 				for _, f := range []float64{.25, .5, .75, 1} {
 					cpu0 := e.p.cpu()
-					s := openLoop([]string{e.url}, f*r.rate, o.duration/4, maxConns, pick)
+					s := openLoop([]string{e.url}, f*r.rate, o.duration/4, maxConns, hotOpenConns, pick)
 					s.cpu = (e.p.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
 					rep.hotSteps = append(rep.hotSteps, s)
 				}
@@ -433,12 +438,12 @@ func hot(o options, out io.Writer) error {
 	if len(rep.hotSteps) > 1 {
 		rng := rand.New(rand.NewPCG(3, 5))
 		cpu0 := bare.cpu()
-		s := openLoop([]string{bareURL}, rep.hotSteps[1].offered, o.duration/4, maxConns, func(int64) string { return imsim.AccountName(rng.IntN(warm)) })
+		s := openLoop([]string{bareURL}, rep.hotSteps[1].offered, o.duration/4, maxConns, hotOpenConns, func(int64) string { return imsim.AccountName(rng.IntN(warm)) })
 		s.cpu = (bare.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
 		rep.bareHalf = s
 		if prev != nil {
 			cpu0 := prev.p.cpu()
-			s := openLoop([]string{prev.url}, rep.hotSteps[1].offered, o.duration/4, maxConns, func(int64) string { return imsim.AccountName(rng.IntN(warm)) })
+			s := openLoop([]string{prev.url}, rep.hotSteps[1].offered, o.duration/4, maxConns, hotOpenConns, func(int64) string { return imsim.AccountName(rng.IntN(warm)) })
 			s.cpu = (prev.p.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
 			rep.prevHalf = s
 		}

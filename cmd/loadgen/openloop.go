@@ -47,12 +47,22 @@ func (s *step) rate() float64 {
 // a stall shows in every lookup it delays (no coordinated omission). Each
 // lookup takes a free keep-alive connection or opens one, up to maxConns;
 // a lookup finding none is counted unsent. pick names lookup i's account.
-func openLoop(urls []string, rate float64, d time.Duration, maxConns int, pick func(i int64) string) *step {
+// open connections (spread over urls) are opened before the clock starts,
+// as an app server's warm keep-alive pool: otherwise the first lookups
+// wait for the generator's own dials, and a server's steady latency is
+// measured with the generator's ramp in it.
+func openLoop(urls []string, rate float64, d time.Duration, maxConns, open int, pick func(i int64) string) *step {
 	pools := make([]chan *rawConn, len(urls))
 	for i := range pools {
 		pools[i] = make(chan *rawConn, maxConns)
 	}
 	var conns, lastDone, steady atomic.Int64
+	for i := range min(open, maxConns) {
+		if c, err := newRawConn(urls[i%len(urls)]); err == nil {
+			pools[i%len(urls)] <- c
+			conns.Add(1)
+		}
+	}
 	var ok, shed, errs, wrong, unsent atomic.Int64
 	var firstErr atomic.Value
 	var mu sync.Mutex

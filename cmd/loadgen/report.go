@@ -185,9 +185,11 @@ var microWhat = map[string]string{
 	"AppendJSON":           "answer encoding, hand encoder (one item, two tags)",
 	"EncodingJSONBaseline": "the same answer with encoding/json",
 	"Coalesce":             "one account through the batcher (64 goroutines, instant upstream)",
-	"Hit":                  "cache lookup served by the in-process tier",
+	"Hit":                  "Get served by the in-process tier (a fresh answers slice)",
 	"HitPath":              "HTTP handler + cache hit, no network",
 	"HitPathHandler":       "HitPath without the harness's request and recorder per lookup",
+	"HitPathFront":         "the whole hit path as served: a keep-alive request's bytes in, the answer's bytes out, through the front (in-memory connection)",
+	"Hits":                 "Hits: the in-process tier's answer into the caller's reused buffers (the handler's first try)",
 	"Miss":                 "one new account through the cache's flight to a Loader answering in groups of 100",
 	"Forward":              "a forwarded API call through the proxy to an instant emulator",
 }

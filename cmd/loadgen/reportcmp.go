@@ -151,7 +151,9 @@ func (r *report) hotTargets(row func(target, measured string, ok bool, why strin
 	var got []string
 	ok, found := true, 0
 	for _, m := range parseMicro(r.micro) {
-		if !(m.pkg == "cache" && m.name == "Hit" || m.pkg == "proxy" && m.name == "HitPath") {
+		// The hit path as served: the cache's Hits (what the handler asks
+		// first) and the whole proxy path, HTTP included, through the front.
+		if !(m.pkg == "cache" && m.name == "Hits" || m.pkg == "proxy" && m.name == "HitPathFront") {
 			continue
 		}
 		v, unit := m.allocsN, "allocs/op"
@@ -164,7 +166,7 @@ func (r *report) hotTargets(row func(target, measured string, ok bool, why strin
 	}
 	if found > 0 {
 		row("hit path: ≤ 1 allocation per lookup (micro-benchmarks)", strings.Join(got, "; "), ok && found == 2,
-			"allocations left on the hit path (allocs/op also counts a benchmark's own per-op setup, such as HitPath's httptest request and recorder, unless it reports allocs/lookup); see the hot profile's mallocgc")
+			"allocations left on the hit path (cache BenchmarkHits: the tier's answer into pooled buffers; proxy BenchmarkHitPathFront: a request's bytes in, the answer's out, through the front); see the hot profile's mallocgc")
 	}
 }
 

@@ -41,7 +41,7 @@ func coldSteps(o options, out io.Writer) error {
 			return err
 		}
 		cpu0 := e.p.cpu()
-		s := openLoop(e.urls, rate, o.stepDuration, maxConns, func(int64) string { return imsim.AccountName(int(next.Add(1))) })
+		s := openLoop(e.urls, rate, o.stepDuration, maxConns, 0, func(int64) string { return imsim.AccountName(int(next.Add(1))) })
 		st, err := simStats(context.Background(), e.simURL)
 		if err != nil {
 			return err
