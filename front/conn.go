@@ -38,6 +38,7 @@ type conn struct {
 	out   []byte    // answers not yet written
 	body  []byte    // the handler's answer
 	hp    headParse // the head at c.r, as far as it is read
+	watch watch     // the context of the request being served
 	state atomic.Int32
 	rdl   time.Time // the read deadline set on nc
 	wdl   time.Time // the write deadline set on nc
@@ -163,8 +164,15 @@ func (c *conn) next() (head, verdict, string, error) {
 		fb := c.s.cfg.Fallback
 		if c.r == c.w {
 			c.r, c.w = 0, 0
+			// An idle connection keeps no more than net/http's.
 			if len(c.buf) > bufSize {
 				c.buf = make([]byte, bufSize)
+			}
+			if cap(c.out) > bufSize {
+				c.out = nil
+			}
+			if cap(c.body) > bufSize {
+				c.body = nil
 			}
 			c.state.Store(stateIdle)
 			if c.s.closing.Load() {
@@ -217,14 +225,33 @@ func (c *conn) readBody(h head) error {
 func (c *conn) answer(h head) (last bool) {
 	b := c.buf[c.r : c.r+h.size+h.bodyLen]
 	query := b[h.queryAt : h.queryAt+h.query]
-	c.body = c.s.cfg.Handler.ServeFast(c.s.ctx, unsafe.String(unsafe.SliceData(query), len(query)), b[h.size:], c.body[:0])
+	c.watch.begin(c.r+len(b) < c.w)
+	c.body = c.s.cfg.Handler.ServeFast(&c.watch, unsafe.String(unsafe.SliceData(query), len(query)), b[h.size:], c.body[:0])
+	peek, peeked, gone := c.watch.finish()
 	c.r += len(b)
-	last = h.close || c.s.closing.Load()
+	if peeked {
+		c.keep(peek)
+	}
+	last = h.close || gone || c.s.closing.Load()
 	c.out = appendResponse(c.out, c.body, time.Now(), last)
 	if cap(c.body) > maxKeep {
 		c.body = nil
 	}
 	return last
+}
+
+// keep appends b, read by the watch, to the bytes read.
+func (c *conn) keep(b byte) {
+	if c.w == len(c.buf) {
+		nb := c.buf
+		if c.r == 0 {
+			nb = make([]byte, 2*len(c.buf))
+		}
+		c.w = copy(nb, c.buf[c.r:c.w])
+		c.buf, c.r = nb, 0
+	}
+	c.buf[c.w] = b
+	c.w++
 }
 
 // read reads more into the buffer, with the read deadline dl (zero:

@@ -19,10 +19,12 @@
 // front never answers a request net/http would frame or refuse
 // differently, and every rarer behaviour is net/http's.
 //
-// A request the front serves is not cancelled when its client goes away
-// (net/http's background read is what it saves); it ends at the
-// handler's own deadline. Server is safe for concurrent use; Serve or
-// ServeTLS is called once.
+// A request's context is the server's until the handler asks for its
+// Done channel, which a lookup does only when it is about to wait: then
+// the front writes the answers it holds and reads the connection in the
+// background, as net/http does for every request, and the context ends
+// if the client goes away. A hit pays for none of it. Server is safe for
+// concurrent use; Serve or ServeTLS is called once.
 package front
 
 import (
@@ -47,8 +49,10 @@ type Handler interface {
 	// rawQuery (without the '?') on the front's path, and returns it; it
 	// is sent with HTTP status 200. rawQuery and body alias the
 	// connection's buffer: they are valid only during the call, and
-	// nothing of them may be kept after it. ctx ends only when the
-	// server is closed.
+	// nothing of them may be kept after it. ctx ends when the server is
+	// closed or, once the handler has asked for ctx.Done (as it must
+	// before it waits), when the client goes away: asking makes the
+	// front write the answers it holds and watch the connection.
 	ServeFast(ctx context.Context, rawQuery string, body []byte, out []byte) []byte
 }
 
@@ -218,6 +222,7 @@ func (s *Server) accept(ln net.Listener, tlsCfg *tls.Config) error {
 		}
 		backoff = 0
 		c := &conn{s: s, nc: nc, buf: make([]byte, bufSize)}
+		c.watch.c = c
 		var tc *tls.Conn
 		if tlsCfg != nil {
 			tc = tls.Server(nc, tlsCfg)

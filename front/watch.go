@@ -1,0 +1,121 @@
+package front
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// aLongTimeAgo is a deadline that has passed: it ends a pending read.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// watch is the context of the request a connection is serving: the
+// server's own, until the handler asks for Done, which a lookup does only
+// when it is about to wait. Then, as net/http does for every request, the
+// front writes the answers it holds (earlier pipelined ones, which must
+// not wait behind this one) and reads the connection in the background:
+// the context ends when the client goes away, and the lookup stops
+// spending quota on it. A byte that read gets is kept for the next
+// request. A hit never asks, and pays for none of this.
+//
+// Its Value gives the started context's own cancelCtx, so a context
+// derived from it registers with that directly (no goroutine).
+type watch struct {
+	c      *conn
+	mu     sync.Mutex
+	active bool // the handler is running
+	more   bool // bytes of a later request are already read
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the background read ends
+	stop   bool          // the read is being ended by finish
+	peeked bool          // the read got a byte, b
+	b      [1]byte
+	gone   bool // the client closed the connection (or writing failed)
+}
+
+func (w *watch) Deadline() (time.Time, bool) { return time.Time{}, false }
+
+func (w *watch) Done() <-chan struct{} { return w.start().Done() }
+
+func (w *watch) Err() error { return w.current().Err() }
+
+func (w *watch) Value(key any) any { return w.current().Value(key) }
+
+// current is the context in force: the started one, or the server's.
+func (w *watch) current() context.Context {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ctx != nil {
+		return w.ctx
+	}
+	return w.c.s.ctx
+}
+
+// begin readies w for a request; more says bytes after it are read.
+func (w *watch) begin(more bool) {
+	w.mu.Lock()
+	w.active, w.more = true, more
+	w.mu.Unlock()
+}
+
+// start starts watching the client, once per request, while the handler
+// runs; a late call (a context kept past its request) gets the server's.
+func (w *watch) start() context.Context {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	switch {
+	case w.ctx != nil:
+		return w.ctx
+	case !w.active:
+		return w.c.s.ctx
+	}
+	w.ctx, w.cancel = context.WithCancel(w.c.s.ctx)
+	if w.c.flush() != nil {
+		w.gone = true
+		w.cancel()
+		return w.ctx
+	}
+	if !w.more {
+		w.done = make(chan struct{})
+		go w.read(w.done)
+	}
+	return w.ctx
+}
+
+// read waits for the client to send more or go away.
+func (w *watch) read(done chan struct{}) {
+	defer close(done)
+	n, _ := w.c.nc.Read(w.b[:])
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	switch {
+	case n > 0:
+		w.peeked = true
+	case !w.stop:
+		w.gone = true
+		w.cancel()
+	}
+}
+
+// finish ends the request's watch once the handler has returned, and
+// returns the byte the read got, if any, and whether the client is gone.
+func (w *watch) finish() (b byte, peeked, gone bool) {
+	w.mu.Lock()
+	w.active, w.stop = false, true
+	done, cancel := w.done, w.cancel
+	w.mu.Unlock()
+	if done != nil {
+		w.c.nc.SetReadDeadline(aLongTimeAgo)
+		<-done
+		w.c.rdl = aLongTimeAgo // the next read sets its own
+	}
+	if cancel != nil {
+		cancel()
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	b, peeked, gone = w.b[0], w.peeked, w.gone
+	w.ctx, w.cancel, w.done, w.stop, w.peeked, w.gone = nil, nil, nil, false, false, false
+	return b, peeked, gone
+}
