@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -41,7 +42,7 @@ func BenchmarkHitPathFront(b *testing.B) {
 	body := `{"To_Account":["user1"],"TagList":["Tag_Profile_IM_Nick"]}`
 	req := fmt.Appendf(nil, "POST %s?sdkappid=1400000000&identifier=administrator&random=1&contenttype=json&usersig=%s HTTP/1.1\r\n"+
 		"Host: proxy\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", im.PathGet, url.QueryEscape(signFor(sim)), len(body), body)
-	c := &memConn{req: req, in: make(chan struct{}), out: make(chan struct{}), closed: make(chan struct{})}
+	c := &memConn{req: req, in: make(chan struct{}), out: make(chan struct{}), closed: make(chan struct{}), kick: make(chan struct{})}
 	served := make(chan error, 1)
 	go func() { served <- fs.Serve(&oneConnListener{c: c, done: make(chan struct{})}) }()
 	defer func() { fs.Close(); <-served }()
@@ -60,21 +61,45 @@ func BenchmarkHitPathFront(b *testing.B) {
 
 // memConn is a client connection in memory: each Read gets req once the
 // benchmark sends on in; each Write is copied into last and told on out.
+// A read deadline in the past ends a pending or later Read, as a socket's
+// does (the front ends its background read so).
 type memConn struct {
 	req     []byte
 	in, out chan struct{}
 	last    []byte
 	closed  chan struct{}
 	once    sync.Once
+	mu      sync.Mutex
+	expired bool
+	kick    chan struct{}
 }
 
 func (c *memConn) Read(p []byte) (int, error) {
+	c.mu.Lock()
+	expired, kick := c.expired, c.kick
+	c.mu.Unlock()
+	if expired {
+		return 0, os.ErrDeadlineExceeded
+	}
 	select {
 	case <-c.in:
 		return copy(p, c.req), nil
+	case <-kick:
+		return 0, os.ErrDeadlineExceeded
 	case <-c.closed:
 		return 0, io.EOF
 	}
+}
+
+func (c *memConn) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.expired = !t.IsZero() && t.Before(time.Now())
+	if c.expired {
+		close(c.kick)
+		c.kick = make(chan struct{})
+	}
+	return nil
 }
 
 func (c *memConn) Write(p []byte) (int, error) {
@@ -90,8 +115,7 @@ func (c *memConn) Close() error {
 
 func (c *memConn) LocalAddr() net.Addr              { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1} }
 func (c *memConn) RemoteAddr() net.Addr             { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 2} }
-func (c *memConn) SetDeadline(time.Time) error      { return nil }
-func (c *memConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *memConn) SetDeadline(t time.Time) error    { return c.SetReadDeadline(t) }
 func (c *memConn) SetWriteDeadline(time.Time) error { return nil }
 
 // oneConnListener accepts c once, then nothing until closed.
