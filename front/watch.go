@@ -77,6 +77,11 @@ func (w *watch) start() context.Context {
 		return w.ctx
 	}
 	if !w.more {
+		// The read waits as long as the handler: not until the deadline
+		// the read that got the request left (the idle or head timeout's),
+		// which would end a lookup whose client is still there. finish
+		// sets its own, and the next read its own.
+		w.c.nc.SetReadDeadline(time.Time{})
 		w.done = make(chan struct{})
 		go w.read(w.done)
 	}
