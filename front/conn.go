@@ -86,6 +86,7 @@ func (c *conn) recover() {
 		stack = stack[:runtime.Stack(stack, false)]
 		c.s.logf("front: panic serving %v: %v\n%s", c.nc.RemoteAddr(), v, stack)
 	}
+	c.watch.finish() // a request's watch ends with it
 	c.s.forget(c)
 	c.nc.Close()
 }

@@ -62,10 +62,19 @@ func TestBodyBufferGrowsWithBytesRead(t *testing.T) {
 }
 
 // panicky panics on a body "panic", and echoes otherwise.
-type panicky struct{ echo }
+type panicky struct {
+	echo
+	done <-chan struct{}
+}
 
 func (p *panicky) ServeFast(ctx context.Context, rawQuery string, body []byte, out []byte) []byte {
-	if string(body) == "panic" {
+	switch string(body) {
+	case "panic":
+		panic("handler bug")
+	case "wait, then panic": // its context's watch started
+		p.mu.Lock()
+		p.done = ctx.Done()
+		p.mu.Unlock()
 		panic("handler bug")
 	}
 	return p.echo.ServeFast(ctx, rawQuery, body, out)
@@ -79,7 +88,8 @@ func TestHandlerPanicClosesOnlyItsConnection(t *testing.T) {
 	var mu sync.Mutex
 	fb := &http.Server{Handler: http.HandlerFunc(fallbackHandler),
 		ErrorLog: log.New(writerFunc(func(b []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return logged.Write(b) }), "", 0)}
-	s, err := New(Config{Path: testPath, Handler: &panicky{}, Fallback: fb})
+	h := &panicky{}
+	s, err := New(Config{Path: testPath, Handler: h, Fallback: fb})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,9 +114,25 @@ func TestHandlerPanicClosesOnlyItsConnection(t *testing.T) {
 		t.Fatalf("after a panic: %q", body)
 	}
 	mu.Lock()
-	defer mu.Unlock()
 	if !strings.Contains(logged.String(), "panic serving") || !strings.Contains(logged.String(), "handler bug") {
 		t.Fatalf("log: %q", logged.String())
+	}
+	mu.Unlock()
+	// A handler that asked for Done, then panicked: its request's
+	// context ends with the connection, not with the server (here with a
+	// pipelined request behind it, so no background read would end it).
+	c3 := dial(t, ln.Addr().String())
+	c3.send(lookup("a=3", "wait, then panic") + lookup("a=4", "x"))
+	if _, err := http.ReadResponse(c3.br, nil); err == nil {
+		t.Fatal("an answer to a request whose handler panicked")
+	}
+	h.mu.Lock()
+	d := h.done
+	h.mu.Unlock()
+	select {
+	case <-d:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the context of a request whose handler panicked is still live")
 	}
 }
 
