@@ -44,6 +44,7 @@ type report struct {
 	prevFresh   [2]time.Duration // the last report's fresh p99s (set, callback); 0: unknown
 	replicas    []replicaResult
 	fresh       *freshResult
+	freshPrev   *freshResult // the previous build's, in the same run
 	outage      *outageResult
 	poisoned    []poisonedResult
 	tagMix      []tagMixResult
@@ -75,6 +76,7 @@ type freshResult struct {
 	setLat, cbLat   []time.Duration // sorted
 	feedMean        float64
 	fetchesPer      int
+	callbacksSent   int64
 }
 
 func machineFacts() string {
@@ -515,9 +517,17 @@ func (r *report) write(path, plotDir string) error {
 		p("Three replicas on one Redis, every replica holding the account in its in-process tier. For a portrait_set\n")
 		p("through replica A: time from A's answer until B and C both serve the new value. For a change made by a client\n")
 		p("(the emulator's callback, delivered to C): time from the change until A, B and C all serve it.\n\n")
-		p("| change | n | p50 | p99 | max |\n|---|---|---|---|---|\n")
-		p("| portrait_set through A, until B and C serve it | %d | %s | %s | %s |\n", f.sets, ms(pct(f.setLat, .5)), ms(pct(f.setLat, .99)), ms(pct(f.setLat, 1)))
-		p("| client change → callback to C, until A, B and C serve it | %d | %s | %s | %s |\n\n", f.callbacks, ms(pct(f.cbLat, .5)), ms(pct(f.cbLat, .99)), ms(pct(f.cbLat, 1)))
+		p("| build | change | n | p50 | p99 | max |\n|---|---|---|---|---|---|\n")
+		builds := []*freshResult{f, r.freshPrev}
+		for i, name := range []string{"this build", r.base.name()} {
+			x := builds[i]
+			if x == nil {
+				continue
+			}
+			p("| %s | portrait_set through A, until B and C serve it | %d | %s | %s | %s |\n", name, x.sets, ms(pct(x.setLat, .5)), ms(pct(x.setLat, .99)), ms(pct(x.setLat, 1)))
+			p("| %s | client change → callback to C, until A, B and C serve it | %d | %s | %s | %s |\n", name, x.callbacks, ms(pct(x.cbLat, .5)), ms(pct(x.cbLat, .99)), ms(pct(x.cbLat, 1)))
+		}
+		p("\n")
 		p("Mean feed delay reported by the replicas (`change_feed_delay_seconds`): %.2f ms. The replicas never refetched a\n", f.feedMean*1000)
 		p("changed account (%d upstream fetches of changed accounts after warm-up): the change itself travels.\n\n", f.fetchesPer)
 	}

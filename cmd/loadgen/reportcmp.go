@@ -268,12 +268,19 @@ func (r *report) regressionTargets(row func(target, measured string, ok bool, wh
 	if f := r.fresh; f != nil {
 		set, cb := pct(f.setLat, .99), pct(f.cbLat, .99)
 		m := fmt.Sprintf("set: p99 %s; callback: p99 %s", ms(set), ms(cb))
-		ok := true
-		if r.prevFresh[0] > 0 {
+		ok, why := true, "replicas serve changes later than in the last report"
+		switch pf := r.freshPrev; {
+		case pf != nil:
+			// The previous build measured in the same run: the p99 of 100
+			// changes is close to their max, and moves with the machine.
+			pset, pcb := pct(pf.setLat, .99), pct(pf.cbLat, .99)
+			m += fmt.Sprintf(" (previous build, same run: %s; %s)", ms(pset), ms(pcb))
+			ok, why = set <= 2*pset && cb <= 2*pcb, "replicas serve changes later than the previous build in the same run"
+		case r.prevFresh[0] > 0:
 			m += fmt.Sprintf(" (last report: %s; %s)", ms(r.prevFresh[0]), ms(r.prevFresh[1]))
 			ok = set <= 2*r.prevFresh[0] && cb <= 2*r.prevFresh[1]
 		}
-		row("nothing regresses: freshness figures kept (p99 within 2× of the last report's)", m, ok, "replicas serve changes later than in the last report")
+		row("nothing regresses: freshness figures kept (p99 within 2× of the previous build's in the same run, or of the last report's)", m, ok, why)
 	}
 }
 

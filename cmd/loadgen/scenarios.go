@@ -82,16 +82,40 @@ func drain(admin string, limit time.Duration) {
 // a client's change announced by the emulator's callback to C (until A, B
 // and C serve it).
 func fresh(o options, out io.Writer) error {
+	f, err := freshRun(o)
+	if err != nil {
+		return err
+	}
+	rep.fresh = f
+	printFresh(out, "fresh after writes: 3 replicas on one Redis, each holding the account", f)
+	if rep.base.ok() {
+		// The previous build in the same run: a p99 of 100 changes moves
+		// with the machine more than with the code.
+		po := o
+		po.proxyBin = rep.base.proxy
+		pf, err := freshRun(po)
+		if err != nil {
+			rep.base.note("fresh: the previous build did not run: %v", err)
+			return nil
+		}
+		rep.freshPrev = pf
+		printFresh(out, "  the same for "+rep.base.name(), pf)
+	}
+	return nil
+}
+
+// freshRun measures how long replicas serve the old value after a change.
+func freshRun(o options) (*freshResult, error) {
 	const token = "loadgen-callback-token"
 	e, err := startReplicas(o, 3, "-callback-token", token)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer e.stop()
 	cfg, _ := json.Marshal(map[string]any{"callback": map[string]string{"url": "http://" + e.ps[2].addrs[0] + "/im/callback", "token": token}})
 	resp, err := http.Post(e.simURL+"/imsim/config", "application/json", bytes.NewReader(cfg))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	resp.Body.Close()
 	const n = 100
@@ -99,19 +123,19 @@ func fresh(o options, out io.Writer) error {
 	conns := make([]*rawConn, 3)
 	for i := range conns {
 		if conns[i], err = newRawConn(e.urls[i]); err != nil {
-			return err
+			return nil, err
 		}
 		defer conns[i].close()
 	}
 	for k := range 2 * n { // every replica holds every account
 		for _, c := range conns {
 			if ok, _, err := lookup(c, imsim.AccountName(base+k)); err != nil || !ok {
-				return fmt.Errorf("warm-up lookup: %v", err)
+				return nil, fmt.Errorf("warm-up lookup: %v", err)
 			}
 		}
 	}
 	if err := simReset(e.simURL); err != nil {
-		return err
+		return nil, err
 	}
 	serves := func(c *rawConn, account, value string) (bool, error) {
 		got, err := c.post(`{"To_Account":["` + account + `"],"TagList":["Tag_Profile_IM_Nick"]}`)
@@ -139,7 +163,7 @@ func fresh(o options, out io.Writer) error {
 	}
 	setConn, err := newRawConn("http://" + e.ps[0].addrs[0] + im.PathSet + signedQuery())
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer setConn.close()
 	f := &freshResult{sets: n, callbacks: n}
@@ -148,11 +172,11 @@ func fresh(o options, out io.Writer) error {
 		body, _ := json.Marshal(im.SetRequest{FromAccount: acc, ProfileItem: []im.ProfileItem{{Tag: "Tag_Profile_IM_Nick", Value: json.RawMessage(`"` + val + `"`)}}})
 		got, err := setConn.post(string(body))
 		if err != nil || !bytes.Contains(got, []byte(`"ErrorCode":0`)) {
-			return fmt.Errorf("portrait_set through A: %v %s", err, got)
+			return nil, fmt.Errorf("portrait_set through A: %v %s", err, got)
 		}
 		d, err := waitAll(conns[1:], acc, val, time.Now())
 		if err != nil {
-			return err
+			return nil, err
 		}
 		f.setLat = append(f.setLat, d)
 		time.Sleep(5 * time.Millisecond) // under the set quota
@@ -163,12 +187,12 @@ func fresh(o options, out io.Writer) error {
 		t0 := time.Now()
 		resp, err := http.Post(e.simURL+"/imsim/client_set", "application/json", bytes.NewReader(body))
 		if err != nil {
-			return err
+			return nil, err
 		}
 		resp.Body.Close()
 		d, err := waitAll(conns, acc, val, t0)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		f.cbLat = append(f.cbLat, d)
 	}
@@ -176,22 +200,25 @@ func fresh(o options, out io.Writer) error {
 	slices.Sort(f.cbLat)
 	st, err := simStats(context.Background(), e.simURL)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	f.fetchesPer = int(st.Accounts)
 	if m, err := scrape(e.admins[1]); err == nil {
 		f.feedMean = histMean(map[string]float64{}, m, "portrait_proxy_change_feed_delay_seconds")
 	}
-	rep.fresh = f
-	fmt.Fprintf(out, "fresh after writes: 3 replicas on one Redis, each holding the account\n")
-	fmt.Fprintf(out, "  portrait_set through A until B and C serve it (%d): p50 %v  p99 %v  max %v\n", n,
-		pct(f.setLat, .5).Round(10*time.Microsecond), pct(f.setLat, .99).Round(10*time.Microsecond), pct(f.setLat, 1).Round(10*time.Microsecond))
-	fmt.Fprintf(out, "  client change, callback to C, until A, B, C serve it (%d): p50 %v  p99 %v  max %v\n", n,
-		pct(f.cbLat, .5).Round(10*time.Microsecond), pct(f.cbLat, .99).Round(10*time.Microsecond), pct(f.cbLat, 1).Round(10*time.Microsecond))
-	fmt.Fprintf(out, "  feed delay mean %.2fms; upstream fetches after warm-up %d; callbacks sent %d, failed %d\n\n",
-		f.feedMean*1000, st.Accounts, st.CallbacksSent, st.CallbackErrors)
 	if st.CallbackErrors != 0 || st.CallbacksSent != 2*n { // one per set through A, one per client change
-		return fmt.Errorf("callbacks: %d sent, %d failed, want %d sent", st.CallbacksSent, st.CallbackErrors, 2*n)
+		return nil, fmt.Errorf("callbacks: %d sent, %d failed, want %d sent", st.CallbacksSent, st.CallbackErrors, 2*n)
 	}
-	return nil
+	f.callbacksSent = st.CallbacksSent
+	return f, nil
+}
+
+func printFresh(out io.Writer, title string, f *freshResult) {
+	fmt.Fprintf(out, "%s\n", title)
+	fmt.Fprintf(out, "  portrait_set through A until B and C serve it (%d): p50 %v  p99 %v  max %v\n", f.sets,
+		pct(f.setLat, .5).Round(10*time.Microsecond), pct(f.setLat, .99).Round(10*time.Microsecond), pct(f.setLat, 1).Round(10*time.Microsecond))
+	fmt.Fprintf(out, "  client change, callback to C, until A, B, C serve it (%d): p50 %v  p99 %v  max %v\n", f.callbacks,
+		pct(f.cbLat, .5).Round(10*time.Microsecond), pct(f.cbLat, .99).Round(10*time.Microsecond), pct(f.cbLat, 1).Round(10*time.Microsecond))
+	fmt.Fprintf(out, "  feed delay mean %.2fms; upstream fetches after warm-up %d; callbacks sent %d\n\n",
+		f.feedMean*1000, f.fetchesPer, f.callbacksSent)
 }
