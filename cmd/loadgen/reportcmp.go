@@ -271,8 +271,8 @@ func (r *report) regressionTargets(row func(target, measured string, ok bool, wh
 		ok, why := true, "replicas serve changes later than in the last report"
 		switch pf := r.freshPrev; {
 		case pf != nil:
-			// The previous build measured in the same run: the p99 of 100
-			// changes is close to their max, and moves with the machine.
+			// The previous build measured in the same run: a tail moves
+			// with the machine more than with the code.
 			pset, pcb := pct(pf.setLat, .99), pct(pf.cbLat, .99)
 			m += fmt.Sprintf(" (previous build, same run: %s; %s)", ms(pset), ms(pcb))
 			ok, why = set <= 2*pset && cb <= 2*pcb, "replicas serve changes later than the previous build in the same run"
