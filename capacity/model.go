@@ -57,17 +57,17 @@ type Constants struct {
 }
 
 // Measured are the constants of docs/benchmarks.md (make bench of
-// 2026-11-25) and of BenchmarkFootprint (docs/capacity.md).
+// 2026-12-01 17:46 UTC) and of BenchmarkFootprint (docs/capacity.md).
 var Measured = Constants{
-	CPULocalHit:       20 * time.Microsecond,
-	CPURedisHit:       26 * time.Microsecond,
-	CPUCold:           62 * time.Microsecond,
-	CPUForward:        54 * time.Microsecond, // make bench 2026-12-01, forwarded sendmsg
+	CPULocalHit:       15 * time.Microsecond,  // hot, in-process tier hits (a pinned core)
+	CPURedisHit:       27 * time.Microsecond,  // hot, Redis tier hits
+	CPUCold:           89 * time.Microsecond,  // replicas: 3 on one Redis (1 replica: 69)
+	CPUForward:        121 * time.Microsecond, // forwarded sendmsg, kept-alive connections
 	HeapPerAccount:    284,
 	HeapPerTag:        141,
 	RedisPerAccount:   217,
 	RedisPerTag:       49,
-	RedisTripsPerRead: 0.12,
+	RedisTripsPerRead: 0.08,
 	LimiterOpsPerCall: 2,
 	CoreBudget:        0.6,
 }
