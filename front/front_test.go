@@ -368,3 +368,24 @@ func TestTLS(t *testing.T) {
 		t.Fatalf("hand-offs: h2 %v, TLS errors %v", ts.handoffs(ReasonH2), ts.handoffs(ReasonTLSError))
 	}
 }
+
+// serveFront serves cfg on a loopback listener until the test ends, and
+// returns the server and its address.
+func serveFront(t *testing.T, cfg Config) (*Server, string) {
+	t.Helper()
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ln) }()
+	t.Cleanup(func() {
+		s.Close()
+		<-done
+	})
+	return s, ln.Addr().String()
+}

@@ -89,26 +89,13 @@ func TestHandlerPanicClosesOnlyItsConnection(t *testing.T) {
 	fb := &http.Server{Handler: http.HandlerFunc(fallbackHandler),
 		ErrorLog: log.New(writerFunc(func(b []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return logged.Write(b) }), "", 0)}
 	h := &panicky{}
-	s, err := New(Config{Path: testPath, Handler: h, Fallback: fb})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ln) }()
-	defer func() {
-		s.Close()
-		<-done
-	}()
-	c := dial(t, ln.Addr().String())
+	_, addr := serveFront(t, Config{Path: testPath, Handler: h, Fallback: fb})
+	c := dial(t, addr)
 	c.send(lookup("a=1", "panic"))
 	if _, err := http.ReadResponse(c.br, nil); err == nil {
 		t.Fatal("an answer to a request whose handler panicked")
 	}
-	c2 := dial(t, ln.Addr().String())
+	c2 := dial(t, addr)
 	c2.send(lookup("a=2", "x"))
 	if _, body := c2.answer(); body != "fast q=a=2 b=x" {
 		t.Fatalf("after a panic: %q", body)
@@ -121,7 +108,7 @@ func TestHandlerPanicClosesOnlyItsConnection(t *testing.T) {
 	// A handler that asked for Done, then panicked: its request's
 	// context ends with the connection, not with the server (here with a
 	// pipelined request behind it, so no background read would end it).
-	c3 := dial(t, ln.Addr().String())
+	c3 := dial(t, addr)
 	c3.send(lookup("a=3", "wait, then panic") + lookup("a=4", "x"))
 	if _, err := http.ReadResponse(c3.br, nil); err == nil {
 		t.Fatal("an answer to a request whose handler panicked")
@@ -278,22 +265,11 @@ func (w *ctxWatch) ServeFast(ctx context.Context, rawQuery string, body []byte, 
 // request timeout.
 func TestCallerLeavingCancelsLookup(t *testing.T) {
 	w := &ctxWatch{held: make(chan struct{}, 1), release: make(chan struct{}), ended: make(chan struct{})}
-	s, err := New(Config{Path: testPath, Handler: w, Fallback: &http.Server{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ln) }()
+	_, addr := serveFront(t, Config{Path: testPath, Handler: w, Fallback: &http.Server{}})
 	defer func() {
 		close(w.release)
-		s.Close()
-		<-done
 	}()
-	c := dial(t, ln.Addr().String())
+	c := dial(t, addr)
 	c.send(lookup("a=1", "x"))
 	<-w.held
 	c.c.Close()
@@ -328,22 +304,9 @@ func (h *holdOn) ServeFast(ctx context.Context, rawQuery string, body []byte, ou
 // request timeout) is answered too.
 func TestPipelinedAnswerNotHeldBehindWaitingLookup(t *testing.T) {
 	h := &holdOn{held: make(chan struct{}, 1), release: make(chan struct{})}
-	s, err := New(Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ln) }()
-	defer func() {
-		s.Close()
-		<-done
-	}()
+	_, addr := serveFront(t, Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
 	defer close(h.release)
-	c := dial(t, ln.Addr().String())
+	c := dial(t, addr)
 	c.send(lookup("n=1", "now") + lookup("n=2", "wait"))
 	<-h.held
 	c.c.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -434,21 +397,8 @@ func (b *bigAnswer) ServeFast(ctx context.Context, rawQuery string, body []byte,
 // kept up to 64 KiB each, per connection, for its lifetime).
 func TestIdleConnectionKeepsLittle(t *testing.T) {
 	h := &bigAnswer{}
-	s, err := New(Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ln) }()
-	defer func() {
-		s.Close()
-		<-done
-	}()
-	c := dial(t, ln.Addr().String())
+	s, addr := serveFront(t, Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
+	c := dial(t, addr)
 	c.send(lookup("a=1", "x"))
 	c.answer()
 	var kept int

@@ -17,24 +17,11 @@ import (
 // ReadHeaderTimeout 5 s cut lookups the 5 s request timeout allowed).
 func TestWatchedLookupOutlivesIdleDeadline(t *testing.T) {
 	w := &ctxWatch{held: make(chan struct{}, 1), release: make(chan struct{}), ended: make(chan struct{})}
-	s, err := New(Config{Path: testPath, Handler: w, Fallback: &http.Server{IdleTimeout: 200 * time.Millisecond, ReadHeaderTimeout: 200 * time.Millisecond}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ln) }()
-	defer func() {
-		s.Close()
-		<-done
-	}()
+	_, addr := serveFront(t, Config{Path: testPath, Handler: w, Fallback: &http.Server{IdleTimeout: 200 * time.Millisecond, ReadHeaderTimeout: 200 * time.Millisecond}})
 	for _, split := range []bool{false, true} {
 		w.ended = make(chan struct{})
 		w.release = make(chan struct{})
-		c := dial(t, ln.Addr().String())
+		c := dial(t, addr)
 		req := lookup("a=1", "x")
 		if split {
 			c.send(req[:10])
@@ -63,22 +50,11 @@ func TestWatchedLookupOutlivesIdleDeadline(t *testing.T) {
 // is written with Connection: close.
 func TestHalfClosedClientGetsItsAnswer(t *testing.T) {
 	w := &ctxWatch{held: make(chan struct{}, 1), release: make(chan struct{}), ended: make(chan struct{})}
-	s, err := New(Config{Path: testPath, Handler: w, Fallback: &http.Server{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ln) }()
+	_, addr := serveFront(t, Config{Path: testPath, Handler: w, Fallback: &http.Server{}})
 	defer func() {
 		close(w.release)
-		s.Close()
-		<-done
 	}()
-	c := dial(t, ln.Addr().String())
+	c := dial(t, addr)
 	c.send(lookup("a=1", "x"))
 	<-w.held
 	if err := c.c.(*net.TCPConn).CloseWrite(); err != nil {
