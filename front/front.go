@@ -21,9 +21,10 @@
 //
 // A request's context is the server's until the handler asks for its
 // Done channel, which a lookup does only when it is about to wait: then
-// the front writes the answers it holds and reads the connection in the
-// background, as net/http does for every request, and the context ends
-// if the client goes away. A hit pays for none of it. Server is safe for
+// the front writes the answers it holds and, once the lookup has waited
+// 250 ms, reads the connection in the background, as net/http does for
+// every request, and the context ends if the client goes away. A hit, or
+// a lookup answered sooner, pays for none of it. Server is safe for
 // concurrent use; Serve or ServeTLS is called once.
 package front
 

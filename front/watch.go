@@ -27,6 +27,8 @@ type watch struct {
 	more   bool // bytes of a later request are already read
 	ctx    context.Context
 	cancel context.CancelFunc
+	timer  *time.Timer   // starts the background read after watchDelay
+	gen    uint64        // the request's number on the connection
 	done   chan struct{} // closed when the background read ends
 	stop   bool          // the read is being ended by finish
 	peeked bool          // the read got a byte, b
@@ -77,15 +79,37 @@ func (w *watch) start() context.Context {
 		return w.ctx
 	}
 	if !w.more {
-		// The read waits as long as the handler: not until the deadline
-		// the read that got the request left (the idle or head timeout's),
-		// which would end a lookup whose client is still there. finish
-		// sets its own, and the next read its own.
-		w.c.nc.SetReadDeadline(time.Time{})
-		w.done = make(chan struct{})
-		go w.read(w.done)
+		gen := w.gen
+		w.timer = time.AfterFunc(watchDelay, func() { w.late(gen) })
 	}
 	return w.ctx
+}
+
+// watchDelay is how long a lookup waits before its client is watched. A
+// cold lookup is answered within a few tens of milliseconds up to the
+// quota and within about 150 ms at it; watching costs a goroutine and
+// three syscalls, a tenth of such a lookup's CPU, for a departure that a
+// client's own timeout (a second or more) would tell no sooner.
+const watchDelay = 250 * time.Millisecond
+
+// late starts the background read of request gen, unless its handler
+// has returned (a timer that fired as it was stopped may get here after
+// the next request began: gen tells them apart).
+func (w *watch) late(gen uint64) {
+	w.mu.Lock()
+	if w.stop || w.gen != gen {
+		w.mu.Unlock()
+		return
+	}
+	// The read waits as long as the handler: not until the deadline the
+	// read that got the request left (the idle or head timeout's), which
+	// would end a lookup whose client is still there. finish sets its
+	// own (after this: it takes the lock first), and the next read its own.
+	w.c.nc.SetReadDeadline(time.Time{})
+	done := make(chan struct{})
+	w.done = done
+	w.mu.Unlock()
+	w.read(done)
 }
 
 // read waits for the client to send more or go away.
@@ -108,6 +132,12 @@ func (w *watch) read(done chan struct{}) {
 func (w *watch) finish() (b byte, peeked, gone bool) {
 	w.mu.Lock()
 	w.active, w.stop = false, true
+	timer := w.timer
+	w.mu.Unlock()
+	if timer != nil {
+		timer.Stop() // or late, already running, sees stop or has set done
+	}
+	w.mu.Lock()
 	done, cancel := w.done, w.cancel
 	w.mu.Unlock()
 	if done != nil {
@@ -121,6 +151,7 @@ func (w *watch) finish() (b byte, peeked, gone bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	b, peeked, gone = w.b[0], w.peeked, w.gone
-	w.ctx, w.cancel, w.done, w.stop, w.peeked, w.gone = nil, nil, nil, false, false, false
+	w.ctx, w.cancel, w.done, w.timer, w.stop, w.peeked, w.gone = nil, nil, nil, nil, false, false, false
+	w.gen++
 	return b, peeked, gone
 }
