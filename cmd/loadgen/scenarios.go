@@ -198,9 +198,16 @@ func freshRun(o options) (*freshResult, error) {
 	}
 	slices.Sort(f.setLat)
 	slices.Sort(f.cbLat)
-	st, err := simStats(context.Background(), e.simURL)
-	if err != nil {
-		return nil, err
+	// The emulator counts a callback once C has answered it, after C
+	// applied it: the last change can be served before it is counted.
+	var st imsim.Stats
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if st, err = simStats(context.Background(), e.simURL); err != nil {
+			return nil, err
+		}
+		if st.CallbacksSent+st.CallbackErrors >= 2*n || time.Now().After(deadline) {
+			break
+		}
 	}
 	f.fetchesPer = int(st.Accounts)
 	if m, err := scrape(e.admins[1]); err == nil {
