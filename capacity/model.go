@@ -57,12 +57,12 @@ type Constants struct {
 }
 
 // Measured are the constants of docs/benchmarks.md (make bench of
-// 2026-12-01 17:46 UTC) and of BenchmarkFootprint (docs/capacity.md).
+// 2026-12-01 18:16 UTC) and of BenchmarkFootprint (docs/capacity.md).
 var Measured = Constants{
-	CPULocalHit:       15 * time.Microsecond,  // hot, in-process tier hits (a pinned core)
-	CPURedisHit:       27 * time.Microsecond,  // hot, Redis tier hits
-	CPUCold:           89 * time.Microsecond,  // replicas: 3 on one Redis (1 replica: 69)
-	CPUForward:        121 * time.Microsecond, // forwarded sendmsg, kept-alive connections
+	CPULocalHit:       12 * time.Microsecond,  // hot, in-process tier hits (a pinned core)
+	CPURedisHit:       24 * time.Microsecond,  // hot, Redis tier hits
+	CPUCold:           82 * time.Microsecond,  // replicas: 3 on one Redis (1 replica: 59)
+	CPUForward:        139 * time.Microsecond, // forwarded sendmsg, kept-alive connections
 	HeapPerAccount:    284,
 	HeapPerTag:        141,
 	RedisPerAccount:   217,

@@ -3,9 +3,11 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"math"
 	"strings"
 	"testing"
 
+	"github.com/portrait-proxy/portrait-proxy/capacity"
 	"go.uber.org/goleak"
 )
 
@@ -55,8 +57,10 @@ func TestRunAutoReplicasAndJSON(t *testing.T) {
 	if err := json.Unmarshal(out.Bytes(), &got); err != nil {
 		t.Fatalf("%v: %s", err, out.String())
 	}
-	// 100,000 lookups/s at ≥ 20µs each is ≥ 2 cores: ≥ 4 replicas at 60 %
-	if got.Size.Replicas < 4 || got.Result.Workload.Replicas != got.Size.Replicas {
+	// 100,000 lookups/s, each at least an in-process hit's CPU, at the
+	// planned share of a core each.
+	least := int(math.Ceil(100000 * capacity.Measured.CPULocalHit.Seconds() / capacity.Measured.CoreBudget))
+	if got.Size.Replicas < least || got.Result.Workload.Replicas != got.Size.Replicas {
 		t.Fatalf("simulated with %d replicas, sized %d (%.1f cores)", got.Result.Workload.Replicas, got.Size.Replicas, got.Size.Cores)
 	}
 }
