@@ -117,16 +117,12 @@ func decodeSet(raw []byte) (rawSet, *im.Envelope) {
 	return req, nil
 }
 
+// readBody reads r's body within Config.MaxBodyBytes, or returns the
+// envelope a caller gets for it.
 func (h *Handler) readBody(r *http.Request) ([]byte, *im.Envelope) {
-	raw, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, h.cfg.MaxBodyBytes))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			e := failEnvelope(im.CodeBadRequest, fmt.Sprintf("request body larger than %d bytes", h.cfg.MaxBodyBytes))
-			return nil, &e
-		}
-		e := failEnvelope(im.CodeHTTPParse, "reading request body failed")
-		return nil, &e
+	raw, e := h.readBodyInto(r, nil)
+	if e != nil {
+		return nil, e
 	}
 	return raw, nil
 }
