@@ -14,7 +14,7 @@ import (
 )
 
 // TestReserveAdmitsRequestsWhole: 100 requests of 10 accounts arrive at
-// once with 350 ms left, at a quota of 10 calls/s: three calls' worth (30
+// once with 380 ms left, at a quota of 10 calls/s (and the quarter of margin): three calls' worth (30
 // requests) are admitted whole, the rest refused whole, though nothing is
 // queued yet when they arrive; MaxQueue counts reserved places too.
 func TestReserveAdmitsRequestsWhole(t *testing.T) {
@@ -22,7 +22,7 @@ func TestReserveAdmitsRequestsWhole(t *testing.T) {
 		g := newGate()
 		h := start(t, Config{Upstream: &fakeUpstream{fn: func(_ int, r im.GetRequest) (*im.GetResponse, error) { return found(r), nil }},
 			Limiter: rated{g, 10}, MaxQueue: 1000})
-		deadline := time.Now().Add(350 * time.Millisecond)
+		deadline := time.Now().Add(380 * time.Millisecond)
 		var admitted, wouldMiss atomic.Int64
 		var mu sync.Mutex
 		var held []*Reservation

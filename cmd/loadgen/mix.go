@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -181,6 +183,7 @@ type overloadResult struct {
 	complete              float64 // lookups/s answered in complete requests
 	completeReqs, refused int64   // requests answered whole; refused whole (every account 60007 or the request's error)
 	partial               int64   // requests with some accounts answered and others failed
+	partialWhy            string  // the failed items' result codes in partly failed requests, and their requests' times
 	clientTimeouts, wrong int64
 	errors                int64   // transport errors other than the client's timeout
 	fetched               float64 // accounts/s the upstream served
@@ -218,6 +221,9 @@ func overload(o options, out io.Writer) error {
 		rep.overload = append(rep.overload, r)
 		fmt.Fprintf(out, "  %7d %9.0f %12.0f %9d %8d %7d %8d %6d %6d %10.0f %6.2f %5d→%d→%d\n", r.callers, r.offered, r.complete, r.completeReqs,
 			r.partial, r.refused, r.clientTimeouts, r.wrong, r.errors, r.fetched, r.accountsPerCall, r.rssStartMiB, r.rssMidMiB, r.rssEndMiB)
+		if r.partialWhy != "" {
+			fmt.Fprintf(out, "  %7s partly failed: %s\n", "", r.partialWhy)
+		}
 	}
 	if len(rep.overload) == 2 {
 		fmt.Fprintf(out, "  at 3×: %.1f %% of the saturation rate answered in complete requests\n", 100*rep.overload[1].complete/max(1, rep.overload[0].complete))
@@ -240,6 +246,9 @@ func overloadRun(o options, callers int) (overloadResult, error) {
 	var complete, refused, partial, timeouts, wrong, errs, sent atomic.Int64
 	var firstErr atomic.Value
 	var wg sync.WaitGroup
+	var pmu sync.Mutex
+	partCodes := map[int]int{} // result code of a failed item in a partly failed request → items
+	var partTook []time.Duration
 	tags := mixTags[:1]
 	for i := range callers {
 		wg.Go(func() {
@@ -287,6 +296,13 @@ func overloadRun(o options, callers int) (overloadResult, error) {
 						refused.Add(1)
 					default:
 						partial.Add(1)
+						took := time.Since(t0)
+						pmu.Lock()
+						for _, code := range failedCodes(got, per) {
+							partCodes[code]++
+						}
+						partTook = append(partTook, took)
+						pmu.Unlock()
 					}
 				}
 				time.Sleep(time.Until(t0.Add(time.Second)))
@@ -317,5 +333,41 @@ func overloadRun(o options, callers int) (overloadResult, error) {
 	return overloadResult{callers: callers, offered: 10 * float64(sent.Load()) / sec, complete: 10 * float64(complete.Load()) / sec,
 		completeReqs: complete.Load(), refused: refused.Load(), partial: partial.Load(), clientTimeouts: timeouts.Load(),
 		wrong: wrong.Load(), errors: errs.Load(), fetched: float64(st.Accounts) / sec, accountsPerCall: st.AccountsPerCall(),
-		maxCalls: st.MaxCallsPerSec, throttled: st.Throttled, rssStartMiB: rss0, rssMidMiB: rssMid, rssEndMiB: rss1}, nil
+		maxCalls: st.MaxCallsPerSec, throttled: st.Throttled, rssStartMiB: rss0, rssMidMiB: rssMid, rssEndMiB: rss1,
+		partialWhy: partialWords(partCodes, partTook)}, nil
+}
+
+// failedCodes is the result codes of the items per marks failed in the
+// answer got (the whole answer's ErrorCode for an item it left out).
+func failedCodes(got []byte, per []bool) []int {
+	var r im.GetResponse
+	if json.Unmarshal(got, &r) != nil {
+		return nil
+	}
+	var codes []int
+	for i, ok := range per {
+		switch {
+		case ok:
+		case i < len(r.UserProfileItem):
+			codes = append(codes, r.UserProfileItem[i].ResultCode)
+		default:
+			codes = append(codes, r.ErrorCode)
+		}
+	}
+	return codes
+}
+
+// partialWords says what failed in partly failed requests: items by result
+// code, and the slowest request's time (from its send to its answer).
+func partialWords(codes map[int]int, took []time.Duration) string {
+	if len(took) == 0 {
+		return ""
+	}
+	keys := slices.Sorted(maps.Keys(codes))
+	var parts []string
+	for _, k := range keys {
+		parts = append(parts, fmt.Sprintf("%d items code %d", codes[k], k))
+	}
+	return fmt.Sprintf("%s; answered in %v–%v", strings.Join(parts, ", "),
+		slices.Min(took).Round(time.Millisecond), slices.Max(took).Round(time.Millisecond))
 }

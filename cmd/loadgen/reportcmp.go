@@ -186,7 +186,8 @@ func (r *report) overloadTargets(row func(target, measured string, ok bool, why 
 	row("overload at 3×: ≥ 95 % of the saturation rate", fmt.Sprintf("%.1f %% of %s lookups/s (%s)", 100*x.complete/max(1, sat), thousands(sat), satWhat),
 		x.complete >= 0.95*sat, waste)
 	row("overload at 3×: 0 partly failed requests, 0 client timeouts", fmt.Sprintf("%d partly failed, %d client timeouts", x.partial, x.clientTimeouts),
-		x.partial == 0 && x.clientTimeouts == 0, "requests admitted in part: some accounts were shed or timed out after others were served")
+		x.partial == 0 && x.clientTimeouts == 0, "requests admitted in part: some accounts were shed or timed out after others were served"+
+			ifSome(x.partialWhy, " (failed items: %s)"))
 	row("overload at 3×: flat memory", fmt.Sprintf("proxy RSS %d → %d → %d MiB (start, halfway, end)", x.rssStartMiB, x.rssMidMiB, x.rssEndMiB),
 		x.flatMemory(), "RSS still growing in the second half of the run (by more than 15 % + 8 MiB)")
 }
@@ -473,4 +474,12 @@ func (r *report) writeTagMix(p func(string, ...any)) {
 		p("| %s | %s | %.2f | %d | %d | %d | %d | %d |\n", name, thousands(t.rate), t.accountsPerCall, t.calls, t.maxCalls, t.throttled, t.errors, t.wrong)
 	}
 	p("\n")
+}
+
+// ifSome is format with s, or "" when s is.
+func ifSome(s, format string) string {
+	if s == "" {
+		return ""
+	}
+	return fmt.Sprintf(format, s)
 }
