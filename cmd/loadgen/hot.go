@@ -42,34 +42,39 @@ func serveBare(addr string) error {
 	// The proxy's API server settings (proxy/build.go), so that the two
 	// differ only in what their handlers do.
 	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 60 * time.Second,
-		IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			raw, _ := io.ReadAll(http.MaxBytesReader(nil, r.Body, 1<<20))
-			var req struct {
-				ToAccount []json.RawMessage `json:"To_Account"`
-				TagList   []json.RawMessage `json:"TagList"`
-			}
-			resp := &im.GetResponse{ActionStatus: "OK", UserProfileItem: []im.UserProfile{}, FailAccount: []string{}, InvalidAccount: []string{}}
-			if err := json.Unmarshal(raw, &req); err == nil {
-				for _, a := range req.ToAccount {
-					var account string
-					json.Unmarshal(a, &account)
-					it := im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{}}
-					for _, t := range req.TagList {
-						var tag string
-						json.Unmarshal(t, &tag)
-						if v, ok := imsim.SeededValue(account, tag); ok {
-							it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: tag, Value: v})
-						}
-					}
-					resp.UserProfileItem = append(resp.UserProfileItem, it)
-				}
-			}
-			b := resp.AppendJSON(nil)
-			w.Header().Set("Content-Type", "application/json")
-			w.Header().Set("Content-Length", strconv.Itoa(len(b)))
-			w.Write(b)
-		})}
+		IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10, Handler: bareHandler()}
 	return srv.Serve(ln)
+}
+
+// bareHandler is the bare handler's: decode, compute, encode.
+func bareHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		raw, _ := io.ReadAll(http.MaxBytesReader(nil, r.Body, 1<<20))
+		var req struct {
+			ToAccount []json.RawMessage `json:"To_Account"`
+			TagList   []json.RawMessage `json:"TagList"`
+		}
+		resp := &im.GetResponse{ActionStatus: "OK", UserProfileItem: []im.UserProfile{}, FailAccount: []string{}, InvalidAccount: []string{}}
+		if err := json.Unmarshal(raw, &req); err == nil {
+			for _, a := range req.ToAccount {
+				var account string
+				json.Unmarshal(a, &account)
+				it := im.UserProfile{ToAccount: account, ProfileItem: []im.ProfileItem{}}
+				for _, t := range req.TagList {
+					var tag string
+					json.Unmarshal(t, &tag)
+					if v, ok := imsim.SeededValue(account, tag); ok {
+						it.ProfileItem = append(it.ProfileItem, im.ProfileItem{Tag: tag, Value: v})
+					}
+				}
+				resp.UserProfileItem = append(resp.UserProfileItem, it)
+			}
+		}
+		b := resp.AppendJSON(nil)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+		w.Write(b)
+	})
 }
 
 // startRedis runs a throwaway redis-server on a free loopback port.
@@ -389,9 +394,13 @@ func hot(o options, out io.Writer) error {
 				rng := rand.New(rand.NewPCG(3, 5))
 				pick := func(int64) string { return imsim.AccountName(rng.IntN(warm)) }
 				for _, f := range []float64{.25, .5, .75, 1} {
-					cpu0 := e.p.cpu()
-					s := openLoop([]string{e.url}, f*r.rate, o.duration/4, maxConns, hotOpenConns, pick)
-					s.cpu = (e.p.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
+					var s *step
+					slow := slowHandled(e.admin, func() {
+						cpu0 := e.p.cpu()
+						s = openLoop([]string{e.url}, f*r.rate, o.duration/4, maxConns, hotOpenConns, pick)
+						s.cpu = (e.p.cpu() - cpu0).Seconds() / s.elapsed.Seconds()
+					})
+					s.slowHandled = slow
 					rep.hotSteps = append(rep.hotSteps, s)
 				}
 				z, err := hotRunWith(e.url, callers, zipfian(warm), o.duration/2, e.p, e.admin)
@@ -471,9 +480,9 @@ func printHot(out io.Writer, results []hotResult, callers, warm int, d time.Dura
 		if s == nil {
 			continue
 		}
-		fmt.Fprintf(out, "  open loop %6.0f/s offered: %6.0f/s answered, errors %d, not sent %d, p50 %v  p90 %v  p99 %v  max %v, server CPU %.0f%%\n",
+		fmt.Fprintf(out, "  open loop %6.0f/s offered: %6.0f/s answered, errors %d, not sent %d, p50 %v  p90 %v  p99 %v  max %v, server CPU %.0f%%, generator CPU %.0f%%, dispatched late p99 %v\n",
 			s.offered, s.rate(), s.errors+s.shed, s.unsent, pct(s.lat, .5).Round(10*time.Microsecond), pct(s.lat, .9).Round(10*time.Microsecond),
-			pct(s.lat, .99).Round(10*time.Microsecond), pct(s.lat, 1).Round(10*time.Microsecond), 100*s.cpu)
+			pct(s.lat, .99).Round(10*time.Microsecond), pct(s.lat, 1).Round(10*time.Microsecond), 100*s.cpu, 100*s.genCPU, pct(s.lags, .99).Round(10*time.Microsecond))
 	}
 	fmt.Fprintln(out)
 }

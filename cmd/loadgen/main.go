@@ -10,6 +10,7 @@
 //	loadgen -scenario lowload
 //	loadgen -scenario poisoned -duration 5s
 //	loadgen -scenario hot -base HEAD~1   # beside the proxy of HEAD~1 (built into bin/prev)
+//	LOADGEN_RATES=10000,38000 loadgen -scenario openhot -duration 5s
 //	loadgen -scenario all
 package main
 
@@ -66,7 +67,7 @@ type options struct {
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
 	var o options
-	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot (against the bare handler and the -base build), coldhttp (cold with net/http callers: this build, the -base build, 3 replicas; CPU profiles), replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas), poisoned (one caller asking for unconfigured tags among 200 cold callers), forward (forwarded calls against direct; TLS handshake per call), capsim (a Zipf run beside the capacity simulator's figures for it; not in all), tagmix (cold callers asking random subsets of four tags against one tag list), overload (requests of 10 new accounts just past the quota and at 3× it) or all")
+	fs.StringVar(&o.scenario, "scenario", "all", "direct, cold (offered load stepped), lowload, hot (against the bare handler and the -base build), coldhttp (cold with net/http callers: this build, the -base build, 3 replicas; CPU profiles), replicas (cold with 1 and 3 proxies on one Redis), outage (Redis killed under 3 replicas' cold load), fresh (change propagation across replicas), poisoned (one caller asking for unconfigured tags among 200 cold callers), forward (forwarded calls against direct; TLS handshake per call), capsim (a Zipf run beside the capacity simulator's figures for it; not in all), tagmix (cold callers asking random subsets of four tags against one tag list), overload (requests of 10 new accounts just past the quota and at 3× it), openhot (the hot scenario's open-loop runs alone, at the rates of LOADGEN_RATES, against the proxy or with LOADGEN_TARGET=bare the bare handler; a CPU profile of each into LOADGEN_PROFILE; not in all) or all")
 	fs.IntVar(&o.callers, "callers", 1000, "concurrent callers (cold)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured time per scenario")
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "emulator latency")
@@ -174,6 +175,8 @@ func runScenario(o options, out io.Writer) error {
 		return tagMix(o, out)
 	case "overload":
 		return overload(o, out)
+	case "openhot":
+		return openHot(o, out)
 	case "replicas":
 		if err := coldReplicas(o, out, 1); err != nil {
 			return err

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"strconv"
 
 	"golang.org/x/sys/unix"
@@ -95,7 +96,15 @@ func pinHot() (p *pinning, restore func()) {
 		setTasks(os.Getpid(), &old)
 		return &pinning{unpinned: "pinning the load generator failed: " + err.Error()}, func() {}
 	}
-	return p, func() { setTasks(os.Getpid(), &old) }
+	// One CPU, one P: with the GOMAXPROCS it started with, two threads
+	// running goroutines would share the CPU in the kernel's time slices,
+	// and a lookup's goroutine could wait milliseconds behind the other,
+	// in every latency the generator measures.
+	procs := runtime.GOMAXPROCS(1)
+	return p, func() {
+		runtime.GOMAXPROCS(procs)
+		setTasks(os.Getpid(), &old)
+	}
 }
 
 // cpuList is the CPUs in set, ascending.

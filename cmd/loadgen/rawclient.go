@@ -112,13 +112,23 @@ func (c *rawConn) post(body string) ([]byte, error) {
 	}
 }
 
+// dial connects c now, if it is not connected: otherwise its first post
+// does.
+func (c *rawConn) dial() error {
+	if c.conn != nil {
+		return nil
+	}
+	conn, err := net.DialTimeout("tcp", c.addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	c.conn, c.r = conn, bufio.NewReaderSize(conn, 8192)
+	return nil
+}
+
 func (c *rawConn) try(body string) ([]byte, error) {
-	if c.conn == nil {
-		conn, err := net.DialTimeout("tcp", c.addr, 5*time.Second)
-		if err != nil {
-			return nil, err
-		}
-		c.conn, c.r = conn, bufio.NewReaderSize(conn, 8192)
+	if err := c.dial(); err != nil {
+		return nil, err
 	}
 	timeout := c.timeout
 	if timeout <= 0 {

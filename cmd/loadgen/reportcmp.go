@@ -143,6 +143,10 @@ func (r *report) hotTargets(row func(target, measured string, ok bool, why strin
 					ms(pct(r.bareHalf.lat, .99)), 100*r.bareHalf.cpu)
 			}
 		}
+		if h.slowHandled >= 0 {
+			why += fmt.Sprintf("; the proxy's handler took over 0.5 ms for %s of requests, the generator dispatched lookups up to %s late (p99), its core at %.0f%% and the server's at %.0f%%",
+				h.slowWords(), ms(pct(h.lags, .99)), 100*h.genCPU, 100*h.cpu)
+		}
 		row("hot: p99 ≤ 2 ms at half the maximum rate", fmt.Sprintf("%s at %s/s", ms(p99), thousands(h.offered)), p99 <= 2*time.Millisecond, why)
 	}
 	if r.micro == "" {
@@ -381,14 +385,14 @@ func (r *report) writeHotComparison(p func(string, ...any)) {
 		p("| %s | %s | %s | %s | %.0f%% | %.0f µs | %d MiB |\n", name, thousands(h.rate), ms(h.p50), ms(h.p99), 100*h.cpu, h.perLookup, h.rssMiB)
 	}
 	if len(r.hotSteps) > 1 {
-		p("\nOpen loop at half this build's closed-loop maximum:\n\n| server | offered/s | answered/s | p50 | p90 | p99 | max | server CPU |\n|---|---|---|---|---|---|---|---|\n")
+		p("\nOpen loop at half this build's closed-loop maximum:\n\n| server | offered/s | answered/s | p50 | p90 | p99 | max | server CPU | generator CPU | dispatched late, p99 |\n|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, x := range []struct {
 			name string
 			s    *step
 		}{{"bare handler", r.bareHalf}, {"this build", r.hotSteps[1]}, {"previous build", r.prevHalf}} {
 			if s := x.s; s != nil {
-				p("| %s | %s | %s | %s | %s | %s | %s | %.0f%% |\n", x.name, thousands(s.offered), thousands(s.rate()), ms(pct(s.lat, .5)), ms(pct(s.lat, .9)),
-					ms(pct(s.lat, .99)), ms(pct(s.lat, 1)), 100*s.cpu)
+				p("| %s | %s | %s | %s | %s | %s | %s | %.0f%% | %.0f%% | %s |\n", x.name, thousands(s.offered), thousands(s.rate()), ms(pct(s.lat, .5)), ms(pct(s.lat, .9)),
+					ms(pct(s.lat, .99)), ms(pct(s.lat, 1)), 100*s.cpu, 100*s.genCPU, ms(pct(s.lags, .99)))
 			}
 		}
 	}
