@@ -494,7 +494,6 @@ func (b *Batcher) admit(n int, deadline time.Time, ok bool) error {
 	lat := time.Duration(b.latency.Load())
 	calls := float64((ahead + n + b.cfg.MaxAccounts - 1) / b.cfg.MaxAccounts)
 	eta := time.Duration(calls/(rate*b.cfg.Limiter.Factor())*float64(time.Second+lat)) + lat
-	eta += b.cfg.Limiter.Paused()
 	// A quarter more: calls' latency varies and the answer must still be
 	// written; a request admitted at the edge would be answered in part.
 	// With an eighth, 3x overload (3,000 callers x 10 new accounts, 1 s
@@ -502,6 +501,7 @@ func (b *Batcher) admit(n int, deadline time.Time, ok bool) error {
 	// with a quarter, none, and the same rate in complete requests (the
 	// queue still holds far more than a call's worth).
 	eta += eta / 4
+	eta += b.cfg.Limiter.Paused() // known: no margin on it
 	if b.now().Add(eta).After(deadline) {
 		return ErrWouldMiss
 	}

@@ -374,6 +374,11 @@ func TestAdmitCountsCutAndPause(t *testing.T) {
 		if err := h.b.Admit(time.Now().Add(2*time.Minute), true); err != nil {
 			t.Fatalf("Admit 2min ahead = %v", err)
 		}
+		// The pause is known: the estimate's margin is on the calls, not on
+		// it (a quarter of a minute more would refuse this one).
+		if err := h.b.Admit(time.Now().Add(65*time.Second), true); err != nil {
+			t.Fatalf("Admit 65s ahead during the minute's pause = %v", err)
+		}
 		if l := <-ch; l.err != nil {
 			t.Fatal(l.err)
 		}

@@ -358,7 +358,8 @@ func failedCodes(got []byte, per []bool) []int {
 }
 
 // partialWords says what failed in partly failed requests: items by result
-// code, and the slowest request's time (from its send to its answer).
+// code, and the fastest and slowest of those requests' times (from send to
+// answer).
 func partialWords(codes map[int]int, took []time.Duration) string {
 	if len(took) == 0 {
 		return ""

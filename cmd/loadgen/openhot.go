@@ -82,7 +82,7 @@ func openHot(o options, out io.Writer) error {
 		fmt.Fprintf(out, "    dispatched late by the generator: p50 %v p90 %v p99 %v p99.9 %v\n", pct(s.lags, .5).Round(10*time.Microsecond),
 			pct(s.lags, .9).Round(10*time.Microsecond), pct(s.lags, .99).Round(10*time.Microsecond), pct(s.lags, .999).Round(10*time.Microsecond))
 		if slow >= 0 {
-			fmt.Fprintf(out, "    handled in over 0.5 ms (request read to answer written): %.3f %% of requests\n", 100*slow)
+			fmt.Fprintf(out, "    handled in over 0.5 ms (request read to answer built, before its write): %.3f %% of requests\n", 100*slow)
 		}
 		if prof != nil {
 			p := <-prof
@@ -94,7 +94,8 @@ func openHot(o options, out io.Writer) error {
 
 // slowHandled runs run and returns the share of the requests the proxy at
 // admin answered meanwhile whose handler took over 0.5 ms (from the
-// request read to the answer written: its request_duration_seconds); -1
+// request read to the answer built, before it is written: its
+// request_duration_seconds); -1
 // when admin is "" or its metrics cannot be read.
 func slowHandled(admin string, run func()) float64 {
 	if admin == "" {

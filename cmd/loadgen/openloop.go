@@ -1,6 +1,8 @@
 package main
 
 import (
+	"fmt"
+	"os"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -45,6 +47,10 @@ func (s *step) rate() float64 {
 	return min(float64(s.ok)/s.window.Seconds(), float64(s.steady)/(0.75*s.window.Seconds()))
 }
 
+// openQueue is how many lookups may wait for a warm pool's workers before
+// the dispatcher waits too.
+const openQueue = 1 << 14
+
 // openLoop offers rate lookups per second for d across urls: lookup i is
 // due at start + i/rate and is sent then whatever happened to earlier ones,
 // and its latency runs from when it was due, not from when it went out, so
@@ -64,8 +70,6 @@ func (s *step) rate() float64 {
 func openLoop(urls []string, rate float64, d time.Duration, maxConns, open int, pick func(i int64) string) *step {
 	// The generator's collections stall its dispatching: fewer of them.
 	defer debug.SetGCPercent(debug.SetGCPercent(800))
-	cpu0 := selfCPU()
-	r := &openRun{start: time.Now(), d: d, lat: make([]time.Duration, 0, int(rate*d.Seconds())+1)}
 	var warm [][]*rawConn
 	if open > 0 {
 		warm = make([][]*rawConn, len(urls))
@@ -74,7 +78,7 @@ func openLoop(urls []string, rate float64, d time.Duration, maxConns, open int, 
 				warm[i%len(urls)] = append(warm[i%len(urls)], c)
 			}
 		}
-		for _, w := range warm {
+		for u, w := range warm {
 			if len(w) == 0 { // a url none could be dialled to: dial as lookups go
 				for _, w := range warm {
 					for _, c := range w {
@@ -82,10 +86,18 @@ func openLoop(urls []string, rate float64, d time.Duration, maxConns, open int, 
 					}
 				}
 				warm = nil
+				fmt.Fprintf(os.Stderr, "open loop: no connection to %s could be dialled before the run: every lookup dials as it goes\n", urls[u])
 				break
 			}
 		}
 	}
+	// The clock starts once the warm pool is open.
+	cpu0 := selfCPU()
+	r := &openRun{start: time.Now(), d: d, lat: make([]time.Duration, 0, int(rate*d.Seconds())+1)}
+	// A server that stops answering must not keep a warm pool's workers at
+	// it, each lookup for the client's timeout: lookups not sent by the
+	// window's end plus this are counted unsent.
+	r.cutoff = r.start.Add(d + 10*time.Second)
 	total := int64(rate * d.Seconds())
 	interval := time.Duration(float64(time.Second) / rate)
 	var send func(i int64, at time.Time)
@@ -100,7 +112,7 @@ func openLoop(urls []string, rate float64, d time.Duration, maxConns, open int, 
 		for u, w := range warm {
 			// Lookups waiting for a worker; when they are more, the
 			// dispatcher waits too (and its lateness is in theirs).
-			queues[u] = make(chan job, min(total+1, 1<<14))
+			queues[u] = make(chan job, min(total+1, openQueue))
 			for _, c := range w {
 				wg.Go(func() {
 					defer c.close()
@@ -186,7 +198,7 @@ func openLoop(urls []string, rate float64, d time.Duration, maxConns, open int, 
 
 // openRun is what an openLoop run counts.
 type openRun struct {
-	start                         time.Time
+	start, cutoff                 time.Time
 	d                             time.Duration
 	ok, shed, errs, wrong, unsent atomic.Int64
 	lastDone, steady              atomic.Int64
@@ -199,6 +211,10 @@ type openRun struct {
 // record makes the lookup of account due at at, dispatched at sent, on c
 // and counts its outcome.
 func (r *openRun) record(c *rawConn, account string, at, sent time.Time) {
+	if !r.cutoff.IsZero() && time.Now().After(r.cutoff) {
+		r.unsent.Add(1)
+		return
+	}
 	lag := sent.Sub(at)
 	good, bad, err := lookup(c, account)
 	took := time.Since(at)

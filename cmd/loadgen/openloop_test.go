@@ -72,7 +72,10 @@ func TestOpenLoopDials(t *testing.T) {
 		bareHandler().ServeHTTP(w, r)
 	})
 	url, conns := countingServer(t, blocked)
-	time.AfterFunc(300*time.Millisecond, func() { close(release) })
+	// Released well after the 200 ms window, so that no connection is
+	// free again while lookups are still being dispatched, even on a
+	// loaded machine under -race.
+	time.AfterFunc(2*time.Second, func() { close(release) })
 	s := openLoop([]string{url}, 1000, 200*time.Millisecond, 5, 0, func(i int64) string { return imsim.AccountName(int(i)) })
 	if s.sent != 5 || s.ok != 5 || s.unsent != 195 {
 		t.Fatalf("sent %d ok %d unsent %d; want 5, 5, 195 (first error %q)", s.sent, s.ok, s.unsent, s.firstErr)

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"strconv"
 
 	"golang.org/x/sys/unix"
@@ -96,15 +95,9 @@ func pinHot() (p *pinning, restore func()) {
 		setTasks(os.Getpid(), &old)
 		return &pinning{unpinned: "pinning the load generator failed: " + err.Error()}, func() {}
 	}
-	// One CPU, one P: with the GOMAXPROCS it started with, two threads
-	// running goroutines would share the CPU in the kernel's time slices,
-	// and a lookup's goroutine could wait milliseconds behind the other,
-	// in every latency the generator measures.
-	procs := runtime.GOMAXPROCS(1)
-	return p, func() {
-		runtime.GOMAXPROCS(procs)
-		setTasks(os.Getpid(), &old)
-	}
+	// The Go runtime (1.25 on) follows the new affinity with GOMAXPROCS 1
+	// by itself, and back.
+	return p, func() { setTasks(os.Getpid(), &old) }
 }
 
 // cpuList is the CPUs in set, ascending.

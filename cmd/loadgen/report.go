@@ -469,9 +469,10 @@ func (r *report) write(path, plotDir string) error {
 			}
 			p("\nThe load generator offers each lookup when it is due, over a warm pool of %d keep-alive connections, one worker each\n", hotOpenConns)
 			p("(a lookup finding every worker busy waits for the first free one); latency runs from when the lookup was due.\n")
-			p("*Dispatched late* is the generator's own lateness in handing a lookup to the workers (its timers and its one core),\n")
-			p("which is in the latency too; *handled in over 0.5 ms* is the proxy's share of requests whose handler, from the\n")
-			p("request read to the answer written, took longer (its `request_duration_seconds`).\n")
+			p("*Dispatched late* is the generator's lateness in handing a lookup to the workers: its timers and its one core, and,\n")
+			p("once %s lookups wait for a worker, the server's backlog. It is in the latency too. *Handled in over 0.5 ms* is the\n", thousands(float64(openQueue)))
+			p("proxy's share of requests whose handler, from the request read to the answer built (its write not included), took\n")
+			p("longer (its `request_duration_seconds`).\n")
 			p("\n![hot latency](%s/hot-latency.%s)\n\n", rel, r.plotExt)
 		}
 		p("The hit path costs the handler's JSON work plus auth (a verified UserSig is remembered up to 5 minutes) and\n")

@@ -144,7 +144,7 @@ func (r *report) hotTargets(row func(target, measured string, ok bool, why strin
 			}
 		}
 		if h.slowHandled >= 0 {
-			why += fmt.Sprintf("; the proxy's handler took over 0.5 ms for %s of requests, the generator dispatched lookups up to %s late (p99), its core at %.0f%% and the server's at %.0f%%",
+			why += fmt.Sprintf("; the proxy's handler took over 0.5 ms for %s of requests, the generator dispatched lookups %s late at p99, its core at %.0f%% and the server's at %.0f%%",
 				h.slowWords(), ms(pct(h.lags, .99)), 100*h.genCPU, 100*h.cpu)
 		}
 		row("hot: p99 ≤ 2 ms at half the maximum rate", fmt.Sprintf("%s at %s/s", ms(p99), thousands(h.offered)), p99 <= 2*time.Millisecond, why)
