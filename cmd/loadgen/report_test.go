@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -107,5 +108,18 @@ func TestFreshnessAgainstSameRunPrevious(t *testing.T) {
 		if got == nil || *got != tc.want {
 			t.Errorf("p99 %v against %v: met %v, want %v", tc.cur, tc.prev, got, tc.want)
 		}
+	}
+}
+
+// TestMedianCold: the median round by CPU per lookup stands for its build,
+// with every round's figure in run order and the first round's profile.
+func TestMedianCold(t *testing.T) {
+	prof := &profile{path: "p"}
+	m := medianCold([]coldHTTPResult{{cpuPerLookup: 75, rate: 1, prof: prof}, {cpuPerLookup: 68, rate: 2}, {cpuPerLookup: 70, rate: 3}})
+	if m.cpuPerLookup != 70 || m.rate != 3 || m.prof != prof || !slices.Equal(m.rounds, []float64{75, 68, 70}) {
+		t.Fatalf("median %+v", m)
+	}
+	if w := m.roundWords(); w != ", median of rounds 75, 68, 70" {
+		t.Fatalf("roundWords %q", w)
 	}
 }

@@ -198,9 +198,9 @@ func (r *report) overloadTargets(row func(target, measured string, ok bool, why 
 
 func (r *report) coldTargets(row func(target, measured string, ok bool, why string)) {
 	if c := r.coldHTTPRun(false, 1); c != nil {
-		m := fmt.Sprintf("%.0f ms (%s lookups/s)", c.cpuPerLookup, thousands(c.rate))
+		m := fmt.Sprintf("%.0f ms (%s lookups/s)%s", c.cpuPerLookup, thousands(c.rate), c.roundWords())
 		if pc := r.coldHTTPRun(true, 1); pc != nil {
-			m += fmt.Sprintf("; previous build %.0f ms", pc.cpuPerLookup)
+			m += fmt.Sprintf("; previous build %.0f ms%s", pc.cpuPerLookup, pc.roundWords())
 		}
 		row(fmt.Sprintf("cold: ≤ 70 ms of proxy CPU per 1,000 lookups, %s net/http keep-alive callers", thousands(float64(r.opts.callers))), m,
 			c.cpuPerLookup <= 70, fmt.Sprintf("%.0f µs of proxy CPU per lookup%s", c.cpuPerLookup, c.prof.top(3)))
@@ -319,8 +319,10 @@ func (r *report) writeComparison(p func(string, ...any)) {
 	if len(r.coldHTTP) > 0 {
 		p("### Cold, net/http callers\n\n")
 		p("%s callers, each one new account at a time, on one shared net/http client whose keep-alive pool holds a connection\n", thousands(float64(r.opts.callers)))
-		p("per caller (as an app server calls the proxy), %v measured, one run each in turn. The other cold scenarios use a\n", r.opts.duration)
-		p("raw HTTP/1.1 client that costs the shared cores less.\n\n")
+		p("per caller (as an app server calls the proxy), %v measured. One proxy of this build and one of the previous build\n", r.opts.duration)
+		p("ran in turn, %d rounds, each round starting with the other build; each row is the median round by CPU per lookup\n", coldHTTPRounds)
+		p("(every round's is in the targets table). Three replicas ran once. The other cold scenarios use a raw HTTP/1.1 client\n")
+		p("that costs the shared cores less.\n\n")
 		p("| build | replicas | lookups/s | ratio to this build, 1 replica | accounts/call | max calls in a sliding s | throttled | errors | wrong | p50 | p99 | proxy CPU per 1,000 lookups | proxy RSS |\n")
 		p("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 		base := r.coldHTTPRun(false, 1)
@@ -486,4 +488,16 @@ func ifSome(s, format string) string {
 		return ""
 	}
 	return fmt.Sprintf(format, s)
+}
+
+// roundWords lists the CPU per lookup of each round c is the median of.
+func (c *coldHTTPResult) roundWords() string {
+	if len(c.rounds) < 2 {
+		return ""
+	}
+	var w []string
+	for _, v := range c.rounds {
+		w = append(w, fmt.Sprintf("%.0f", v))
+	}
+	return ", median of rounds " + strings.Join(w, ", ")
 }
