@@ -391,6 +391,15 @@ func (s *sim) build(res *Result) error {
 	s.redis = cache.NewLocal(64 * (len(s.accs) + 64)) // never full: Redis has no eviction here
 	s.apply = make([]func(string, *cache.Record, time.Time), w.Replicas)
 	clock := func() time.Time { return s.at(s.clock.Load()) }
+	// The shared tier merges with the clock skew, as write.lua does with
+	// redistier's default: a Local takes its skew from the cache built over
+	// it. With none, Redis kept a fetch sent within the skew of a tombstone
+	// that every replica's tier refuses.
+	rc, err := cache.New(cache.Config{Loader: noLoader{}, Local: s.redis, Now: clock})
+	if err != nil {
+		return err
+	}
+	rc.Close()
 	following := make(chan struct{}, w.Replicas)
 	for j := range w.Replicas {
 		l := cache.NewLocal(res.LocalSim)
@@ -630,7 +639,10 @@ func (s *sim) shared(i, j int, tags []string, rec *cache.Record, wt float64) {
 	if s.w.Redis {
 		s.c.RedisReads += wt
 		if r := s.redis.Get(a.id, now); r != nil {
-			switch r.Serves(tags, now) {
+			// As cache.Get: the answer comes from the replica's record with
+			// Redis's merged in (a tombstone held here outranks a Redis
+			// value within the clock skew of it: a miss).
+			switch cache.Merge(rec, r, cache.DefaultClockSkew.Milliseconds()).Serves(tags, now) {
 			case cache.StateFresh, cache.StateNotFound:
 				if r.NotFoundCode != 0 {
 					s.c.RedisNeg += wt
