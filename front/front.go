@@ -285,7 +285,12 @@ func (s *Server) Close() error {
 		c.nc.Close()
 	}
 	s.mu.Unlock()
-	s.cancel()
+	s.cancel() // a request's context started after this starts ended
+	s.mu.Lock()
+	for c := range s.conns {
+		c.watch.abort() // requests' contexts do not derive from s.ctx
+	}
+	s.mu.Unlock()
 	if ln == nil {
 		return s.cfg.Fallback.Close()
 	}

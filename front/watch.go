@@ -18,8 +18,13 @@ var aLongTimeAgo = time.Unix(1, 0)
 // spending quota on it. A byte that read gets is kept for the next
 // request. A hit never asks, and pays for none of this.
 //
-// Its Value gives the started context's own cancelCtx, so a context
-// derived from it registers with that directly (no goroutine).
+// The started context is made from context.Background, so it registers
+// with nothing shared, as a context of the server's would (a lock and a
+// map entry on one context for every waiting request of every
+// connection): Server.Close ends the ones in force itself. Its Value
+// gives its own cancelCtx, so a context derived from the watch registers
+// with that directly (no goroutine), and the handler gets it with its
+// deadline from WithDeadline, one context instead of two.
 type watch struct {
 	c      *conn
 	mu     sync.Mutex
@@ -38,7 +43,7 @@ type watch struct {
 
 func (w *watch) Deadline() (time.Time, bool) { return time.Time{}, false }
 
-func (w *watch) Done() <-chan struct{} { return w.start().Done() }
+func (w *watch) Done() <-chan struct{} { return w.start(time.Time{}).Done() }
 
 func (w *watch) Err() error { return w.current().Err() }
 
@@ -61,9 +66,35 @@ func (w *watch) begin(more bool) {
 	w.mu.Unlock()
 }
 
+// WithDeadline is context.WithDeadline(w, d) made as one context when the
+// handler asks before anything started the request's context (the HTTP
+// handler does, when a lookup may wait): the request's own, started with
+// deadline d. Its CancelFunc does nothing: the context ends with the
+// request, as w's own. Otherwise it is WithDeadline of the context in
+// force.
+func (w *watch) WithDeadline(d time.Time) (context.Context, context.CancelFunc) {
+	ctx := w.start(d)
+	if dl, ok := ctx.Deadline(); ok && dl.Equal(d) {
+		return ctx, func() {}
+	}
+	return context.WithDeadline(ctx, d)
+}
+
+// abort ends the request's context, if it started (Server.Close).
+func (w *watch) abort() {
+	w.mu.Lock()
+	cancel := w.cancel
+	w.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+}
+
 // start starts watching the client, once per request, while the handler
-// runs; a late call (a context kept past its request) gets the server's.
-func (w *watch) start() context.Context {
+// runs, with the request's context ending at deadline (zero: none); a
+// late call (a context kept past its request) gets the server's, and a
+// later one the started context.
+func (w *watch) start(deadline time.Time) context.Context {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	switch {
@@ -72,7 +103,14 @@ func (w *watch) start() context.Context {
 	case !w.active:
 		return w.c.s.ctx
 	}
-	w.ctx, w.cancel = context.WithCancel(w.c.s.ctx)
+	if deadline.IsZero() {
+		w.ctx, w.cancel = context.WithCancel(context.Background())
+	} else {
+		w.ctx, w.cancel = context.WithDeadline(context.Background(), deadline)
+	}
+	if w.c.s.ctx.Err() != nil { // Close ended the others before this started
+		w.cancel()
+	}
 	if w.c.flush() != nil {
 		w.gone = true
 		w.cancel()
@@ -90,7 +128,7 @@ func (w *watch) start() context.Context {
 // quota and within about 150 ms at it; watching costs a goroutine and
 // three syscalls, a tenth of such a lookup's CPU, for a departure that a
 // client's own timeout (a second or more) would tell no sooner.
-const watchDelay = 250 * time.Millisecond
+var watchDelay = 250 * time.Millisecond // a variable for tests only
 
 // late starts the background read of request gen, unless its handler
 // has returned (a timer that fired as it was stopped may get here after

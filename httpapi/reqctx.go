@@ -30,13 +30,23 @@ func (c *deadlineCtx) real() context.Context {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.made.Load() {
-		c.ctx, c.cancel = context.WithDeadline(c.parent, c.deadline)
+		if p, ok := c.parent.(withDeadliner); ok {
+			c.ctx, c.cancel = p.WithDeadline(c.deadline)
+		} else {
+			c.ctx, c.cancel = context.WithDeadline(c.parent, c.deadline)
+		}
 		if c.ended {
 			c.cancel()
 		}
 		c.made.Store(true)
 	}
 	return c.ctx
+}
+
+// withDeadliner is a parent that makes context.WithDeadline of itself in
+// a cheaper way (the front's request context: one context instead of two).
+type withDeadliner interface {
+	WithDeadline(time.Time) (context.Context, context.CancelFunc)
 }
 
 // Deadline is WithDeadline's: the parent's when that is sooner.
