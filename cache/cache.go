@@ -691,8 +691,10 @@ func (c *Cache) Invalidate(ctx context.Context, account string, tags []string, c
 // Drop is Invalidate for a change nothing authenticates (an unsigned
 // callback): only tags already cached are dropped, in every tier and on
 // every replica, and nothing is created: no Redis key, no field, no
-// in-process entry, no longer key life. A forged Drop costs at most a
-// refetch of a tag that was cached.
+// in-process entry, no longer key life. A forged Drop costs refetches of a
+// tag that was cached: fetches sent within the clock skew after it do not
+// replace it (see supersedes), so until then every lookup of the tag
+// misses both tiers.
 func (c *Cache) Drop(ctx context.Context, account string, tags []string, at time.Time) error {
 	now := c.now()
 	return c.change(ctx, account, tombstones(tags, at, now), metrics.ChangeCallback, now, true)

@@ -263,8 +263,8 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		// Nothing proves the callback comes from the upstream: its values
 		// are not served, and it creates nothing (no key, no entry): the
 		// tags are only dropped where they are cached, so a forged callback
-		// can cause a refetch of a cached tag, never a wrong answer nor
-		// memory growth.
+		// can cause refetches of a cached tag (while its drop outranks
+		// fetches: -clock-skew), never a wrong answer nor memory growth.
 		h.cfg.Changer.Drop(ctx, ev.FromAccount, tagsOf(ev.ProfileItem), now)
 	}
 	h.m.Callbacks.WithLabelValues("ok").Inc()
