@@ -3,6 +3,7 @@ package front
 import (
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"testing"
 	"time"
@@ -65,7 +66,7 @@ func TestRequestContextDeadline(t *testing.T) {
 	_, addr := serveFront(t, Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
 	c := dial(t, addr)
 	c.send(lookup("a=1", "deadline"))
-	if err := <-h.errs; !errors.Is(err, context.DeadlineExceeded) {
+	if err := recv(t, h.errs); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("the request's context ended with %v, want the deadline", err)
 	}
 	if _, body := c.answer(); body != "x" {
@@ -120,8 +121,100 @@ func TestContextDerivedFromRequestEndsWithIt(t *testing.T) {
 	}
 	// The connection serves the next request with a context of its own.
 	c.send(lookup("a=2", "deadline"))
-	if err := <-h.errs; !errors.Is(err, context.DeadlineExceeded) {
+	if err := recv(t, h.errs); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("next request's context ended with %v", err)
 	}
 	c.answer()
+}
+
+// recv is the next error the handler reports, or a failure after 10 s.
+func recv(t *testing.T, errs chan error) error {
+	t.Helper()
+	select {
+	case err := <-errs:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("the handler reported nothing")
+		return nil
+	}
+}
+
+// lateStarter holds a request until released, then starts its context
+// (asks for Done) and reports how it ended.
+type lateStarter struct {
+	held, release chan struct{}
+	errs          chan error
+}
+
+func (h *lateStarter) ServeFast(ctx context.Context, rawQuery string, body []byte, out []byte) []byte {
+	h.held <- struct{}{}
+	<-h.release
+	select {
+	case <-ctx.Done():
+		h.errs <- ctx.Err()
+	case <-time.After(10 * time.Second):
+		h.errs <- errors.New("a context started after Close never ended")
+	}
+	return append(out, "x"...)
+}
+
+// TestContextStartedAfterCloseEnds: a request whose handler starts its
+// context only after Close has ended the others finds it ended.
+func TestContextStartedAfterCloseEnds(t *testing.T) {
+	defer func(d time.Duration) { watchDelay = d }(watchDelay)
+	watchDelay = time.Hour // only Close can end it
+	h := &lateStarter{held: make(chan struct{}, 1), release: make(chan struct{}), errs: make(chan error, 1)}
+	s, addr := serveFront(t, Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
+	dial(t, addr).send(lookup("a=1", "x"))
+	<-h.held
+	closed := make(chan struct{})
+	go func() { s.Close(); close(closed) }()
+	for s.ctx.Err() == nil { // Close has cancelled the server's context and goes on to the requests'
+		time.Sleep(time.Millisecond)
+	}
+	close(h.release)
+	if err := recv(t, h.errs); !errors.Is(err, context.Canceled) {
+		t.Fatal(err)
+	}
+	<-closed
+}
+
+// holdUntilDone is a handler that starts its context with a deadline an
+// hour away and waits for it to end.
+type holdUntilDone struct{ started chan struct{} }
+
+func (h *holdUntilDone) ServeFast(ctx context.Context, rawQuery string, body []byte, out []byte) []byte {
+	wctx, cancel := ctx.(withDeadliner).WithDeadline(time.Now().Add(time.Hour))
+	defer cancel()
+	select {
+	case h.started <- struct{}{}:
+	default:
+	}
+	<-wctx.Done()
+	return append(out, "x"...)
+}
+
+// TestCloseRacingRequestsStarting: Close while requests are starting
+// their contexts ends every one of them (Close returns only once every
+// handler has).
+func TestCloseRacingRequestsStarting(t *testing.T) {
+	defer func(d time.Duration) { watchDelay = d }(watchDelay)
+	watchDelay = time.Hour
+	for i := range 30 {
+		h := &holdUntilDone{started: make(chan struct{}, 1)}
+		s, addr := serveFront(t, Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
+		for range 8 {
+			go io.WriteString(dial(t, addr).c, lookup("a=1", "x"))
+		}
+		if i%2 == 0 {
+			<-h.started
+		}
+		done := make(chan struct{})
+		go func() { s.Close(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Fatal("Close left a handler waiting on its context")
+		}
+	}
 }

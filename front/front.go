@@ -51,9 +51,16 @@ type Handler interface {
 	// is sent with HTTP status 200. rawQuery and body alias the
 	// connection's buffer: they are valid only during the call, and
 	// nothing of them may be kept after it. ctx ends when the server is
-	// closed or, once the handler has asked for ctx.Done (as it must
-	// before it waits), when the client goes away: asking makes the
-	// front write the answers it holds and watch the connection.
+	// closed, when the handler returns or, once the handler has asked for
+	// ctx.Done (as it must before it waits), when the client goes away:
+	// asking makes the front write the answers it holds and watch the
+	// connection. ctx also has WithDeadline(d) (context.Context,
+	// context.CancelFunc): asked before ctx.Done, it starts ctx itself
+	// with deadline d (one context, not two) and returns it, with a
+	// CancelFunc that does nothing (ctx ends with the request); asked
+	// after, it is context.WithDeadline of ctx. ctx is the connection's,
+	// serving one request after another: a context kept past its request
+	// must not be asked anything.
 	ServeFast(ctx context.Context, rawQuery string, body []byte, out []byte) []byte
 }
 

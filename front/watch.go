@@ -41,7 +41,7 @@ type watch struct {
 	gone   bool // the client closed the connection (or writing failed)
 }
 
-func (w *watch) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (w *watch) Deadline() (time.Time, bool) { return w.current().Deadline() }
 
 func (w *watch) Done() <-chan struct{} { return w.start(time.Time{}).Done() }
 

@@ -256,6 +256,22 @@ func TestDeadlineCtx(t *testing.T) {
 			t.Fatalf("made before end: Err %v", c2.Err())
 		}
 	})
+	t.Run("a parent's own WithDeadline", func(t *testing.T) {
+		p := &deadliner{Context: context.Background()}
+		d := time.Now().Add(time.Hour)
+		c := &deadlineCtx{parent: p, deadline: d}
+		c.Done() // made through the parent, with the deadline
+		if len(p.asked) != 1 || !p.asked[0].Equal(d) {
+			t.Fatalf("parent asked %v, want once with %v", p.asked, d)
+		}
+		// Made after the lookup ended (a context kept past it): the parent,
+		// which may serve another request by then, is not asked.
+		late := &deadlineCtx{parent: p, deadline: d}
+		late.end()
+		if !errors.Is(late.Err(), context.Canceled) || len(p.asked) != 1 {
+			t.Fatalf("made after end: Err %v, parent asked %d times", late.Err(), len(p.asked))
+		}
+	})
 	t.Run("hit never makes it", func(t *testing.T) {
 		h := newHandler(t, &fakeLookup{}, AuthNone)
 		var seen *deadlineCtx
@@ -388,4 +404,16 @@ func checkOne(base string, q url.Values, accounts, tags []string) error {
 		}
 	}
 	return nil
+}
+
+// deadliner is a parent that makes WithDeadline of itself, as the front's
+// request context does, recording the deadlines asked.
+type deadliner struct {
+	context.Context
+	asked []time.Time
+}
+
+func (p *deadliner) WithDeadline(d time.Time) (context.Context, context.CancelFunc) {
+	p.asked = append(p.asked, d)
+	return context.WithDeadline(p.Context, d)
 }

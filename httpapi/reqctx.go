@@ -30,13 +30,19 @@ func (c *deadlineCtx) real() context.Context {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.made.Load() {
+		if c.ended {
+			// Made after its lookup ended (a context kept past it): born
+			// cancelled, without asking the parent, which may be serving
+			// the connection's next request by now.
+			c.ctx, c.cancel = context.WithCancel(context.WithoutCancel(c.parent))
+			c.cancel()
+			c.made.Store(true)
+			return c.ctx
+		}
 		if p, ok := c.parent.(withDeadliner); ok {
 			c.ctx, c.cancel = p.WithDeadline(c.deadline)
 		} else {
 			c.ctx, c.cancel = context.WithDeadline(c.parent, c.deadline)
-		}
-		if c.ended {
-			c.cancel()
 		}
 		c.made.Store(true)
 	}
@@ -62,7 +68,9 @@ func (c *deadlineCtx) Err() error            { return c.real().Err() }
 func (c *deadlineCtx) Value(key any) any     { return c.real().Value(key) }
 
 // end is the CancelFunc: it releases what the context holds, if it was
-// made, and cancels it either way.
+// made, and cancels it either way (a context made later is made
+// cancelled). The front's request context, which a context made over it
+// is, ends with its request instead: its CancelFunc does nothing.
 func (c *deadlineCtx) end() {
 	c.mu.Lock()
 	c.ended = true
