@@ -20,7 +20,7 @@ type coldHTTPResult struct {
 	throttled, errors, wrong int64
 	p50, p99                 time.Duration
 	cpuPerLookup             float64   // proxy CPU µs per answered lookup (all replicas)
-	rounds                   []float64 // cpuPerLookup of each round, when this is their median
+	rounds                   []float64 // each round's figure this is the median of (CPU per lookup, or lookups/s for replicas)
 	rssMiB                   int64
 	prof                     *profile // of the proxy after the measured window; nil: none asked
 }
@@ -37,12 +37,13 @@ const coldHTTPRounds = 3
 // coldHTTP is cold load from o.callers net/http keep-alive callers, the
 // way the app servers call the proxy (the other cold scenarios use the
 // raw client, which costs the shared cores less): this build with one
-// proxy and the previous build with one, in turn, coldHTTPRounds rounds
-// each starting with the other build, each reported by its median run
-// (by CPU per lookup); then this build with three replicas on one Redis,
-// once. The first round's one-proxy runs go on under the same load for a
-// CPU profile of the proxy after their measured window, so the
-// profiler's cost is in no figure.
+// proxy, the previous build with one and this build with three replicas
+// on one Redis, in turn, coldHTTPRounds rounds each starting with the
+// next, each reported by its median run (one proxy: by CPU per lookup,
+// which its target is of; three: by lookups/s, which theirs is of). The
+// first round's one-proxy runs go on under the same load for a CPU
+// profile of the proxy after their measured window, so the profiler's
+// cost is in no figure.
 func coldHTTP(o options, out io.Writer) error {
 	fmt.Fprintf(out, "cold, net/http callers: %d callers on one shared keep-alive client, each one new account at a time, %v measured\n",
 		o.callers, o.duration)
@@ -66,12 +67,13 @@ func coldHTTP(o options, out io.Writer) error {
 		po.proxyBin = rep.base.proxy
 		builds = append(builds, run{rep.base.name(), po, 1, "cold-previous"})
 	}
+	builds = append(builds, run{"this build, 3 replicas on one Redis", o, 3, ""})
 	got := make([][]coldHTTPResult, len(builds))
 	for round := range coldHTTPRounds {
 		for k := range builds {
 			i := (round + k) % len(builds)
 			r := builds[i]
-			if i > 0 && got[i] == nil && round > 0 {
+			if r.o.proxyBin != "" && got[i] == nil && round > 0 {
 				continue // the previous build did not run
 			}
 			if round > 0 {
@@ -94,30 +96,27 @@ func coldHTTP(o options, out io.Writer) error {
 		if len(runs) == 0 {
 			continue
 		}
-		m := medianCold(runs)
+		key := func(r coldHTTPResult) float64 { return r.cpuPerLookup }
+		if builds[i].replicas > 1 {
+			key = func(r coldHTTPResult) float64 { return r.rate }
+		}
+		m := medianCold(runs, key)
 		m.name = builds[i].name
 		rep.coldHTTP = append(rep.coldHTTP, m)
 	}
-	res, err := coldHTTPRun(o, 3, "")
-	if err != nil {
-		return err
-	}
-	res.name = "this build, 3 replicas on one Redis"
-	show(res)
-	rep.coldHTTP = append(rep.coldHTTP, res)
 	fmt.Fprintln(out)
 	return nil
 }
 
-// medianCold is the median of runs by CPU per lookup, with the CPU per
-// lookup of every run (in run order) and the first run's profile.
-func medianCold(runs []coldHTTPResult) coldHTTPResult {
+// medianCold is the median of runs by key, with every run's key (in run
+// order) and the first run's profile.
+func medianCold(runs []coldHTTPResult, key func(coldHTTPResult) float64) coldHTTPResult {
 	s := slices.Clone(runs)
-	slices.SortFunc(s, func(a, b coldHTTPResult) int { return cmp.Compare(a.cpuPerLookup, b.cpuPerLookup) })
+	slices.SortFunc(s, func(a, b coldHTTPResult) int { return cmp.Compare(key(a), key(b)) })
 	m := s[len(s)/2]
 	m.rounds = nil
 	for _, r := range runs {
-		m.rounds = append(m.rounds, r.cpuPerLookup)
+		m.rounds = append(m.rounds, key(r))
 	}
 	m.prof = runs[0].prof
 	return m

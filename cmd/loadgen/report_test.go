@@ -115,7 +115,11 @@ func TestFreshnessAgainstSameRunPrevious(t *testing.T) {
 // with every round's figure in run order and the first round's profile.
 func TestMedianCold(t *testing.T) {
 	prof := &profile{path: "p"}
-	m := medianCold([]coldHTTPResult{{cpuPerLookup: 75, rate: 1, prof: prof}, {cpuPerLookup: 68, rate: 2}, {cpuPerLookup: 70, rate: 3}})
+	runs := []coldHTTPResult{{cpuPerLookup: 75, rate: 1, prof: prof}, {cpuPerLookup: 68, rate: 2}, {cpuPerLookup: 70, rate: 3}}
+	if m := medianCold(runs, func(r coldHTTPResult) float64 { return r.rate }); m.rate != 2 || !slices.Equal(m.rounds, []float64{1, 2, 3}) {
+		t.Fatalf("median by rate %+v", m)
+	}
+	m := medianCold(runs, func(r coldHTTPResult) float64 { return r.cpuPerLookup })
 	if m.cpuPerLookup != 70 || m.rate != 3 || m.prof != prof || !slices.Equal(m.rounds, []float64{75, 68, 70}) {
 		t.Fatalf("median %+v", m)
 	}

@@ -221,7 +221,8 @@ func (r *report) coldTargets(row func(target, measured string, ok bool, why stri
 	if one != nil && three != nil {
 		some = true
 		ok = ok && three.rate >= 0.95*one.rate
-		got = append(got, fmt.Sprintf("net/http callers: %s vs %s lookups/s (%.1f %%)", thousands(three.rate), thousands(one.rate), 100*three.rate/max(1, one.rate)))
+		got = append(got, fmt.Sprintf("net/http callers: %s vs %s lookups/s (%.1f %%)%s", thousands(three.rate), thousands(one.rate), 100*three.rate/max(1, one.rate),
+			ifSome(rateRounds(three), "; 3 replicas %s")))
 	}
 	if rawOne > 0 && rawThree != nil {
 		some = true
@@ -319,10 +320,10 @@ func (r *report) writeComparison(p func(string, ...any)) {
 	if len(r.coldHTTP) > 0 {
 		p("### Cold, net/http callers\n\n")
 		p("%s callers, each one new account at a time, on one shared net/http client whose keep-alive pool holds a connection\n", thousands(float64(r.opts.callers)))
-		p("per caller (as an app server calls the proxy), %v measured. One proxy of this build and one of the previous build\n", r.opts.duration)
-		p("ran in turn, %d rounds, each round starting with the other build; each row is the median round by CPU per lookup\n", coldHTTPRounds)
-		p("(every round's is in the targets table). Three replicas ran once. The other cold scenarios use a raw HTTP/1.1 client\n")
-		p("that costs the shared cores less.\n\n")
+		p("per caller (as an app server calls the proxy), %v measured. One proxy of this build, one of the previous build and\n", r.opts.duration)
+		p("three of this build on one Redis ran in turn, %d rounds, each round starting with the next; each row is the median\n", coldHTTPRounds)
+		p("round, by CPU per lookup for one proxy and by lookups/s for three (every round's is in the targets table). The other\n")
+		p("cold scenarios use a raw HTTP/1.1 client that costs the shared cores less.\n\n")
 		p("| build | replicas | lookups/s | ratio to this build, 1 replica | accounts/call | max calls in a sliding s | throttled | errors | wrong | p50 | p99 | proxy CPU per 1,000 lookups | proxy RSS |\n")
 		p("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 		base := r.coldHTTPRun(false, 1)
@@ -500,4 +501,16 @@ func (c *coldHTTPResult) roundWords() string {
 		w = append(w, fmt.Sprintf("%.0f", v))
 	}
 	return ", median of rounds " + strings.Join(w, ", ")
+}
+
+// rateRounds lists the lookups/s of each round c is the median of.
+func rateRounds(c *coldHTTPResult) string {
+	if len(c.rounds) < 2 {
+		return ""
+	}
+	var w []string
+	for _, v := range c.rounds {
+		w = append(w, thousands(v))
+	}
+	return "median of rounds " + strings.Join(w, ", ")
 }
