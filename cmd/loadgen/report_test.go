@@ -127,3 +127,25 @@ func TestMedianCold(t *testing.T) {
 		t.Fatalf("roundWords %q", w)
 	}
 }
+
+// TestFlatMemory: growth within 15 % (+ 8 MiB) of halfway is flat; more
+// is flat only when the saturation run, filling the cache at the same
+// rate, grew about as much.
+func TestFlatMemory(t *testing.T) {
+	sat := &overloadResult{rssMidMiB: 158, rssEndMiB: 187} // +29
+	for _, c := range []struct {
+		mid, end int64
+		sat      *overloadResult
+		want     bool
+	}{
+		{202, 240, nil, true},  // within 15 % + 8
+		{202, 244, nil, false}, // past it, nothing to compare with
+		{202, 244, sat, true},  // +42 against +29, within 5 % + 8 more
+		{202, 260, sat, false}, // +58: overload's own growth
+	} {
+		r := overloadResult{rssMidMiB: c.mid, rssEndMiB: c.end}
+		if got := r.flatMemory(c.sat); got != c.want {
+			t.Errorf("%d → %d MiB (saturation run %v): flat %v, want %v", c.mid, c.end, c.sat != nil, got, c.want)
+		}
+	}
+}
