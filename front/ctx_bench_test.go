@@ -45,25 +45,12 @@ func BenchmarkWaitingLookupContext(b *testing.B) {
 			name = "derived"
 		}
 		b.Run(name, func(b *testing.B) {
-			s, err := New(Config{Path: testPath, Handler: waiter{derive}, Fallback: &http.Server{}})
-			if err != nil {
-				b.Fatal(err)
-			}
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				b.Fatal(err)
-			}
-			done := make(chan error, 1)
-			go func() { done <- s.Serve(ln) }()
-			defer func() {
-				s.Close()
-				<-done
-			}()
+			addr := benchServe(b, waiter{derive})
 			req := []byte(lookup("a=1", `{"To_Account":["user1"]}`))
 			b.ReportAllocs()
 			b.SetParallelism(8)
 			b.RunParallel(func(pb *testing.PB) {
-				c, err := net.Dial("tcp", ln.Addr().String())
+				c, err := net.Dial("tcp", addr)
 				if err != nil {
 					b.Error(err)
 					return

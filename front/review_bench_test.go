@@ -12,21 +12,8 @@ import (
 // connection, one at a time, answered by the echo handler: the front's
 // own cost per request (plus loopback syscalls).
 func BenchmarkKeepAliveLookup(b *testing.B) {
-	s, err := New(Config{Path: testPath, Handler: &echo{}, Fallback: &http.Server{}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ln) }()
-	defer func() {
-		s.Close()
-		<-done
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
+	addr := benchServe(b, &echo{})
+	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -46,4 +33,25 @@ func BenchmarkKeepAliveLookup(b *testing.B) {
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 	}
+}
+
+// benchServe serves h with a front on a loopback port until the benchmark
+// ends, and returns the address.
+func benchServe(b *testing.B, h Handler) string {
+	b.Helper()
+	s, err := New(Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ln) }()
+	b.Cleanup(func() {
+		s.Close()
+		<-done
+	})
+	return ln.Addr().String()
 }
