@@ -371,7 +371,7 @@ func TestTLS(t *testing.T) {
 
 // serveFront serves cfg on a loopback listener until the test ends, and
 // returns the server and its address.
-func serveFront(t *testing.T, cfg Config) (*Server, string) {
+func serveFront(t testing.TB, cfg Config) (*Server, string) {
 	t.Helper()
 	s, err := New(cfg)
 	if err != nil {

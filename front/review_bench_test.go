@@ -39,19 +39,6 @@ func BenchmarkKeepAliveLookup(b *testing.B) {
 // ends, and returns the address.
 func benchServe(b *testing.B, h Handler) string {
 	b.Helper()
-	s, err := New(Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ln) }()
-	b.Cleanup(func() {
-		s.Close()
-		<-done
-	})
-	return ln.Addr().String()
+	_, addr := serveFront(b, Config{Path: testPath, Handler: h, Fallback: &http.Server{}})
+	return addr
 }
